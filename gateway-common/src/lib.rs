@@ -1,0 +1,91 @@
+//! Types shared by the kernel programs (`gateway-ebpf`) and the daemon.
+//!
+//! Everything here is `#[repr(C)]`, made only of `u32`/`u64` fields laid out
+//! so that there is no implicit padding, because both sides read the same bytes.
+#![no_std]
+
+/// Name of the SOCKHASH that holds every spliced socket, keyed by socket cookie.
+pub const MAP_SOCKS: &str = "SOCKS";
+/// Name of the hash that maps a socket cookie to its slot index.
+pub const MAP_SLOT_INDEX: &str = "SLOT_INDEX";
+/// Name of the `BPF_F_MMAPABLE` array of [`SockSlot`]s.
+pub const MAP_SLOTS: &str = "SLOTS";
+/// Name of the one-element array holding the [`KernelConfig`].
+pub const MAP_CONFIG: &str = "CONFIG";
+/// Name of the verdict program.
+pub const PROG_VERDICT: &str = "gateway_verdict";
+
+/// Default number of slots (two per flow) compiled into the object. The daemon
+/// may resize the maps before loading.
+pub const DEFAULT_MAX_SOCKETS: u32 = 16_384;
+
+/// `BPF_F_MMAPABLE`, so user space can read the kernel's counters and write its
+/// own in place (a map update from user space would replace the whole value and
+/// lose the verdict's increments).
+pub const BPF_F_MMAPABLE: u32 = 1 << 10;
+
+/// Largest length `bpf_skb_adjust_room` trims in one call on sk_skb programs.
+pub const TRIM_CHUNK: u32 = 4095;
+/// Upper bound on trim calls per skb: 64 * 4095 covers a 256 KiB overlap.
+pub const TRIM_MAX_CALLS: u32 = 64;
+
+/// Per-socket state of a spliced flow. One slot exists for each of the two
+/// sockets; the slot of socket X describes the bytes *received on X*, which the
+/// verdict redirects to the egress of X's peer.
+///
+/// Ownership of the fields: `peer_cookie`, `enabled` and `user_fwd` are written
+/// by user space only; all other fields are written by the verdict only. The
+/// verdict for one socket runs under that socket's lock, so plain (non-atomic)
+/// increments are race-free.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SockSlot {
+    /// Cookie of the socket this socket's payload is redirected to.
+    pub peer_cookie: u64,
+    /// Payload bytes the verdict accepted (after trimming overlaps).
+    pub rx_bytes: u64,
+    /// Bytes redirected in the kernel to the peer's egress.
+    pub redirected: u64,
+    /// Bytes handed to user space with SK_PASS (arrived before the flow was enabled).
+    pub passed: u64,
+    /// Of `passed`, bytes user space has written to the peer.
+    pub user_fwd: u64,
+    /// Bytes cut from retransmitted segments that overlapped forwarded data.
+    pub trimmed: u64,
+    /// `bpf_ktime_get_ns()` of the last payload seen (CLOCK_MONOTONIC).
+    pub last_ns: u64,
+    /// Redirects the kernel refused (the peer left the map).
+    pub redirect_errors: u64,
+    /// Trims that failed (the skb is then forwarded as it is).
+    pub trim_errors: u64,
+    /// TCP sequence number expected next on this socket.
+    pub next_seq: u32,
+    /// Non-zero once `next_seq` holds a value.
+    pub seq_valid: u32,
+    /// User space sets this to 1 once both sockets are in the SOCKHASH.
+    pub enabled: u32,
+    /// Reserved; keeps the size a multiple of 8.
+    pub _pad: u32,
+}
+
+/// Settings the daemon hands to the verdict program at load time.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelConfig {
+    /// Byte offset of `struct sk_buff::cb` in this kernel (from its BTF); the
+    /// TCP sequence number (`tcp_skb_cb::seq`) sits at `cb_offset + seq_offset`.
+    /// Zero disables overlap trimming.
+    pub cb_offset: u32,
+    /// Offset of `seq` within `struct tcp_skb_cb`.
+    pub seq_offset: u32,
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: both types are repr(C), made of integers, and have no padding.
+    unsafe impl aya::Pod for super::SockSlot {}
+    unsafe impl aya::Pod for super::KernelConfig {}
+}
+
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 8);

@@ -1,0 +1,158 @@
+//! gateway's kernel programs.
+//!
+//! One `sk_skb` stream verdict (attached without a stream parser, so the kernel
+//! runs it in verdict-only mode) is attached to the `SOCKS` SOCKHASH. For every
+//! skb received on a socket in that map it:
+//! 1. finds the socket's slot (`SLOT_INDEX`, keyed by socket cookie);
+//! 2. trims the part of a retransmitted segment that overlaps bytes already
+//!    handled (verdict-only mode hands such segments over whole);
+//! 3. counts the bytes;
+//! 4. redirects the payload to the peer socket's egress, or passes it to user
+//!    space while the flow is still being set up.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    bindings::sk_action::{SK_DROP, SK_PASS},
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::{map, stream_verdict},
+    maps::{Array, HashMap, SockHash},
+    programs::SkBuffContext,
+};
+use aya_log_ebpf::warn;
+use gateway_common::{
+    BPF_F_MMAPABLE, DEFAULT_MAX_SOCKETS, KernelConfig, SockSlot, TRIM_CHUNK, TRIM_MAX_CALLS,
+};
+
+// ---- Maps -------------------------------------------------------------------
+
+#[map(name = "SOCKS")]
+static SOCKS: SockHash<u64> = SockHash::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map(name = "SLOT_INDEX")]
+static SLOT_INDEX: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, 0);
+
+#[map(name = "SLOTS")]
+static SLOTS: Array<SockSlot> = Array::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_MMAPABLE);
+
+#[map(name = "CONFIG")]
+static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+// ---- Verdict ----------------------------------------------------------------
+
+#[stream_verdict]
+pub fn gateway_verdict(ctx: SkBuffContext) -> u32 {
+    match try_verdict(&ctx) {
+        Ok(v) | Err(v) => v,
+    }
+}
+
+#[inline(always)]
+fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
+    // SAFETY: the context pointer is the skb the kernel handed us.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
+    // A socket without a slot is not ours to forward: leave it to user space.
+    let idx = unsafe { SLOT_INDEX.get(&cookie) }.ok_or(SK_PASS)?;
+    let slot = SLOTS.get_ptr_mut(*idx).ok_or(SK_PASS)?;
+    // SAFETY: array values live as long as the map; this socket's verdict runs
+    // under its socket lock, so it is the only kernel writer of this slot.
+    let slot = unsafe { &mut *slot };
+
+    if !trim_overlap(ctx, slot) {
+        // Entirely old data: it was already forwarded once.
+        return Ok(SK_DROP);
+    }
+
+    let len = u64::from(ctx.len());
+    slot.rx_bytes += len;
+    slot.last_ns = unsafe { bpf_ktime_get_ns() };
+
+    // Until user space has enabled the flow, and while it still holds bytes it
+    // was passed earlier, keep passing so that the order of bytes is kept.
+    let enabled = unsafe { core::ptr::read_volatile(&slot.enabled) };
+    let user_fwd = unsafe { core::ptr::read_volatile(&slot.user_fwd) };
+    if enabled == 0 || slot.passed > user_fwd {
+        slot.passed += len;
+        return Ok(SK_PASS);
+    }
+
+    let mut peer = slot.peer_cookie;
+    let verdict = SOCKS.redirect_skb(ctx, &mut peer, 0) as u32;
+    if verdict == SK_PASS {
+        slot.redirected += len;
+    } else {
+        slot.redirect_errors += 1;
+        warn!(ctx, "redirect to peer {} failed; {} bytes dropped", peer, len);
+    }
+    Ok(verdict)
+}
+
+/// Cuts the bytes of this skb that come before the sequence number expected
+/// next. Returns false when the whole skb is old.
+#[inline(always)]
+fn trim_overlap(ctx: &SkBuffContext, slot: &mut SockSlot) -> bool {
+    let Some(cfg) = CONFIG.get(0) else {
+        return true;
+    };
+    if cfg.cb_offset == 0 {
+        return true;
+    }
+    let len = ctx.len();
+    if len == 0 {
+        return true;
+    }
+    let off = (cfg.cb_offset + cfg.seq_offset) as usize;
+    // SAFETY: the verdict's context is the kernel's `struct sk_buff`; `cb` holds
+    // the `tcp_skb_cb` of a segment taken from a TCP receive queue. The read
+    // goes through bpf_probe_read_kernel, which tolerates a bad address.
+    let seq_ptr = (ctx.skb.skb as *const u8).wrapping_add(off) as *const u32;
+    let Ok(seq) = (unsafe { bpf_probe_read_kernel(seq_ptr) }) else {
+        slot.trim_errors += 1;
+        return true;
+    };
+    let end = seq.wrapping_add(len);
+    if slot.seq_valid == 0 {
+        slot.next_seq = end;
+        slot.seq_valid = 1;
+        return true;
+    }
+    let overlap = slot.next_seq.wrapping_sub(seq) as i32;
+    if overlap <= 0 {
+        // In order (or a gap TCP will fill later, which it never hands us).
+        slot.next_seq = end;
+        return true;
+    }
+    let overlap = overlap as u32;
+    if overlap >= len {
+        slot.trimmed += u64::from(len);
+        return false;
+    }
+    let mut left = overlap;
+    for _ in 0..TRIM_MAX_CALLS {
+        if left == 0 {
+            break;
+        }
+        let n = if left > TRIM_CHUNK { TRIM_CHUNK } else { left };
+        if ctx.adjust_room(-(n as i32), 0, 0).is_err() {
+            break;
+        }
+        left -= n;
+    }
+    if left != 0 {
+        slot.trim_errors += 1;
+        warn!(ctx, "could not trim {} overlapping bytes", left);
+    }
+    slot.trimmed += u64::from(overlap - left);
+    slot.next_seq = end;
+    true
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,148 @@
+//! The admin socket: a Unix stream socket, one request line per connection,
+//! one JSON document back.
+//!
+//! Requests: `flows`, `listeners`, `status`.
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::{UnixListener, UnixStream},
+};
+use tracing::warn;
+
+use crate::{flows::FlowSnapshot, proxy::Daemon};
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ListenerInfo {
+    pub name: String,
+    /// The address actually bound (a configured port 0 shows the real port).
+    pub local: String,
+    pub offload: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Status {
+    pub pid: u32,
+    pub kernel_path: bool,
+    pub kernel_unavailable: Option<String>,
+    pub trim_overlaps: bool,
+    pub flows: usize,
+    /// Kernel map usage: SOCKHASH entries, index entries, slots in use.
+    pub kernel_sockets: usize,
+    pub kernel_index_entries: usize,
+    pub kernel_slots_in_use: usize,
+    pub listeners: Vec<ListenerInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FlowsReply {
+    pub flows: Vec<FlowSnapshot>,
+}
+
+pub struct AdminServer {
+    path: PathBuf,
+}
+
+impl AdminServer {
+    /// Binds the socket, replacing a stale one, readable by root only.
+    pub fn bind(path: &Path) -> std::io::Result<(Self, UnixListener)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        if path.exists() {
+            // A live daemon answers; a dead one left a stale file.
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running daemon", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
+        let l = UnixListener::bind(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        Ok((
+            Self {
+                path: path.to_path_buf(),
+            },
+            l,
+        ))
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, listeners: Arc<Vec<ListenerInfo>>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else {
+            continue;
+        };
+        let (daemon, listeners) = (daemon.clone(), listeners.clone());
+        tokio::spawn(async move {
+            if let Err(e) = answer(conn, &daemon, &listeners).await {
+                warn!("admin request failed: {e}");
+            }
+        });
+    }
+}
+
+async fn answer(
+    conn: UnixStream,
+    daemon: &Daemon,
+    listeners: &[ListenerInfo],
+) -> std::io::Result<()> {
+    let (r, mut w) = conn.into_split();
+    let mut line = String::new();
+    BufReader::new(r.take(4096)).read_line(&mut line).await?;
+    let body = match line.trim() {
+        "flows" => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
+        "listeners" => serde_json::to_vec(listeners),
+        "status" => {
+            let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
+            serde_json::to_vec(&Status {
+                pid: std::process::id(),
+                kernel_path: daemon.kernel.is_some(),
+                kernel_unavailable: daemon.kernel_unavailable.as_ref().map(ToString::to_string),
+                trim_overlaps: daemon.kernel.as_ref().is_some_and(|k| k.trim),
+                flows: daemon.flows.len(),
+                kernel_sockets: s,
+                kernel_index_entries: i,
+                kernel_slots_in_use: u,
+                listeners: listeners
+                    .iter()
+                    .map(|l| ListenerInfo { name: l.name.clone(), local: l.local.clone(), offload: l.offload.clone() })
+                    .collect(),
+            })
+        }
+        other => Ok(serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {other:?}; try flows, listeners or status") }))
+            .unwrap()),
+    }
+    .map_err(std::io::Error::other)?;
+    w.write_all(&body).await?;
+    w.shutdown().await
+}
+
+/// Client side, used by the CLI.
+pub fn request(socket: &Path, what: &str) -> Result<Vec<u8>, String> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach the daemon at {}: {e}\n  is `gateway run` running? pass --socket PATH or --config FILE to point at its admin socket",
+            socket.display()
+        )
+    })?;
+    s.write_all(format!("{what}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    Ok(out)
+}

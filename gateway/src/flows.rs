@@ -1,0 +1,231 @@
+//! The table of live flows and the snapshots `gateway flows` prints.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::SystemTime,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{kernel::KernelPath, sys};
+
+/// Where a flow's bytes are moved.
+#[derive(Debug, Clone)]
+pub enum FlowPath {
+    /// Accepted, backend not connected yet.
+    Connecting,
+    /// Spliced in the kernel; the slots hold its counters.
+    Kernel { client_slot: u32, backend_slot: u32 },
+    /// Relayed by the daemon; `reason` says why it is not in the kernel.
+    Userspace { reason: String, code: &'static str },
+}
+
+/// How a flow ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseCause {
+    /// Both sides closed their write halves (`first` closed first).
+    Closed {
+        first: Side,
+    },
+    Reset {
+        by: Side,
+    },
+    IdleTimeout,
+    NoBackend,
+    Rejected(String),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Backend,
+}
+
+impl fmt::Display for Side {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Side::Client => "client",
+            Side::Backend => "backend",
+        })
+    }
+}
+
+impl fmt::Display for CloseCause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseCause::Closed { first } => write!(f, "{first}-closed"),
+            CloseCause::Reset { by } => write!(f, "{by}-reset"),
+            CloseCause::IdleTimeout => f.write_str("idle-timeout"),
+            CloseCause::NoBackend => f.write_str("no-backend"),
+            CloseCause::Rejected(why) => write!(f, "rejected: {why}"),
+            CloseCause::Error(e) => write!(f, "error: {e}"),
+        }
+    }
+}
+
+pub struct Flow {
+    pub id: u64,
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: Mutex<Option<SocketAddr>>,
+    pub started: SystemTime,
+    pub started_ns: u64,
+    pub path: Mutex<FlowPath>,
+    /// Bytes the daemon itself copied, each way.
+    pub user_c2b: AtomicU64,
+    pub user_b2c: AtomicU64,
+    /// Monotonic ns of the last byte the daemon itself moved.
+    pub user_last_ns: AtomicU64,
+}
+
+impl Flow {
+    pub fn add_user(&self, side: Side, n: u64) {
+        match side {
+            Side::Client => self.user_c2b.fetch_add(n, Relaxed),
+            Side::Backend => self.user_b2c.fetch_add(n, Relaxed),
+        };
+        self.user_last_ns.store(sys::monotonic_ns(), Relaxed);
+    }
+
+    pub fn set_path(&self, p: FlowPath) {
+        *self.path.lock().unwrap() = p;
+    }
+}
+
+/// One row of `gateway flows`, also its JSON form.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowSnapshot {
+    pub id: u64,
+    pub listener: String,
+    pub client: String,
+    pub backend: Option<String>,
+    /// `kernel`, `userspace` or `connecting`.
+    pub path: String,
+    /// Why the flow is not on the kernel path, when it is not.
+    pub fallback_reason: Option<String>,
+    pub fallback_code: Option<String>,
+    pub bytes_client_to_backend: u64,
+    pub bytes_backend_to_client: u64,
+    /// Of those, the bytes the kernel redirected without user space seeing them.
+    pub kernel_bytes_client_to_backend: u64,
+    pub kernel_bytes_backend_to_client: u64,
+    /// Of those, the bytes the daemon copied itself.
+    pub user_bytes_client_to_backend: u64,
+    pub user_bytes_backend_to_client: u64,
+    /// Retransmitted bytes the verdict cut because they had been forwarded already.
+    pub trimmed_bytes: u64,
+    pub started_at: String,
+    pub last_activity_at: String,
+    pub age_ms: u64,
+    pub idle_ms: u64,
+}
+
+#[derive(Default)]
+pub struct FlowTable {
+    next_id: AtomicU64,
+    flows: Mutex<BTreeMap<u64, Arc<Flow>>>,
+}
+
+/// Removes its flow from the table when dropped.
+pub struct FlowGuard<'a> {
+    table: &'a FlowTable,
+    pub flow: Arc<Flow>,
+}
+
+impl Drop for FlowGuard<'_> {
+    fn drop(&mut self) {
+        self.table.flows.lock().unwrap().remove(&self.flow.id);
+    }
+}
+
+impl FlowTable {
+    pub fn open(&self, listener: &str, client: SocketAddr) -> FlowGuard<'_> {
+        let id = self.next_id.fetch_add(1, Relaxed) + 1;
+        let now = sys::monotonic_ns();
+        let flow = Arc::new(Flow {
+            id,
+            listener: listener.to_string(),
+            client,
+            backend: Mutex::new(None),
+            started: SystemTime::now(),
+            started_ns: now,
+            path: Mutex::new(FlowPath::Connecting),
+            user_c2b: AtomicU64::new(0),
+            user_b2c: AtomicU64::new(0),
+            user_last_ns: AtomicU64::new(now),
+        });
+        self.flows.lock().unwrap().insert(id, flow.clone());
+        FlowGuard { table: self, flow }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn snapshot(&self, kernel: Option<&KernelPath>) -> Vec<FlowSnapshot> {
+        let flows: Vec<Arc<Flow>> = self.flows.lock().unwrap().values().cloned().collect();
+        flows.iter().map(|f| snapshot_one(f, kernel)).collect()
+    }
+}
+
+pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
+    let now_ns = sys::monotonic_ns();
+    let now = SystemTime::now();
+    let user_c2b = f.user_c2b.load(Relaxed);
+    let user_b2c = f.user_b2c.load(Relaxed);
+    let mut last_ns = f.user_last_ns.load(Relaxed);
+    let (mut k_c2b, mut k_b2c, mut trimmed) = (0, 0, 0);
+    let path = f.path.lock().unwrap().clone();
+    let (path_name, reason, code) = match &path {
+        FlowPath::Connecting => ("connecting", None, None),
+        FlowPath::Kernel {
+            client_slot,
+            backend_slot,
+        } => {
+            if let Some(k) = kernel {
+                let c = k.slot(*client_slot);
+                let b = k.slot(*backend_slot);
+                k_c2b = c.redirected;
+                k_b2c = b.redirected;
+                trimmed = c.trimmed + b.trimmed;
+                last_ns = last_ns.max(c.last_ns).max(b.last_ns);
+            }
+            ("kernel", None, None)
+        }
+        FlowPath::Userspace { reason, code } => {
+            ("userspace", Some(reason.clone()), Some(code.to_string()))
+        }
+    };
+    let idle = std::time::Duration::from_nanos(now_ns.saturating_sub(last_ns));
+    let age = std::time::Duration::from_nanos(now_ns.saturating_sub(f.started_ns));
+    FlowSnapshot {
+        id: f.id,
+        listener: f.listener.clone(),
+        client: f.client.to_string(),
+        backend: f.backend.lock().unwrap().map(|b| b.to_string()),
+        path: path_name.to_string(),
+        fallback_reason: reason,
+        fallback_code: code,
+        bytes_client_to_backend: k_c2b + user_c2b,
+        bytes_backend_to_client: k_b2c + user_b2c,
+        kernel_bytes_client_to_backend: k_c2b,
+        kernel_bytes_backend_to_client: k_b2c,
+        user_bytes_client_to_backend: user_c2b,
+        user_bytes_backend_to_client: user_b2c,
+        trimmed_bytes: trimmed,
+        started_at: humantime::format_rfc3339_millis(f.started).to_string(),
+        last_activity_at: humantime::format_rfc3339_millis(now - idle.min(age)).to_string(),
+        age_ms: age.as_millis() as u64,
+        idle_ms: idle.min(age).as_millis() as u64,
+    }
+}

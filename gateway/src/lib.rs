@@ -1,0 +1,15 @@
+//! gateway: a TCP gateway that accepts and connects in user space and splices
+//! established flows in the kernel with a sockmap verdict program.
+//!
+//! ARCHITECTURE.md at the repository root walks a connection through these
+//! modules.
+pub mod admin;
+pub mod btf;
+pub mod config;
+pub mod echo;
+pub mod flows;
+pub mod kernel;
+pub mod proxy;
+pub mod relay;
+pub mod splice;
+pub mod sys;

@@ -1,0 +1,365 @@
+//! The `gateway` binary: the daemon (`run`) and its CLI.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+
+use anyhow::{anyhow, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use gateway::{
+    admin::{self, AdminServer, FlowsReply, ListenerInfo},
+    config::{self, Config, Offload},
+    echo,
+    flows::FlowSnapshot,
+    kernel::KernelPath,
+    proxy::{self, Daemon, ListenerRt},
+};
+use tracing::{error, info, warn};
+
+/// Exit status for a configuration that does not validate (sysexits EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "TCP gateway that splices established flows in the kernel (sockmap)",
+    after_help = "Examples:\n  gateway check --config /etc/gateway/gateway.yaml\n  gateway run --config /etc/gateway/gateway.yaml\n  gateway flows\n  gateway flows --json --listener pg"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a config file and exit (non-zero, naming the bad key, if it is invalid).
+    #[command(after_help = "Example:\n  gateway check --config examples/gateway.yaml")]
+    Check {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the daemon. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) for the kernel path.
+    #[command(
+        after_help = "Example:\n  gateway run --config examples/gateway.yaml\n\nLog filter: GATEWAY_LOG (e.g. GATEWAY_LOG=debug); format: GATEWAY_LOG_FORMAT=json|plain"
+    )]
+    Run {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Show the live flows of a running daemon.
+    #[command(
+        after_help = "Examples:\n  gateway flows\n  gateway flows --config /etc/gateway/gateway.yaml --sort bytes\n  gateway flows --json --listener pg"
+    )]
+    Flows {
+        /// Admin socket of the daemon (default: from --config, else /run/gateway/admin.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Read the admin socket path from this config file.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Only flows of this listener.
+        #[arg(long)]
+        listener: Option<String>,
+        /// Only flows to this backend (IP:PORT).
+        #[arg(long)]
+        backend: Option<String>,
+        #[arg(long, value_enum, default_value_t = SortKey::Age)]
+        sort: SortKey,
+    },
+    /// Show the daemon's status: kernel path, map usage, bound listeners.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run a built-in echo backend (for the demo and for trying a config out).
+    #[command(
+        after_help = "Example:\n  gateway echo --bind 127.0.0.1:7001 --greeting '220 ready'"
+    )]
+    Echo {
+        #[arg(long)]
+        bind: SocketAddr,
+        /// Send this line first, like a server-speaks-first protocol.
+        #[arg(long)]
+        greeting: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SortKey {
+    Bytes,
+    Age,
+    Idle,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { config } => match Config::load(&config) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} listener(s))",
+                    config.display(),
+                    c.listeners.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invalid configuration: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Cmd::Run { config } => {
+            let cfg = match Config::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("invalid configuration: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(run(cfg)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    error!("{e:#}");
+                    eprintln!("gateway: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Flows {
+            socket,
+            config,
+            json,
+            listener,
+            backend,
+            sort,
+        } => exit(flows_cmd(socket, config, json, listener, backend, sort)),
+        Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
+        Cmd::Echo { bind, greeting } => {
+            init_logging();
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            exit(rt.block_on(echo::run(bind, greeting)).map_err(Into::into))
+        }
+    }
+}
+
+fn exit(r: Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gateway: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let json = std::env::var("GATEWAY_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cfg: Config) -> Result<()> {
+    // The kernel path is loaded once for all listeners that may use it.
+    let wants_kernel = cfg
+        .listeners
+        .iter()
+        .any(|l| l.offload != Offload::Userspace);
+    let (kernel, unavailable) = if wants_kernel {
+        match KernelPath::load(cfg.kernel.max_flows, cfg.kernel.trim_overlaps) {
+            Ok(k) => (Some(k), None),
+            Err(e) => (None, Some(e)),
+        }
+    } else {
+        (None, None)
+    };
+    if let Some(why) = &unavailable {
+        for l in &cfg.listeners {
+            match l.offload {
+                Offload::Kernel => return Err(anyhow!(
+                    "listener {:?} has offload: kernel, but the kernel path is unavailable: {why}",
+                    l.name
+                )),
+                Offload::Auto => {
+                    warn!(listener = %l.name, "kernel path unavailable, flows will be relayed in user space: {why}")
+                }
+                Offload::Userspace => {}
+            }
+        }
+    }
+    let daemon = Arc::new(Daemon {
+        flows: Default::default(),
+        kernel,
+        kernel_unavailable: unavailable,
+    });
+
+    // Bind everything before serving anything: a bad bind starts nothing.
+    let mut bound = Vec::new();
+    for l in &cfg.listeners {
+        let sock = bind_listener(l.bind)
+            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let local = sock.local_addr()?;
+        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local))));
+    }
+    let (_admin_guard, admin_listener) = AdminServer::bind(&cfg.admin.socket)
+        .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
+    let infos: Vec<ListenerInfo> = bound
+        .iter()
+        .map(|(_, rt)| ListenerInfo {
+            name: rt.cfg.name.clone(),
+            local: rt.local.to_string(),
+            offload: rt.cfg.offload.to_string(),
+        })
+        .collect();
+    for (sock, rt) in bound {
+        info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
+        tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
+    }
+    tokio::spawn(admin::serve(
+        admin_listener,
+        daemon.clone(),
+        Arc::new(infos),
+    ));
+    info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: exiting"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
+    }
+    Ok(())
+}
+
+fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(s) = socket {
+        return Ok(s);
+    }
+    if let Some(c) = config {
+        return Ok(Config::load(&c).map_err(|e| anyhow!("{e}"))?.admin.socket);
+    }
+    Ok(config::DEFAULT_ADMIN_SOCKET.into())
+}
+
+fn flows_cmd(
+    socket: Option<PathBuf>,
+    config: Option<PathBuf>,
+    json: bool,
+    listener: Option<String>,
+    backend: Option<String>,
+    sort: SortKey,
+) -> Result<()> {
+    let path = admin_socket(socket, config)?;
+    let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
+    let mut reply: FlowsReply =
+        serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    reply.flows.retain(|f| {
+        listener.as_ref().is_none_or(|l| &f.listener == l)
+            && backend
+                .as_ref()
+                .is_none_or(|b| f.backend.as_ref() == Some(b))
+    });
+    match sort {
+        SortKey::Bytes => reply.flows.sort_by_key(|f| {
+            std::cmp::Reverse(f.bytes_client_to_backend + f.bytes_backend_to_client)
+        }),
+        SortKey::Age => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.age_ms)),
+        SortKey::Idle => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.idle_ms)),
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    } else {
+        print_table(&reply.flows);
+    }
+    Ok(())
+}
+
+fn print_table(flows: &[FlowSnapshot]) {
+    println!(
+        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8}  {}",
+        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "FALLBACK"
+    );
+    for f in flows {
+        println!(
+            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8}  {}",
+            f.id,
+            f.listener,
+            f.client,
+            f.backend.as_deref().unwrap_or("-"),
+            f.path,
+            human_bytes(f.bytes_client_to_backend),
+            human_bytes(f.bytes_backend_to_client),
+            human_ms(f.age_ms),
+            human_ms(f.idle_ms),
+            f.fallback_reason.as_deref().unwrap_or("")
+        );
+    }
+    println!("{} flow(s)", flows.len());
+}
+
+fn human_bytes(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n}B")
+    } else {
+        format!("{v:.1}{}", U[i])
+    }
+}
+
+fn human_ms(ms: u64) -> String {
+    match ms {
+        0..1_000 => format!("{ms}ms"),
+        1_000..60_000 => format!("{:.1}s", ms as f64 / 1e3),
+        60_000..3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
+        _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+fn status_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
+    let path = admin_socket(socket, config)?;
+    let raw = admin::request(&path, "status").map_err(|e| anyhow!(e))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(())
+}

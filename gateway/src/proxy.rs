@@ -1,0 +1,202 @@
+//! Accepting clients, choosing and connecting a backend, and handing the pair
+//! to the kernel path or the userspace relay.
+use std::{
+    hash::{Hash, Hasher},
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::{
+    config::{Balance, Listener, Offload},
+    flows::{CloseCause, FlowPath, FlowTable},
+    kernel::{KernelPath, Unavailable},
+    relay, splice,
+};
+
+/// Shared state of the running daemon.
+pub struct Daemon {
+    pub flows: FlowTable,
+    pub kernel: Option<KernelPath>,
+    /// Why the kernel path is not available, when it is not.
+    pub kernel_unavailable: Option<Unavailable>,
+}
+
+/// A listener's runtime state.
+pub struct ListenerRt {
+    pub cfg: Listener,
+    pub local: SocketAddr,
+    rr: AtomicUsize,
+    active: Vec<AtomicU32>,
+}
+
+impl ListenerRt {
+    pub fn new(cfg: Listener, local: SocketAddr) -> Self {
+        let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
+        Self {
+            cfg,
+            local,
+            rr: AtomicUsize::new(0),
+            active,
+        }
+    }
+
+    /// Backends in the order to try them for this client.
+    fn candidates(&self, client: SocketAddr) -> Vec<usize> {
+        let n = self.cfg.backends.len();
+        let start = match self.cfg.balance {
+            Balance::RoundRobin => self.rr.fetch_add(1, Relaxed) % n,
+            Balance::SourceHash => {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                client.ip().hash(&mut h);
+                (h.finish() % n as u64) as usize
+            }
+            Balance::LeastConn => {
+                // Fewest active flows; ties broken round-robin.
+                let offset = self.rr.fetch_add(1, Relaxed);
+                (0..n)
+                    .map(|i| (i + offset) % n)
+                    .min_by_key(|&i| self.active[i].load(Relaxed))
+                    .unwrap_or(0)
+            }
+        };
+        (0..n).map(|i| (start + i) % n).collect()
+    }
+}
+
+/// Decrements a backend's active count when the flow ends.
+struct Active<'a>(&'a AtomicU32);
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+pub async fn serve(listener: TcpListener, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((client, peer)) => {
+                let (rt, daemon) = (rt.clone(), daemon.clone());
+                tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
+            }
+            Err(e) => {
+                // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly.
+                warn!(listener = %rt.cfg.name, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usize), String> {
+    let mut tried = Vec::new();
+    for idx in rt
+        .candidates(client)
+        .into_iter()
+        .cycle()
+        .take(rt.cfg.connect_attempts as usize)
+    {
+        let addr = rt.cfg.backends[idx];
+        match tokio::time::timeout(rt.cfg.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => return Ok((s, idx)),
+            Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
+            Err(_) => tried.push(format!(
+                "{addr} (no answer within {:?})",
+                rt.cfg.connect_timeout
+            )),
+        }
+        debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
+    }
+    Err(tried.join(", "))
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
+    let guard = daemon.flows.open(&rt.cfg.name, peer);
+    let flow = &guard.flow;
+    let started = Instant::now();
+    let (backend, idx) = match connect(rt, peer).await {
+        Ok(b) => b,
+        Err(tried) => {
+            warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client (tried: {tried})");
+            return;
+        }
+    };
+    let backend_addr = rt.cfg.backends[idx];
+    rt.active[idx].fetch_add(1, Relaxed);
+    let _active = Active(&rt.active[idx]);
+    *flow.backend.lock().unwrap() = Some(backend_addr);
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
+
+    let kernel = match (rt.cfg.offload, &daemon.kernel) {
+        (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
+        (_, None) => {
+            let why = daemon
+                .kernel_unavailable
+                .as_ref()
+                .map_or("kernel path not loaded".into(), |u| u.to_string());
+            let code = daemon
+                .kernel_unavailable
+                .as_ref()
+                .map_or("unavailable", Unavailable::code);
+            Err((why, code))
+        }
+        (_, Some(k)) => match k.splice(&client, &backend) {
+            Ok(s) => Ok((k, s)),
+            Err(e) if rt.cfg.offload == Offload::Kernel => {
+                warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
+                log_close(flow, &CloseCause::Rejected(e.to_string()), started, daemon);
+                return;
+            }
+            Err(e) => Err((e.to_string(), e.code())),
+        },
+    };
+    let cause = match kernel {
+        Ok((k, s)) => {
+            flow.set_path(FlowPath::Kernel {
+                client_slot: s.client_slot,
+                backend_slot: s.backend_slot,
+            });
+            info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "kernel", "flow handed off");
+            let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
+            // Final counters before the slots are reused.
+            log_close(flow, &cause, started, daemon);
+            k.release(&s);
+            cause
+        }
+        Err((reason, code)) => {
+            flow.set_path(FlowPath::Userspace {
+                reason: reason.clone(),
+                code,
+            });
+            info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "userspace", reason = %reason, "flow relayed in user space");
+            let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
+            log_close(flow, &cause, started, daemon);
+            cause
+        }
+    };
+    debug!(flow = flow.id, %cause, "flow task done");
+}
+
+fn log_close(flow: &crate::flows::Flow, cause: &CloseCause, started: Instant, daemon: &Daemon) {
+    let s = crate::flows::snapshot_one(flow, daemon.kernel.as_ref());
+    info!(
+        flow = s.id,
+        listener = %s.listener,
+        client = %s.client,
+        backend = s.backend.as_deref().unwrap_or("-"),
+        path = %s.path,
+        bytes_c2b = s.bytes_client_to_backend,
+        bytes_b2c = s.bytes_backend_to_client,
+        user_bytes = s.user_bytes_client_to_backend + s.user_bytes_backend_to_client,
+        duration_ms = started.elapsed().as_millis() as u64,
+        cause = %cause,
+        "flow closed"
+    );
+}

@@ -1,0 +1,107 @@
+//! The userspace relay: the fallback when a flow can't be spliced in the
+//! kernel. Same semantics as the kernel path: half-close is forwarded, a reset
+//! on one side resets the other, and `idle_timeout` closes quiet flows.
+use std::{os::fd::AsRawFd, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+        TcpStream,
+    },
+};
+
+use crate::{
+    flows::{CloseCause, Flow, Side},
+    sys,
+};
+
+/// Copy buffer per direction. 64 KiB or more halves the CPU per byte of the
+/// 8 KiB default (see the performance baseline).
+pub const BUF_SIZE: usize = 256 * 1024;
+
+enum PumpError {
+    Read,
+    Write,
+}
+
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    flow: &Flow,
+    side: Side,
+) -> Result<(), PumpError> {
+    let mut buf = vec![0u8; BUF_SIZE];
+    loop {
+        let n = from.read(&mut buf).await.map_err(|_| PumpError::Read)?;
+        if n == 0 {
+            // Forward the half-close; the other direction keeps going.
+            let _ = to.shutdown().await;
+            // Keep the write half alive until the pair is done: dropping an
+            // OwnedWriteHalf also shuts down, which is what we want anyway.
+            return Ok(());
+        }
+        to.write_all(&buf[..n])
+            .await
+            .map_err(|_| PumpError::Write)?;
+        flow.add_user(side, n as u64);
+    }
+}
+
+/// Relays until both directions are closed, one side resets, or the flow is
+/// idle for `idle`.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    flow: &Flow,
+    idle: Duration,
+) -> CloseCause {
+    let (cfd, bfd) = (client.as_raw_fd(), backend.as_raw_fd());
+    let (cr, cw) = client.into_split();
+    let (br, bw) = backend.into_split();
+    let c2b = pump(cr, bw, flow, Side::Client);
+    let b2c = pump(br, cw, flow, Side::Backend);
+    tokio::pin!(c2b, b2c);
+    let (mut c2b_done, mut b2c_done) = (false, false);
+    let mut first_closed = None;
+    let tick = idle
+        .min(Duration::from_secs(1))
+        .max(Duration::from_millis(50));
+    let abort = |by: Side| {
+        // Reset the other side, as the peer reset us: SO_LINGER 0 then close.
+        sys::set_linger_zero(cfd);
+        sys::set_linger_zero(bfd);
+        CloseCause::Reset { by }
+    };
+    loop {
+        tokio::select! {
+            r = &mut c2b, if !c2b_done => {
+                c2b_done = true;
+                match r {
+                    Ok(()) => { first_closed.get_or_insert(Side::Client); }
+                    Err(PumpError::Read) => return abort(Side::Client),
+                    Err(PumpError::Write) => return abort(Side::Backend),
+                }
+            }
+            r = &mut b2c, if !b2c_done => {
+                b2c_done = true;
+                match r {
+                    Ok(()) => { first_closed.get_or_insert(Side::Backend); }
+                    Err(PumpError::Read) => return abort(Side::Backend),
+                    Err(PumpError::Write) => return abort(Side::Client),
+                }
+            }
+            () = tokio::time::sleep(tick) => {
+                let last = flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed);
+                if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
+                    return CloseCause::IdleTimeout;
+                }
+            }
+        }
+        if c2b_done && b2c_done {
+            return CloseCause::Closed {
+                first: first_closed.unwrap_or(Side::Client),
+            };
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Thin wrappers over the socket options and ioctls the data path needs.
+//! All `unsafe` FFI of the daemon lives here.
+use std::{io, mem, os::fd::AsRawFd};
+
+/// `SO_COOKIE`: the kernel's 64-bit id of a socket, the key of the SOCKHASH.
+pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut v: u64 = 0;
+    let mut len = mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: v and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&raw mut v).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// `SIOCOUTQ`: bytes in the socket's send queue, sent or not, not yet acknowledged.
+pub fn outq(fd: &impl AsRawFd) -> io::Result<u64> {
+    let mut v: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (== SIOCOUTQ) writes one int.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &mut v) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v.max(0) as u64)
+}
+
+/// The parts of `struct tcp_info` (linux/tcp.h) the daemon reads.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TcpInfo {
+    pub state: u8,
+    pub rtt_us: u32,
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+}
+
+/// TCP states from include/net/tcp_states.h.
+pub const TCP_ESTABLISHED: u8 = 1;
+pub const TCP_CLOSE: u8 = 7;
+
+pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
+    // Offsets in the stable UAPI layout of struct tcp_info.
+    const RTT: usize = 68;
+    const BYTES_ACKED: usize = 120;
+    const BYTES_RECEIVED: usize = 128;
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: buf and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (len as usize) < BYTES_RECEIVED + 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "tcp_info too short",
+        ));
+    }
+    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    Ok(TcpInfo {
+        state: buf[0],
+        rtt_us: u32_at(RTT),
+        bytes_acked: u64_at(BYTES_ACKED),
+        bytes_received: u64_at(BYTES_RECEIVED),
+    })
+}
+
+/// Everything ever queued for sending on this socket, up to a constant offset:
+/// acknowledged bytes plus those still in the send queue.
+pub fn bytes_queued_total(fd: &impl AsRawFd) -> io::Result<u64> {
+    Ok(tcp_info(fd)?.bytes_acked + outq(fd)?)
+}
+
+/// `SO_ERROR`, which also clears it.
+pub fn take_error(fd: &impl AsRawFd) -> io::Result<Option<io::Error>> {
+    socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).take_error()
+}
+
+/// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is valid for writes.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Effective capability set of this process (bit n = capability n).
+pub fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+struct BorrowedRaw(i32);
+impl std::os::fd::AsFd for BorrowedRaw {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        // SAFETY: callers pass an fd they keep open for the duration of the call.
+        unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) }
+    }
+}
+
+/// `SO_LINGER {on, 0}`: the next close sends RST instead of FIN.
+pub fn set_linger_zero(fd: std::os::fd::RawFd) {
+    let _ = socket2::SockRef::from(&BorrowedRaw(fd)).set_linger(Some(std::time::Duration::ZERO));
+}
+
+/// `shutdown(fd, SHUT_WR)`: sends FIN after everything queued.
+pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
+    socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).shutdown(std::net::Shutdown::Write)
+}

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs everything gateway needs to build, run, test and benchmark on a
+# Debian bookworm host. Idempotent: every step checks before it installs.
+#
+#   scripts/setup.sh            toolchain + runtime tools
+#   scripts/setup.sh --bench    also the peers the benchmark compares against
+set -euo pipefail
+
+want_bench=0
+for a in "$@"; do
+  case "$a" in
+    --bench) want_bench=1 ;;
+    *) echo "setup.sh: unknown argument '$a' (expected --bench)" >&2; exit 2 ;;
+  esac
+done
+
+log() { printf '[setup] %s\n' "$*"; }
+
+# ---- Debian packages -------------------------------------------------------
+apt_pkgs=(iproute2 util-linux socat curl procps)
+[ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy nginx-light)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # The bench starts its own haproxy/nginx instances; the packaged services
+  # are not wanted on a build host.
+  for svc in haproxy nginx; do
+    if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
+    if [ -x "/etc/init.d/$svc" ]; then "/etc/init.d/$svc" stop >/dev/null 2>&1 || true; fi
+  done
+else
+  log "debian packages present"
+fi
+
+# ---- Rust toolchains ---------------------------------------------------------
+export PATH="$HOME/.cargo/bin:$PATH"
+command -v rustup >/dev/null || { echo "setup.sh: rustup not found; this script expects the image's rustup" >&2; exit 1; }
+
+# The kernel crate needs a nightly whose LLVM matches bpf-linker 0.10.4 (LLVM 22).
+# Use the image's `nightly` when it is on LLVM 22, otherwise the dated one.
+ebpf_toolchain=nightly
+llvm_major() { rustup run "$1" rustc --version --verbose 2>/dev/null | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p'; }
+if [ "$(llvm_major nightly)" != "22" ]; then
+  ebpf_toolchain=nightly-2026-05-20
+  if [ "$(llvm_major "$ebpf_toolchain")" != "22" ]; then
+    log "installing $ebpf_toolchain"
+    rustup toolchain install "$ebpf_toolchain" --profile minimal --component rust-src --no-self-update
+  fi
+fi
+if ! rustup component list --toolchain "$ebpf_toolchain" --installed | grep -q '^rust-src'; then
+  log "rustup component add rust-src --toolchain $ebpf_toolchain"
+  rustup component add rust-src --toolchain "$ebpf_toolchain"
+fi
+mkdir -p target
+echo "$ebpf_toolchain" > target/ebpf-toolchain
+
+# bpf-linker 0.10.4 loads the invoking rustc's libLLVM 22; newer ones want a system LLVM 23.
+if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
+  log "cargo install bpf-linker@0.10.4 (about a minute)"
+  cargo install --locked bpf-linker@0.10.4
+fi
+
+# ---- kernel plumbing the tests rely on --------------------------------------
+mkdir -p /var/run/netns
+
+log "ready (ebpf toolchain: $ebpf_toolchain, $(bpf-linker --version))"

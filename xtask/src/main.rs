@@ -1,0 +1,139 @@
+//! Developer tasks. `cargo xtask help` lists them.
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+
+mod bench;
+
+const USAGE: &str = "\
+usage: cargo xtask <task> [args]
+
+tasks:
+  build-ebpf [--debug]   build the kernel programs (gateway-ebpf) for bpfel-unknown-none
+  build [--release]      build-ebpf, then the daemon with the object embedded
+  test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests)
+  bench [--quick]        benchmark direct / kernel path / userspace path / haproxy / nginx
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("build-ebpf") => build_ebpf(args.iter().any(|a| a == "--debug")).map(|_| ()),
+        Some("build") => build(args.iter().any(|a| a == "--release")),
+        Some("test") => test(&args[1..]),
+        Some("bench") => build(true).and_then(|()| bench::run(&root(), &args[1..])),
+        Some("help" | "--help" | "-h") | None => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some(other) => Err(anyhow::anyhow!("unknown task '{other}'\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The nightly that builds the kernel crate; scripts/setup.sh records which one
+/// matches bpf-linker's LLVM.
+fn ebpf_toolchain() -> String {
+    std::fs::read_to_string(root().join("target/ebpf-toolchain"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "nightly".into())
+}
+
+/// Builds gateway-ebpf and returns the object's path.
+fn build_ebpf(debug: bool) -> Result<PathBuf> {
+    let dir = root().join("gateway-ebpf");
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(&dir)
+        .args([
+            "run",
+            &ebpf_toolchain(),
+            "cargo",
+            "build",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        // The daemon's environment must not leak into the nightly build.
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO")
+        .env(
+            "CARGO_ENCODED_RUSTFLAGS",
+            "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf",
+        );
+    if !debug {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building the kernel programs (did scripts/setup.sh run?)")?;
+    let profile = if debug { "debug" } else { "release" };
+    let obj = dir
+        .join("target/bpfel-unknown-none")
+        .join(profile)
+        .join("gateway-ebpf");
+    if !obj.exists() {
+        bail!("the build did not produce {}", obj.display());
+    }
+    Ok(obj)
+}
+
+fn build(release: bool) -> Result<()> {
+    let obj = build_ebpf(false)?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["build", "--workspace", "--all-targets"])
+        .env("GATEWAY_EBPF_OBJECT", &obj);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+fn test(extra: &[String]) -> Result<()> {
+    let obj = build_ebpf(false)?;
+    // Build first so that the e2e tests find target/debug/gateway.
+    run(cargo()
+        .current_dir(root())
+        .args(["build", "--workspace", "--all-targets"])
+        .env("GATEWAY_EBPF_OBJECT", &obj))?;
+    let mut cmd = cargo();
+    cmd.current_dir(root())
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .env("GATEWAY_EBPF_OBJECT", &obj)
+        .env("GATEWAY_BIN", root().join("target/debug/gateway"))
+        .args(extra);
+    run(&mut cmd)
+}
