@@ -10,9 +10,7 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap()).join("gateway.bpf.o");
     let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
     let default = manifest.join("../gateway-ebpf/target/bpfel-unknown-none/release/gateway-ebpf");
-    let src = env::var_os("GATEWAY_EBPF_OBJECT")
-        .map(PathBuf::from)
-        .unwrap_or(default);
+    let src = env::var_os("GATEWAY_EBPF_OBJECT").map(PathBuf::from).unwrap_or(default);
     println!("cargo:rerun-if-env-changed=GATEWAY_EBPF_OBJECT");
     println!("cargo:rerun-if-changed={}", src.display());
     match fs::read(&src) {

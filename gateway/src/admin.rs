@@ -66,12 +66,7 @@ impl AdminServer {
         }
         let l = UnixListener::bind(path)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok((
-            Self {
-                path: path.to_path_buf(),
-            },
-            l,
-        ))
+        Ok((Self { path: path.to_path_buf() }, l))
     }
 }
 
@@ -95,11 +90,7 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, listeners: Arc<V
     }
 }
 
-async fn answer(
-    conn: UnixStream,
-    daemon: &Daemon,
-    listeners: &[ListenerInfo],
-) -> std::io::Result<()> {
+async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -> std::io::Result<()> {
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     BufReader::new(r.take(4096)).read_line(&mut line).await?;
@@ -123,8 +114,10 @@ async fn answer(
                     .collect(),
             })
         }
-        other => Ok(serde_json::to_vec(&serde_json::json!({ "error": format!("unknown request {other:?}; try flows, listeners or status") }))
-            .unwrap()),
+        other => Ok(serde_json::to_vec(
+            &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, listeners or status") }),
+        )
+        .unwrap()),
     }
     .map_err(std::io::Error::other)?;
     w.write_all(&body).await?;
@@ -140,8 +133,7 @@ pub fn request(socket: &Path, what: &str) -> Result<Vec<u8>, String> {
             socket.display()
         )
     })?;
-    s.write_all(format!("{what}\n").as_bytes())
-        .map_err(|e| e.to_string())?;
+    s.write_all(format!("{what}\n").as_bytes()).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).map_err(|e| e.to_string())?;
     Ok(out)

@@ -45,11 +45,7 @@ impl Btf {
         if types.1 > data.len() || strings.1 > data.len() {
             return Err(BtfError::Malformed("sections past end of data"));
         }
-        Ok(Self {
-            data,
-            types,
-            strings,
-        })
+        Ok(Self { data, types, strings })
     }
 
     fn u32_at(&self, o: usize) -> u32 {

@@ -11,7 +11,8 @@ use std::{
     time::Duration,
 };
 
-use serde::{de, Deserialize, Deserializer};
+use serde::Deserialize;
+use serde_yaml::Value;
 
 /// Upper bound on backend connect attempts per client, whatever the config says.
 pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
@@ -19,24 +20,19 @@ pub const MAX_CONNECT_ATTEMPTS: u32 = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{path}: {}", .errors.join("\n  "))]
     Invalid { path: PathBuf, errors: Vec<String> },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Tcp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Balance {
     #[default]
     RoundRobin,
@@ -44,8 +40,7 @@ pub enum Balance {
     SourceHash,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Offload {
     /// Kernel path when the programs are loaded, userspace relay otherwise.
     #[default]
@@ -66,21 +61,10 @@ impl fmt::Display for Offload {
     }
 }
 
-/// A duration written as `250ms`, `5s`, `10m`, `1h`, `2d` or a sum such as `1m30s`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s).map(Dur).map_err(de::Error::custom)
-    }
-}
-
+/// Parses a duration written as `250ms`, `5s`, `10m`, `1h`, `2d` or a sum such as `1m30s`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || {
-        format!("{s:?} is not a duration (write a number and a unit: 250ms, 5s, 10m, 1h, 2d; or a sum like 1m30s)")
-    };
+    let bad =
+        || format!("{s:?} is not a duration (write a number and a unit: 250ms, 5s, 10m, 1h, 2d; or a sum like 1m30s)");
     let t = s.trim();
     if t.is_empty() {
         return Err(bad());
@@ -88,17 +72,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut total = Duration::ZERO;
     let mut rest = t;
     while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
         if digits == 0 {
             return Err(bad());
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let part = match unit {
@@ -114,21 +94,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(total)
 }
 
-/// An `IP:PORT` socket address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Addr(pub SocketAddr);
-
-impl<'de> Deserialize<'de> for Addr {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.trim().parse::<SocketAddr>().map(Addr).map_err(|_| {
-            de::Error::custom(format!(
-                "{s:?} is not an IP:PORT address (write e.g. \"10.0.0.5:5432\" or \"[::1]:8080\")"
-            ))
-        })
-    }
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
@@ -139,25 +104,107 @@ struct RawConfig {
     kernel: RawKernel,
 }
 
+/// Values are kept as YAML here and converted during validation, so that every
+/// error names its full key path (serde_yaml only reports the enclosing item).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
-    name: String,
-    bind: Addr,
-    #[serde(default = "default_protocol")]
-    protocol: Protocol,
-    backends: Vec<Addr>,
-    #[serde(default)]
-    balance: Balance,
-    #[serde(default)]
-    offload: Offload,
-    connect_timeout: Option<Dur>,
-    connect_attempts: Option<u32>,
-    idle_timeout: Option<Dur>,
+    name: Value,
+    bind: Value,
+    protocol: Option<Value>,
+    backends: Value,
+    balance: Option<Value>,
+    offload: Option<Value>,
+    connect_timeout: Option<Value>,
+    connect_attempts: Option<Value>,
+    idle_timeout: Option<Value>,
 }
 
-fn default_protocol() -> Protocol {
-    Protocol::Tcp
+/// Collects errors, each prefixed with its key path.
+#[derive(Default)]
+struct Errors(Vec<String>);
+
+impl Errors {
+    fn push(&mut self, path: &str, msg: impl fmt::Display) {
+        self.0.push(format!("{path}: {msg}"));
+    }
+
+    fn string(&mut self, path: &str, v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            other => {
+                self.push(path, format_args!("expected a string, found {}", yaml_kind(other)));
+                None
+            }
+        }
+    }
+
+    fn addr(&mut self, path: &str, v: &Value) -> Option<SocketAddr> {
+        let s = self.string(path, v)?;
+        match s.trim().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    path,
+                    format_args!("{s:?} is not an IP:PORT address (write e.g. \"10.0.0.5:5432\" or \"[::1]:8080\")"),
+                );
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, v: &Value) -> Option<Duration> {
+        let s = self.string(path, v)?;
+        match parse_duration(&s) {
+            Ok(d) if d.is_zero() => {
+                self.push(path, format_args!("{s:?} must be greater than 0"));
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.push(path, e);
+                None
+            }
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
+        let s = self.string(path, v)?;
+        if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
+            return Some(*t);
+        }
+        let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+        self.push(path, format_args!("{s:?} is not one of {}", names.join(", ")));
+        None
+    }
+
+    fn uint(&mut self, path: &str, v: &Value, range: std::ops::RangeInclusive<u64>) -> Option<u64> {
+        match v.as_u64() {
+            Some(n) if range.contains(&n) => Some(n),
+            _ => {
+                let shown = serde_yaml::to_string(v).unwrap_or_default();
+                self.push(
+                    path,
+                    format_args!("{} is not a whole number from {} to {}", shown.trim(), range.start(), range.end()),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn yaml_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Sequence(_) => "a list",
+        Value::Mapping(_) => "a mapping",
+        Value::Tagged(_) => "a tagged value",
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -214,156 +261,153 @@ pub const DEFAULT_MAX_FLOWS: u32 = 8192;
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let raw: RawConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
-        raw.validate().map_err(|errors| ConfigError::Invalid {
-            path: path.to_path_buf(),
-            errors,
-        })
+        let raw: RawConfig = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
+        raw.validate().map_err(|errors| ConfigError::Invalid { path: path.to_path_buf(), errors })
     }
 }
 
 impl RawConfig {
     fn validate(self) -> Result<Config, Vec<String>> {
-        let mut errors = Vec::new();
+        let mut e = Errors::default();
         if self.listeners.is_empty() {
-            errors.push("listeners: must list at least one listener".to_string());
+            e.push("listeners", "must list at least one listener");
         }
-        let mut names: HashMap<&str, usize> = HashMap::new();
-        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut binds: Vec<(SocketAddr, usize)> = Vec::new();
+        let mut listeners = Vec::new();
         for (i, l) in self.listeners.iter().enumerate() {
-            let name = l.name.trim();
-            if name.is_empty() {
-                errors.push(format!("listeners[{i}].name: must not be empty"));
-            } else if !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                errors.push(format!(
-                    "listeners[{i}].name: {:?} may only contain letters, digits, '-', '_' and '.'",
-                    l.name
-                ));
-            } else if let Some(j) = names.insert(name, i) {
-                errors.push(format!("listeners[{i}].name: duplicate listener name {name:?} (also listeners[{j}].name)"));
+            let p = |key: &str| format!("listeners[{i}].{key}");
+            let name = e.string(&p("name"), &l.name).map(|n| n.trim().to_string());
+            if let Some(name) = &name {
+                if name.is_empty() {
+                    e.push(&p("name"), "must not be empty");
+                } else if !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                    e.push(&p("name"), format_args!("{name:?} may only contain letters, digits, '-', '_' and '.'"));
+                } else if let Some(j) = names.insert(name.clone(), i) {
+                    e.push(&p("name"), format_args!("duplicate listener name {name:?} (also listeners[{j}].name)"));
+                }
             }
-            let bind = l.bind.0;
-            if let Some(j) = binds.insert(bind, i) {
-                errors.push(format!("listeners[{i}].bind: duplicate bind address \"{bind}\" (also listeners[{j}].bind)"));
-            } else if bind.port() != 0 {
-                // Wildcard and specific addresses on one port collide too.
-                for (other, j) in &binds {
-                    if *j != i
+            let bind = e.addr(&p("bind"), &l.bind);
+            if let Some(bind) = bind {
+                for &(other, j) in &binds {
+                    let same = other == bind && bind.port() != 0;
+                    let overlaps = bind.port() != 0
                         && other.port() == bind.port()
-                        && (other.ip().is_unspecified() || bind.ip().is_unspecified())
                         && other.is_ipv4() == bind.is_ipv4()
-                    {
-                        errors.push(format!(
-                            "listeners[{i}].bind: \"{bind}\" overlaps \"{other}\" of listeners[{j}].bind"
-                        ));
+                        && (other.ip().is_unspecified() || bind.ip().is_unspecified());
+                    if same {
+                        e.push(
+                            &p("bind"),
+                            format_args!("duplicate bind address \"{bind}\" (also listeners[{j}].bind)"),
+                        );
+                    } else if overlaps {
+                        e.push(&p("bind"), format_args!("\"{bind}\" overlaps \"{other}\" of listeners[{j}].bind"));
                     }
                 }
+                binds.push((bind, i));
             }
-            if l.backends.is_empty() {
-                errors.push(format!(
-                    "listeners[{i}].backends: must list at least one backend"
-                ));
+            let protocol = match &l.protocol {
+                Some(v) => e.choice(&p("protocol"), v, &[("tcp", Protocol::Tcp)]),
+                None => Some(Protocol::Tcp),
+            };
+            let mut backends = Vec::new();
+            match &l.backends {
+                Value::Sequence(items) if items.is_empty() => e.push(&p("backends"), "must list at least one backend"),
+                Value::Sequence(items) => {
+                    for (k, item) in items.iter().enumerate() {
+                        let bp = format!("listeners[{i}].backends[{k}]");
+                        let Some(a) = e.addr(&bp, item) else { continue };
+                        if a.port() == 0 {
+                            e.push(&bp, format_args!("\"{a}\" has port 0"));
+                        } else if a.ip().is_unspecified() {
+                            e.push(&bp, format_args!("\"{a}\" is not a reachable address"));
+                        } else if let Some(j) = backends.iter().position(|b| *b == a) {
+                            e.push(&bp, format_args!("duplicate backend \"{a}\" (also backends[{j}])"));
+                        } else {
+                            backends.push(a);
+                        }
+                    }
+                }
+                other => e.push(
+                    &p("backends"),
+                    format_args!("expected a list of IP:PORT addresses, found {}", yaml_kind(other)),
+                ),
             }
-            let mut seen = HashMap::new();
-            for (k, b) in l.backends.iter().enumerate() {
-                if b.0.port() == 0 {
-                    errors.push(format!(
-                        "listeners[{i}].backends[{k}]: \"{}\" has port 0",
-                        b.0
-                    ));
-                }
-                if b.0.ip().is_unspecified() {
-                    errors.push(format!(
-                        "listeners[{i}].backends[{k}]: \"{}\" is not a reachable address",
-                        b.0
-                    ));
-                }
-                if let Some(j) = seen.insert(b.0, k) {
-                    errors.push(format!("listeners[{i}].backends[{k}]: duplicate backend \"{}\" (also backends[{j}])", b.0));
-                }
-            }
-            if let Some(Dur(d)) = l.connect_timeout {
-                if d.is_zero() {
-                    errors.push(format!(
-                        "listeners[{i}].connect_timeout: must be greater than 0"
-                    ));
-                }
-            }
-            if let Some(Dur(d)) = l.idle_timeout {
-                if d.is_zero() {
-                    errors.push(format!(
-                        "listeners[{i}].idle_timeout: must be greater than 0"
-                    ));
-                }
-            }
-            if let Some(n) = l.connect_attempts {
-                if n == 0 || n > MAX_CONNECT_ATTEMPTS {
-                    errors.push(format!(
-                        "listeners[{i}].connect_attempts: {n} is out of range (1 to {MAX_CONNECT_ATTEMPTS})"
-                    ));
-                }
+            let balance = l.balance.as_ref().map_or(Some(Balance::RoundRobin), |v| {
+                e.choice(
+                    &p("balance"),
+                    v,
+                    &[
+                        ("round_robin", Balance::RoundRobin),
+                        ("least_conn", Balance::LeastConn),
+                        ("source_hash", Balance::SourceHash),
+                    ],
+                )
+            });
+            let offload = l.offload.as_ref().map_or(Some(Offload::Auto), |v| {
+                e.choice(
+                    &p("offload"),
+                    v,
+                    &[("auto", Offload::Auto), ("kernel", Offload::Kernel), ("userspace", Offload::Userspace)],
+                )
+            });
+            let connect_timeout = l
+                .connect_timeout
+                .as_ref()
+                .map_or(Some(DEFAULT_CONNECT_TIMEOUT), |v| e.duration(&p("connect_timeout"), v));
+            let idle_timeout =
+                l.idle_timeout.as_ref().map_or(Some(DEFAULT_IDLE_TIMEOUT), |v| e.duration(&p("idle_timeout"), v));
+            let connect_attempts = match &l.connect_attempts {
+                Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
+                None => Some((backends.len() as u32).clamp(1, 3)),
+            };
+            if let (
+                Some(name),
+                Some(bind),
+                Some(protocol),
+                Some(balance),
+                Some(offload),
+                Some(ct),
+                Some(it),
+                Some(ca),
+            ) = (name, bind, protocol, balance, offload, connect_timeout, idle_timeout, connect_attempts)
+            {
+                listeners.push(Listener {
+                    name,
+                    bind,
+                    protocol,
+                    backends,
+                    balance,
+                    offload,
+                    connect_timeout: ct,
+                    connect_attempts: ca,
+                    idle_timeout: it,
+                });
             }
         }
         if let Some(n) = self.kernel.max_flows {
             if !(1..=1 << 20).contains(&n) {
-                errors.push(format!(
-                    "kernel.max_flows: {n} is out of range (1 to 1048576)"
-                ));
+                e.push("kernel.max_flows", format_args!("{n} is out of range (1 to 1048576)"));
             }
         }
-        if let Some(p) = &self.admin.socket {
-            if p.as_os_str().is_empty() || !p.is_absolute() {
-                errors.push(format!(
-                    "admin.socket: {:?} must be an absolute path",
-                    p.display().to_string()
-                ));
+        if let Some(path) = &self.admin.socket {
+            if path.as_os_str().is_empty() || !path.is_absolute() {
+                e.push("admin.socket", format_args!("{:?} must be an absolute path", path.display().to_string()));
             }
         }
-        if !errors.is_empty() {
-            return Err(errors);
+        if !e.0.is_empty() {
+            return Err(e.0);
         }
-        let listeners = self
-            .listeners
-            .into_iter()
-            .map(|l| {
-                let backends: Vec<SocketAddr> = l.backends.iter().map(|a| a.0).collect();
-                Listener {
-                    connect_attempts: l
-                        .connect_attempts
-                        .unwrap_or_else(|| (backends.len() as u32).min(3)),
-                    name: l.name.trim().to_string(),
-                    bind: l.bind.0,
-                    protocol: l.protocol,
-                    backends,
-                    balance: l.balance,
-                    offload: l.offload,
-                    connect_timeout: l.connect_timeout.map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-                    idle_timeout: l.idle_timeout.map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
-                }
-            })
-            .collect();
         Ok(Config {
             listeners,
-            admin: Admin {
-                socket: self
-                    .admin
-                    .socket
-                    .unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()),
-            },
+            admin: Admin { socket: self.admin.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()) },
             kernel: Kernel {
                 max_flows: self.kernel.max_flows.unwrap_or(DEFAULT_MAX_FLOWS),
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
@@ -425,44 +469,31 @@ admin:
 
     #[test]
     fn rejects_unknown_keys_with_their_path() {
-        assert_rejected(
-            &GOOD.replace("balance:", "balanse:"),
-            &["listeners[0]", "balanse"],
-        );
+        assert_rejected(&GOOD.replace("balance:", "balanse:"), &["listeners[0]", "balanse"]);
         assert_rejected(&format!("{GOOD}extra: 1\n"), &["extra"]);
         assert_rejected(&GOOD.replace("socket:", "sock:"), &["admin", "sock"]);
     }
 
     #[test]
     fn rejects_bad_values_with_path_and_value() {
-        assert_rejected(
-            &GOOD.replace("5s", "5x"),
-            &["listeners[0].connect_timeout", "\"5x\""],
-        );
-        assert_rejected(
-            &GOOD.replace("1h", "forever"),
-            &["listeners[0].idle_timeout", "\"forever\""],
-        );
+        assert_rejected(&GOOD.replace("5s", "5x"), &["listeners[0].connect_timeout", "\"5x\""]);
+        assert_rejected(&GOOD.replace("1h", "forever"), &["listeners[0].idle_timeout", "\"forever\""]);
         assert_rejected(
             &GOOD.replace("10.0.0.6:5432", "10.0.0.x:5432"),
             &["listeners[0].backends[1]", "10.0.0.x:5432"],
         );
+        assert_rejected(&GOOD.replace("0.0.0.0:15432", "0.0.0.0"), &["listeners[0].bind", "\"0.0.0.0\""]);
         assert_rejected(
-            &GOOD.replace("0.0.0.0:15432", "0.0.0.0"),
-            &["listeners[0].bind", "\"0.0.0.0\""],
+            &GOOD.replace("connect_timeout: 5s", "connect_timeout: 0s"),
+            &["listeners[0].connect_timeout", "greater than 0"],
         );
         assert_rejected(
-            &GOOD.replace("round_robin", "random"),
-            &["listeners[0].balance", "random"],
+            &GOOD.replace("connect_timeout: 5s", "connect_attempts: 0"),
+            &["listeners[0].connect_attempts", "0 is not"],
         );
-        assert_rejected(
-            &GOOD.replace("offload: auto", "offload: fast"),
-            &["listeners[0].offload", "fast"],
-        );
-        assert_rejected(
-            &GOOD.replace("protocol: tcp", "protocol: udp"),
-            &["listeners[0].protocol", "udp"],
-        );
+        assert_rejected(&GOOD.replace("round_robin", "random"), &["listeners[0].balance", "random"]);
+        assert_rejected(&GOOD.replace("offload: auto", "offload: fast"), &["listeners[0].offload", "fast"]);
+        assert_rejected(&GOOD.replace("protocol: tcp", "protocol: udp"), &["listeners[0].protocol", "udp"]);
     }
 
     #[test]
@@ -486,16 +517,9 @@ listeners:
 "#;
         assert_rejected(
             two,
-            &[
-                "listeners[1].name",
-                "duplicate listener name \"a\"",
-                "listeners[1].bind",
-                "127.0.0.1:7000",
-            ],
+            &["listeners[1].name", "duplicate listener name \"a\"", "listeners[1].bind", "127.0.0.1:7000"],
         );
-        let overlap =
-            two.replacen("name: a", "name: b", 1)
-                .replacen("127.0.0.1:7000", "0.0.0.0:7000", 1);
+        let overlap = two.replacen("name: a", "name: b", 1).replacen("127.0.0.1:7000", "0.0.0.0:7000", 1);
         assert_rejected(&overlap, &["listeners[1].bind", "overlaps"]);
     }
 }

@@ -188,10 +188,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
     let path = f.path.lock().unwrap().clone();
     let (path_name, reason, code) = match &path {
         FlowPath::Connecting => ("connecting", None, None),
-        FlowPath::Kernel {
-            client_slot,
-            backend_slot,
-        } => {
+        FlowPath::Kernel { client_slot, backend_slot } => {
             if let Some(k) = kernel {
                 let c = k.slot(*client_slot);
                 let b = k.slot(*backend_slot);
@@ -202,9 +199,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
             }
             ("kernel", None, None)
         }
-        FlowPath::Userspace { reason, code } => {
-            ("userspace", Some(reason.clone()), Some(code.to_string()))
-        }
+        FlowPath::Userspace { reason, code } => ("userspace", Some(reason.clone()), Some(code.to_string())),
     };
     let idle = std::time::Duration::from_nanos(now_ns.saturating_sub(last_ns));
     let age = std::time::Duration::from_nanos(now_ns.saturating_sub(f.started_ns));

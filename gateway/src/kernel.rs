@@ -16,9 +16,7 @@ use aya::{
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
-use gateway_common::{
-    KernelConfig, SockSlot, MAP_CONFIG, MAP_SLOTS, MAP_SLOT_INDEX, MAP_SOCKS, PROG_VERDICT,
-};
+use gateway_common::{KernelConfig, SockSlot, MAP_CONFIG, MAP_SLOTS, MAP_SLOT_INDEX, MAP_SOCKS, PROG_VERDICT};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
@@ -85,11 +83,7 @@ impl SlotTable {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self {
-            base: NonNull::new(p.cast()).unwrap(),
-            len,
-            map_len,
-        })
+        Ok(Self { base: NonNull::new(p.cast()).unwrap(), len, map_len })
     }
 
     fn slot(&self, i: u32) -> *mut SockSlot {
@@ -165,16 +159,10 @@ impl KernelPath {
         spawn_ebpf_logger(&mut ebpf);
 
         let cfg = if trim {
-            match Btf::from_sys_fs().and_then(|b| {
-                Ok((
-                    b.member_offset("sk_buff", "cb")?,
-                    b.member_offset("tcp_skb_cb", "seq")?,
-                ))
-            }) {
-                Ok((cb_offset, seq_offset)) => KernelConfig {
-                    cb_offset,
-                    seq_offset,
-                },
+            match Btf::from_sys_fs()
+                .and_then(|b| Ok((b.member_offset("sk_buff", "cb")?, b.member_offset("tcp_skb_cb", "seq")?)))
+            {
+                Ok((cb_offset, seq_offset)) => KernelConfig { cb_offset, seq_offset },
                 Err(e) => {
                     warn!("overlap trimming disabled: {e}; retransmissions on lossy links may duplicate bytes");
                     KernelConfig::default()
@@ -184,8 +172,7 @@ impl KernelPath {
             KernelConfig::default()
         };
         let take = |ebpf: &mut Ebpf, name: &str| -> Result<Map, Unavailable> {
-            ebpf.take_map(name)
-                .ok_or_else(|| Unavailable::LoadFailed(format!("object has no map {name}")))
+            ebpf.take_map(name).ok_or_else(|| Unavailable::LoadFailed(format!("object has no map {name}")))
         };
         let load_err = |e: &dyn std::fmt::Display| Unavailable::LoadFailed(e.to_string());
         let mut config: Array<MapData, KernelConfig> =
@@ -198,8 +185,7 @@ impl KernelPath {
         let Map::Array(slots_data) = take(&mut ebpf, MAP_SLOTS)? else {
             return Err(Unavailable::LoadFailed("SLOTS is not an array".into()));
         };
-        let slots = SlotTable::map(&slots_data, sockets)
-            .map_err(|e| load_err(&format!("mmap SLOTS: {e}")))?;
+        let slots = SlotTable::map(&slots_data, sockets).map_err(|e| load_err(&format!("mmap SLOTS: {e}")))?;
         // The maps taken above must stay open until the program is loaded:
         // its instructions refer to their fds.
         let prog: &mut SkSkb = ebpf
@@ -208,21 +194,12 @@ impl KernelPath {
             .try_into()
             .map_err(|e| load_err(&e))?;
         prog.load().map_err(|e| load_err(&format!("{e:#}")))?;
-        prog.attach(socks.fd())
-            .map_err(|e| load_err(&format!("{e:#}")))?;
-        info!(
-            max_flows,
-            trim_overlaps = cfg.cb_offset != 0,
-            "kernel path ready: sk_skb verdict attached to SOCKHASH"
-        );
+        prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+        info!(max_flows, trim_overlaps = cfg.cb_offset != 0, "kernel path ready: sk_skb verdict attached to SOCKHASH");
         Ok(Self {
             _ebpf: ebpf,
             _kept: (config, slots_data),
-            maps: Mutex::new(Maps {
-                socks,
-                index,
-                free: (0..sockets).rev().collect(),
-            }),
+            maps: Mutex::new(Maps { socks, index, free: (0..sockets).rev().collect() }),
             slots,
             max_flows,
             trim: cfg.cb_offset != 0,
@@ -232,11 +209,7 @@ impl KernelPath {
     /// Puts both sockets in the SOCKHASH. From here on the verdict forwards
     /// what they receive; bytes that arrived before are forwarded when the
     /// caller next reads the socket (see [`crate::splice`]).
-    pub fn splice(
-        &self,
-        client: &impl AsRawFd,
-        backend: &impl AsRawFd,
-    ) -> Result<Splice, Unavailable> {
+    pub fn splice(&self, client: &impl AsRawFd, backend: &impl AsRawFd) -> Result<Splice, Unavailable> {
         let insert_err = |e: &dyn std::fmt::Display| Unavailable::InsertFailed(e.to_string());
         let cc = sys::socket_cookie(client).map_err(|e| insert_err(&e))?;
         let bc = sys::socket_cookie(backend).map_err(|e| insert_err(&e))?;
@@ -248,37 +221,16 @@ impl KernelPath {
         let bs = maps.free.pop().unwrap();
         // SAFETY: the slots are free, so no verdict writes them (no index entry).
         unsafe {
-            ptr::write_volatile(
-                self.slots.slot(cs),
-                SockSlot {
-                    peer_cookie: bc,
-                    ..Default::default()
-                },
-            );
-            ptr::write_volatile(
-                self.slots.slot(bs),
-                SockSlot {
-                    peer_cookie: cc,
-                    ..Default::default()
-                },
-            );
+            ptr::write_volatile(self.slots.slot(cs), SockSlot { peer_cookie: bc, ..Default::default() });
+            ptr::write_volatile(self.slots.slot(bs), SockSlot { peer_cookie: cc, ..Default::default() });
         }
-        let splice = Splice {
-            client_cookie: cc,
-            backend_cookie: bc,
-            client_slot: cs,
-            backend_slot: bs,
-        };
+        let splice = Splice { client_cookie: cc, backend_cookie: bc, client_slot: cs, backend_slot: bs };
         let result = (|| {
             maps.index.insert(cc, cs, 0).map_err(|e| insert_err(&e))?;
             maps.index.insert(bc, bs, 0).map_err(|e| insert_err(&e))?;
             // The backend first: once the client is in, its bytes go to the backend.
-            maps.socks
-                .insert(bc, backend.as_raw_fd(), 0)
-                .map_err(|e| insert_err(&e))?;
-            maps.socks
-                .insert(cc, client.as_raw_fd(), 0)
-                .map_err(|e| insert_err(&e))?;
+            maps.socks.insert(bc, backend.as_raw_fd(), 0).map_err(|e| insert_err(&e))?;
+            maps.socks.insert(cc, client.as_raw_fd(), 0).map_err(|e| insert_err(&e))?;
             Ok(())
         })();
         if let Err(e) = result {
@@ -342,23 +294,20 @@ impl KernelPath {
 fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
     match aya_log::EbpfLogger::init(ebpf) {
         // SAFETY: the logger owns its ring/perf buffer fd and never replaces it.
-        Ok(logger) => {
-            match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
-            {
-                Ok(mut fd) => {
-                    tokio::spawn(async move {
-                        loop {
-                            let Ok(mut guard) = fd.readable_mut().await else {
-                                break;
-                            };
-                            guard.get_inner_mut().flush();
-                            guard.clear_ready();
-                        }
-                    });
-                }
-                Err(e) => warn!("kernel program log not forwarded: {e}"),
+        Ok(logger) => match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+            Ok(mut fd) => {
+                tokio::spawn(async move {
+                    loop {
+                        let Ok(mut guard) = fd.readable_mut().await else {
+                            break;
+                        };
+                        guard.get_inner_mut().flush();
+                        guard.clear_ready();
+                    }
+                });
             }
-        }
+            Err(e) => warn!("kernel program log not forwarded: {e}"),
+        },
         Err(e) => warn!("kernel program log not forwarded: {e}"),
     }
 }

@@ -75,9 +75,7 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Run a built-in echo backend (for the demo and for trying a config out).
-    #[command(
-        after_help = "Example:\n  gateway echo --bind 127.0.0.1:7001 --greeting '220 ready'"
-    )]
+    #[command(after_help = "Example:\n  gateway echo --bind 127.0.0.1:7001 --greeting '220 ready'")]
     Echo {
         #[arg(long)]
         bind: SocketAddr,
@@ -99,11 +97,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match Config::load(&config) {
             Ok(c) => {
-                println!(
-                    "{}: ok ({} listener(s))",
-                    config.display(),
-                    c.listeners.len()
-                );
+                println!("{}: ok ({} listener(s))", config.display(), c.listeners.len());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -120,10 +114,7 @@ fn main() -> ExitCode {
                 }
             };
             init_logging();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -133,21 +124,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Flows {
-            socket,
-            config,
-            json,
-            listener,
-            backend,
-            sort,
-        } => exit(flows_cmd(socket, config, json, listener, backend, sort)),
+        Cmd::Flows { socket, config, json, listener, backend, sort } => {
+            exit(flows_cmd(socket, config, json, listener, backend, sort))
+        }
         Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
         Cmd::Echo { bind, greeting } => {
             init_logging();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             exit(rt.block_on(echo::run(bind, greeting)).map_err(Into::into))
         }
     }
@@ -180,10 +163,7 @@ fn init_logging() {
 
 async fn run(cfg: Config) -> Result<()> {
     // The kernel path is loaded once for all listeners that may use it.
-    let wants_kernel = cfg
-        .listeners
-        .iter()
-        .any(|l| l.offload != Offload::Userspace);
+    let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
     let (kernel, unavailable) = if wants_kernel {
         match KernelPath::load(cfg.kernel.max_flows, cfg.kernel.trim_overlaps) {
             Ok(k) => (Some(k), None),
@@ -195,10 +175,12 @@ async fn run(cfg: Config) -> Result<()> {
     if let Some(why) = &unavailable {
         for l in &cfg.listeners {
             match l.offload {
-                Offload::Kernel => return Err(anyhow!(
-                    "listener {:?} has offload: kernel, but the kernel path is unavailable: {why}",
-                    l.name
-                )),
+                Offload::Kernel => {
+                    return Err(anyhow!(
+                        "listener {:?} has offload: kernel, but the kernel path is unavailable: {why}",
+                        l.name
+                    ))
+                }
                 Offload::Auto => {
                     warn!(listener = %l.name, "kernel path unavailable, flows will be relayed in user space: {why}")
                 }
@@ -206,17 +188,17 @@ async fn run(cfg: Config) -> Result<()> {
             }
         }
     }
-    let daemon = Arc::new(Daemon {
-        flows: Default::default(),
-        kernel,
-        kernel_unavailable: unavailable,
-    });
+    let handoff_delay = std::env::var("GATEWAY_TEST_HANDOFF_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+    raise_nofile_limit();
+    let daemon = Arc::new(Daemon { flows: Default::default(), kernel, kernel_unavailable: unavailable, handoff_delay });
 
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
     for l in &cfg.listeners {
-        let sock = bind_listener(l.bind)
-            .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let sock = bind_listener(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
         let local = sock.local_addr()?;
         bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local))));
     }
@@ -234,11 +216,7 @@ async fn run(cfg: Config) -> Result<()> {
         info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
         tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
     }
-    tokio::spawn(admin::serve(
-        admin_listener,
-        daemon.clone(),
-        Arc::new(infos),
-    ));
+    tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -249,12 +227,23 @@ async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// A gateway holds two sockets per flow: lift the soft fd limit to the hard one.
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: r is valid for reads and writes.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let soft = r.rlim_cur;
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                info!(from = soft, to = r.rlim_max, "raised the open-files limit");
+            }
+        }
+    }
+}
+
 fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        None,
-    )?;
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     s.set_reuse_address(true)?;
     if addr.is_ipv6() {
         s.set_only_v6(true)?;
@@ -285,18 +274,15 @@ fn flows_cmd(
 ) -> Result<()> {
     let path = admin_socket(socket, config)?;
     let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
-    let mut reply: FlowsReply =
-        serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    let mut reply: FlowsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
     reply.flows.retain(|f| {
         listener.as_ref().is_none_or(|l| &f.listener == l)
-            && backend
-                .as_ref()
-                .is_none_or(|b| f.backend.as_ref() == Some(b))
+            && backend.as_ref().is_none_or(|b| f.backend.as_ref() == Some(b))
     });
     match sort {
-        SortKey::Bytes => reply.flows.sort_by_key(|f| {
-            std::cmp::Reverse(f.bytes_client_to_backend + f.bytes_backend_to_client)
-        }),
+        SortKey::Bytes => {
+            reply.flows.sort_by_key(|f| std::cmp::Reverse(f.bytes_client_to_backend + f.bytes_backend_to_client))
+        }
         SortKey::Age => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.age_ms)),
         SortKey::Idle => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.idle_ms)),
     }
@@ -358,8 +344,7 @@ fn human_ms(ms: u64) -> String {
 fn status_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
     let path = admin_socket(socket, config)?;
     let raw = admin::request(&path, "status").map_err(|e| anyhow!(e))?;
-    let v: serde_json::Value =
-        serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
     println!("{}", serde_json::to_string_pretty(&v)?);
     Ok(())
 }

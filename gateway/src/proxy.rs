@@ -26,6 +26,10 @@ pub struct Daemon {
     pub kernel: Option<KernelPath>,
     /// Why the kernel path is not available, when it is not.
     pub kernel_unavailable: Option<Unavailable>,
+    /// Test hook (`GATEWAY_TEST_HANDOFF_DELAY_MS`): wait this long between
+    /// connecting the backend and the hand-off, so tests can queue bytes on
+    /// both sockets before it. Zero in production.
+    pub handoff_delay: Duration,
 }
 
 /// A listener's runtime state.
@@ -39,12 +43,7 @@ pub struct ListenerRt {
 impl ListenerRt {
     pub fn new(cfg: Listener, local: SocketAddr) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
-        Self {
-            cfg,
-            local,
-            rr: AtomicUsize::new(0),
-            active,
-        }
+        Self { cfg, local, rr: AtomicUsize::new(0), active }
     }
 
     /// Backends in the order to try them for this client.
@@ -60,10 +59,7 @@ impl ListenerRt {
             Balance::LeastConn => {
                 // Fewest active flows; ties broken round-robin.
                 let offset = self.rr.fetch_add(1, Relaxed);
-                (0..n)
-                    .map(|i| (i + offset) % n)
-                    .min_by_key(|&i| self.active[i].load(Relaxed))
-                    .unwrap_or(0)
+                (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.active[i].load(Relaxed)).unwrap_or(0)
             }
         };
         (0..n).map(|i| (start + i) % n).collect()
@@ -96,20 +92,12 @@ pub async fn serve(listener: TcpListener, rt: Arc<ListenerRt>, daemon: Arc<Daemo
 
 async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usize), String> {
     let mut tried = Vec::new();
-    for idx in rt
-        .candidates(client)
-        .into_iter()
-        .cycle()
-        .take(rt.cfg.connect_attempts as usize)
-    {
+    for idx in rt.candidates(client).into_iter().cycle().take(rt.cfg.connect_attempts as usize) {
         let addr = rt.cfg.backends[idx];
         match tokio::time::timeout(rt.cfg.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(s)) => return Ok((s, idx)),
             Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
-            Err(_) => tried.push(format!(
-                "{addr} (no answer within {:?})",
-                rt.cfg.connect_timeout
-            )),
+            Err(_) => tried.push(format!("{addr} (no answer within {:?})", rt.cfg.connect_timeout)),
         }
         debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
     }
@@ -134,17 +122,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
 
+    if !daemon.handoff_delay.is_zero() {
+        tokio::time::sleep(daemon.handoff_delay).await;
+    }
     let kernel = match (rt.cfg.offload, &daemon.kernel) {
         (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
         (_, None) => {
-            let why = daemon
-                .kernel_unavailable
-                .as_ref()
-                .map_or("kernel path not loaded".into(), |u| u.to_string());
-            let code = daemon
-                .kernel_unavailable
-                .as_ref()
-                .map_or("unavailable", Unavailable::code);
+            let why = daemon.kernel_unavailable.as_ref().map_or("kernel path not loaded".into(), |u| u.to_string());
+            let code = daemon.kernel_unavailable.as_ref().map_or("unavailable", Unavailable::code);
             Err((why, code))
         }
         (_, Some(k)) => match k.splice(&client, &backend) {
@@ -159,10 +144,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     };
     let cause = match kernel {
         Ok((k, s)) => {
-            flow.set_path(FlowPath::Kernel {
-                client_slot: s.client_slot,
-                backend_slot: s.backend_slot,
-            });
+            flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
             info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "kernel", "flow handed off");
             let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
             // Final counters before the slots are reused.
@@ -171,10 +153,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             cause
         }
         Err((reason, code)) => {
-            flow.set_path(FlowPath::Userspace {
-                reason: reason.clone(),
-                code,
-            });
+            flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
             info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "userspace", reason = %reason, "flow relayed in user space");
             let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
             log_close(flow, &cause, started, daemon);

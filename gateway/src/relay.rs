@@ -25,12 +25,7 @@ enum PumpError {
     Write,
 }
 
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    flow: &Flow,
-    side: Side,
-) -> Result<(), PumpError> {
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, flow: &Flow, side: Side) -> Result<(), PumpError> {
     let mut buf = vec![0u8; BUF_SIZE];
     loop {
         let n = from.read(&mut buf).await.map_err(|_| PumpError::Read)?;
@@ -41,21 +36,14 @@ async fn pump(
             // OwnedWriteHalf also shuts down, which is what we want anyway.
             return Ok(());
         }
-        to.write_all(&buf[..n])
-            .await
-            .map_err(|_| PumpError::Write)?;
+        to.write_all(&buf[..n]).await.map_err(|_| PumpError::Write)?;
         flow.add_user(side, n as u64);
     }
 }
 
 /// Relays until both directions are closed, one side resets, or the flow is
 /// idle for `idle`.
-pub async fn relay(
-    client: TcpStream,
-    backend: TcpStream,
-    flow: &Flow,
-    idle: Duration,
-) -> CloseCause {
+pub async fn relay(client: TcpStream, backend: TcpStream, flow: &Flow, idle: Duration) -> CloseCause {
     let (cfd, bfd) = (client.as_raw_fd(), backend.as_raw_fd());
     let (cr, cw) = client.into_split();
     let (br, bw) = backend.into_split();
@@ -64,9 +52,7 @@ pub async fn relay(
     tokio::pin!(c2b, b2c);
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut first_closed = None;
-    let tick = idle
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(50));
+    let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(50));
     let abort = |by: Side| {
         // Reset the other side, as the peer reset us: SO_LINGER 0 then close.
         sys::set_linger_zero(cfd);
@@ -99,9 +85,7 @@ pub async fn relay(
             }
         }
         if c2b_done && b2c_done {
-            return CloseCause::Closed {
-                first: first_closed.unwrap_or(Side::Client),
-            };
+            return CloseCause::Closed { first: first_closed.unwrap_or(Side::Client) };
         }
     }
 }

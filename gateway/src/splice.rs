@@ -68,18 +68,12 @@ pub async fn run(
     };
     let spliced_ns = sys::monotonic_ns();
     let mut first_eof: Option<Side> = None;
-    let idle_tick = idle
-        .min(Duration::from_secs(1))
-        .max(Duration::from_millis(20));
+    let idle_tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(20));
 
     // Bytes queued before the sockets entered the map wait until the socket
     // is read; this read makes the kernel run the verdict on them.
     for end in [&mut c, &mut b] {
-        let peer = if end.side == Side::Client {
-            backend
-        } else {
-            client
-        };
+        let peer = if end.side == Side::Client { backend } else { client };
         if let Step::Done(cause) = on_readable(kernel, end, peer, flow).await {
             return cause;
         }
@@ -121,9 +115,7 @@ pub async fn run(
             }
         }
         if c.fin_forwarded && b.fin_forwarded {
-            return CloseCause::Closed {
-                first: first_eof.unwrap_or(Side::Client),
-            };
+            return CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) };
         }
         // A socket at EOF is always readable, so it is not polled any more;
         // notice a later RST (or a full close) from its state instead.
@@ -146,12 +138,7 @@ pub async fn run(
 
 /// Reads what the socket has for user space: EOF, an error, or bytes the
 /// verdict passed instead of redirecting (only while the flow was enabled).
-async fn on_readable(
-    kernel: &KernelPath,
-    end: &mut End<'_>,
-    peer: &TcpStream,
-    flow: &Flow,
-) -> Step {
+async fn on_readable(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, flow: &Flow) -> Step {
     let mut buf = Vec::new();
     loop {
         if buf.is_empty() {
@@ -164,11 +151,7 @@ async fn on_readable(
             }
             Ok(n) => {
                 if write_all(peer, &buf[..n]).await.is_err() {
-                    let other = if end.side == Side::Client {
-                        Side::Backend
-                    } else {
-                        Side::Client
-                    };
+                    let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
                     return Step::Done(reset_pair(end.sock, peer, other));
                 }
                 end.user_written += n as u64;

@@ -7,15 +7,8 @@ pub fn socket_cookie(fd: &impl AsRawFd) -> io::Result<u64> {
     let mut v: u64 = 0;
     let mut len = mem::size_of::<u64>() as libc::socklen_t;
     // SAFETY: v and len are valid for writes of the sizes given.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&raw mut v).cast(),
-            &mut len,
-        )
-    };
+    let r =
+        unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -55,22 +48,13 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: buf and len are valid for writes of the sizes given.
     let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len)
     };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
     if (len as usize) < BYTES_RECEIVED + 8 {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "tcp_info too short",
-        ));
+        return Err(io::Error::new(io::ErrorKind::Unsupported, "tcp_info too short"));
     }
     let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
@@ -95,10 +79,7 @@ pub fn take_error(fd: &impl AsRawFd) -> io::Result<Option<io::Error>> {
 
 /// `CLOCK_MONOTONIC` in nanoseconds, the clock of `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: ts is valid for writes.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -109,9 +90,7 @@ pub fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .unwrap_or(0)
 }

@@ -1,1 +1,460 @@
-//! e2e helpers
+//! Helpers for gateway's end-to-end tests.
+//!
+//! Every test builds its own three hosts as network namespaces: a client, the
+//! gateway and a backend, joined by two veth pairs:
+//!
+//! ```text
+//!   client 10.77.1.2 ── 10.77.1.1 gateway 10.77.2.1 ── 10.77.2.2 backend
+//! ```
+//!
+//! Sockets for the client and backend roles are created by this process on
+//! threads that have entered the namespace (a socket keeps the namespace it was
+//! created in), so test code uses ordinary std sockets. The daemon runs as a
+//! real process inside the gateway namespace.
+use std::{
+    fs,
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use serde_json::Value;
+
+pub const CLIENT_IP: &str = "10.77.1.2";
+pub const GW_CLIENT_SIDE_IP: &str = "10.77.1.1";
+pub const GW_BACKEND_SIDE_IP: &str = "10.77.2.1";
+pub const BACKEND_IP: &str = "10.77.2.2";
+
+/// Returns false (after saying why) when the test can't run here. In CI
+/// (`CI=true`) a missing privilege is a failure, never a skip.
+pub fn require_root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        raise_nofile();
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+        panic!("{test}: needs root (network namespaces, BPF) and CI must run it as root");
+    }
+    eprintln!("skipping {test}: needs root for network namespaces and BPF (run the README's test command as root)");
+    false
+}
+
+fn raise_nofile() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: r is valid for reads and writes.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+/// The gateway binary under test.
+pub fn gateway_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("GATEWAY_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/gateway
+    let exe = std::env::current_exe().unwrap();
+    let p = exe.parent().unwrap().parent().unwrap().join("gateway");
+    assert!(p.exists(), "{} not found: build it first (cargo xtask test does)", p.display());
+    p
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+static NS_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Three namespaces and two links; removed on drop.
+pub struct Topology {
+    pub client: String,
+    pub gw: String,
+    pub backend: String,
+}
+
+impl Topology {
+    pub fn new() -> Self {
+        let id = format!("gwt{}x{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed));
+        let t = Self { client: format!("{id}c"), gw: format!("{id}g"), backend: format!("{id}b") };
+        for ns in [&t.client, &t.gw, &t.backend] {
+            sh(&["ip", "netns", "add", ns]);
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        sh(&["ip", "link", "add", "c0", "netns", &t.client, "type", "veth", "peer", "name", "g0", "netns", &t.gw]);
+        sh(&["ip", "link", "add", "g1", "netns", &t.gw, "type", "veth", "peer", "name", "b0", "netns", &t.backend]);
+        for (ns, dev, addr) in [
+            (&t.client, "c0", "10.77.1.2/24"),
+            (&t.gw, "g0", "10.77.1.1/24"),
+            (&t.gw, "g1", "10.77.2.1/24"),
+            (&t.backend, "b0", "10.77.2.2/24"),
+        ] {
+            sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+            sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+        }
+        sh(&["ip", "-n", &t.client, "route", "add", "default", "via", GW_CLIENT_SIDE_IP]);
+        sh(&["ip", "-n", &t.backend, "route", "add", "default", "via", GW_BACKEND_SIDE_IP]);
+        t
+    }
+
+    /// Runs `f` on a thread inside namespace `ns`.
+    pub fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{ns}");
+        thread::spawn(move || {
+            let fd = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            // SAFETY: fd is an open netns file; setns affects this thread only.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns {path}: {}", io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread panicked")
+    }
+
+    /// A TCP connection from the client host.
+    pub fn connect(&self, to: SocketAddr) -> io::Result<TcpStream> {
+        Self::in_ns(&self.client, move || TcpStream::connect_timeout(&to, Duration::from_secs(10)))
+    }
+
+    /// A listening socket on the backend host, on a port the kernel picks.
+    pub fn backend_listener(&self) -> TcpListener {
+        Self::in_ns(&self.backend, || TcpListener::bind((BACKEND_IP, 0)).unwrap())
+    }
+
+    /// Command running inside a namespace (entering only its network namespace).
+    pub fn cmd_in(ns: &str, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]);
+        c
+    }
+}
+
+impl Default for Topology {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.client, &self.gw, &self.backend] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes, addressable by offset, so a stream can be
+/// generated and checked piecewise without holding it in memory.
+#[derive(Clone, Copy)]
+pub struct Pattern(pub u64);
+
+impl Pattern {
+    fn word(&self, i: u64) -> u64 {
+        // splitmix64
+        let mut z = self.0.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    pub fn fill(&self, offset: u64, buf: &mut [u8]) {
+        for (k, b) in buf.iter_mut().enumerate() {
+            let pos = offset + k as u64;
+            *b = self.word(pos / 8).to_le_bytes()[(pos % 8) as usize];
+        }
+    }
+
+    /// Writes `len` bytes of the pattern.
+    pub fn send(&self, w: &mut impl Write, len: u64) -> io::Result<()> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut off = 0;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            self.fill(off, &mut buf[..n]);
+            w.write_all(&buf[..n])?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Reads exactly `len` bytes and checks them against the pattern; with
+    /// `expect_eof`, also checks that the stream ends right after them.
+    pub fn expect(&self, r: &mut impl Read, len: u64, expect_eof: bool) -> Result<(), String> {
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut want = vec![0u8; 256 * 1024];
+        let mut off = 0u64;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            let got = r.read(&mut buf[..n]).map_err(|e| format!("read failed at byte {off} of {len}: {e}"))?;
+            if got == 0 {
+                return Err(format!("stream ended at byte {off} of {len}"));
+            }
+            self.fill(off, &mut want[..got]);
+            if buf[..got] != want[..got] {
+                let i = (0..got).find(|&i| buf[i] != want[i]).unwrap();
+                return Err(format!("byte {} differs (stream of {len})", off + i as u64));
+            }
+            off += got as u64;
+        }
+        if expect_eof {
+            match r.read(&mut buf[..1]) {
+                Ok(0) => {}
+                Ok(_) => return Err(format!("extra bytes after the {len} expected")),
+                Err(e) => return Err(format!("expected EOF after {len} bytes, got {e}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Config for the daemon under test: `listeners` is YAML for the list items.
+pub struct GatewayConfig {
+    pub listeners: String,
+    pub extra: String,
+}
+
+/// A running daemon, killed on drop (its log is printed if the test failed).
+pub struct Gateway {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub admin: PathBuf,
+    pub log: PathBuf,
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "gateway-test-{}-{}-{}",
+        tag,
+        std::process::id(),
+        NS_SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::create_dir_all(&d).unwrap();
+    d
+}
+
+impl Gateway {
+    pub fn start(topo: &Topology, cfg: &GatewayConfig) -> Self {
+        Self::start_with(topo, cfg, &[], &[])
+    }
+
+    /// Starts the daemon with extra environment and a wrapper command (such
+    /// as `setpriv ...`) placed between `ip netns exec NS` and the binary.
+    pub fn start_with(topo: &Topology, cfg: &GatewayConfig, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        let dir = temp_dir("gw");
+        if !wrapper.is_empty() {
+            // The wrapped daemon may run as another user: let it create its admin socket.
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+        }
+        let admin = dir.join("admin.sock");
+        let config = dir.join("gateway.yaml");
+        fs::write(
+            &config,
+            format!("listeners:\n{}\nadmin:\n  socket: {}\n{}", cfg.listeners, admin.display(), cfg.extra),
+        )
+        .unwrap();
+        let log = dir.join("gateway.log");
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topo.gw]).args(wrapper).arg(gateway_bin());
+        cmd.args(["run", "--config"])
+            .arg(&config)
+            .env("GATEWAY_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn gateway");
+        let mut gw = Self { child, dir, admin, log };
+        gw.wait_ready();
+        gw
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("gateway exited during start-up ({status}):\n{}", self.log_text());
+            }
+            if self.admin.exists() && self.try_request("status").is_ok() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway not ready after 30 s:\n{}", self.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_request(&self, what: &str) -> Result<Value, String> {
+        use std::os::unix::net::UnixStream;
+        let mut s = UnixStream::connect(&self.admin).map_err(|e| e.to_string())?;
+        s.write_all(format!("{what}\n").as_bytes()).map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+        serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))
+    }
+
+    pub fn status(&self) -> Value {
+        self.try_request("status").unwrap()
+    }
+
+    /// The address a listener actually bound.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        let st = self.status();
+        let l = st["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).expect("listener");
+        l["local"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// `gateway flows --json`, through the CLI.
+    pub fn flows(&self) -> Vec<Value> {
+        let out = Command::new(gateway_bin()).args(["flows", "--json", "--socket"]).arg(&self.admin).output().unwrap();
+        assert!(out.status.success(), "gateway flows failed: {}", String::from_utf8_lossy(&out.stderr));
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["flows"].as_array().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    /// Bytes the daemon has read through read-like syscalls (`rchar`).
+    pub fn rchar(&self) -> u64 {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+    }
+
+    /// Waits until `cond` holds, failing with `what` after `limit`.
+    pub fn wait_for(&self, what: &str, limit: Duration, mut cond: impl FnMut(&Self) -> bool) {
+        let deadline = Instant::now() + limit;
+        while !cond(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n--- gateway log ---\n{}",
+                self.log_text()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until no flow, map entry or slot is left.
+    pub fn wait_idle(&self) {
+        self.wait_for("no flows and empty kernel maps", Duration::from_secs(10), |g| {
+            let s = g.status();
+            s["flows"] == 0
+                && s["kernel_sockets"] == 0
+                && s["kernel_index_entries"] == 0
+                && s["kernel_slots_in_use"] == 0
+        });
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if thread::panicking() {
+            eprintln!("--- gateway log ({}) ---\n{}", self.log.display(), self.log_text());
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A backend on the backend host: runs `handler` on a thread per connection.
+pub struct Backend {
+    pub addr: SocketAddr,
+}
+
+impl Backend {
+    pub fn spawn(topo: &Topology, handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Self {
+        let l = topo.backend_listener();
+        let addr = l.local_addr().unwrap();
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(conn) = conn else { break };
+                let h = handler.clone();
+                thread::Builder::new().stack_size(256 * 1024).spawn(move || h(conn)).unwrap();
+            }
+        });
+        Self { addr }
+    }
+
+    /// Echoes every byte and forwards half-close.
+    pub fn echo(topo: &Topology) -> Self {
+        Self::spawn(topo, |mut s| {
+            let _ = echo_conn(&mut s);
+        })
+    }
+}
+
+pub fn echo_conn(s: &mut TcpStream) -> io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        let n = s.read(&mut buf)?;
+        if n == 0 {
+            s.shutdown(Shutdown::Write)?;
+            return Ok(total);
+        }
+        s.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Sends `len` pattern bytes on a clone of `s` from another thread, checks the
+/// `len` echoed bytes, then half-closes and expects EOF.
+pub fn echo_roundtrip(s: &TcpStream, pattern: Pattern, len: u64) -> Result<(), String> {
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || -> io::Result<()> {
+        pattern.send(&mut w, len)?;
+        w.shutdown(Shutdown::Write)
+    });
+    let mut r = s.try_clone().unwrap();
+    let res = pattern.expect(&mut r, len, true);
+    writer.join().unwrap().map_err(|e| format!("send failed: {e}"))?;
+    res
+}
+
+/// Reads until EOF or error, returning what ended the stream.
+pub fn read_until_closed(s: &mut TcpStream, limit: Duration) -> io::Result<usize> {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 64 * 1024];
+    let mut total = 0;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => total += n,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Path of a file in the repository.
+pub fn repo_path(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().join(rel)
+}

@@ -42,10 +42,7 @@ fn main() -> ExitCode {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn cargo() -> Command {
@@ -53,9 +50,7 @@ fn cargo() -> Command {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {cmd:?}"))?;
+    let status = cmd.status().with_context(|| format!("cannot start {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed: {status}");
     }
@@ -77,33 +72,18 @@ fn build_ebpf(debug: bool) -> Result<PathBuf> {
     let dir = root().join("gateway-ebpf");
     let mut cmd = Command::new("rustup");
     cmd.current_dir(&dir)
-        .args([
-            "run",
-            &ebpf_toolchain(),
-            "cargo",
-            "build",
-            "--target",
-            "bpfel-unknown-none",
-            "-Z",
-            "build-std=core",
-        ])
+        .args(["run", &ebpf_toolchain(), "cargo", "build", "--target", "bpfel-unknown-none", "-Z", "build-std=core"])
         // The daemon's environment must not leak into the nightly build.
         .env_remove("RUSTC")
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("CARGO")
-        .env(
-            "CARGO_ENCODED_RUSTFLAGS",
-            "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf",
-        );
+        .env("CARGO_ENCODED_RUSTFLAGS", "-C\x1fdebuginfo=2\x1f-C\x1flink-arg=--btf");
     if !debug {
         cmd.arg("--release");
     }
     run(&mut cmd).context("building the kernel programs (did scripts/setup.sh run?)")?;
     let profile = if debug { "debug" } else { "release" };
-    let obj = dir
-        .join("target/bpfel-unknown-none")
-        .join(profile)
-        .join("gateway-ebpf");
+    let obj = dir.join("target/bpfel-unknown-none").join(profile).join("gateway-ebpf");
     if !obj.exists() {
         bail!("the build did not produce {}", obj.display());
     }
@@ -113,9 +93,7 @@ fn build_ebpf(debug: bool) -> Result<PathBuf> {
 fn build(release: bool) -> Result<()> {
     let obj = build_ebpf(false)?;
     let mut cmd = cargo();
-    cmd.current_dir(root())
-        .args(["build", "--workspace", "--all-targets"])
-        .env("GATEWAY_EBPF_OBJECT", &obj);
+    cmd.current_dir(root()).args(["build", "--workspace", "--all-targets"]).env("GATEWAY_EBPF_OBJECT", &obj);
     if release {
         cmd.arg("--release");
     }
@@ -125,10 +103,7 @@ fn build(release: bool) -> Result<()> {
 fn test(extra: &[String]) -> Result<()> {
     let obj = build_ebpf(false)?;
     // Build first so that the e2e tests find target/debug/gateway.
-    run(cargo()
-        .current_dir(root())
-        .args(["build", "--workspace", "--all-targets"])
-        .env("GATEWAY_EBPF_OBJECT", &obj))?;
+    run(cargo().current_dir(root()).args(["build", "--workspace", "--all-targets"]).env("GATEWAY_EBPF_OBJECT", &obj))?;
     let mut cmd = cargo();
     cmd.current_dir(root())
         .args(["test", "--workspace", "--no-fail-fast"])

@@ -1,0 +1,563 @@
+//! End-to-end TCP forwarding: client, gateway and backend in three network
+//! namespaces, the real daemon with the real kernel programs.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::*;
+
+fn listener(name: &str, backends: &[SocketAddr], offload: &str, extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    format!(
+        "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: tcp\n    backends: [{}]\n    offload: {offload}\n{extra}",
+        list.join(", ")
+    )
+}
+
+fn start(topo: &Topology, backends: &[SocketAddr], offload: &str, extra: &str) -> (Gateway, SocketAddr) {
+    let gw = Gateway::start(
+        topo,
+        &GatewayConfig { listeners: listener("t", backends, offload, extra), extra: String::new() },
+    );
+    let addr = gw.listener("t");
+    if offload != "userspace" {
+        assert_eq!(gw.status()["kernel_path"], true, "kernel path did not load:\n{}", gw.log_text());
+    }
+    (gw, addr)
+}
+
+/// The single live flow, once it has reached `path`.
+fn live_flow(gw: &Gateway, path: &str) -> Value {
+    let mut found = None;
+    gw.wait_for(&format!("one flow on the {path} path"), Duration::from_secs(10), |g| {
+        let f = g.flows();
+        found = f.first().cloned();
+        f.len() == 1 && f[0]["path"] == path
+    });
+    found.unwrap()
+}
+
+const SIZES: &[u64] = &[1, 1000, 65_536 + 7, 1 << 20, 16 << 20, 64 << 20];
+
+fn payloads(offload: &str, path: &str) {
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    for (i, &len) in SIZES.iter().enumerate() {
+        let s = topo.connect(addr).unwrap();
+        let f = live_flow(&gw, path);
+        echo_roundtrip(&s, Pattern(i as u64 + 1), len).unwrap_or_else(|e| panic!("{len} bytes via {path}: {e}"));
+        let _ = f;
+        drop(s);
+        gw.wait_idle();
+    }
+}
+
+#[test]
+fn payloads_each_way_kernel_path() {
+    if !require_root("payloads_each_way_kernel_path") {
+        return;
+    }
+    payloads("kernel", "kernel");
+}
+
+#[test]
+fn payloads_each_way_userspace_path() {
+    if !require_root("payloads_each_way_userspace_path") {
+        return;
+    }
+    payloads("userspace", "userspace");
+}
+
+/// Different streams each way at once, so the two directions can't mask each other.
+fn both_directions(offload: &str) {
+    let topo = Topology::new();
+    const UP: u64 = 24 << 20;
+    const DOWN: u64 = 40 << 20;
+    let be = Backend::spawn(&topo, |s| {
+        let mut w = s.try_clone().unwrap();
+        let t = thread::spawn(move || {
+            Pattern(0xD0).send(&mut w, DOWN).unwrap();
+            w.shutdown(Shutdown::Write).unwrap();
+        });
+        let mut r = s;
+        let res = Pattern(0xA0).expect(&mut r, UP, true);
+        t.join().unwrap();
+        // Report the verdict through the reverse stream's fate: a failed check resets.
+        if let Err(e) = res {
+            eprintln!("backend saw a bad upload: {e}");
+            let _ = socket_reset(&r);
+        }
+    });
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    let s = topo.connect(addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let t = thread::spawn(move || {
+        Pattern(0xA0).send(&mut w, UP).unwrap();
+        w.shutdown(Shutdown::Write).unwrap();
+    });
+    let mut r = s.try_clone().unwrap();
+    Pattern(0xD0).expect(&mut r, DOWN, true).unwrap();
+    t.join().unwrap();
+    drop((r, s));
+    gw.wait_idle();
+}
+
+fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
+    s.set_linger(Some(Duration::ZERO))?;
+    s.shutdown(Shutdown::Both)
+}
+
+#[test]
+fn different_streams_both_directions_kernel_path() {
+    if !require_root("different_streams_both_directions_kernel_path") {
+        return;
+    }
+    both_directions("kernel");
+}
+
+#[test]
+fn different_streams_both_directions_userspace_path() {
+    if !require_root("different_streams_both_directions_userspace_path") {
+        return;
+    }
+    both_directions("userspace");
+}
+
+/// Bytes that reach the gateway before the splice, from both sides: the
+/// daemon is told to wait before handing off, so the client's upload and the
+/// backend's greeting are already queued on its sockets when it does.
+fn early_data(delay_ms: u32) {
+    let topo = Topology::new();
+    const EARLY: u64 = 200_000;
+    let be = Backend::spawn(&topo, |mut s| {
+        Pattern(0xBB).send(&mut s, EARLY).unwrap();
+        let _ = echo_conn(&mut s);
+    });
+    let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "kernel", ""), extra: String::new() };
+    let delay = delay_ms.to_string();
+    let gw = Gateway::start_with(&topo, &cfg, &[("GATEWAY_TEST_HANDOFF_DELAY_MS", &delay)], &[]);
+    let addr = gw.listener("t");
+    let mut s = topo.connect(addr).unwrap();
+    // Sent at once, before the gateway has even connected to the backend.
+    let mut up = s.try_clone().unwrap();
+    let sender = thread::spawn(move || Pattern(0xCC).send(&mut up, EARLY));
+    // The greeting arrives first, then the echo of what we sent.
+    Pattern(0xBB).expect(&mut s, EARLY, false).expect("server-first greeting");
+    Pattern(0xCC).expect(&mut s, EARLY, false).expect("echo of the early upload");
+    sender.join().unwrap().unwrap();
+    let f = live_flow(&gw, "kernel");
+    // More data after the splice still flows, on the kernel path.
+    s.write_all(b"after").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after");
+    assert_eq!(f["path"], "kernel");
+    s.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut s, Duration::from_secs(10)).unwrap(), 0);
+    gw.wait_idle();
+}
+
+#[test]
+fn data_queued_before_handoff_both_directions() {
+    if !require_root("data_queued_before_handoff_both_directions") {
+        return;
+    }
+    early_data(300);
+}
+
+#[test]
+fn data_sent_during_handoff_both_directions() {
+    if !require_root("data_sent_during_handoff_both_directions") {
+        return;
+    }
+    early_data(0);
+}
+
+#[test]
+fn server_speaks_first() {
+    if !require_root("server_speaks_first") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::spawn(&topo, |mut s| {
+        s.write_all(b"220 smtp.test ESMTP ready\r\n").unwrap();
+        let _ = echo_conn(&mut s);
+    });
+    for offload in ["kernel", "userspace"] {
+        let (gw, addr) = start(&topo, &[be.addr], offload, "");
+        let mut s = topo.connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut greeting = [0u8; 27];
+        s.read_exact(&mut greeting).unwrap_or_else(|e| panic!("{offload}: no greeting: {e}"));
+        assert_eq!(&greeting, b"220 smtp.test ESMTP ready\r\n");
+        s.write_all(b"EHLO x\r\n").unwrap();
+        let mut reply = [0u8; 8];
+        s.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"EHLO x\r\n");
+        drop(s);
+        gw.wait_idle();
+    }
+}
+
+/// The client half-closes; the backend still answers after seeing EOF.
+fn client_half_close(offload: &str) {
+    let topo = Topology::new();
+    let be = Backend::spawn(&topo, |mut s| {
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap();
+        // EOF seen: now answer with a large reply, proving the reverse direction lives on.
+        Pattern(got.len() as u64).send(&mut s, 4 << 20).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    });
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    let mut s = topo.connect(addr).unwrap();
+    live_flow(&gw, if offload == "kernel" { "kernel" } else { "userspace" });
+    let req = vec![7u8; 300_000];
+    s.write_all(&req).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    Pattern(req.len() as u64).expect(&mut s, 4 << 20, true).unwrap();
+    drop(s);
+    gw.wait_idle();
+}
+
+/// The backend half-closes first; the client keeps sending afterwards.
+fn backend_half_close(offload: &str) {
+    let topo = Topology::new();
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let tx = std::sync::Mutex::new(tx);
+    let tx = std::sync::Arc::new(tx);
+    let be = Backend::spawn(&topo, move |mut s| {
+        Pattern(1).send(&mut s, 1 << 20).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let r = Pattern(2).expect(&mut s, 3 << 20, true);
+        tx.lock().unwrap().send(r).unwrap();
+    });
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    let mut s = topo.connect(addr).unwrap();
+    Pattern(1).expect(&mut s, 1 << 20, true).expect("backend's bytes, then EOF");
+    // Our direction still works after the backend's FIN.
+    Pattern(2).send(&mut s, 3 << 20).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    rx.recv_timeout(Duration::from_secs(20)).unwrap().expect("backend got our bytes after its FIN");
+    drop(s);
+    gw.wait_idle();
+}
+
+#[test]
+fn half_close_each_way_kernel_path() {
+    if !require_root("half_close_each_way_kernel_path") {
+        return;
+    }
+    client_half_close("kernel");
+    backend_half_close("kernel");
+}
+
+#[test]
+fn half_close_each_way_userspace_path() {
+    if !require_root("half_close_each_way_userspace_path") {
+        return;
+    }
+    client_half_close("userspace");
+    backend_half_close("userspace");
+}
+
+/// A reset from one side closes the other promptly.
+fn resets(offload: &str) {
+    let topo = Topology::new();
+    // Client resets: the backend sees its connection end.
+    let (tx, rx) = std::sync::mpsc::channel::<std::io::Result<usize>>();
+    let tx = std::sync::Arc::new(std::sync::Mutex::new(tx));
+    let be = Backend::spawn(&topo, move |mut s| {
+        let mut first = [0u8; 5];
+        s.read_exact(&mut first).unwrap();
+        s.write_all(b"ready").unwrap();
+        let r = read_until_closed(&mut s, Duration::from_secs(15));
+        tx.lock().unwrap().send(r).unwrap();
+    });
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    let mut s = topo.connect(addr).unwrap();
+    s.write_all(b"hello").unwrap();
+    let mut ready = [0u8; 5];
+    s.read_exact(&mut ready).unwrap();
+    socket_reset(&s).unwrap();
+    drop(s);
+    let t0 = Instant::now();
+    let seen = rx.recv_timeout(Duration::from_secs(15)).expect("backend never saw the client's reset");
+    assert!(t0.elapsed() < Duration::from_secs(5), "reset took {:?} to reach the backend", t0.elapsed());
+    if let Err(e) = &seen {
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "backend saw {e}");
+    }
+    gw.wait_idle();
+    drop(gw);
+
+    // Backend resets: the client sees its connection end.
+    let be = Backend::spawn(&topo, |mut s| {
+        let mut first = [0u8; 5];
+        s.read_exact(&mut first).unwrap();
+        s.write_all(b"bye").unwrap();
+        socket_reset(&s).unwrap();
+    });
+    let (gw, addr) = start(&topo, &[be.addr], offload, "");
+    let mut s = topo.connect(addr).unwrap();
+    s.write_all(b"hello").unwrap();
+    let t0 = Instant::now();
+    let r = read_until_closed(&mut s, Duration::from_secs(15));
+    assert!(
+        matches!(&r, Ok(_)) || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+        "client saw {r:?}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(5), "reset took {:?} to reach the client", t0.elapsed());
+    gw.wait_idle();
+    assert!(gw.log_text().contains("backend-reset"), "close cause not logged:\n{}", gw.log_text());
+}
+
+#[test]
+fn reset_each_way_kernel_path() {
+    if !require_root("reset_each_way_kernel_path") {
+        return;
+    }
+    resets("kernel");
+}
+
+#[test]
+fn reset_each_way_userspace_path() {
+    if !require_root("reset_each_way_userspace_path") {
+        return;
+    }
+    resets("userspace");
+}
+
+#[test]
+fn refused_backend_is_skipped_then_client_closed() {
+    if !require_root("refused_backend_is_skipped_then_client_closed") {
+        return;
+    }
+    let topo = Topology::new();
+    // A port nothing listens on: take one and close it.
+    let dead = topo.backend_listener().local_addr().unwrap();
+    let be = Backend::echo(&topo);
+    // The dead backend first: the client is served by the next one.
+    let (gw, addr) = start(&topo, &[dead, be.addr], "kernel", "    balance: round_robin\n    connect_attempts: 2\n");
+    for i in 0..4 {
+        let s = topo.connect(addr).unwrap();
+        echo_roundtrip(&s, Pattern(i), 10_000).unwrap();
+    }
+    gw.wait_idle();
+    drop(gw);
+    // Only dead backends: the client is closed, and the log says why.
+    let (gw, addr) = start(&topo, &[dead], "kernel", "");
+    let mut s = topo.connect(addr).unwrap();
+    let r = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(matches!(r, Ok(0)) || r.is_err(), "client not closed: {r:?}");
+    gw.wait_idle();
+    let log = gw.log_text();
+    assert!(log.contains("no backend answered") && log.contains(&dead.to_string()), "{log}");
+}
+
+#[test]
+fn silent_backend_hits_connect_timeout() {
+    if !require_root("silent_backend_hits_connect_timeout") {
+        return;
+    }
+    let topo = Topology::new();
+    // SYNs to this address go to a MAC nobody has: no answer, no error.
+    let silent: SocketAddr = "10.77.2.50:9".parse().unwrap();
+    Topology::in_ns(&topo.gw, || {
+        let st = std::process::Command::new("ip")
+            .args(["neigh", "add", "10.77.2.50", "lladdr", "02:00:00:00:00:99", "dev", "g1", "nud", "permanent"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    });
+    let (gw, addr) = start(&topo, &[silent], "auto", "    connect_timeout: 300ms\n    connect_attempts: 2\n");
+    let mut s = topo.connect(addr).unwrap();
+    let t0 = Instant::now();
+    let r = read_until_closed(&mut s, Duration::from_secs(10));
+    let took = t0.elapsed();
+    assert!(matches!(r, Ok(0)) || r.is_err(), "client not closed: {r:?}");
+    // Two attempts of 300 ms each, with generous slack for a busy machine.
+    assert!(took >= Duration::from_millis(550), "closed after {took:?}, before two timeouts");
+    gw.wait_idle();
+    assert!(gw.log_text().contains("no answer within 300ms"), "{}", gw.log_text());
+}
+
+fn idle_timeout(offload: &str, path: &str) {
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (gw, addr) = start(&topo, &[be.addr], offload, "    idle_timeout: 700ms\n");
+    let mut s = topo.connect(addr).unwrap();
+    // Activity keeps the flow open past the timeout...
+    for _ in 0..6 {
+        s.write_all(b"ping").unwrap();
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b).unwrap();
+        thread::sleep(Duration::from_millis(200)); // pacing of the traffic, not synchronisation
+    }
+    assert_eq!(live_flow(&gw, path)["path"], path);
+    // ...and silence closes it.
+    let t0 = Instant::now();
+    let r = read_until_closed(&mut s, Duration::from_secs(10));
+    assert!(matches!(r, Ok(0)), "idle flow not closed cleanly: {r:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(600), "closed after {:?}", t0.elapsed());
+    gw.wait_idle();
+    assert!(gw.log_text().contains("idle-timeout"));
+}
+
+#[test]
+fn idle_timeout_closes_kernel_flows() {
+    if !require_root("idle_timeout_closes_kernel_flows") {
+        return;
+    }
+    idle_timeout("kernel", "kernel");
+}
+
+#[test]
+fn idle_timeout_closes_userspace_flows() {
+    if !require_root("idle_timeout_closes_userspace_flows") {
+        return;
+    }
+    idle_timeout("userspace", "userspace");
+}
+
+/// The kernel moved the bytes: its counters match what was sent, and the
+/// daemon's own reads (rchar) did not grow by anything like the payload.
+#[test]
+fn kernel_path_really_carries_the_bytes() {
+    if !require_root("kernel_path_really_carries_the_bytes") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (gw, addr) = start(&topo, &[be.addr], "kernel", "");
+    const LEN: u64 = 64 << 20;
+    let s = topo.connect(addr).unwrap();
+    live_flow(&gw, "kernel");
+    let rchar_before = gw.rchar();
+    let mut w = s.try_clone().unwrap();
+    let writer = thread::spawn(move || Pattern(9).send(&mut w, LEN));
+    let mut r = s.try_clone().unwrap();
+    Pattern(9).expect(&mut r, LEN, false).unwrap();
+    writer.join().unwrap().unwrap();
+    let f = live_flow(&gw, "kernel");
+    let rchar_delta = gw.rchar() - rchar_before;
+    assert_eq!(f["kernel_bytes_client_to_backend"], LEN, "{f}");
+    assert_eq!(f["kernel_bytes_backend_to_client"], LEN, "{f}");
+    assert_eq!(f["bytes_client_to_backend"], LEN);
+    assert_eq!(f["user_bytes_client_to_backend"], 0, "{f}");
+    assert_eq!(f["user_bytes_backend_to_client"], 0, "{f}");
+    assert!(rchar_delta < (1 << 20), "daemon read {rchar_delta} bytes while the kernel moved {}", 2 * LEN);
+    eprintln!("kernel moved {} bytes; daemon rchar grew by {rchar_delta}", 2 * LEN);
+    drop((s, r));
+    gw.wait_idle();
+}
+
+#[test]
+fn thousand_concurrent_flows_leave_nothing_behind() {
+    if !require_root("thousand_concurrent_flows_leave_nothing_behind") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (gw, addr) = start(&topo, &[be.addr], "kernel", "");
+    let fds_before = gw.fd_count();
+    const N: usize = 1000;
+    const LEN: usize = 8192;
+    let mut conns = Vec::with_capacity(N);
+    for _ in 0..N {
+        conns.push(topo.connect(addr).unwrap());
+    }
+    gw.wait_for("1000 live kernel flows", Duration::from_secs(60), |g| {
+        let f = g.flows();
+        f.len() == N && f.iter().all(|f| f["path"] == "kernel")
+    });
+    let mut buf = vec![0u8; LEN];
+    for (i, c) in conns.iter_mut().enumerate() {
+        Pattern(i as u64).fill(0, &mut buf);
+        c.write_all(&buf).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        Pattern(i as u64).expect(c, LEN as u64, false).unwrap_or_else(|e| panic!("flow {i}: {e}"));
+    }
+    for c in &conns {
+        c.shutdown(Shutdown::Write).unwrap();
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        assert_eq!(read_until_closed(c, Duration::from_secs(30)).unwrap(), 0, "flow {i} not closed cleanly");
+    }
+    drop(conns);
+    gw.wait_idle();
+    gw.wait_for("the daemon's fds back to where they were", Duration::from_secs(10), |g| g.fd_count() <= fds_before);
+}
+
+#[test]
+fn balance_policies() {
+    if !require_root("balance_policies") {
+        return;
+    }
+    let topo = Topology::new();
+    // Each backend answers with its own tag.
+    let tagged = |tag: u8| {
+        Backend::spawn(&topo, move |mut s| {
+            let _ = s.write_all(&[tag]);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        })
+    };
+    let (a, b) = (tagged(b'a'), tagged(b'b'));
+    let ask = |addr| {
+        let mut s = topo.connect(addr).unwrap();
+        let mut t = [0u8];
+        s.read_exact(&mut t).unwrap();
+        (t[0], s)
+    };
+    // round_robin alternates.
+    let (gw, addr) = start(&topo, &[a.addr, b.addr], "kernel", "    balance: round_robin\n");
+    let tags: Vec<u8> = (0..4).map(|_| ask(addr).0).collect();
+    assert_eq!(tags, b"abab");
+    drop(gw);
+    // source_hash: one client address, one backend.
+    let (gw, addr) = start(&topo, &[a.addr, b.addr], "kernel", "    balance: source_hash\n");
+    let tags: Vec<u8> = (0..6).map(|_| ask(addr).0).collect();
+    assert!(tags.iter().all(|&t| t == tags[0]), "{tags:?}");
+    drop(gw);
+    // least_conn: with a flow held open on one backend, the next goes to the other.
+    let (gw, addr) = start(&topo, &[a.addr, b.addr], "kernel", "    balance: least_conn\n");
+    let (first, _held) = ask(addr);
+    gw.wait_for("held flow", Duration::from_secs(5), |g| g.flows().len() == 1);
+    for _ in 0..3 {
+        let (t, _s) = ask(addr);
+        assert_ne!(t, first, "least_conn sent a flow to the busier backend");
+    }
+}
+
+/// An unprivileged daemon can't load the programs: `auto` falls back to the
+/// userspace relay and says why, once in the log and in every flow's stats.
+#[test]
+fn unprivileged_daemon_falls_back_and_says_why() {
+    if !require_root("unprivileged_daemon_falls_back_and_says_why") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "auto", ""), extra: String::new() };
+    let gw = Gateway::start_with(
+        &topo,
+        &cfg,
+        &[],
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"],
+    );
+    let st = gw.status();
+    assert_eq!(st["kernel_path"], false);
+    assert!(st["kernel_unavailable"].as_str().unwrap().contains("not privileged"), "{st}");
+    let addr = gw.listener("t");
+    let s = topo.connect(addr).unwrap();
+    let f = live_flow(&gw, "userspace");
+    assert_eq!(f["fallback_code"], "not-privileged");
+    echo_roundtrip(&s, Pattern(5), 1 << 20).unwrap();
+    assert_eq!(gw.log_text().matches("kernel path unavailable").count(), 1, "{}", gw.log_text());
+}
