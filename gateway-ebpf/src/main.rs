@@ -58,6 +58,13 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // under its socket lock, so it is the only kernel writer of this slot.
     let slot = unsafe { &mut *slot };
 
+    // A FIN arrives as an skb without payload. Redirected, it would reach the
+    // peer's send path after user space has shut that down, and fail there
+    // with EPIPE; user space forwards FIN itself.
+    if ctx.len() == 0 {
+        return Ok(SK_DROP);
+    }
+
     if !trim_overlap(ctx, slot) {
         // Entirely old data: it was already forwarded once.
         return Ok(SK_DROP);

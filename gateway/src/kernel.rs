@@ -37,6 +37,10 @@ pub enum Unavailable {
     MapFull(u32),
     #[error("socket could not be added to the sockmap: {0}")]
     InsertFailed(String),
+    /// Only established sockets can enter a SOCKHASH; a peer that already
+    /// sent FIN (or RST) before the hand-off is relayed in user space.
+    #[error("the {0} closed its side before the hand-off")]
+    NotEstablished(&'static str),
 }
 
 impl Unavailable {
@@ -48,6 +52,7 @@ impl Unavailable {
             Unavailable::LoadFailed(_) => "load-failed",
             Unavailable::MapFull(_) => "map-full",
             Unavailable::InsertFailed(_) => "insert-failed",
+            Unavailable::NotEstablished(_) => "closed-before-handoff",
         }
     }
 }
@@ -132,6 +137,10 @@ pub struct Splice {
     pub client_slot: u32,
     /// Slot of the backend socket (backend→client bytes).
     pub backend_slot: u32,
+    /// [`sys::bytes_queued_total`] of each socket before anything could be
+    /// redirected into it: the baseline for "has the peer drained?".
+    pub client_sent_base: u64,
+    pub backend_sent_base: u64,
 }
 
 impl KernelPath {
@@ -210,9 +219,27 @@ impl KernelPath {
     /// what they receive; bytes that arrived before are forwarded when the
     /// caller next reads the socket (see [`crate::splice`]).
     pub fn splice(&self, client: &impl AsRawFd, backend: &impl AsRawFd) -> Result<Splice, Unavailable> {
-        let insert_err = |e: &dyn std::fmt::Display| Unavailable::InsertFailed(e.to_string());
+        let insert_err = |e: &dyn std::error::Error| {
+            let mut msg = e.to_string();
+            let mut src = e.source();
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            Unavailable::InsertFailed(msg)
+        };
+        let established = |fd: i32| matches!(sys::tcp_info(&fd), Ok(i) if i.state == sys::TCP_ESTABLISHED);
+        if !established(client.as_raw_fd()) {
+            return Err(Unavailable::NotEstablished("client"));
+        }
+        if !established(backend.as_raw_fd()) {
+            return Err(Unavailable::NotEstablished("backend"));
+        }
         let cc = sys::socket_cookie(client).map_err(|e| insert_err(&e))?;
         let bc = sys::socket_cookie(backend).map_err(|e| insert_err(&e))?;
+        // Nothing is redirected into either socket before `enabled` is set below.
+        let client_sent_base = sys::bytes_queued_total(client).map_err(|e| insert_err(&e))?;
+        let backend_sent_base = sys::bytes_queued_total(backend).map_err(|e| insert_err(&e))?;
         let mut maps = self.maps.lock().unwrap();
         if maps.free.len() < 2 {
             return Err(Unavailable::MapFull(self.max_flows));
@@ -224,7 +251,14 @@ impl KernelPath {
             ptr::write_volatile(self.slots.slot(cs), SockSlot { peer_cookie: bc, ..Default::default() });
             ptr::write_volatile(self.slots.slot(bs), SockSlot { peer_cookie: cc, ..Default::default() });
         }
-        let splice = Splice { client_cookie: cc, backend_cookie: bc, client_slot: cs, backend_slot: bs };
+        let splice = Splice {
+            client_cookie: cc,
+            backend_cookie: bc,
+            client_slot: cs,
+            backend_slot: bs,
+            client_sent_base,
+            backend_sent_base,
+        };
         let result = (|| {
             maps.index.insert(cc, cs, 0).map_err(|e| insert_err(&e))?;
             maps.index.insert(bc, bs, 0).map_err(|e| insert_err(&e))?;

@@ -134,7 +134,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         }
         (_, Some(k)) => match k.splice(&client, &backend) {
             Ok(s) => Ok((k, s)),
-            Err(e) if rt.cfg.offload == Offload::Kernel => {
+            Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
                 warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
                 log_close(flow, &CloseCause::Rejected(e.to_string()), started, daemon);
                 return;

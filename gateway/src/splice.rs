@@ -47,7 +47,6 @@ pub async fn run(
     flow: &Flow,
     idle: Duration,
 ) -> CloseCause {
-    let base = |s: &TcpStream| sys::bytes_queued_total(s).unwrap_or(0);
     let mut c = End {
         side: Side::Client,
         sock: client,
@@ -55,7 +54,7 @@ pub async fn run(
         eof: false,
         fin_forwarded: false,
         user_written: 0,
-        peer_base: base(backend),
+        peer_base: splice.backend_sent_base,
     };
     let mut b = End {
         side: Side::Backend,
@@ -64,7 +63,7 @@ pub async fn run(
         eof: false,
         fin_forwarded: false,
         user_written: 0,
-        peer_base: base(client),
+        peer_base: splice.client_sent_base,
     };
     let spliced_ns = sys::monotonic_ns();
     let mut first_eof: Option<Side> = None;
@@ -92,11 +91,11 @@ pub async fn run(
         let step = tokio::select! {
             r = client.readable(), if !c.eof => match r {
                 Ok(()) => on_readable(kernel, &mut c, backend, flow).await,
-                Err(_) => Step::Done(reset(client, backend, Side::Client)),
+                Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
             },
             r = backend.readable(), if !b.eof => match r {
                 Ok(()) => on_readable(kernel, &mut b, client, flow).await,
-                Err(_) => Step::Done(reset(client, backend, Side::Backend)),
+                Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
             () = tokio::time::sleep(wait) => Step::Continue,
         };
@@ -108,20 +107,27 @@ pub async fn run(
                 first_eof = Some(end.side);
             }
             if end.eof && !end.fin_forwarded && drained(kernel, end, peer) {
-                if sys::shutdown_write(peer).is_err() {
-                    return reset(client, backend, end.side);
+                if let Err(e) = sys::shutdown_write(peer) {
+                    return reset(client, backend, end.side, &e);
                 }
                 end.fin_forwarded = true;
+                tracing::debug!(side = %end.side, "FIN forwarded");
+            } else if end.eof && !end.fin_forwarded {
+                let slot = kernel.slot(end.slot);
+                tracing::trace!(side = %end.side, redirected = slot.redirected, user = end.user_written,
+                    queued = sys::bytes_queued_total(peer).unwrap_or(0).saturating_sub(end.peer_base), "FIN waits for the peer to drain");
             }
         }
         if c.fin_forwarded && b.fin_forwarded {
             return CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) };
         }
         // A socket at EOF is always readable, so it is not polled any more;
-        // notice a later RST (or a full close) from its state instead.
-        for end in [&c, &b] {
-            if end.eof && broken(end.sock) {
-                return reset(client, backend, end.side);
+        // notice a later RST from its state instead.
+        for (end, fin_sent_into_it) in [(&c, b.fin_forwarded), (&b, c.fin_forwarded)] {
+            if end.eof {
+                if let Some(e) = broken(end.sock, fin_sent_into_it) {
+                    return reset(client, backend, end.side, &e);
+                }
             }
         }
         let last = kernel
@@ -146,13 +152,14 @@ async fn on_readable(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, f
         }
         match end.sock.try_read(&mut buf) {
             Ok(0) => {
+                tracing::debug!(side = %end.side, "EOF");
                 end.eof = true;
                 return Step::Continue;
             }
             Ok(n) => {
-                if write_all(peer, &buf[..n]).await.is_err() {
+                if let Err(e) = write_all(peer, &buf[..n]).await {
                     let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
-                    return Step::Done(reset_pair(end.sock, peer, other));
+                    return Step::Done(reset(end.sock, peer, other, &e));
                 }
                 end.user_written += n as u64;
                 kernel.add_user_forwarded(end.slot, n as u64);
@@ -160,7 +167,7 @@ async fn on_readable(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, f
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Step::Done(reset_pair(end.sock, peer, end.side)),
+            Err(e) => return Step::Done(reset(end.sock, peer, end.side, &e)),
         }
     }
 }
@@ -189,18 +196,23 @@ fn drained(kernel: &KernelPath, end: &End<'_>, peer: &TcpStream) -> bool {
     }
 }
 
-fn broken(sock: &TcpStream) -> bool {
-    if matches!(sys::take_error(sock), Ok(Some(_))) {
-        return true;
+/// An RST sets the socket error. A socket that saw FIN both ways also ends up
+/// in CLOSE (its TIME_WAIT lives on without it), which is not an error.
+fn broken(sock: &TcpStream, fin_sent_into_it: bool) -> Option<io::Error> {
+    if let Ok(Some(e)) = sys::take_error(sock) {
+        return Some(e);
     }
-    matches!(sys::tcp_info(sock), Ok(i) if i.state == sys::TCP_CLOSE)
+    match sys::tcp_info(sock) {
+        Ok(i) if i.state == sys::TCP_CLOSE && !fin_sent_into_it => {
+            Some(io::Error::new(io::ErrorKind::ConnectionAborted, "socket closed without FIN exchange"))
+        }
+        _ => None,
+    }
 }
 
-fn reset(client: &TcpStream, backend: &TcpStream, by: Side) -> CloseCause {
-    reset_pair(client, backend, by)
-}
-
-fn reset_pair(a: &TcpStream, b: &TcpStream, by: Side) -> CloseCause {
+/// Resets both sockets (SO_LINGER 0; the close that follows sends RST).
+fn reset(a: &TcpStream, b: &TcpStream, by: Side, why: &io::Error) -> CloseCause {
+    tracing::debug!(side = %by, "resetting the flow: {why}");
     sys::set_linger_zero(a.as_raw_fd());
     sys::set_linger_zero(b.as_raw_fd());
     CloseCause::Reset { by }

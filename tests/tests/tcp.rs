@@ -106,9 +106,10 @@ fn both_directions(offload: &str) {
     gw.wait_idle();
 }
 
+/// Makes the next close of `s` (and of its clones) send RST, and closes it.
 fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
-    s.set_linger(Some(Duration::ZERO))?;
-    s.shutdown(Shutdown::Both)
+    set_linger_zero(s);
+    s.shutdown(Shutdown::Read)
 }
 
 #[test]
@@ -391,15 +392,18 @@ fn idle_timeout(offload: &str, path: &str) {
     let (gw, addr) = start(&topo, &[be.addr], offload, "    idle_timeout: 700ms\n");
     let mut s = topo.connect(addr).unwrap();
     // Activity keeps the flow open past the timeout...
-    for _ in 0..6 {
+    let mut t0 = Instant::now();
+    for i in 0..6 {
+        if i > 0 {
+            thread::sleep(Duration::from_millis(200)); // pacing of the traffic, not synchronisation
+        }
         s.write_all(b"ping").unwrap();
         let mut b = [0u8; 4];
         s.read_exact(&mut b).unwrap();
-        thread::sleep(Duration::from_millis(200)); // pacing of the traffic, not synchronisation
+        t0 = Instant::now();
     }
     assert_eq!(live_flow(&gw, path)["path"], path);
     // ...and silence closes it.
-    let t0 = Instant::now();
     let r = read_until_closed(&mut s, Duration::from_secs(10));
     assert!(matches!(r, Ok(0)), "idle flow not closed cleanly: {r:?}");
     assert!(t0.elapsed() >= Duration::from_millis(600), "closed after {:?}", t0.elapsed());
