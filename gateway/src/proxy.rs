@@ -174,6 +174,7 @@ fn log_close(flow: &crate::flows::Flow, cause: &CloseCause, started: Instant, da
         bytes_c2b = s.bytes_client_to_backend,
         bytes_b2c = s.bytes_backend_to_client,
         user_bytes = s.user_bytes_client_to_backend + s.user_bytes_backend_to_client,
+        trimmed_bytes = s.trimmed_bytes,
         duration_ms = started.elapsed().as_millis() as u64,
         cause = %cause,
         "flow closed"
