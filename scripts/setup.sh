@@ -18,7 +18,7 @@ log() { printf '[setup] %s\n' "$*"; }
 
 # ---- Debian packages -------------------------------------------------------
 apt_pkgs=(iproute2 util-linux socat curl procps)
-[ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy nginx-light)
+[ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy nginx libnginx-mod-stream)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -599,3 +599,35 @@ fn lossy_links_kernel_path_stays_exact() {
     eprintln!("lossy: {retrans} segments retransmitted, {trimmed} overlapping bytes trimmed by the verdict");
     assert!(retrans > 100, "only {retrans} retransmissions: the links were not lossy");
 }
+
+/// A third-party client: socat sends a file through the gateway to the echo
+/// backend and writes what comes back; both paths return it byte for byte.
+#[test]
+fn socat_client_round_trip() {
+    if !require_root("socat_client_round_trip") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let dir = temp_dir("socat");
+    let input = dir.join("in.bin");
+    let mut f = std::fs::File::create(&input).unwrap();
+    Pattern(77).send(&mut f, 8 << 20).unwrap();
+    drop(f);
+    for offload in ["kernel", "userspace"] {
+        let (gw, addr) = start(&topo, &[be.addr], offload, "");
+        let output = dir.join(format!("out-{offload}.bin"));
+        let st = Topology::cmd_in(&topo.client, "sh")
+            .arg("-c")
+            .arg(format!("socat -t 10 -T 30 - TCP:{addr} < {} > {}", input.display(), output.display()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "socat failed via {offload}");
+        let got = std::fs::read(&output).unwrap();
+        let want = std::fs::read(&input).unwrap();
+        assert_eq!(got.len(), want.len(), "socat via {offload}: length");
+        assert!(got == want, "socat via {offload}: bytes differ");
+        gw.wait_idle();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,4 +1,504 @@
-use std::path::Path;
-pub fn run(_root: &Path, _args: &[String]) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+//! `cargo xtask bench`: direct, gateway kernel path, gateway userspace path,
+//! haproxy (mode tcp) and nginx stream, measured in one run inside a private
+//! network namespace (everything on its loopback, as in
+//! shared/notes/performance-baseline.md), and reported as ratios to direct.
+//!
+//! Figures:
+//! - bulk throughput (iperf3, one stream), unpinned and pinned to one CPU;
+//! - CPU-seconds per GB forwarded (all CPUs, from /proc/stat);
+//! - bytes still queued at the end of a bulk run (iperf3 sent − received);
+//! - 64 B request/response round trip p50/p99, unpinned and pinned;
+//! - connections per second (connect + 64 B echo + close, sequential).
+//!
+//! It is not a test: it asserts nothing about time; it prints what it measured.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+struct Opts {
+    reps: usize,
+    bulk_secs: u32,
+    rr_secs: f64,
+    crr_secs: f64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Target {
+    Direct,
+    Kernel,
+    Userspace,
+    Haproxy,
+    Nginx,
+}
+
+const TARGETS: [Target; 5] = [Target::Direct, Target::Kernel, Target::Userspace, Target::Haproxy, Target::Nginx];
+
+impl Target {
+    fn name(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Kernel => "gateway kernel path",
+            Target::Userspace => "gateway userspace path",
+            Target::Haproxy => "haproxy (mode tcp)",
+            Target::Nginx => "nginx stream",
+        }
+    }
+}
+
+/// Where each target listens: (bulk port, echo port).
+struct Ports {
+    iperf: u16,
+    echo: u16,
+    of: Vec<(u16, u16)>,
+}
+
+impl Ports {
+    fn of(&self, t: Target) -> (u16, u16) {
+        if t == Target::Direct {
+            return (self.iperf, self.echo);
+        }
+        self.of[TARGETS.iter().position(|x| *x == t).unwrap()]
+    }
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    gbps: Vec<f64>,
+    cpu_per_gb: Vec<f64>,
+    queued_mb: Vec<f64>,
+    pinned_gbps: Vec<f64>,
+    rr_p50: Vec<f64>,
+    rr_p99: Vec<f64>,
+    pinned_rr_p50: Vec<f64>,
+    pinned_rr_p99: Vec<f64>,
+    crr: Vec<f64>,
+}
+
+pub fn run(root: &Path, args: &[String]) -> Result<()> {
+    let quick = args.iter().any(|a| a == "--quick");
+    let opts = if quick {
+        Opts { reps: 1, bulk_secs: 2, rr_secs: 1.0, crr_secs: 1.0 }
+    } else {
+        Opts { reps: 3, bulk_secs: 3, rr_secs: 2.0, crr_secs: 2.0 }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark needs root (network namespace, BPF); run it as root");
+    }
+    let status = Command::new(root.join("scripts/setup.sh")).arg("--bench").status()?;
+    if !status.success() {
+        bail!("scripts/setup.sh --bench failed");
+    }
+    let bin = root.join("target/release/gateway");
+    let ns = format!("gwbench{}", std::process::id());
+    let work = std::env::temp_dir().join(format!("gateway-bench-{}", std::process::id()));
+    fs::create_dir_all(&work)?;
+    let _ns = Netns::create(&ns)?;
+    enter_netns(&ns)?;
+
+    let mut procs = Procs::default();
+    let ports = Ports {
+        iperf: free_port()?,
+        echo: free_port()?,
+        of: TARGETS.iter().map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?,
+    };
+    // Backends: iperf3 for bulk, an echo server (threads in this process) for RR/CRR.
+    procs.spawn("iperf3", Command::new("iperf3").args(["-s", "-p", &ports.iperf.to_string()]), &work)?;
+    let echo = TcpListener::bind(("127.0.0.1", ports.echo))?;
+    thread::spawn(move || serve_echo(echo));
+
+    start_gateway(&bin, &ports, &work, &mut procs)?;
+    start_haproxy(&ports, &work, &mut procs)?;
+    start_nginx(&ports, &work, &mut procs)?;
+    for t in TARGETS {
+        let (b, e) = ports.of(t);
+        for p in [b, e] {
+            wait_listening(p).with_context(|| format!("{} did not start (logs in {})", t.name(), work.display()))?;
+        }
+    }
+    // A quick sanity round trip through every target before measuring.
+    for t in TARGETS {
+        rr(ports.of(t).1, 0.05).with_context(|| format!("{} does not forward", t.name()))?;
+    }
+
+    let mut samples = vec![Sample::default(); TARGETS.len()];
+    eprintln!("bench: {} repetition(s), rotating target order", opts.reps);
+    for rep in 0..opts.reps {
+        for k in 0..TARGETS.len() {
+            let i = (k + rep) % TARGETS.len();
+            let t = TARGETS[i];
+            let (bulk_port, echo_port) = ports.of(t);
+            let (gbps, cpu, queued) = bulk(bulk_port, opts.bulk_secs, None)?;
+            let (p50, p99) = rr(echo_port, opts.rr_secs)?;
+            let crr = crr(echo_port, opts.crr_secs)?;
+            eprintln!(
+                "  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB  rr p50 {p50:6.1} µs p99 {p99:6.1} µs  {crr:7.0} conn/s",
+                t.name()
+            );
+            let s = &mut samples[i];
+            s.gbps.push(gbps);
+            s.cpu_per_gb.push(cpu);
+            s.queued_mb.push(queued);
+            s.rr_p50.push(p50);
+            s.rr_p99.push(p99);
+            s.crr.push(crr);
+        }
+    }
+    // Pinned: every process of the run on CPU 0.
+    pin_all(&procs, "0")?;
+    for rep in 0..opts.reps {
+        for k in 0..TARGETS.len() {
+            let i = (k + rep) % TARGETS.len();
+            let (bulk_port, echo_port) = ports.of(TARGETS[i]);
+            let (gbps, _, _) = bulk(bulk_port, opts.bulk_secs, Some("0"))?;
+            let (p50, p99) = rr(echo_port, opts.rr_secs)?;
+            eprintln!(
+                "  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s  rr p50 {p50:6.1} µs p99 {p99:6.1} µs",
+                TARGETS[i].name()
+            );
+            let s = &mut samples[i];
+            s.pinned_gbps.push(gbps);
+            s.pinned_rr_p50.push(p50);
+            s.pinned_rr_p99.push(p99);
+        }
+    }
+    let kernel_status = Command::new(&bin).args(["status", "--socket"]).arg(work.join("admin.sock")).output()?;
+    drop(procs);
+
+    let report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
+    println!("{report}");
+    let out = root.join("target/bench");
+    fs::create_dir_all(&out)?;
+    fs::write(out.join("results.md"), &report)?;
+    eprintln!("written to {}", out.join("results.md").display());
+    let _ = fs::remove_dir_all(&work);
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    s[s.len() / 2]
+}
+
+fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
+    let d = &samples[0];
+    let (dg, dc, dpg, dr, dpr, dcr) = (
+        median(&d.gbps),
+        median(&d.cpu_per_gb),
+        median(&d.pinned_gbps),
+        median(&d.rr_p50),
+        median(&d.pinned_rr_p50),
+        median(&d.crr),
+    );
+    let mut o = String::new();
+    o += &format!(
+        "# gateway benchmark\n\nOne private network namespace, loopback; medians of {} repetition(s); bulk = iperf3 one stream {} s; \
+         rr = 64 B ping-pong on one connection; crr = connect + 64 B echo + close, sequential. \
+         Ratios are to direct in this same run.\n\n",
+        opts.reps, opts.bulk_secs
+    );
+    o += "| target | bulk Gbit/s (x direct) | CPU-s/GB (x direct) | queued MB at end | pinned bulk Gbit/s (x) | rr p50 µs (+direct) | rr p99 µs | pinned rr p50 µs (+direct) | pinned rr p99 µs | conn/s (x direct) |\n";
+    o += "|---|---|---|---|---|---|---|---|---|---|\n";
+    for (t, s) in TARGETS.iter().zip(samples) {
+        let (g, c, pg, r, pr, cr) = (
+            median(&s.gbps),
+            median(&s.cpu_per_gb),
+            median(&s.pinned_gbps),
+            median(&s.rr_p50),
+            median(&s.pinned_rr_p50),
+            median(&s.crr),
+        );
+        o += &format!(
+            "| {} | {g:.2} ({:.2}) | {c:.2} ({:.2}) | {:.1} | {pg:.2} ({:.2}) | {r:.1} ({:+.1}) | {:.1} | {pr:.1} ({:+.1}) | {:.1} | {cr:.0} ({:.2}) |\n",
+            t.name(),
+            g / dg,
+            c / dc,
+            median(&s.queued_mb),
+            pg / dpg,
+            r - dr,
+            median(&s.rr_p99),
+            pr - dpr,
+            median(&s.pinned_rr_p99),
+            cr / dcr,
+        );
+    }
+    let k = &samples[1];
+    let n = &samples[4];
+    let u = &samples[2];
+    o += "\n## Against the floors of issue 2\n\n";
+    let line = |what: &str, ok: bool, detail: String| {
+        format!("- {} {what}: {detail}\n", if ok { "[met]" } else { "[NOT met]" })
+    };
+    let kb = median(&k.gbps) / dg;
+    o += &line("kernel-path bulk >= 0.5x direct", kb >= 0.5, format!("{kb:.2}x"));
+    let kc = median(&k.cpu_per_gb) / median(&n.cpu_per_gb);
+    o += &line("kernel-path CPU/GB <= 0.6x nginx", kc <= 0.6, format!("{kc:.2}x nginx"));
+    let (ka, na) = (median(&k.pinned_rr_p50) - dpr, median(&n.pinned_rr_p50) - dpr);
+    o += &line(
+        "kernel-path pinned 64 B RTT adds no more than nginx",
+        ka <= na,
+        format!("+{ka:.1} µs vs nginx +{na:.1} µs"),
+    );
+    let ub = median(&u.gbps) / dg;
+    o += &line("userspace-path bulk >= 0.36x direct", ub >= 0.36, format!("{ub:.2}x"));
+    let kcr = median(&k.crr) / dcr;
+    o += &line(
+        "connection rate >= 0.5x direct",
+        kcr >= 0.5,
+        format!("{kcr:.2}x (userspace {:.2}x)", median(&u.crr) / dcr),
+    );
+    o += &format!("\nDaemon status after the run:\n\n```\n{}\n```\n", status.trim());
+    o
+}
+
+/// One iperf3 run: (Gbit/s received, CPU-s per GB, MB sent but not received).
+fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
+    let cpu0 = cpu_busy_secs()?;
+    let mut cmd = match pin {
+        Some(cpu) => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", cpu, "iperf3"]);
+            c
+        }
+        None => Command::new("iperf3"),
+    };
+    let out = cmd
+        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", &secs.to_string(), "-J"])
+        .output()
+        .context("iperf3")?;
+    let cpu = cpu_busy_secs()? - cpu0;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
+    if let Some(e) = v["error"].as_str() {
+        bail!("iperf3 via port {port}: {e}");
+    }
+    let end = &v["end"];
+    let recv_bytes = end["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let sent_bytes = end["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
+    let bps = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+    let gb = recv_bytes / 1e9;
+    Ok((bps / 1e9, if gb > 0.0 { cpu / gb } else { f64::NAN }, (sent_bytes - recv_bytes).max(0.0) / 1e6))
+}
+
+/// Busy CPU time of the whole machine, in seconds.
+fn cpu_busy_secs() -> Result<f64> {
+    let stat = fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().context("/proc/stat")?;
+    let v: Vec<f64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v[0] + v[1] + v[2] + v[5] + v[6] + v.get(7).copied().unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(busy / hz)
+}
+
+/// 64 B ping-pong on one connection for `secs`: (p50, p99) in µs.
+fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let msg = [0x5au8; 64];
+    let mut buf = [0u8; 64];
+    let mut lat = Vec::new();
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    // Warm-up, not counted.
+    for _ in 0..100 {
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+    }
+    while Instant::now() < end && lat.len() < 2_000_000 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
+}
+
+/// Sequential connect + 64 B echo + close for `secs`: connections per second.
+fn crr(port: u16, secs: f64) -> Result<f64> {
+    let msg = [0x33u8; 64];
+    let mut buf = [0u8; 64];
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while Instant::now() < end && n < 1_000_000 {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&msg)?;
+        s.read_exact(&mut buf)?;
+        n += 1;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+fn serve_echo(l: TcpListener) {
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        thread::spawn(move || {
+            let _ = c.set_nodelay(true);
+            let mut buf = [0u8; 65536];
+            loop {
+                match c.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_listening(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {addr} after 20 s");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Procs(Vec<(String, Child)>);
+
+impl Procs {
+    fn spawn(&mut self, name: &str, cmd: &mut Command, work: &Path) -> Result<()> {
+        let log = fs::File::create(work.join(format!("{name}.log")))?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        self.0.push((name.to_string(), child));
+        Ok(())
+    }
+}
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Pins every thread of every process of the run, this one included.
+fn pin_all(procs: &Procs, cpus: &str) -> Result<()> {
+    let mut pids: Vec<u32> = procs.0.iter().map(|(_, c)| c.id()).collect();
+    pids.push(std::process::id());
+    // nginx forks workers: pin the whole process tree.
+    for pid in pids.clone() {
+        if let Ok(children) = fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            pids.extend(children.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+        }
+    }
+    for pid in pids {
+        let st =
+            Command::new("taskset").args(["-a", "-p", "-c", cpus, &pid.to_string()]).stdout(Stdio::null()).status()?;
+        if !st.success() {
+            bail!("taskset on {pid} failed");
+        }
+    }
+    Ok(())
+}
+
+fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
+    let mut yaml = String::from("listeners:\n");
+    for (t, offload) in [(Target::Kernel, "kernel"), (Target::Userspace, "userspace")] {
+        let (b, e) = ports.of(t);
+        for (name, port, to) in [("bulk", b, ports.iperf), ("echo", e, ports.echo)] {
+            yaml += &format!(
+                "  - name: {name}-{offload}\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{to}\"]\n    offload: {offload}\n"
+            );
+        }
+    }
+    yaml += &format!("admin:\n  socket: {}\n", work.join("admin.sock").display());
+    let cfg = work.join("gateway.yaml");
+    fs::write(&cfg, yaml)?;
+    procs.spawn("gateway", Command::new(bin).args(["run", "--config"]).arg(&cfg).env("GATEWAY_LOG", "warn"), work)
+}
+
+fn start_haproxy(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
+    let (b, e) = ports.of(Target::Haproxy);
+    let cfg = format!(
+        "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
+         listen bulk\n  bind 127.0.0.1:{b}\n  server s1 127.0.0.1:{}\n\
+         listen echo\n  bind 127.0.0.1:{e}\n  server s1 127.0.0.1:{}\n",
+        ports.iperf, ports.echo
+    );
+    let f = work.join("haproxy.cfg");
+    fs::write(&f, cfg)?;
+    procs.spawn("haproxy", Command::new("haproxy").arg("-db").arg("-f").arg(&f), work)
+}
+
+fn start_nginx(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
+    let (b, e) = ports.of(Target::Nginx);
+    let w = work.display();
+    let cfg = format!(
+        "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\npid {w}/nginx.pid;\nerror_log {w}/nginx-error.log;\n\
+         events {{ worker_connections 4096; }}\n\
+         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n}}\n",
+        ports.iperf, ports.echo
+    );
+    let f = work.join("nginx.conf");
+    fs::write(&f, cfg)?;
+    procs.spawn("nginx", Command::new("nginx").args(["-g", "daemon off;", "-c"]).arg(&f), work)
+}
+
+/// A network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn create(name: &str) -> Result<Self> {
+        for args in [vec!["netns", "add", name], vec!["-n", name, "link", "set", "lo", "up"]] {
+            let st = Command::new("ip").args(&args).status()?;
+            if !st.success() {
+                bail!("ip {args:?} failed");
+            }
+        }
+        Ok(Self(name.to_string()))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Moves this thread (and every thread and process it starts afterwards) into `ns`.
+fn enter_netns(ns: &str) -> Result<()> {
+    let path = PathBuf::from(format!("/var/run/netns/{ns}"));
+    let f = fs::File::open(&path).with_context(|| path.display().to_string())?;
+    // SAFETY: f is an open netns file; setns changes this thread's namespace.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns {}: {}", path.display(), std::io::Error::last_os_error());
+    }
+    Ok(())
 }
