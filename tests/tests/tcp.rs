@@ -534,8 +534,11 @@ fn balance_policies() {
     let (first, _held) = ask(addr);
     gw.wait_for("held flow", Duration::from_secs(5), |g| g.flows().len() == 1);
     for _ in 0..3 {
-        let (t, _s) = ask(addr);
+        let (t, s) = ask(addr);
         assert_ne!(t, first, "least_conn sent a flow to the busier backend");
+        drop(s);
+        // Only the held flow is left before the next choice.
+        gw.wait_for("the short flow to end", Duration::from_secs(5), |g| g.flows().len() == 1);
     }
 }
 
