@@ -12,6 +12,8 @@ pub const MAP_SLOT_INDEX: &str = "SLOT_INDEX";
 pub const MAP_SLOTS: &str = "SLOTS";
 /// Name of the one-element array holding the [`KernelConfig`].
 pub const MAP_CONFIG: &str = "CONFIG";
+/// Name of the one-element per-CPU scratch array the verdict uses.
+pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Name of the verdict program.
 pub const PROG_VERDICT: &str = "gateway_verdict";
 
@@ -31,22 +33,32 @@ pub const TRIM_MAX_CALLS: u32 = 64;
 
 /// Per-socket state of a spliced flow. One slot exists for each of the two
 /// sockets; the slot of socket X describes the bytes *received on X*, which the
-/// verdict redirects to the egress of X's peer.
+/// verdict redirects to the egress of X's peer P.
 ///
-/// Ownership of the fields: `peer_cookie`, `enabled` and `user_fwd` are written
-/// by user space only; all other fields are written by the verdict only. The
-/// verdict for one socket runs under that socket's lock, so plain (non-atomic)
-/// increments are race-free.
+/// Ownership of the fields: `peer_cookie`, `acked_base`, `high_water`,
+/// `enabled` and `user_fwd` are written by user space only; all other fields
+/// by the verdict only. The verdict for one socket runs under that socket's
+/// lock, so plain (non-atomic) increments are race-free.
+///
+/// Flow control: the bytes taken from X and not yet in P's TCP send queue are
+/// X's backlog: `redirected + user_fwd - (bytes_acked(P) - P.acked_base +
+/// write_seq(P) - snd_una(P))`. They sit in the sockmap's queue in front of P,
+/// which the kernel does not bound. While the backlog is above `high_water`,
+/// the verdict passes X's bytes to user space instead of redirecting them;
+/// passed bytes are charged to X's receive buffer, so X's window closes and
+/// TCP slows the sender down, as it would in front of any proxy.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SockSlot {
     /// Cookie of the socket this socket's payload is redirected to.
     pub peer_cookie: u64,
+    /// `tcp_sock::bytes_acked` of *this* socket at the hand-off (user space).
+    pub acked_base: u64,
     /// Payload bytes the verdict accepted (after trimming overlaps).
     pub rx_bytes: u64,
     /// Bytes redirected in the kernel to the peer's egress.
     pub redirected: u64,
-    /// Bytes handed to user space with SK_PASS (arrived before the flow was enabled).
+    /// Bytes handed to user space with SK_PASS.
     pub passed: u64,
     /// Of `passed`, bytes user space has written to the peer.
     pub user_fwd: u64,
@@ -58,14 +70,21 @@ pub struct SockSlot {
     pub redirect_errors: u64,
     /// Trims that failed (the skb is then forwarded as it is).
     pub trim_errors: u64,
+    /// Backlog toward the peer when the verdict last ran, and its maximum.
+    pub backlog: u64,
+    pub max_backlog: u64,
+    /// Times the flow went over `high_water` and was paused.
+    pub pauses: u64,
+    /// Bound on the backlog, in bytes; 0 means unbounded (user space).
+    pub high_water: u64,
     /// TCP sequence number expected next on this socket.
     pub next_seq: u32,
     /// Non-zero once `next_seq` holds a value.
     pub seq_valid: u32,
     /// User space sets this to 1 once both sockets are in the SOCKHASH.
     pub enabled: u32,
-    /// Reserved; keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// Non-zero while over `high_water`.
+    pub paused: u32,
 }
 
 /// Settings the daemon hands to the verdict program at load time.
@@ -78,6 +97,12 @@ pub struct KernelConfig {
     pub cb_offset: u32,
     /// Offset of `seq` within `struct tcp_skb_cb`.
     pub seq_offset: u32,
+    /// Offsets of `bytes_acked`, `write_seq` and `snd_una` in `struct
+    /// tcp_sock`; a zero `acked_offset` disables flow control.
+    pub acked_offset: u32,
+    pub write_seq_offset: u32,
+    pub snd_una_offset: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -87,5 +112,5 @@ mod user {
     unsafe impl aya::Pod for super::KernelConfig {}
 }
 
-const _: () = assert!(core::mem::size_of::<SockSlot>() == 88);
-const _: () = assert!(core::mem::size_of::<KernelConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 128);
+const _: () = assert!(core::mem::size_of::<KernelConfig>() == 24);

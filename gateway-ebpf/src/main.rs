@@ -12,11 +12,16 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::{addr_of, read_volatile, write_volatile};
+
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
-    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_probe_read_kernel},
+    cty::c_void,
+    helpers::{
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
+    },
     macros::{map, stream_verdict},
-    maps::{Array, HashMap, SockHash},
+    maps::{Array, HashMap, PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
@@ -37,6 +42,11 @@ static SLOTS: Array<SockSlot> = Array::with_max_entries(DEFAULT_MAX_SOCKETS, BPF
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+/// Turns the peer's socket pointer into a plain number for
+/// bpf_probe_read_kernel (the verifier forbids arithmetic on socket pointers).
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 // ---- Verdict ----------------------------------------------------------------
 
@@ -76,11 +86,33 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
 
     // Until user space has enabled the flow, and while it still holds bytes it
     // was passed earlier, keep passing so that the order of bytes is kept.
-    let enabled = unsafe { core::ptr::read_volatile(&slot.enabled) };
-    let user_fwd = unsafe { core::ptr::read_volatile(&slot.user_fwd) };
+    let enabled = unsafe { read_volatile(&slot.enabled) };
+    let user_fwd = unsafe { read_volatile(&slot.user_fwd) };
     if enabled == 0 || slot.passed > user_fwd {
         slot.passed += len;
         return Ok(SK_PASS);
+    }
+
+    // Flow control: over the bound, pass to user space, which closes this
+    // socket's receive window instead of queueing without limit.
+    let high_water = unsafe { read_volatile(&slot.high_water) };
+    if high_water != 0 {
+        if let Some(delivered) = peer_delivered(slot) {
+            let backlog = (slot.redirected + user_fwd).saturating_sub(delivered);
+            slot.backlog = backlog;
+            if backlog > slot.max_backlog {
+                slot.max_backlog = backlog;
+            }
+            if backlog + len > high_water {
+                if slot.paused == 0 {
+                    slot.paused = 1;
+                    slot.pauses += 1;
+                }
+                slot.passed += len;
+                return Ok(SK_PASS);
+            }
+            slot.paused = 0;
+        }
     }
 
     let mut peer = slot.peer_cookie;
@@ -92,6 +124,42 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         warn!(ctx, "redirect to peer {} failed; {} bytes dropped", peer, len);
     }
     Ok(verdict)
+}
+
+/// Bytes that entered the peer's TCP send queue since the hand-off: those its
+/// remote end acknowledged plus those still queued.
+#[inline(always)]
+fn peer_delivered(slot: &SockSlot) -> Option<u64> {
+    let cfg = CONFIG.get(0)?;
+    if cfg.acked_offset == 0 {
+        return None;
+    }
+    let peer_slot_idx = unsafe { SLOT_INDEX.get(&slot.peer_cookie) }?;
+    let acked_base = unsafe { read_volatile(&(*SLOTS.get_ptr(*peer_slot_idx)?).acked_base) };
+    let mut key = slot.peer_cookie;
+    // SAFETY: a SOCKHASH lookup from a program returns a referenced socket (or
+    // null), released below on every path.
+    let sk = unsafe { bpf_map_lookup_elem(addr_of!(SOCKS) as *mut c_void, (&raw mut key).cast()) };
+    if sk.is_null() {
+        return None;
+    }
+    let queued = match SCRATCH.get_ptr_mut(0) {
+        Some(scratch) => unsafe {
+            // Store and reload through memory: the value comes back as a plain number.
+            write_volatile(scratch, sk as u64);
+            let base = read_volatile(scratch);
+            let acked = bpf_probe_read_kernel((base + u64::from(cfg.acked_offset)) as *const u64).ok();
+            let write_seq = bpf_probe_read_kernel((base + u64::from(cfg.write_seq_offset)) as *const u32).ok();
+            let snd_una = bpf_probe_read_kernel((base + u64::from(cfg.snd_una_offset)) as *const u32).ok();
+            match (acked, write_seq, snd_una) {
+                (Some(a), Some(w), Some(u)) => Some(a.saturating_sub(acked_base) + u64::from(w.wrapping_sub(u))),
+                _ => None,
+            }
+        },
+        None => None,
+    };
+    unsafe { bpf_sk_release(sk) };
+    queued
 }
 
 /// Cuts the bytes of this skb that come before the sequence number expected

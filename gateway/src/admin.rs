@@ -31,6 +31,10 @@ pub struct Status {
     pub kernel_path: bool,
     pub kernel_unavailable: Option<String>,
     pub trim_overlaps: bool,
+    /// Bounds on queued bytes (per direction of a flow, and in total); absent
+    /// when the kernel path is unbounded or not loaded.
+    pub max_queued_per_flow: Option<u64>,
+    pub max_queued_total: Option<u64>,
     pub flows: usize,
     /// Kernel map usage: SOCKHASH entries, index entries, slots in use.
     pub kernel_sockets: usize,
@@ -104,6 +108,8 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
                 kernel_path: daemon.kernel.is_some(),
                 kernel_unavailable: daemon.kernel_unavailable.as_ref().map(ToString::to_string),
                 trim_overlaps: daemon.kernel.as_ref().is_some_and(|k| k.trim),
+                max_queued_per_flow: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.per_flow),
+                max_queued_total: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.total),
                 flows: daemon.flows.len(),
                 kernel_sockets: s,
                 kernel_index_entries: i,

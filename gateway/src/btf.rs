@@ -58,39 +58,63 @@ impl Btf {
         &rest[..rest.iter().position(|&b| b == 0).unwrap_or(rest.len())]
     }
 
-    /// Byte offset of `member` in `struct strukt` (a direct member).
-    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+    /// Start offsets of every type, indexed by type id (id 0 is void).
+    fn type_offsets(&self) -> Result<Vec<usize>, BtfError> {
+        let mut offs = vec![0];
         let mut o = self.types.0;
         while o + 12 <= self.types.1 {
-            let name_off = self.u32_at(o);
+            offs.push(o);
             let info = self.u32_at(o + 4);
             let vlen = (info & 0xffff) as usize;
-            let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 == 1;
-            let body = o + 12;
-            let extra = match kind {
-                1 | 14 | 17 => 4,     // INT, VAR, DECL_TAG
-                3 => 12,              // ARRAY
-                4 | 5 => vlen * 12,   // STRUCT, UNION
-                6 | 13 => vlen * 8,   // ENUM, FUNC_PROTO
-                15 | 19 => vlen * 12, // DATASEC, ENUM64
+            let extra = match (info >> 24) & 0x1f {
+                1 | 14 | 17 => 4,             // INT, VAR, DECL_TAG
+                3 => 12,                      // ARRAY
+                4 | 5 | 15 | 19 => vlen * 12, // STRUCT, UNION, DATASEC, ENUM64
+                6 | 13 => vlen * 8,           // ENUM, FUNC_PROTO
                 2 | 7..=12 | 16 | 18 => 0,
                 _ => return Err(BtfError::Malformed("unknown type kind")),
             };
-            if kind == KIND_STRUCT && self.name(name_off) == strukt.as_bytes() {
-                for m in 0..vlen {
-                    let mo = body + m * 12;
-                    if self.name(self.u32_at(mo)) == member.as_bytes() {
-                        let raw = self.u32_at(mo + 8);
-                        let bits = if kind_flag { raw & 0x00ff_ffff } else { raw };
-                        return Ok(bits / 8);
-                    }
-                }
-                return Err(BtfError::NoMember(strukt.into(), member.into()));
-            }
-            o = body + extra;
+            o += 12 + extra;
         }
-        Err(BtfError::NoStruct(strukt.into()))
+        Ok(offs)
+    }
+
+    /// Byte offset of `member` in `struct strukt`, looking into anonymous
+    /// unions and structs as C does.
+    pub fn member_offset(&self, strukt: &str, member: &str) -> Result<u32, BtfError> {
+        let offs = self.type_offsets()?;
+        let id = (1..offs.len())
+            .find(|&id| {
+                let o = offs[id];
+                (self.u32_at(o + 4) >> 24) & 0x1f == KIND_STRUCT && self.name(self.u32_at(o)) == strukt.as_bytes()
+            })
+            .ok_or_else(|| BtfError::NoStruct(strukt.into()))?;
+        self.find_in(&offs, id, member, 0).ok_or_else(|| BtfError::NoMember(strukt.into(), member.into()))
+    }
+
+    fn find_in(&self, offs: &[usize], id: usize, member: &str, depth: u32) -> Option<u32> {
+        let o = *offs.get(id)?;
+        let info = self.u32_at(o + 4);
+        let kind = (info >> 24) & 0x1f;
+        if !(kind == 4 || kind == 5) || depth > 8 {
+            return None;
+        }
+        let kind_flag = info >> 31 == 1;
+        for m in 0..(info & 0xffff) as usize {
+            let mo = o + 12 + m * 12;
+            let raw = self.u32_at(mo + 8);
+            let bits = if kind_flag { raw & 0x00ff_ffff } else { raw };
+            let name = self.name(self.u32_at(mo));
+            if name == member.as_bytes() {
+                return Some(bits / 8);
+            }
+            if name.is_empty() {
+                if let Some(inner) = self.find_in(offs, self.u32_at(mo + 4) as usize, member, depth + 1) {
+                    return Some(bits / 8 + inner);
+                }
+            }
+        }
+        None
     }
 }
 
@@ -106,5 +130,10 @@ mod tests {
         assert!(cb > 0 && cb < 256, "implausible sk_buff.cb offset {cb}");
         assert_eq!(btf.member_offset("tcp_skb_cb", "seq").unwrap(), 0);
         assert!(btf.member_offset("sk_buff", "no_such_member").is_err());
+        // `sk` sits in an anonymous union of sk_buff.
+        let sk = btf.member_offset("sk_buff", "sk").unwrap();
+        assert!(sk > 0 && sk < cb, "implausible sk_buff.sk offset {sk}");
+        let acked = btf.member_offset("tcp_sock", "bytes_acked").unwrap();
+        assert!(acked > 1000 && acked < 4096, "implausible tcp_sock.bytes_acked offset {acked}");
     }
 }

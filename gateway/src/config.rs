@@ -170,6 +170,17 @@ impl Errors {
         }
     }
 
+    fn size(&mut self, path: &str, v: &Value) -> Option<u64> {
+        let s = self.string(path, v)?;
+        match parse_size(&s) {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.push(path, e);
+                None
+            }
+        }
+    }
+
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
         let s = self.string(path, v)?;
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
@@ -218,6 +229,8 @@ struct RawAdmin {
 struct RawKernel {
     max_flows: Option<u32>,
     trim_overlaps: Option<bool>,
+    max_queued_per_flow: Option<Value>,
+    max_queued_total: Option<Value>,
 }
 
 /// A validated configuration.
@@ -252,12 +265,35 @@ pub struct Kernel {
     pub max_flows: u32,
     /// Cut retransmitted bytes that overlap data already forwarded.
     pub trim_overlaps: bool,
+    /// Bound on the bytes one direction of a kernel flow may hold (taken
+    /// from the sender, not yet acknowledged by the receiver); 0 = unbounded.
+    pub max_queued_per_flow: u64,
+    /// Bound on the sum over all kernel flows; flows share it.
+    pub max_queued_total: u64,
 }
 
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_FLOWS: u32 = 8192;
+pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 4 << 20;
+pub const DEFAULT_MAX_QUEUED_TOTAL: u64 = 1 << 30;
+
+/// Parses a byte size: `65536`, `512KiB`, `4MiB`, `1GiB` (also `k`, `m`, `g`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size (write e.g. 65536, 512KiB, 4MiB, 1GiB)");
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let n: u64 = t[..split].parse().map_err(|_| bad())?;
+    let mult: u64 = match t[split..].trim() {
+        "" | "B" => 1,
+        "KiB" | "k" | "K" => 1 << 10,
+        "MiB" | "m" | "M" => 1 << 20,
+        "GiB" | "g" | "G" => 1 << 30,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(mult).ok_or_else(bad)
+}
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -397,6 +433,30 @@ impl RawConfig {
                 e.push("kernel.max_flows", format_args!("{n} is out of range (1 to 1048576)"));
             }
         }
+        let per_flow = self
+            .kernel
+            .max_queued_per_flow
+            .as_ref()
+            .map_or(Some(DEFAULT_MAX_QUEUED_PER_FLOW), |v| e.size("kernel.max_queued_per_flow", v));
+        let total = self
+            .kernel
+            .max_queued_total
+            .as_ref()
+            .map_or(Some(DEFAULT_MAX_QUEUED_TOTAL), |v| e.size("kernel.max_queued_total", v));
+        if let (Some(p), Some(t)) = (per_flow, total) {
+            if p != 0 && p < 64 * 1024 {
+                e.push(
+                    "kernel.max_queued_per_flow",
+                    format_args!("{p} is too small (at least 64KiB, or 0 for unbounded)"),
+                );
+            }
+            if p != 0 && t < 2 * p {
+                e.push(
+                    "kernel.max_queued_total",
+                    format_args!("{t} is below two flows' worth of kernel.max_queued_per_flow ({p})"),
+                );
+            }
+        }
         if let Some(path) = &self.admin.socket {
             if path.as_os_str().is_empty() || !path.is_absolute() {
                 e.push("admin.socket", format_args!("{:?} must be an absolute path", path.display().to_string()));
@@ -411,6 +471,8 @@ impl RawConfig {
             kernel: Kernel {
                 max_flows: self.kernel.max_flows.unwrap_or(DEFAULT_MAX_FLOWS),
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
+                max_queued_per_flow: per_flow.unwrap_or(DEFAULT_MAX_QUEUED_PER_FLOW),
+                max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
             },
         })
     }

@@ -120,6 +120,16 @@ pub struct FlowSnapshot {
     pub user_bytes_backend_to_client: u64,
     /// Retransmitted bytes the verdict cut because they had been forwarded already.
     pub trimmed_bytes: u64,
+    /// Kernel flows: bytes taken from the sender and not yet acknowledged by
+    /// the receiver (as of the last segment), their maximum, the bound, and
+    /// how often the bound paused the direction.
+    pub queued_client_to_backend: u64,
+    pub queued_backend_to_client: u64,
+    pub max_queued_client_to_backend: u64,
+    pub max_queued_backend_to_client: u64,
+    pub queue_bound: u64,
+    pub pauses_client_to_backend: u64,
+    pub pauses_backend_to_client: u64,
     pub started_at: String,
     pub last_activity_at: String,
     pub age_ms: u64,
@@ -185,13 +195,14 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
     let user_b2c = f.user_b2c.load(Relaxed);
     let mut last_ns = f.user_last_ns.load(Relaxed);
     let (mut k_c2b, mut k_b2c, mut trimmed) = (0, 0, 0);
+    let (mut c, mut b) = (gateway_common::SockSlot::default(), gateway_common::SockSlot::default());
     let path = f.path.lock().unwrap().clone();
     let (path_name, reason, code) = match &path {
         FlowPath::Connecting => ("connecting", None, None),
         FlowPath::Kernel { client_slot, backend_slot } => {
             if let Some(k) = kernel {
-                let c = k.slot(*client_slot);
-                let b = k.slot(*backend_slot);
+                c = k.slot(*client_slot);
+                b = k.slot(*backend_slot);
                 k_c2b = c.redirected;
                 k_b2c = b.redirected;
                 trimmed = c.trimmed + b.trimmed;
@@ -218,6 +229,13 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         user_bytes_client_to_backend: user_c2b,
         user_bytes_backend_to_client: user_b2c,
         trimmed_bytes: trimmed,
+        queued_client_to_backend: c.backlog,
+        queued_backend_to_client: b.backlog,
+        max_queued_client_to_backend: c.max_backlog,
+        max_queued_backend_to_client: b.max_backlog,
+        queue_bound: c.high_water,
+        pauses_client_to_backend: c.pauses,
+        pauses_backend_to_client: b.pauses,
         started_at: humantime::format_rfc3339_millis(f.started).to_string(),
         last_activity_at: humantime::format_rfc3339_millis(now - idle.min(age)).to_string(),
         age_ms: age.as_millis() as u64,

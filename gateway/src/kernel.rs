@@ -41,6 +41,10 @@ pub enum Unavailable {
     /// sent FIN (or RST) before the hand-off is relayed in user space.
     #[error("the {0} closed its side before the hand-off")]
     NotEstablished(&'static str),
+    #[error("the kernel can't bound this flow's queue (no tcp_sock.bytes_acked in kernel BTF)")]
+    NoFlowControl,
+    #[error("the global cap on queued bytes ({0} bytes) leaves no room for another kernel flow")]
+    QueueCap(u64),
 }
 
 impl Unavailable {
@@ -53,6 +57,8 @@ impl Unavailable {
             Unavailable::MapFull(_) => "map-full",
             Unavailable::InsertFailed(_) => "insert-failed",
             Unavailable::NotEstablished(_) => "closed-before-handoff",
+            Unavailable::NoFlowControl => "no-flow-control",
+            Unavailable::QueueCap(_) => "global-queue-cap",
         }
     }
 }
@@ -114,6 +120,10 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     index: HashMap<MapData, u64, u32>,
     free: Vec<u32>,
+    /// Slots of live flows (both of each flow).
+    active: std::collections::BTreeSet<u32>,
+    /// The bound currently written into every active slot.
+    high_water: u64,
 }
 
 pub struct KernelPath {
@@ -125,6 +135,30 @@ pub struct KernelPath {
     slots: SlotTable,
     max_flows: u32,
     pub trim: bool,
+    /// Bounds on queued bytes; None when the kernel can't enforce them.
+    pub flow_control: Option<FlowControl>,
+    /// The config asked for bounds (so a flow must not be spliced without them).
+    settings_bounded: bool,
+}
+
+/// The bounds on bytes queued in the kernel path.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowControl {
+    /// Per direction of one flow.
+    pub per_flow: u64,
+    /// Across every direction of every kernel flow.
+    pub total: u64,
+}
+
+/// No flow gets a bound below this; past it, new flows stay in user space.
+pub const MIN_HIGH_WATER: u64 = 128 * 1024;
+
+impl FlowControl {
+    /// The per-direction bound when `flows` kernel flows share the total.
+    pub fn high_water(&self, flows: usize) -> u64 {
+        let share = self.total / (2 * flows.max(1) as u64);
+        self.per_flow.min(share)
+    }
 }
 
 /// A socket pair spliced in the kernel. Dropping it does not release the
@@ -144,8 +178,9 @@ pub struct Splice {
 }
 
 impl KernelPath {
-    /// Loads and attaches the programs. `max_flows` sizes the maps.
-    pub fn load(max_flows: u32, trim: bool) -> Result<Self, Unavailable> {
+    /// Loads and attaches the programs, sized and configured by `settings`.
+    pub fn load(settings: &crate::config::Kernel) -> Result<Self, Unavailable> {
+        let max_flows = settings.max_flows;
         if OBJECT.is_empty() {
             return Err(Unavailable::NoObject);
         }
@@ -167,19 +202,31 @@ impl KernelPath {
             .map_err(|e| Unavailable::LoadFailed(format!("{e:#}")))?;
         spawn_ebpf_logger(&mut ebpf);
 
-        let cfg = if trim {
-            match Btf::from_sys_fs()
-                .and_then(|b| Ok((b.member_offset("sk_buff", "cb")?, b.member_offset("tcp_skb_cb", "seq")?)))
-            {
-                Ok((cb_offset, seq_offset)) => KernelConfig { cb_offset, seq_offset },
-                Err(e) => {
-                    warn!("overlap trimming disabled: {e}; retransmissions on lossy links may duplicate bytes");
-                    KernelConfig::default()
-                }
-            }
-        } else {
-            KernelConfig::default()
+        let btf = Btf::from_sys_fs();
+        let mut cfg = KernelConfig::default();
+        let offset = |strukt: &str, member: &str| -> Result<u32, String> {
+            let btf = btf.as_ref().map_err(ToString::to_string)?;
+            btf.member_offset(strukt, member).map_err(|e| e.to_string())
         };
+        if settings.trim_overlaps {
+            match offset("sk_buff", "cb").and_then(|cb| Ok((cb, offset("tcp_skb_cb", "seq")?))) {
+                Ok((cb, seq)) => (cfg.cb_offset, cfg.seq_offset) = (cb, seq),
+                Err(e) => warn!("overlap trimming disabled: {e}; retransmissions on lossy links may duplicate bytes"),
+            }
+        }
+        let mut flow_control = None;
+        if settings.max_queued_per_flow > 0 {
+            match offset("tcp_sock", "bytes_acked")
+                .and_then(|a| Ok((a, offset("tcp_sock", "write_seq")?, offset("tcp_sock", "snd_una")?)))
+            {
+                Ok((acked, write_seq, snd_una)) => {
+                    (cfg.acked_offset, cfg.write_seq_offset, cfg.snd_una_offset) = (acked, write_seq, snd_una);
+                    flow_control =
+                        Some(FlowControl { per_flow: settings.max_queued_per_flow, total: settings.max_queued_total });
+                }
+                Err(e) => warn!("kernel flow control unavailable ({e}): flows will be relayed in user space"),
+            }
+        }
         let take = |ebpf: &mut Ebpf, name: &str| -> Result<Map, Unavailable> {
             ebpf.take_map(name).ok_or_else(|| Unavailable::LoadFailed(format!("object has no map {name}")))
         };
@@ -208,10 +255,18 @@ impl KernelPath {
         Ok(Self {
             _ebpf: ebpf,
             _kept: (config, slots_data),
-            maps: Mutex::new(Maps { socks, index, free: (0..sockets).rev().collect() }),
+            maps: Mutex::new(Maps {
+                socks,
+                index,
+                free: (0..sockets).rev().collect(),
+                active: Default::default(),
+                high_water: 0,
+            }),
             slots,
             max_flows,
             trim: cfg.cb_offset != 0,
+            flow_control,
+            settings_bounded: settings.max_queued_per_flow > 0,
         })
     }
 
@@ -240,16 +295,44 @@ impl KernelPath {
         // Nothing is redirected into either socket before `enabled` is set below.
         let client_sent_base = sys::bytes_queued_total(client).map_err(|e| insert_err(&e))?;
         let backend_sent_base = sys::bytes_queued_total(backend).map_err(|e| insert_err(&e))?;
+        let client_acked = sys::tcp_info(client).map_err(|e| insert_err(&e))?.bytes_acked;
+        let backend_acked = sys::tcp_info(backend).map_err(|e| insert_err(&e))?.bytes_acked;
+        if self.settings_bounded && self.flow_control.is_none() {
+            return Err(Unavailable::NoFlowControl);
+        }
         let mut maps = self.maps.lock().unwrap();
         if maps.free.len() < 2 {
             return Err(Unavailable::MapFull(self.max_flows));
         }
+        let high_water = match self.flow_control {
+            Some(fc) => {
+                let hw = fc.high_water(maps.active.len() / 2 + 1);
+                if hw < MIN_HIGH_WATER.min(fc.per_flow) {
+                    return Err(Unavailable::QueueCap(fc.total));
+                }
+                // Bytes passed to user space are charged to the receive
+                // buffer; fixed near the bound, it closes the window in time
+                // (autotuning would let it grow to tcp_rmem[2]).
+                let rcvbuf = (fc.per_flow / 2).clamp(64 * 1024, 16 << 20) as usize;
+                for fd in [client.as_raw_fd(), backend.as_raw_fd()] {
+                    let _ = sys::set_rcvbuf(&fd, rcvbuf);
+                }
+                hw
+            }
+            None => 0,
+        };
         let cs = maps.free.pop().unwrap();
         let bs = maps.free.pop().unwrap();
         // SAFETY: the slots are free, so no verdict writes them (no index entry).
         unsafe {
-            ptr::write_volatile(self.slots.slot(cs), SockSlot { peer_cookie: bc, ..Default::default() });
-            ptr::write_volatile(self.slots.slot(bs), SockSlot { peer_cookie: cc, ..Default::default() });
+            ptr::write_volatile(
+                self.slots.slot(cs),
+                SockSlot { peer_cookie: bc, acked_base: client_acked, high_water, ..Default::default() },
+            );
+            ptr::write_volatile(
+                self.slots.slot(bs),
+                SockSlot { peer_cookie: cc, acked_base: backend_acked, high_water, ..Default::default() },
+            );
         }
         let splice = Splice {
             client_cookie: cc,
@@ -272,6 +355,8 @@ impl KernelPath {
             maps.free.extend([cs, bs]);
             return Err(e);
         }
+        maps.active.extend([cs, bs]);
+        self.rebalance(&mut maps);
         drop(maps);
         // Both sockets are in the map: let the verdict redirect.
         for s in [cs, bs] {
@@ -294,7 +379,31 @@ impl KernelPath {
     pub fn release(&self, s: &Splice) {
         let mut maps = self.maps.lock().unwrap();
         Self::unlink(&mut maps, s);
+        maps.active.remove(&s.client_slot);
+        maps.active.remove(&s.backend_slot);
         maps.free.extend([s.client_slot, s.backend_slot]);
+        self.rebalance(&mut maps);
+    }
+
+    /// Shares the global cap among the live flows: when their number changes
+    /// the bound, it is rewritten in every live slot.
+    fn rebalance(&self, maps: &mut Maps) {
+        let Some(fc) = self.flow_control else { return };
+        let hw = fc.high_water(maps.active.len() / 2);
+        if hw == maps.high_water {
+            return;
+        }
+        maps.high_water = hw;
+        for &i in &maps.active {
+            // SAFETY: `high_water` is a user-space-owned field of a live slot.
+            unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).high_water, hw) };
+        }
+    }
+
+    /// While a slot is not enabled the verdict passes its bytes to user space.
+    pub fn set_enabled(&self, i: u32, on: bool) {
+        // SAFETY: `enabled` is a user-space-owned field of a slot this flow owns.
+        unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).enabled, u32::from(on)) };
     }
 
     pub fn slot(&self, i: u32) -> SockSlot {

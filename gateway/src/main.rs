@@ -165,7 +165,7 @@ async fn run(cfg: Config) -> Result<()> {
     // The kernel path is loaded once for all listeners that may use it.
     let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
     let (kernel, unavailable) = if wants_kernel {
-        match KernelPath::load(cfg.kernel.max_flows, cfg.kernel.trim_overlaps) {
+        match KernelPath::load(&cfg.kernel) {
             Ok(k) => (Some(k), None),
             Err(e) => (None, Some(e)),
         }
@@ -296,12 +296,12 @@ fn flows_cmd(
 
 fn print_table(flows: &[FlowSnapshot]) {
     println!(
-        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8}  {}",
-        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "FALLBACK"
+        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  {}",
+        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES", "FALLBACK"
     );
     for f in flows {
         println!(
-            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8}  {}",
+            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  {}",
             f.id,
             f.listener,
             f.client,
@@ -311,6 +311,8 @@ fn print_table(flows: &[FlowSnapshot]) {
             human_bytes(f.bytes_backend_to_client),
             human_ms(f.age_ms),
             human_ms(f.idle_ms),
+            human_bytes(f.queued_client_to_backend + f.queued_backend_to_client),
+            f.pauses_client_to_backend + f.pauses_backend_to_client,
             f.fallback_reason.as_deref().unwrap_or("")
         );
     }

@@ -32,12 +32,40 @@ struct End<'a> {
     user_written: u64,
     /// The peer's "everything queued for sending" counter at the splice.
     peer_base: u64,
+    /// Passed bytes read from this socket, not yet written to the peer: they
+    /// wait until every byte redirected before them is in the peer's queue.
+    pending: Vec<u8>,
+    /// Send buffer size set on this socket (0: the kernel's autotuning).
+    sndbuf: u64,
+}
+
+impl End<'_> {
+    fn new<'a>(side: Side, sock: &'a TcpStream, slot: u32, peer_base: u64) -> End<'a> {
+        End {
+            side,
+            sock,
+            slot,
+            eof: false,
+            fin_forwarded: false,
+            user_written: 0,
+            peer_base,
+            pending: Vec::new(),
+            sndbuf: 0,
+        }
+    }
 }
 
 enum Step {
     Continue,
     Done(CloseCause),
 }
+
+/// Sockmap queue in front of a passing socket above which the flow stops
+/// redirecting in both directions.
+const CONGESTED: u64 = 256 * 1024;
+
+/// Largest chunk of passed bytes held at once per direction.
+const CHUNK: usize = 256 * 1024;
 
 pub async fn run(
     kernel: &KernelPath,
@@ -47,75 +75,83 @@ pub async fn run(
     flow: &Flow,
     idle: Duration,
 ) -> CloseCause {
-    let mut c = End {
-        side: Side::Client,
-        sock: client,
-        slot: splice.client_slot,
-        eof: false,
-        fin_forwarded: false,
-        user_written: 0,
-        peer_base: splice.backend_sent_base,
-    };
-    let mut b = End {
-        side: Side::Backend,
-        sock: backend,
-        slot: splice.backend_slot,
-        eof: false,
-        fin_forwarded: false,
-        user_written: 0,
-        peer_base: splice.client_sent_base,
-    };
+    let mut c = End::new(Side::Client, client, splice.client_slot, splice.backend_sent_base);
+    let mut b = End::new(Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
     let spliced_ns = sys::monotonic_ns();
     let mut first_eof: Option<Side> = None;
     let idle_tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(20));
+    let mut backoff = Duration::from_millis(1);
 
     // Bytes queued before the sockets entered the map wait until the socket
     // is read; this read makes the kernel run the verdict on them.
-    for end in [&mut c, &mut b] {
-        let peer = if end.side == Side::Client { backend } else { client };
-        if let Step::Done(cause) = on_readable(kernel, end, peer, flow).await {
+    for (end, peer) in [(&mut c, backend), (&mut b, client)] {
+        if let Step::Done(cause) = read_passed(end, peer) {
             return cause;
         }
     }
 
+    // Both directions relayed in user space (see below).
+    let mut congested = false;
+
     loop {
-        let fin_pending = (c.eof && !c.fin_forwarded) || (b.eof && !b.fin_forwarded);
-        let any_eof = c.eof || b.eof;
-        let wait = if fin_pending {
-            Duration::from_millis(1)
-        } else if any_eof {
-            Duration::from_millis(50).min(idle_tick)
-        } else {
-            idle_tick
-        };
-        let step = tokio::select! {
-            r = client.readable(), if !c.eof => match r {
-                Ok(()) => on_readable(kernel, &mut c, backend, flow).await,
-                Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
-            },
-            r = backend.readable(), if !b.eof => match r {
-                Ok(()) => on_readable(kernel, &mut b, client, flow).await,
-                Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
-            },
-            () = tokio::time::sleep(wait) => Step::Continue,
-        };
-        if let Step::Done(cause) = step {
-            return cause;
+        let mut progress = false;
+        let (sc, sb) = (kernel.slot(c.slot), kernel.slot(b.slot));
+        // A direction over its bound passes to user space (the verdict does
+        // that by itself). Its passed bytes are only charged to the socket,
+        // and so close its window, when nothing waits in the sockmap queue in
+        // front of that same socket; make room for that queue, and if the
+        // other direction keeps it full too, stop redirecting both ways until
+        // the flow has caught up.
+        let passing = |s: &gateway_common::SockSlot| s.paused != 0 || s.passed > s.user_fwd;
+        let bound = sc.high_water;
+        if passing(&sc) {
+            make_room_for_passing(kernel, &mut c, &b, bound);
+        }
+        if passing(&sb) {
+            make_room_for_passing(kernel, &mut b, &c, bound);
+        }
+        if !congested
+            && ((passing(&sc) && backlog_into(kernel, &b, client) > CONGESTED)
+                || (passing(&sb) && backlog_into(kernel, &c, backend) > CONGESTED))
+        {
+            congested = true;
+            kernel.set_enabled(c.slot, false);
+            kernel.set_enabled(b.slot, false);
+            tracing::debug!(flow = flow.id, "both directions over their bounds: relaying in user space until drained");
+        }
+        if congested {
+            let caught_up = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && s.passed == s.user_fwd;
+            let quiet = |sock: &TcpStream| sys::outq(sock).is_ok_and(|q| q < bound / 2);
+            if caught_up(&c, &sc)
+                && caught_up(&b, &sb)
+                && drained(kernel, &c, backend)
+                && drained(kernel, &b, client)
+                && quiet(client)
+                && quiet(backend)
+            {
+                congested = false;
+                kernel.set_enabled(c.slot, true);
+                kernel.set_enabled(b.slot, true);
+                tracing::debug!(flow = flow.id, "caught up: back on the kernel path");
+            }
         }
         for (end, peer) in [(&mut c, backend), (&mut b, client)] {
+            if !end.pending.is_empty() && drained(kernel, end, peer) {
+                if let Step::Done(cause) = flush(kernel, end, peer, flow).await {
+                    return cause;
+                }
+                progress = true;
+            }
             if end.eof && first_eof.is_none() {
                 first_eof = Some(end.side);
             }
-            if end.eof && !end.fin_forwarded && drained(kernel, end, peer) {
+            if end.eof && !end.fin_forwarded && end.pending.is_empty() && drained(kernel, end, peer) {
                 if let Err(e) = sys::shutdown_write(peer) {
                     return reset(client, backend, end.side, &e);
                 }
                 end.fin_forwarded = true;
+                progress = true;
                 tracing::debug!(side = %end.side, "FIN forwarded");
-            } else if end.eof && !end.fin_forwarded {
-                let slot = kernel.slot(end.slot);
-                tracing::trace!(side = %end.side, redirected = slot.redirected, user = end.user_written,
-                    queued = sys::bytes_queued_total(peer).unwrap_or(0).saturating_sub(end.peer_base), "FIN waits for the peer to drain");
             }
         }
         if c.fin_forwarded && b.fin_forwarded {
@@ -139,17 +175,46 @@ pub async fn run(
         if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
             return CloseCause::IdleTimeout;
         }
+
+        // Waiting on the kernel (a drain before a FIN or before passed bytes)
+        // is polled with a short, growing interval; otherwise sleep until an
+        // event or the idle check.
+        let waiting_on_drain = congested
+            || [&c, &b].iter().any(|e| {
+                let s = kernel.slot(e.slot);
+                !e.pending.is_empty() || (e.eof && !e.fin_forwarded) || s.paused != 0 || s.passed > s.user_fwd
+            });
+        backoff = if progress { Duration::from_millis(1) } else { (backoff * 2).min(Duration::from_millis(16)) };
+        let wait = if waiting_on_drain {
+            backoff
+        } else if c.eof || b.eof {
+            Duration::from_millis(50).min(idle_tick)
+        } else {
+            idle_tick
+        };
+        let step = tokio::select! {
+            r = client.readable(), if !c.eof && c.pending.is_empty() => match r {
+                Ok(()) => read_passed(&mut c, backend),
+                Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
+            },
+            r = backend.readable(), if !b.eof && b.pending.is_empty() => match r {
+                Ok(()) => read_passed(&mut b, client),
+                Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
+            },
+            () = tokio::time::sleep(wait) => Step::Continue,
+        };
+        if let Step::Done(cause) = step {
+            return cause;
+        }
     }
 }
 
-/// Reads what the socket has for user space: EOF, an error, or bytes the
-/// verdict passed instead of redirecting (only while the flow was enabled).
-async fn on_readable(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, flow: &Flow) -> Step {
-    let mut buf = Vec::new();
+/// Reads what the socket has for user space: EOF, an error, or a chunk of the
+/// bytes the verdict passed instead of redirecting (while the flow was being
+/// enabled, or while it was over its queue bound).
+fn read_passed(end: &mut End<'_>, peer: &TcpStream) -> Step {
+    let mut buf = vec![0u8; CHUNK];
     loop {
-        if buf.is_empty() {
-            buf = vec![0u8; 64 * 1024];
-        }
         match end.sock.try_read(&mut buf) {
             Ok(0) => {
                 tracing::debug!(side = %end.side, "EOF");
@@ -157,19 +222,30 @@ async fn on_readable(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, f
                 return Step::Continue;
             }
             Ok(n) => {
-                if let Err(e) = write_all(peer, &buf[..n]).await {
-                    let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
-                    return Step::Done(reset(end.sock, peer, other, &e));
-                }
-                end.user_written += n as u64;
-                kernel.add_user_forwarded(end.slot, n as u64);
-                flow.add_user(end.side, n as u64);
+                buf.truncate(n);
+                end.pending = buf;
+                return Step::Continue;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Step::Done(reset(end.sock, peer, end.side, &e)),
         }
     }
+}
+
+/// Writes the pending passed bytes to the peer; every byte redirected before
+/// them is already in the peer's send queue, so the order holds.
+async fn flush(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, flow: &Flow) -> Step {
+    let data = std::mem::take(&mut end.pending);
+    if let Err(e) = write_all(peer, &data).await {
+        let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
+        return Step::Done(reset(end.sock, peer, other, &e));
+    }
+    let n = data.len() as u64;
+    end.user_written += n;
+    kernel.add_user_forwarded(end.slot, n);
+    flow.add_user(end.side, n);
+    Step::Continue
 }
 
 async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
@@ -187,12 +263,39 @@ async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
 /// True once every byte received on `end` before its EOF is in the peer's
 /// send queue, so a FIN queued now goes out after them.
 fn drained(kernel: &KernelPath, end: &End<'_>, peer: &TcpStream) -> bool {
+    backlog_into(kernel, end, peer) == 0
+}
+
+/// Bytes taken from `end` and not yet in `peer`'s send queue: the sockmap's
+/// queue in front of `peer`.
+fn backlog_into(kernel: &KernelPath, end: &End<'_>, peer: &TcpStream) -> u64 {
     let slot = kernel.slot(end.slot);
     let expected = slot.redirected + end.user_written;
     match sys::bytes_queued_total(peer) {
-        Ok(total) => total.saturating_sub(end.peer_base) >= expected,
+        Ok(total) => expected.saturating_sub(total.saturating_sub(end.peer_base)),
         // The peer is gone; nothing more can be delivered.
-        Err(_) => true,
+        Err(_) => 0,
+    }
+}
+
+/// A socket that passes its bytes to user space must have an empty sockmap
+/// queue in front of its own send path: the kernel queues passed bytes
+/// behind that queue, uncharged, and the receive window would stay open.
+/// The queue is at most the flow's bound, so growing the socket's send
+/// buffer by that much lets the kernel move it into the send queue at once.
+fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End<'_>, bound: u64) {
+    let stuck = backlog_into(kernel, other, passing.sock);
+    if stuck == 0 {
+        return;
+    }
+    // At most the bound on top of a full default send buffer.
+    let cap = (4 << 20) + bound + (1 << 20);
+    let want = (sys::outq(passing.sock).unwrap_or(0) + stuck + (1 << 20)).min(cap);
+    if want > passing.sndbuf {
+        passing.sndbuf = want;
+        if let Err(e) = sys::set_sndbuf_force(passing.sock, want) {
+            tracing::debug!(side = %passing.side, "could not grow the send buffer: {e}");
+        }
     }
 }
 

@@ -112,3 +112,28 @@ pub fn set_linger_zero(fd: std::os::fd::RawFd) {
 pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).shutdown(std::net::Shutdown::Write)
 }
+
+/// `SO_SNDBUFFORCE`: sets the send buffer past `net.core.wmem_max` (needs
+/// CAP_NET_ADMIN; the kernel doubles the value for bookkeeping overhead).
+pub fn set_sndbuf_force(fd: &impl AsRawFd, bytes: u64) -> io::Result<()> {
+    let v: libc::c_int = bytes.min(i32::MAX as u64 / 2) as libc::c_int;
+    // SAFETY: v is a valid int for the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUFFORCE,
+            (&raw const v).cast(),
+            mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `SO_RCVBUF` (the kernel doubles it; this also turns off receive autotuning).
+pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
+    socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).set_recv_buffer_size(bytes)
+}

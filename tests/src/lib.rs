@@ -334,10 +334,13 @@ impl Gateway {
         fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 
-    /// Bytes the daemon has read through read-like syscalls (`rchar`).
-    pub fn rchar(&self) -> u64 {
-        let io = fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
-        io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+    /// CPU time the daemon has used (user + system), in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        // Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
     }
 
     /// Waits until `cond` holds, failing with `what` after `limit`.

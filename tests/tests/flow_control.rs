@@ -1,0 +1,216 @@
+//! Bounded memory on the kernel path: fast senders in front of slow readers.
+//!
+//! These tests read the host-wide TCP memory (/proc/net/sockstat), so they
+//! take turns (one lock per test binary; cargo runs test binaries one at a
+//! time).
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::*;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const MIB: u64 = 1 << 20;
+
+fn listener_yaml(backend: SocketAddr) -> String {
+    format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{backend}\"]\n    offload: kernel\n    idle_timeout: 1m\n"
+    )
+}
+
+/// Pages of TCP memory in use on the host (`TCP: ... mem N`).
+fn tcp_mem_pages() -> u64 {
+    let s = std::fs::read_to_string("/proc/net/sockstat").unwrap();
+    let l = s.lines().find(|l| l.starts_with("TCP:")).unwrap();
+    let mut it = l.split_whitespace();
+    while let Some(w) = it.next() {
+        if w == "mem" {
+            return it.next().unwrap().parse().unwrap();
+        }
+    }
+    panic!("no TCP mem in {l}")
+}
+
+/// Writes the pattern as fast as the socket takes it until `deadline`, then
+/// half-closes; returns the bytes written.
+fn push_until(mut s: TcpStream, p: Pattern, deadline: Instant) -> u64 {
+    s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    while Instant::now() < deadline {
+        p.fill(off, &mut buf);
+        match s.write(&buf) {
+            Ok(n) => off += n as u64,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("sender failed after {off} bytes: {e}"),
+        }
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    off
+}
+
+/// Reads and checks the pattern at `rate` bytes/s while `slow` is set, then as
+/// fast as it can, until EOF; returns the bytes read.
+fn read_checked(mut s: TcpStream, p: Pattern, rate: u64, slow: Arc<AtomicBool>) -> Result<u64, String> {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut want = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    let t0 = Instant::now();
+    loop {
+        let slow_now = slow.load(Ordering::Relaxed);
+        let chunk = if slow_now { (rate / 50) as usize } else { buf.len() };
+        let n = s.read(&mut buf[..chunk]).map_err(|e| format!("read failed at {off}: {e}"))?;
+        if n == 0 {
+            return Ok(off);
+        }
+        p.fill(off, &mut want[..n]);
+        if buf[..n] != want[..n] {
+            return Err(format!("byte {} differs", off + (0..n).find(|&i| buf[i] != want[i]).unwrap() as u64));
+        }
+        off += n as u64;
+        if slow_now {
+            // Pace the reader to `rate` (this is the workload, not synchronisation).
+            let due = t0 + Duration::from_secs_f64(off as f64 / rate as f64);
+            if let Some(d) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(d);
+            }
+        }
+    }
+}
+
+struct Watch {
+    max_queued: u64,
+    max_tcp_pages: u64,
+    pauses: u64,
+    samples: usize,
+}
+
+/// Samples the flows and TCP memory until `stop`.
+fn watch(gw: &Gateway, stop: &AtomicBool, bound: u64) -> Watch {
+    let mut w = Watch { max_queued: 0, max_tcp_pages: 0, pauses: 0, samples: 0 };
+    while !stop.load(Ordering::Relaxed) {
+        for f in gw.flows() {
+            assert_eq!(f["path"], "kernel", "{f}");
+            for dir in ["client_to_backend", "backend_to_client"] {
+                let q = f[format!("queued_{dir}")].as_u64().unwrap();
+                let m = f[format!("max_queued_{dir}")].as_u64().unwrap();
+                assert!(m <= bound, "max queued {m} over the bound {bound}: {f}");
+                w.max_queued = w.max_queued.max(q).max(m);
+            }
+            w.pauses = w
+                .pauses
+                .max(f["pauses_client_to_backend"].as_u64().unwrap() + f["pauses_backend_to_client"].as_u64().unwrap());
+        }
+        w.max_tcp_pages = w.max_tcp_pages.max(tcp_mem_pages());
+        w.samples += 1;
+        thread::sleep(Duration::from_millis(50)); // sampling period
+    }
+    w
+}
+
+fn slow_reader(both_ways: bool) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new();
+    const RATE: u64 = MIB;
+    const PUSH: Duration = Duration::from_secs(10);
+    let slow = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = mpsc::channel::<(&'static str, Result<u64, String>)>();
+    let tx = Arc::new(Mutex::new(tx));
+    let sent_down = Arc::new(AtomicU64::new(0));
+    let be = {
+        let (slow, tx, sent_down) = (slow.clone(), tx.clone(), sent_down.clone());
+        Backend::spawn(&topo, move |s| {
+            if both_ways {
+                let w = s.try_clone().unwrap();
+                let sent_down = sent_down.clone();
+                thread::spawn(move || {
+                    sent_down.store(push_until(w, Pattern(2), Instant::now() + PUSH), Ordering::Relaxed)
+                });
+            }
+            let r = read_checked(s, Pattern(1), RATE, slow.clone());
+            tx.lock().unwrap().send(("backend", r)).unwrap();
+        })
+    };
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners: listener_yaml(be.addr), extra: String::new() });
+    let bound = gw.status()["max_queued_per_flow"].as_u64().expect("flow control is on by default");
+    let pages0 = tcp_mem_pages();
+    let s = topo.connect(gw.listener("t")).unwrap();
+    if both_ways {
+        let r = s.try_clone().unwrap();
+        let (slow, tx) = (slow.clone(), tx.clone());
+        thread::spawn(move || {
+            let res = read_checked(r, Pattern(2), RATE, slow);
+            tx.lock().unwrap().send(("client", res)).unwrap();
+        });
+    }
+    let stop = AtomicBool::new(false);
+    let (sent_up, w) = thread::scope(|sc| {
+        let watcher = sc.spawn(|| watch(&gw, &stop, bound));
+        let sent = push_until(s.try_clone().unwrap(), Pattern(1), Instant::now() + PUSH);
+        if std::env::var("FC_DEBUG").is_ok() {
+            for ns in [&topo.client, &topo.gw, &topo.backend] {
+                let out = Topology::cmd_in(ns, "ss").args(["-tmi"]).output().unwrap();
+                eprintln!("--- {ns}\n{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        thread::sleep(Duration::from_millis(300)); // let the last sample see the end of the push
+        stop.store(true, Ordering::Relaxed);
+        (sent, watcher.join().unwrap())
+    });
+    // The push is over: readers go full speed, and every byte must arrive.
+    slow.store(false, Ordering::Relaxed);
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..if both_ways { 2 } else { 1 } {
+        let (who, r) = rx.recv_timeout(Duration::from_secs(60)).expect("a reader never finished");
+        got.insert(who, r.unwrap_or_else(|e| panic!("{who}: {e}")));
+    }
+    assert_eq!(got["backend"], sent_up, "backend read {} of {sent_up}", got["backend"]);
+    if both_ways {
+        assert_eq!(got["client"], sent_down.load(Ordering::Relaxed));
+    }
+    let tcp_mem = (w.max_tcp_pages.saturating_sub(pages0)) * 4096;
+    eprintln!(
+        "slow reader{}: sent {:.1} MiB up in {PUSH:?}; queued max {:.2} MiB (bound {:.2} MiB); {} pause(s); TCP memory grew by at most {:.1} MiB; {} samples",
+        if both_ways { " both ways" } else { "" },
+        sent_up as f64 / MIB as f64,
+        w.max_queued as f64 / MIB as f64,
+        bound as f64 / MIB as f64,
+        w.pauses,
+        tcp_mem as f64 / MIB as f64,
+        w.samples
+    );
+    assert!(w.samples > 20, "too few samples");
+    assert!(w.max_queued <= bound);
+    assert!(w.pauses > 0, "a 1 MB/s reader never paused the flow: the bound was not exercised");
+    // TCP memory: socket buffers on both sides of both directions plus the bound.
+    assert!(tcp_mem <= 8 * bound * if both_ways { 2 } else { 1 }, "TCP memory grew by {tcp_mem} bytes");
+    // 10 s at 1 MB/s plus what the buffers hold: nowhere near the unbounded GBs.
+    assert!(sent_up < 64 * MIB, "the sender pushed {sent_up} bytes into a 1 MB/s reader");
+    drop(s);
+    gw.wait_idle();
+}
+
+#[test]
+fn fast_sender_slow_backend_stays_bounded() {
+    if !require_root("fast_sender_slow_backend_stays_bounded") {
+        return;
+    }
+    slow_reader(false);
+}
+
+#[test]
+fn fast_senders_slow_readers_both_directions_stay_bounded() {
+    if !require_root("fast_senders_slow_readers_both_directions_stay_bounded") {
+        return;
+    }
+    slow_reader(true);
+}
