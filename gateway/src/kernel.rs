@@ -313,7 +313,7 @@ impl KernelPath {
                 // Bytes passed to user space are charged to the receive
                 // buffer; fixed near the bound, it closes the window in time
                 // (autotuning would let it grow to tcp_rmem[2]).
-                let rcvbuf = (fc.per_flow / 2).clamp(64 * 1024, 16 << 20) as usize;
+                let rcvbuf = (hw / 2).clamp(64 * 1024, 16 << 20) as usize;
                 for fd in [client.as_raw_fd(), backend.as_raw_fd()] {
                     let _ = sys::set_rcvbuf(&fd, rcvbuf);
                 }

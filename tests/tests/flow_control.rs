@@ -39,6 +39,24 @@ fn tcp_mem_pages() -> u64 {
     panic!("no TCP mem in {l}")
 }
 
+/// Bytes held by the sockets of namespace `ns` (receive + send queues, from
+/// `ss -tm`'s skmem r and w).
+fn socket_mem(ns: &str) -> u64 {
+    let out = Topology::cmd_in(ns, "ss").args(["-tmn"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split("skmem:(")
+        .skip(1)
+        .map(|m| {
+            let fields = m.split(')').next().unwrap_or("");
+            fields
+                .split(',')
+                .filter_map(|f| f.strip_prefix('r').or_else(|| f.strip_prefix('w')))
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// Writes the pattern as fast as the socket takes it until `deadline`, then
 /// half-closes; returns the bytes written.
 fn push_until(mut s: TcpStream, p: Pattern, deadline: Instant) -> u64 {
@@ -213,4 +231,109 @@ fn fast_senders_slow_readers_both_directions_stay_bounded() {
         return;
     }
     slow_reader(true);
+}
+
+/// 200 fast senders in front of slow readers at once: the flows share the
+/// global cap, so the sum of their queues stays under it.
+#[test]
+fn two_hundred_flows_stay_under_the_global_cap() {
+    if !require_root("two_hundred_flows_stay_under_the_global_cap") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const N: usize = 200;
+    const CAP: u64 = 64 * MIB;
+    const RATE: u64 = 100 * 1024;
+    const PUSH: Duration = Duration::from_secs(5);
+    let topo = Topology::new();
+    let slow = Arc::new(AtomicBool::new(true));
+    let (tx, rx) = mpsc::channel::<Result<u64, String>>();
+    let tx = Arc::new(Mutex::new(tx));
+    let be = {
+        let (slow, tx) = (slow.clone(), tx.clone());
+        Backend::spawn(&topo, move |s| {
+            let r = read_checked(s, Pattern(7), RATE, slow.clone());
+            tx.lock().unwrap().send(r).unwrap();
+        })
+    };
+    let gw = Gateway::start(
+        &topo,
+        &GatewayConfig {
+            listeners: listener_yaml(be.addr),
+            extra: format!("kernel:\n  max_queued_per_flow: 4MiB\n  max_queued_total: {CAP}\n"),
+        },
+    );
+    assert_eq!(gw.status()["max_queued_total"], CAP);
+    let addr = gw.listener("t");
+    let conns: Vec<TcpStream> = (0..N).map(|_| topo.connect(addr).unwrap()).collect();
+    gw.wait_for("200 kernel flows", Duration::from_secs(30), |g| {
+        let f = g.flows();
+        f.len() == N && f.iter().all(|f| f["path"] == "kernel")
+    });
+    let pages0 = tcp_mem_pages();
+    let stop = AtomicBool::new(false);
+    let deadline = Instant::now() + PUSH;
+    let (sent, max_sum, max_pages, bound, max_gw_mem) = thread::scope(|sc| {
+        let senders: Vec<_> = conns
+            .iter()
+            .map(|c| c.try_clone().unwrap())
+            .map(|c| sc.spawn(move || push_until(c, Pattern(7), deadline)))
+            .collect();
+        let watcher = sc.spawn(|| {
+            let (mut max_sum, mut max_pages, mut bound, mut max_gw_mem) = (0u64, 0u64, 0u64, 0u64);
+            while !stop.load(Ordering::Relaxed) {
+                let flows = gw.flows();
+                if std::env::var("FC_DEBUG").is_ok() {
+                    let mut b: Vec<u64> = flows.iter().map(|f| f["queue_bound"].as_u64().unwrap()).collect();
+                    b.sort();
+                    b.dedup();
+                    eprintln!("{} flows, bounds {b:?}", flows.len());
+                }
+                let mut sum = 0;
+                for f in &flows {
+                    let b = f["queue_bound"].as_u64().unwrap();
+                    if flows.len() == N {
+                        bound = bound.max(b);
+                    }
+                    for dir in ["client_to_backend", "backend_to_client"] {
+                        let q = f[format!("queued_{dir}")].as_u64().unwrap();
+                        assert!(q <= b, "flow over its bound {b}: {f}");
+                        sum += q;
+                    }
+                }
+                max_sum = max_sum.max(sum);
+                max_pages = max_pages.max(tcp_mem_pages());
+                max_gw_mem = max_gw_mem.max(socket_mem(&topo.gw));
+                thread::sleep(Duration::from_millis(100)); // sampling period
+            }
+            (max_sum, max_pages, bound, max_gw_mem)
+        });
+        let sent: u64 = senders.into_iter().map(|h| h.join().unwrap()).sum();
+        stop.store(true, Ordering::Relaxed);
+        let (a, b, c, d) = watcher.join().unwrap();
+        (sent, a, b, c, d)
+    });
+    slow.store(false, Ordering::Relaxed);
+    let mut per_flow = Vec::new();
+    for _ in 0..N {
+        per_flow.push(rx.recv_timeout(Duration::from_secs(120)).expect("a reader never finished").unwrap());
+    }
+    let read: u64 = per_flow.iter().sum();
+    per_flow.sort();
+    eprintln!("bytes per flow: min {} median {} max {}", per_flow[0], per_flow[N / 2], per_flow[N - 1]);
+    assert_eq!(read, sent, "bytes lost or duplicated across the 200 flows");
+    eprintln!(
+        "200 flows: sent {:.1} MiB in {PUSH:?}; per-flow bound {:.0} KiB; sum of queues at most {:.1} MiB (cap {:.0} MiB); the gateway's 400 sockets held at most {:.1} MiB; host TCP memory (all ends) grew by at most {:.1} MiB",
+        sent as f64 / MIB as f64,
+        bound as f64 / 1024.0,
+        max_sum as f64 / MIB as f64,
+        CAP as f64 / MIB as f64,
+        max_gw_mem as f64 / MIB as f64,
+        (max_pages.saturating_sub(pages0) * 4096) as f64 / MIB as f64
+    );
+    assert!(bound > 0, "no sample saw all {N} flows live");
+    assert!(bound * 2 * N as u64 <= CAP, "per-flow bound {bound} does not share the cap");
+    assert!(max_sum <= CAP);
+    drop(conns);
+    gw.wait_idle();
 }
