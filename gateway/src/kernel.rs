@@ -120,10 +120,12 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     index: HashMap<MapData, u64, u32>,
     free: Vec<u32>,
-    /// Slots of live flows (both of each flow).
-    active: std::collections::BTreeSet<u32>,
+    /// Slots of live flows (both of each flow), with their socket's fd.
+    active: std::collections::BTreeMap<u32, i32>,
     /// The bound currently written into every active slot.
     high_water: u64,
+    /// The bound the live sockets' buffers were last sized for.
+    buffers_for: u64,
 }
 
 pub struct KernelPath {
@@ -261,6 +263,7 @@ impl KernelPath {
                 free: (0..sockets).rev().collect(),
                 active: Default::default(),
                 high_water: 0,
+                buffers_for: 0,
             }),
             slots,
             max_flows,
@@ -310,13 +313,8 @@ impl KernelPath {
                 if hw < MIN_HIGH_WATER.min(fc.per_flow) {
                     return Err(Unavailable::QueueCap(fc.total));
                 }
-                // Bytes passed to user space are charged to the receive
-                // buffer; fixed near the bound, it closes the window in time
-                // (autotuning would let it grow to tcp_rmem[2]).
-                let rcvbuf = (hw / 2).clamp(64 * 1024, 16 << 20) as usize;
-                for fd in [client.as_raw_fd(), backend.as_raw_fd()] {
-                    let _ = sys::set_rcvbuf(&fd, rcvbuf);
-                }
+                // The flow's share of the cap also sizes its socket buffers.
+                size_buffers(&[client.as_raw_fd(), backend.as_raw_fd()], hw);
                 hw
             }
             None => 0,
@@ -355,7 +353,7 @@ impl KernelPath {
             maps.free.extend([cs, bs]);
             return Err(e);
         }
-        maps.active.extend([cs, bs]);
+        maps.active.extend([(cs, client.as_raw_fd()), (bs, backend.as_raw_fd())]);
         self.rebalance(&mut maps);
         drop(maps);
         // Both sockets are in the map: let the verdict redirect.
@@ -394,9 +392,17 @@ impl KernelPath {
             return;
         }
         maps.high_water = hw;
-        for &i in &maps.active {
+        for &i in maps.active.keys() {
             // SAFETY: `high_water` is a user-space-owned field of a live slot.
             unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).high_water, hw) };
+        }
+        // Resize the live sockets' buffers too, when the share moved by more
+        // than a quarter (each resize is two syscalls per socket).
+        let last = maps.buffers_for;
+        if last == 0 || hw * 4 < last * 3 || hw * 3 > last * 4 {
+            maps.buffers_for = hw;
+            let fds: Vec<i32> = maps.active.values().copied().collect();
+            size_buffers(&fds, hw);
         }
     }
 
@@ -433,11 +439,26 @@ impl KernelPath {
     }
 }
 
+/// Sizes the socket buffers of a kernel flow from its share of the cap (the
+/// kernel doubles the value given): bytes passed to user space are charged to
+/// the receive buffer, which then closes the window in time (autotuning would
+/// let it reach tcp_rmem[2]); the send buffer holds what the verdict already
+/// moved toward the slow side.
+fn size_buffers(fds: &[i32], high_water: u64) {
+    let buf = (high_water / 2).clamp(64 * 1024, 16 << 20);
+    for fd in fds {
+        let _ = sys::set_rcvbuf(fd, buf as usize);
+        let _ = sys::set_sndbuf_force(fd, buf);
+    }
+}
+
 /// Forwards the kernel programs' aya-log records to the daemon's log.
 fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
     match aya_log::EbpfLogger::init(ebpf) {
         // SAFETY: the logger owns its ring/perf buffer fd and never replaces it.
-        Ok(logger) => match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) } {
+        Ok(logger) => match unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+        {
             Ok(mut fd) => {
                 tokio::spawn(async move {
                     loop {

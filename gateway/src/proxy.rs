@@ -146,6 +146,15 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
             info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "kernel", "flow handed off");
+            let (client, backend) = match (splice::register(client), splice::register(backend)) {
+                (Ok(c), Ok(b)) => (c, b),
+                (c, b) => {
+                    let e = c.err().or(b.err()).unwrap();
+                    warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
+                    k.release(&s);
+                    return;
+                }
+            };
             let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
             // Final counters before the slots are reused.
             log_close(flow, &cause, started, daemon);

@@ -11,7 +11,13 @@
 //! - `idle_timeout`, from the verdict's last-byte timestamps.
 use std::{io, os::fd::AsRawFd, time::Duration};
 
-use tokio::net::TcpStream;
+use std::io::Write;
+
+use tokio::io::unix::AsyncFd;
+
+/// A spliced socket, registered for readability only: the sockmap's sends
+/// would otherwise wake the runtime on every write-space event.
+pub type Sock = AsyncFd<std::net::TcpStream>;
 
 use crate::{
     flows::{CloseCause, Flow, Side},
@@ -21,7 +27,7 @@ use crate::{
 
 struct End<'a> {
     side: Side,
-    sock: &'a TcpStream,
+    sock: &'a Sock,
     /// Slot counting the bytes received on this socket.
     slot: u32,
     /// Read EOF on this socket.
@@ -35,12 +41,14 @@ struct End<'a> {
     /// Passed bytes read from this socket, not yet written to the peer: they
     /// wait until every byte redirected before them is in the peer's queue.
     pending: Vec<u8>,
+    /// How much of `pending` has been written.
+    pending_off: usize,
     /// Send buffer size set on this socket (0: the kernel's autotuning).
     sndbuf: u64,
 }
 
 impl End<'_> {
-    fn new<'a>(side: Side, sock: &'a TcpStream, slot: u32, peer_base: u64) -> End<'a> {
+    fn new<'a>(side: Side, sock: &'a Sock, slot: u32, peer_base: u64) -> End<'a> {
         End {
             side,
             sock,
@@ -50,6 +58,7 @@ impl End<'_> {
             user_written: 0,
             peer_base,
             pending: Vec::new(),
+            pending_off: 0,
             sndbuf: 0,
         }
     }
@@ -67,11 +76,18 @@ const CONGESTED: u64 = 256 * 1024;
 /// Largest chunk of passed bytes held at once per direction.
 const CHUNK: usize = 256 * 1024;
 
+/// Moves a connected socket from tokio's registration to a read-only one.
+pub fn register(s: tokio::net::TcpStream) -> io::Result<Sock> {
+    let std = s.into_std()?;
+    // SAFETY: the AsyncFd owns the socket and keeps its fd for its whole life.
+    unsafe { AsyncFd::register_with_interest(std, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
 pub async fn run(
     kernel: &KernelPath,
     splice: &Splice,
-    client: &TcpStream,
-    backend: &TcpStream,
+    client: &Sock,
+    backend: &Sock,
     flow: &Flow,
     idle: Duration,
 ) -> CloseCause {
@@ -85,7 +101,7 @@ pub async fn run(
     // Bytes queued before the sockets entered the map wait until the socket
     // is read; this read makes the kernel run the verdict on them.
     for (end, peer) in [(&mut c, backend), (&mut b, client)] {
-        if let Step::Done(cause) = read_passed(end, peer) {
+        if let (Step::Done(cause), _) = read_passed(end, peer) {
             return cause;
         }
     }
@@ -121,7 +137,7 @@ pub async fn run(
         }
         if congested {
             let caught_up = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && s.passed == s.user_fwd;
-            let quiet = |sock: &TcpStream| sys::outq(sock).is_ok_and(|q| q < bound / 2);
+            let quiet = |sock: &Sock| sys::outq(sock).is_ok_and(|q| q < bound / 2);
             if caught_up(&c, &sc)
                 && caught_up(&b, &sb)
                 && drained(kernel, &c, backend)
@@ -137,7 +153,7 @@ pub async fn run(
         }
         for (end, peer) in [(&mut c, backend), (&mut b, client)] {
             if !end.pending.is_empty() && drained(kernel, end, peer) {
-                if let Step::Done(cause) = flush(kernel, end, peer, flow).await {
+                if let Step::Done(cause) = flush(kernel, end, peer, flow) {
                     return cause;
                 }
                 progress = true;
@@ -194,11 +210,23 @@ pub async fn run(
         };
         let step = tokio::select! {
             r = client.readable(), if !c.eof && c.pending.is_empty() => match r {
-                Ok(()) => read_passed(&mut c, backend),
+                Ok(mut guard) => {
+                    let (step, drained) = read_passed(&mut c, backend);
+                    if drained {
+                        guard.clear_ready();
+                    }
+                    step
+                }
                 Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
             },
             r = backend.readable(), if !b.eof && b.pending.is_empty() => match r {
-                Ok(()) => read_passed(&mut b, client),
+                Ok(mut guard) => {
+                    let (step, drained) = read_passed(&mut b, client);
+                    if drained {
+                        guard.clear_ready();
+                    }
+                    step
+                }
                 Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
             () = tokio::time::sleep(wait) => Step::Continue,
@@ -212,63 +240,62 @@ pub async fn run(
 /// Reads what the socket has for user space: EOF, an error, or a chunk of the
 /// bytes the verdict passed instead of redirecting (while the flow was being
 /// enabled, or while it was over its queue bound).
-fn read_passed(end: &mut End<'_>, peer: &TcpStream) -> Step {
+fn read_passed(end: &mut End<'_>, peer: &Sock) -> (Step, bool) {
     let mut buf = vec![0u8; CHUNK];
     loop {
-        match end.sock.try_read(&mut buf) {
+        match sys::read(end.sock, &mut buf) {
             Ok(0) => {
                 tracing::debug!(side = %end.side, "EOF");
                 end.eof = true;
-                return Step::Continue;
+                return (Step::Continue, false);
             }
             Ok(n) => {
                 buf.truncate(n);
                 end.pending = buf;
-                return Step::Continue;
+                return (Step::Continue, false);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Step::Continue, true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Step::Done(reset(end.sock, peer, end.side, &e)),
+            Err(e) => return (Step::Done(reset(end.sock, peer, end.side, &e)), false),
         }
     }
 }
 
 /// Writes the pending passed bytes to the peer; every byte redirected before
 /// them is already in the peer's send queue, so the order holds.
-async fn flush(kernel: &KernelPath, end: &mut End<'_>, peer: &TcpStream, flow: &Flow) -> Step {
-    let data = std::mem::take(&mut end.pending);
-    if let Err(e) = write_all(peer, &data).await {
-        let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
-        return Step::Done(reset(end.sock, peer, other, &e));
-    }
-    let n = data.len() as u64;
-    end.user_written += n;
-    kernel.add_user_forwarded(end.slot, n);
-    flow.add_user(end.side, n);
-    Step::Continue
-}
-
-async fn write_all(sock: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        sock.writable().await?;
-        match sock.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+fn flush(kernel: &KernelPath, end: &mut End<'_>, peer: &Sock, flow: &Flow) -> Step {
+    // Never wait here for the peer to take the bytes: the other direction may
+    // be what it waits for. What does not fit stays pending for the next turn.
+    while end.pending_off < end.pending.len() {
+        match peer.get_ref().write(&end.pending[end.pending_off..]) {
+            Ok(n) => {
+                end.pending_off += n;
+                end.user_written += n as u64;
+                kernel.add_user_forwarded(end.slot, n as u64);
+                flow.add_user(end.side, n as u64);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Step::Continue,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let other = if end.side == Side::Client { Side::Backend } else { Side::Client };
+                return Step::Done(reset(end.sock, peer, other, &e));
+            }
         }
     }
-    Ok(())
+    end.pending.clear();
+    end.pending_off = 0;
+    Step::Continue
 }
 
 /// True once every byte received on `end` before its EOF is in the peer's
 /// send queue, so a FIN queued now goes out after them.
-fn drained(kernel: &KernelPath, end: &End<'_>, peer: &TcpStream) -> bool {
+fn drained(kernel: &KernelPath, end: &End<'_>, peer: &Sock) -> bool {
     backlog_into(kernel, end, peer) == 0
 }
 
 /// Bytes taken from `end` and not yet in `peer`'s send queue: the sockmap's
 /// queue in front of `peer`.
-fn backlog_into(kernel: &KernelPath, end: &End<'_>, peer: &TcpStream) -> u64 {
+fn backlog_into(kernel: &KernelPath, end: &End<'_>, peer: &Sock) -> u64 {
     let slot = kernel.slot(end.slot);
     let expected = slot.redirected + end.user_written;
     match sys::bytes_queued_total(peer) {
@@ -288,8 +315,8 @@ fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End
     if stuck == 0 {
         return;
     }
-    // At most the bound on top of a full default send buffer.
-    let cap = (4 << 20) + bound + (1 << 20);
+    // At most the bound on top of the send buffer set at the splice.
+    let cap = bound + bound / 2 + (1 << 20);
     let want = (sys::outq(passing.sock).unwrap_or(0) + stuck + (1 << 20)).min(cap);
     if want > passing.sndbuf {
         passing.sndbuf = want;
@@ -301,7 +328,7 @@ fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End
 
 /// An RST sets the socket error. A socket that saw FIN both ways also ends up
 /// in CLOSE (its TIME_WAIT lives on without it), which is not an error.
-fn broken(sock: &TcpStream, fin_sent_into_it: bool) -> Option<io::Error> {
+fn broken(sock: &Sock, fin_sent_into_it: bool) -> Option<io::Error> {
     if let Ok(Some(e)) = sys::take_error(sock) {
         return Some(e);
     }
@@ -314,7 +341,7 @@ fn broken(sock: &TcpStream, fin_sent_into_it: bool) -> Option<io::Error> {
 }
 
 /// Resets both sockets (SO_LINGER 0; the close that follows sends RST).
-fn reset(a: &TcpStream, b: &TcpStream, by: Side, why: &io::Error) -> CloseCause {
+fn reset(a: &Sock, b: &Sock, by: Side, why: &io::Error) -> CloseCause {
     tracing::debug!(side = %by, "resetting the flow: {why}");
     sys::set_linger_zero(a.as_raw_fd());
     sys::set_linger_zero(b.as_raw_fd());

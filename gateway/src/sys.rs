@@ -137,3 +137,15 @@ pub fn set_sndbuf_force(fd: &impl AsRawFd, bytes: u64) -> io::Result<()> {
 pub fn set_rcvbuf(fd: &impl AsRawFd, bytes: usize) -> io::Result<()> {
     socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).set_recv_buffer_size(bytes)
 }
+
+/// read(2) on a socket. The daemon reads spliced sockets with read(2) rather
+/// than recv(2) on purpose: read(2) is counted in /proc/PID/io `rchar`, so
+/// every byte of a kernel flow the daemon copies is visible from outside.
+pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}

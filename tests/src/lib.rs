@@ -334,6 +334,14 @@ impl Gateway {
         fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
     }
 
+    /// Bytes the daemon has read with read(2)-family calls (`rchar`); the
+    /// daemon reads spliced sockets with read(2), so any byte of a kernel
+    /// flow that it copied shows up here.
+    pub fn rchar(&self) -> u64 {
+        let io = fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
+        io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
+    }
+
     /// CPU time the daemon has used (user + system), in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
