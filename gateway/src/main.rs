@@ -296,8 +296,8 @@ fn flows_cmd(
 
 fn print_table(flows: &[FlowSnapshot]) {
     println!(
-        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  {}",
-        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES", "FALLBACK"
+        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  FALLBACK",
+        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES"
     );
     for f in flows {
         println!(
