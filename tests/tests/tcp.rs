@@ -307,10 +307,7 @@ fn resets(offload: &str) {
     s.write_all(b"hello").unwrap();
     let t0 = Instant::now();
     let r = read_until_closed(&mut s, Duration::from_secs(15));
-    assert!(
-        r.is_ok() || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset),
-        "client saw {r:?}"
-    );
+    assert!(r.is_ok() || matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "client saw {r:?}");
     assert!(t0.elapsed() < Duration::from_secs(5), "reset took {:?} to reach the client", t0.elapsed());
     gw.wait_idle();
     assert!(gw.log_text().contains("backend-reset"), "close cause not logged:\n{}", gw.log_text());
@@ -663,4 +660,40 @@ fn socat_client_round_trip() {
         gw.wait_idle();
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// When the kernel maps are full, further flows are relayed in user space
+/// (`offload: auto`) with the reason in their stats, and still work.
+#[test]
+fn full_kernel_maps_fall_back_per_flow() {
+    if !require_root("full_kernel_maps_fall_back_per_flow") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let gw = Gateway::start(
+        &topo,
+        &GatewayConfig { listeners: listener("t", &[be.addr], "auto", ""), extra: "kernel:\n  max_flows: 2\n".into() },
+    );
+    let addr = gw.listener("t");
+    let held: Vec<TcpStream> = (0..2).map(|_| topo.connect(addr).unwrap()).collect();
+    gw.wait_for("two kernel flows", Duration::from_secs(10), |g| {
+        let f = g.flows();
+        f.len() == 2 && f.iter().all(|f| f["path"] == "kernel")
+    });
+    let third = topo.connect(addr).unwrap();
+    let mut fallback = None;
+    gw.wait_for("the third flow to fall back", Duration::from_secs(10), |g| {
+        fallback = g.flows().into_iter().find(|f| f["path"] == "userspace");
+        fallback.is_some()
+    });
+    let f = fallback.unwrap();
+    assert_eq!(f["fallback_code"], "map-full", "{f}");
+    assert!(f["fallback_reason"].as_str().unwrap().contains("kernel.max_flows"), "{f}");
+    echo_roundtrip(&third, Pattern(3), 1 << 20).unwrap();
+    for (i, s) in held.iter().enumerate() {
+        echo_roundtrip(s, Pattern(10 + i as u64), 1 << 20).unwrap();
+    }
+    drop((held, third));
+    gw.wait_idle();
 }

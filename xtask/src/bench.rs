@@ -497,6 +497,17 @@ impl Netns {
                 bail!("ip {args:?} failed");
             }
         }
+        // The connection-rate runs leave tens of thousands of TIME_WAIT
+        // sockets behind; let new connections reuse their ports, as a load
+        // generator host would be configured.
+        for (key, value) in [("net.ipv4.tcp_tw_reuse", "1"), ("net.ipv4.ip_local_port_range", "1024 65000")] {
+            let st = Command::new("ip")
+                .args(["netns", "exec", name, "sysctl", "-q", "-w", &format!("{key}={value}")])
+                .status()?;
+            if !st.success() {
+                bail!("sysctl {key} in {name} failed");
+            }
+        }
         Ok(Self(name.to_string()))
     }
 }
