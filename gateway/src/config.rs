@@ -276,7 +276,7 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_FLOWS: u32 = 8192;
-pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 4 << 20;
+pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 16 << 20;
 pub const DEFAULT_MAX_QUEUED_TOTAL: u64 = 1 << 30;
 
 /// Parses a byte size: `65536`, `512KiB`, `4MiB`, `1GiB` (also `k`, `m`, `g`).
