@@ -253,7 +253,13 @@ impl KernelPath {
             .map_err(|e| load_err(&e))?;
         prog.load().map_err(|e| load_err(&format!("{e:#}")))?;
         prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
-        info!(max_flows, trim_overlaps = cfg.cb_offset != 0, "kernel path ready: sk_skb verdict attached to SOCKHASH");
+        info!(
+            max_flows,
+            trim_overlaps = cfg.cb_offset != 0,
+            max_queued_per_flow = flow_control.map_or(0, |f| f.per_flow),
+            max_queued_total = flow_control.map_or(0, |f| f.total),
+            "kernel path ready: sk_skb verdict attached to SOCKHASH"
+        );
         Ok(Self {
             _ebpf: ebpf,
             _kept: (config, slots_data),
