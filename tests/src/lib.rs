@@ -29,6 +29,8 @@ pub const CLIENT_IP: &str = "10.77.1.2";
 pub const GW_CLIENT_SIDE_IP: &str = "10.77.1.1";
 pub const GW_BACKEND_SIDE_IP: &str = "10.77.2.1";
 pub const BACKEND_IP: &str = "10.77.2.2";
+pub const GW_CLIENT_SIDE_IP6: &str = "fd77:1::1";
+pub const BACKEND_IP6: &str = "fd77:2::2";
 
 /// Returns false (after saying why) when the test can't run here. In CI
 /// (`CI=true`) a missing privilege is a failure, never a skip.
@@ -101,8 +103,19 @@ impl Topology {
             sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
             sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
         }
+        for (ns, dev, addr) in [
+            (&t.client, "c0", "fd77:1::2/64"),
+            (&t.gw, "g0", "fd77:1::1/64"),
+            (&t.gw, "g1", "fd77:2::1/64"),
+            (&t.backend, "b0", "fd77:2::2/64"),
+        ] {
+            // nodad: the address is usable at once, no duplicate-address wait.
+            sh(&["ip", "-n", ns, "-6", "addr", "add", addr, "dev", dev, "nodad"]);
+        }
         sh(&["ip", "-n", &t.client, "route", "add", "default", "via", GW_CLIENT_SIDE_IP]);
         sh(&["ip", "-n", &t.backend, "route", "add", "default", "via", GW_BACKEND_SIDE_IP]);
+        sh(&["ip", "-n", &t.client, "-6", "route", "add", "default", "via", "fd77:1::1"]);
+        sh(&["ip", "-n", &t.backend, "-6", "route", "add", "default", "via", "fd77:2::1"]);
         t
     }
 
@@ -128,6 +141,11 @@ impl Topology {
     /// A listening socket on the backend host, on a port the kernel picks.
     pub fn backend_listener(&self) -> TcpListener {
         Self::in_ns(&self.backend, || TcpListener::bind((BACKEND_IP, 0)).unwrap())
+    }
+
+    /// An IPv6 listening socket on the backend host.
+    pub fn backend_listener6(&self) -> TcpListener {
+        Self::in_ns(&self.backend, || TcpListener::bind((BACKEND_IP6, 0)).unwrap())
     }
 
     /// Command running inside a namespace (entering only its network namespace).
@@ -403,7 +421,11 @@ pub struct Backend {
 
 impl Backend {
     pub fn spawn(topo: &Topology, handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Self {
-        let l = topo.backend_listener();
+        Self::serve(topo.backend_listener(), handler)
+    }
+
+    /// Serves `handler` on an existing listening socket.
+    pub fn serve(l: TcpListener, handler: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Self {
         let addr = l.local_addr().unwrap();
         thread::spawn(move || {
             for conn in l.incoming() {

@@ -697,3 +697,30 @@ fn full_kernel_maps_fall_back_per_flow() {
     drop((held, third));
     gw.wait_idle();
 }
+
+/// IPv6 end to end: an IPv6 listener in front of an IPv6 backend, on both paths.
+#[test]
+fn ipv6_flows_on_both_paths() {
+    if !require_root("ipv6_flows_on_both_paths") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::serve(topo.backend_listener6(), |mut s| {
+        let _ = echo_conn(&mut s);
+    });
+    for offload in ["kernel", "userspace"] {
+        let listeners = format!(
+            "  - name: t\n    bind: \"[{GW_CLIENT_SIDE_IP6}]:0\"\n    backends: [\"{}\"]\n    offload: {offload}\n",
+            be.addr
+        );
+        let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+        let addr = gw.listener("t");
+        assert!(addr.is_ipv6());
+        let s = topo.connect(addr).unwrap();
+        let f = live_flow(&gw, offload);
+        assert!(f["client"].as_str().unwrap().starts_with("[fd77:1::2]"), "{f}");
+        echo_roundtrip(&s, Pattern(6), 4 << 20).unwrap_or_else(|e| panic!("IPv6 via {offload}: {e}"));
+        drop(s);
+        gw.wait_idle();
+    }
+}
