@@ -513,6 +513,29 @@ admin:
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("65536").unwrap(), 65536);
+        assert_eq!(parse_size("512KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("16MiB").unwrap(), 16 << 20);
+        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
+        for bad in ["", "MiB", "4 TB", "-1", "1.5MiB", "4MB"] {
+            assert!(parse_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert_rejected(
+            &format!("{GOOD}kernel:\n  max_queued_per_flow: 4MB\n"),
+            &["kernel.max_queued_per_flow", "\"4MB\""],
+        );
+        assert_rejected(
+            &format!("{GOOD}kernel:\n  max_queued_per_flow: 1KiB\n"),
+            &["kernel.max_queued_per_flow", "too small"],
+        );
+        assert_rejected(
+            &format!("{GOOD}kernel:\n  max_queued_per_flow: 16MiB\n  max_queued_total: 16MiB\n"),
+            &["kernel.max_queued_total", "two flows"],
+        );
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));

@@ -267,6 +267,13 @@ impl Gateway {
     /// Starts the daemon with extra environment and a wrapper command (such
     /// as `setpriv ...`) placed between `ip netns exec NS` and the binary.
     pub fn start_with(topo: &Topology, cfg: &GatewayConfig, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        let mut gw = Self::spawn(topo, cfg, env, wrapper);
+        gw.wait_ready();
+        gw
+    }
+
+    /// Spawns the daemon without waiting for it to be ready.
+    pub fn spawn(topo: &Topology, cfg: &GatewayConfig, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
         let dir = temp_dir("gw");
         if !wrapper.is_empty() {
             // The wrapped daemon may run as another user: let it create its admin socket.
@@ -292,9 +299,7 @@ impl Gateway {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn gateway");
-        let mut gw = Self { child, dir, admin, log };
-        gw.wait_ready();
-        gw
+        Self { child, dir, admin, log }
     }
 
     fn wait_ready(&mut self) {

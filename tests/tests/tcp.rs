@@ -724,3 +724,33 @@ fn ipv6_flows_on_both_paths() {
         gw.wait_idle();
     }
 }
+
+/// `offload: kernel` is a promise: without the kernel path the daemon refuses
+/// to start, says why, and binds nothing.
+#[test]
+fn offload_kernel_refuses_to_start_without_the_kernel_path() {
+    if !require_root("offload_kernel_refuses_to_start_without_the_kernel_path") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "kernel", ""), extra: String::new() };
+    let mut gw = Gateway::spawn(
+        &topo,
+        &cfg,
+        &[],
+        &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = gw.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the daemon kept running:\n{}", gw.log_text());
+        thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success());
+    let log = gw.log_text();
+    assert!(log.contains("offload: kernel") && log.contains("not privileged"), "{log}");
+    assert!(!gw.admin.exists(), "admin socket created by a daemon that refused to start");
+}

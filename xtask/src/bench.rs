@@ -131,13 +131,24 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
 
     let mut samples = vec![Sample::default(); TARGETS.len()];
+    // Of the kernel path's bulk bytes, the share relayed in user space while
+    // over the queue bound.
+    let mut kernel_user_share = Vec::new();
     eprintln!("bench: {} repetition(s), rotating target order", opts.reps);
     for rep in 0..opts.reps {
         for k in 0..TARGETS.len() {
             let i = (k + rep) % TARGETS.len();
             let t = TARGETS[i];
             let (bulk_port, echo_port) = ports.of(t);
-            let (gbps, cpu, queued) = bulk(bulk_port, opts.bulk_secs, None)?;
+            let sampler = (t == Target::Kernel).then(|| FlowSample {
+                bin: &bin,
+                admin: work.join("admin.sock"),
+                listener: "bulk-kernel",
+            });
+            let (gbps, cpu, queued, seen) = bulk_sampled(bulk_port, opts.bulk_secs, None, sampler.as_ref())?;
+            if let Some((moved, user)) = seen {
+                kernel_user_share.push(user as f64 / moved.max(1) as f64);
+            }
             let (p50, p99) = rr(echo_port, opts.rr_secs)?;
             let crr = crr(echo_port, opts.crr_secs)?;
             eprintln!(
@@ -174,7 +185,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let kernel_status = Command::new(&bin).args(["status", "--socket"]).arg(work.join("admin.sock")).output()?;
     drop(procs);
 
-    let report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
+    let mut report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
+    if !kernel_user_share.is_empty() {
+        report += &format!(
+            "\nKernel-path bulk: {:.0}% of the bytes (median of {}) were relayed in user space while over the queue bound.\n",
+            100.0 * median(&kernel_user_share),
+            kernel_user_share.len()
+        );
+    }
     println!("{report}");
     let out = root.join("target/bench");
     fs::create_dir_all(&out)?;
@@ -265,7 +283,44 @@ fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
 }
 
 /// One iperf3 run: (Gbit/s received, CPU-s per GB, MB sent but not received).
+/// The busiest flow of the gateway's `listener`, sampled `after` into a bulk
+/// run: (bytes moved, bytes relayed in user space).
+struct FlowSample<'a> {
+    bin: &'a Path,
+    admin: PathBuf,
+    listener: &'static str,
+}
+
+impl FlowSample<'_> {
+    fn take(&self) -> Option<(u64, u64)> {
+        let out = Command::new(self.bin).args(["flows", "--json", "--socket"]).arg(&self.admin).output().ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        let n = |f: &serde_json::Value, k: &str| f[k].as_u64().unwrap_or(0);
+        v["flows"]
+            .as_array()?
+            .iter()
+            .filter(|f| f["listener"] == self.listener)
+            .map(|f| {
+                (
+                    n(f, "bytes_client_to_backend") + n(f, "bytes_backend_to_client"),
+                    n(f, "user_bytes_client_to_backend") + n(f, "user_bytes_backend_to_client"),
+                )
+            })
+            .max()
+    }
+}
+
 fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
+    bulk_sampled(port, secs, pin, None).map(|(a, b, c, _)| (a, b, c))
+}
+
+/// Like [`bulk`], also sampling the gateway's flow just before the end.
+fn bulk_sampled(
+    port: u16,
+    secs: u32,
+    pin: Option<&str>,
+    sample: Option<&FlowSample<'_>>,
+) -> Result<(f64, f64, f64, Option<(u64, u64)>)> {
     let cpu0 = cpu_busy_secs()?;
     let mut cmd = match pin {
         Some(cpu) => {
@@ -275,10 +330,18 @@ fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
         }
         None => Command::new("iperf3"),
     };
-    let out = cmd
+    let child = cmd
         .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-t", &secs.to_string(), "-J"])
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .context("iperf3")?;
+    let mut seen = None;
+    if let Some(s) = sample {
+        // Half a second before the end: the flow is still open.
+        thread::sleep(Duration::from_secs_f64((f64::from(secs) - 0.5).max(0.1)));
+        seen = s.take();
+    }
+    let out = child.wait_with_output().context("iperf3")?;
     let cpu = cpu_busy_secs()? - cpu0;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     if let Some(e) = v["error"].as_str() {
@@ -289,7 +352,7 @@ fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
     let sent_bytes = end["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
     let bps = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
     let gb = recv_bytes / 1e9;
-    Ok((bps / 1e9, if gb > 0.0 { cpu / gb } else { f64::NAN }, (sent_bytes - recv_bytes).max(0.0) / 1e6))
+    Ok((bps / 1e9, if gb > 0.0 { cpu / gb } else { f64::NAN }, (sent_bytes - recv_bytes).max(0.0) / 1e6, seen))
 }
 
 /// Busy CPU time of the whole machine, in seconds.
