@@ -145,8 +145,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 admin: work.join("admin.sock"),
                 listener: "bulk-kernel",
             });
-            let (gbps, cpu, queued, seen) = bulk_sampled(bulk_port, opts.bulk_secs, None, sampler.as_ref())?;
-            if let Some((moved, user)) = seen {
+            let Bulk { gbps, cpu_per_gb: cpu, queued_mb: queued, flow } =
+                bulk_sampled(bulk_port, opts.bulk_secs, None, sampler.as_ref())?;
+            if let Some((moved, user)) = flow {
                 kernel_user_share.push(user as f64 / moved.max(1) as f64);
             }
             let (p50, p99) = rr(echo_port, opts.rr_secs)?;
@@ -310,17 +311,21 @@ impl FlowSample<'_> {
     }
 }
 
+/// One iperf3 run through a target.
+struct Bulk {
+    gbps: f64,
+    cpu_per_gb: f64,
+    queued_mb: f64,
+    /// The gateway flow's (bytes moved, bytes relayed in user space), if sampled.
+    flow: Option<(u64, u64)>,
+}
+
 fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
-    bulk_sampled(port, secs, pin, None).map(|(a, b, c, _)| (a, b, c))
+    bulk_sampled(port, secs, pin, None).map(|b| (b.gbps, b.cpu_per_gb, b.queued_mb))
 }
 
 /// Like [`bulk`], also sampling the gateway's flow just before the end.
-fn bulk_sampled(
-    port: u16,
-    secs: u32,
-    pin: Option<&str>,
-    sample: Option<&FlowSample<'_>>,
-) -> Result<(f64, f64, f64, Option<(u64, u64)>)> {
+fn bulk_sampled(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample<'_>>) -> Result<Bulk> {
     let cpu0 = cpu_busy_secs()?;
     let mut cmd = match pin {
         Some(cpu) => {
@@ -352,7 +357,12 @@ fn bulk_sampled(
     let sent_bytes = end["sum_sent"]["bytes"].as_f64().unwrap_or(0.0);
     let bps = end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
     let gb = recv_bytes / 1e9;
-    Ok((bps / 1e9, if gb > 0.0 { cpu / gb } else { f64::NAN }, (sent_bytes - recv_bytes).max(0.0) / 1e6, seen))
+    Ok(Bulk {
+        gbps: bps / 1e9,
+        cpu_per_gb: if gb > 0.0 { cpu / gb } else { f64::NAN },
+        queued_mb: (sent_bytes - recv_bytes).max(0.0) / 1e6,
+        flow: seen,
+    })
 }
 
 /// Busy CPU time of the whole machine, in seconds.
