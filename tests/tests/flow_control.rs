@@ -174,13 +174,13 @@ fn slow_reader(both_ways: bool) {
     let (sent_up, w) = thread::scope(|sc| {
         let watcher = sc.spawn(|| watch(&gw, &stop, bound));
         let sent = push_until(s.try_clone().unwrap(), Pattern(1), Instant::now() + PUSH);
+        // FC_DEBUG=1 prints every socket's memory (ss -tmi) at the end of the push.
         if std::env::var("FC_DEBUG").is_ok() {
             for ns in [&topo.client, &topo.gw, &topo.backend] {
                 let out = Topology::cmd_in(ns, "ss").args(["-tmi"]).output().unwrap();
                 eprintln!("--- {ns}\n{}", String::from_utf8_lossy(&out.stdout));
             }
         }
-        thread::sleep(Duration::from_millis(300)); // let the last sample see the end of the push
         stop.store(true, Ordering::Relaxed);
         (sent, watcher.join().unwrap())
     });
