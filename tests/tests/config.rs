@@ -113,3 +113,26 @@ fn missing_file_is_named() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/nonexistent/gateway.yaml") && err.contains("No such file"), "{err}");
 }
+
+/// A listener that can't bind stops the start-up with its name and address,
+/// before the admin socket exists.
+#[test]
+fn run_names_the_listener_that_cannot_bind() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = temp_dir("cfgbind");
+    let admin = dir.join("admin.sock");
+    let f = dir.join("gateway.yaml");
+    let yaml = format!(
+        "listeners:\n  - name: busy\n    bind: \"{addr}\"\n    backends: [\"127.0.0.1:9\"]\n    offload: userspace\nadmin:\n  socket: {}\n",
+        admin.display()
+    );
+    fs::write(&f, yaml).unwrap();
+    let out = Command::new(gateway_bin()).args(["run", "--config"]).arg(&f).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(err.contains("\"busy\"") && err.contains(&addr.to_string()) && err.contains("in use"), "{err}");
+    assert!(!admin.exists());
+    drop(taken);
+    let _ = fs::remove_dir_all(&dir);
+}
