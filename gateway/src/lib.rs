@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod btf;
 pub mod config;
+pub mod doctor;
 pub mod echo;
 pub mod flows;
 pub mod kernel;

@@ -74,6 +74,17 @@ enum Cmd {
         #[arg(short, long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Check what this host supports (BPF, sockmap, BTF, kTLS, privileges) and which data paths are usable.
+    #[command(
+        after_help = "Examples:\n  gateway doctor\n  gateway doctor --config /etc/gateway/gateway.yaml   # exits 1 if an offload: kernel listener can't be honoured\n  gateway doctor --json"
+    )]
+    Doctor {
+        /// Also check this config's listeners against what the host supports.
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Run a built-in echo backend (for the demo and for trying a config out).
     #[command(after_help = "Example:\n  gateway echo --bind 127.0.0.1:7001 --greeting '220 ready'")]
     Echo {
@@ -128,11 +139,34 @@ fn main() -> ExitCode {
             exit(flows_cmd(socket, config, json, listener, backend, sort))
         }
         Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
+        Cmd::Doctor { config, json } => doctor_cmd(config, json),
         Cmd::Echo { bind, greeting } => {
             init_logging();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             exit(rt.block_on(echo::run(bind, greeting)).map_err(Into::into))
         }
+    }
+}
+
+fn doctor_cmd(config: Option<PathBuf>, json: bool) -> ExitCode {
+    let cfg = match config.as_deref().map(Config::load).transpose() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("invalid configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let report = rt.block_on(async { gateway::doctor::run(cfg.as_ref()) });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+    } else {
+        print!("{}", report.render());
+    }
+    if report.unmet_kernel_offload.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
