@@ -36,11 +36,27 @@ pub struct Status {
     pub max_queued_per_flow: Option<u64>,
     pub max_queued_total: Option<u64>,
     pub flows: usize,
+    /// Address of the Prometheus endpoint, when enabled.
+    pub metrics: Option<String>,
     /// Kernel map usage: SOCKHASH entries, index entries, slots in use.
     pub kernel_sockets: usize,
     pub kernel_index_entries: usize,
     pub kernel_slots_in_use: usize,
     pub listeners: Vec<ListenerInfo>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct StatsReply {
+    pub kernel_path: bool,
+    pub listeners: Vec<crate::stats::ListenerReport>,
+}
+
+/// Totals of every listener, consistent with its live flows.
+pub fn stats(daemon: &Daemon) -> StatsReply {
+    let listeners = daemon
+        .flows
+        .with_live(daemon.kernel.as_ref(), |live| daemon.listeners.iter().map(|l| l.report(live)).collect());
+    StatsReply { kernel_path: daemon.kernel.is_some(), listeners }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,6 +117,7 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
     let body = match line.trim() {
         "flows" => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
         "listeners" => serde_json::to_vec(listeners),
+        "stats" => serde_json::to_vec(&stats(daemon)),
         "status" => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
             serde_json::to_vec(&Status {
@@ -111,6 +128,7 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
                 max_queued_per_flow: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.per_flow),
                 max_queued_total: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.total),
                 flows: daemon.flows.len(),
+                metrics: daemon.metrics.map(|a| a.to_string()),
                 kernel_sockets: s,
                 kernel_index_entries: i,
                 kernel_slots_in_use: u,
@@ -121,13 +139,59 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
             })
         }
         other => Ok(serde_json::to_vec(
-            &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, listeners or status") }),
+            &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, stats, listeners or status") }),
         )
         .unwrap()),
     }
     .map_err(std::io::Error::other)?;
     w.write_all(&body).await?;
     w.shutdown().await
+}
+
+/// A minimal HTTP/1.1 endpoint for Prometheus: `GET /metrics`, one request
+/// per connection.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    loop {
+        let Ok((conn, _)) = listener.accept().await else { continue };
+        let daemon = daemon.clone();
+        tokio::spawn(async move {
+            let (r, mut w) = conn.into_split();
+            let mut head = Vec::new();
+            let mut r = BufReader::new(r.take(16 * 1024));
+            // Request line, then headers until the empty line.
+            loop {
+                let mut line = Vec::new();
+                match tokio::time::timeout(std::time::Duration::from_secs(10), r.read_until(b'\n', &mut line)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        let end = line == b"\r\n" || line == b"\n";
+                        head.extend_from_slice(&line);
+                        if end {
+                            break;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+            let request_line =
+                String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default()).to_string();
+            let mut parts = request_line.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
+                ("GET", "/metrics") => {
+                    let s = stats(&daemon);
+                    ("200 OK", crate::stats::prometheus(&s.listeners, s.kernel_path))
+                }
+                ("GET", _) => ("404 Not Found", "try /metrics\n".to_string()),
+                _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = w.write_all(resp.as_bytes()).await;
+            let _ = w.shutdown().await;
+        });
+    }
 }
 
 /// Client side, used by the CLI.

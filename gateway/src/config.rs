@@ -222,6 +222,7 @@ fn yaml_kind(v: &Value) -> &'static str {
 #[serde(deny_unknown_fields)]
 struct RawAdmin {
     socket: Option<PathBuf>,
+    metrics: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -257,6 +258,8 @@ pub struct Listener {
 #[derive(Debug, Clone)]
 pub struct Admin {
     pub socket: PathBuf,
+    /// Address of the Prometheus endpoint (`GET /metrics`), when enabled.
+    pub metrics: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -276,7 +279,20 @@ pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_FLOWS: u32 = 8192;
+/// Used when the host's largest TCP receive window can't be read.
 pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 16 << 20;
+
+/// The default per-flow bound: the largest receive window TCP itself lets one
+/// socket take on this host (`net.ipv4.tcp_rmem` max), within 4..64 MiB.
+/// A smaller bound makes a fast sender pause the kernel path often, and each
+/// pause relays bytes in user space (see ARCHITECTURE.md).
+pub fn default_max_queued_per_flow() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .unwrap_or(DEFAULT_MAX_QUEUED_PER_FLOW)
+        .clamp(4 << 20, 64 << 20)
+}
 pub const DEFAULT_MAX_QUEUED_TOTAL: u64 = 1 << 30;
 
 /// Parses a byte size: `65536`, `512KiB`, `4MiB`, `1GiB` (also `k`, `m`, `g`).
@@ -437,7 +453,7 @@ impl RawConfig {
             .kernel
             .max_queued_per_flow
             .as_ref()
-            .map_or(Some(DEFAULT_MAX_QUEUED_PER_FLOW), |v| e.size("kernel.max_queued_per_flow", v));
+            .map_or_else(|| Some(default_max_queued_per_flow()), |v| e.size("kernel.max_queued_per_flow", v));
         let total = self
             .kernel
             .max_queued_total
@@ -457,6 +473,7 @@ impl RawConfig {
                 );
             }
         }
+        let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
         if let Some(path) = &self.admin.socket {
             if path.as_os_str().is_empty() || !path.is_absolute() {
                 e.push("admin.socket", format_args!("{:?} must be an absolute path", path.display().to_string()));
@@ -467,11 +484,11 @@ impl RawConfig {
         }
         Ok(Config {
             listeners,
-            admin: Admin { socket: self.admin.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()) },
+            admin: Admin { socket: self.admin.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()), metrics },
             kernel: Kernel {
                 max_flows: self.kernel.max_flows.unwrap_or(DEFAULT_MAX_FLOWS),
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
-                max_queued_per_flow: per_flow.unwrap_or(DEFAULT_MAX_QUEUED_PER_FLOW),
+                max_queued_per_flow: per_flow.unwrap_or_else(default_max_queued_per_flow),
                 max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
             },
         })

@@ -132,7 +132,7 @@ pub fn run(cfg: Option<&config::Config>) -> Report {
     let kernel = KernelPath::load(&config::Kernel {
         max_flows: 4,
         trim_overlaps: true,
-        max_queued_per_flow: config::DEFAULT_MAX_QUEUED_PER_FLOW,
+        max_queued_per_flow: config::default_max_queued_per_flow(),
         max_queued_total: config::DEFAULT_MAX_QUEUED_TOTAL,
     });
     let (kernel_ok, kernel_reason) = match &kernel {

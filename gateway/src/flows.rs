@@ -56,6 +56,22 @@ impl fmt::Display for Side {
     }
 }
 
+impl CloseCause {
+    /// Short label for stats and metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CloseCause::Closed { first: Side::Client } => "client-closed",
+            CloseCause::Closed { first: Side::Backend } => "backend-closed",
+            CloseCause::Reset { by: Side::Client } => "client-reset",
+            CloseCause::Reset { by: Side::Backend } => "backend-reset",
+            CloseCause::IdleTimeout => "idle-timeout",
+            CloseCause::NoBackend => "no-backend",
+            CloseCause::Rejected(_) => "rejected",
+            CloseCause::Error(_) => "error",
+        }
+    }
+}
+
 impl fmt::Display for CloseCause {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -185,6 +201,24 @@ impl FlowTable {
     pub fn snapshot(&self, kernel: Option<&KernelPath>) -> Vec<FlowSnapshot> {
         let flows: Vec<Arc<Flow>> = self.flows.lock().unwrap().values().cloned().collect();
         flows.iter().map(|f| snapshot_one(f, kernel)).collect()
+    }
+
+    /// Takes a closing flow out of the table, handing its final snapshot to
+    /// `fold` (which adds it to the totals) under the table's lock, so that a
+    /// reader of totals plus live flows never sees it twice or not at all.
+    pub fn retire(&self, flow: &Flow, kernel: Option<&KernelPath>, fold: impl FnOnce(&FlowSnapshot)) -> FlowSnapshot {
+        let mut flows = self.flows.lock().unwrap();
+        let snap = snapshot_one(flow, kernel);
+        fold(&snap);
+        flows.remove(&flow.id);
+        snap
+    }
+
+    /// Runs `read` on snapshots of the live flows while no flow can retire.
+    pub fn with_live<R>(&self, kernel: Option<&KernelPath>, read: impl FnOnce(&[FlowSnapshot]) -> R) -> R {
+        let flows = self.flows.lock().unwrap();
+        let snaps: Vec<FlowSnapshot> = flows.values().map(|f| snapshot_one(f, kernel)).collect();
+        read(&snaps)
     }
 }
 

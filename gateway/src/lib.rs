@@ -13,4 +13,5 @@ pub mod kernel;
 pub mod proxy;
 pub mod relay;
 pub mod splice;
+pub mod stats;
 pub mod sys;

@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long, value_enum, default_value_t = SortKey::Age)]
         sort: SortKey,
     },
+    /// Per-listener and per-backend totals: connections, active flows, closes by cause, bytes by path.
+    #[command(after_help = "Examples:\n  gateway stats\n  gateway stats --json")]
+    Stats {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Show the daemon's status: kernel path, map usage, bound listeners.
     Status {
         #[arg(long, value_name = "PATH")]
@@ -139,6 +149,7 @@ fn main() -> ExitCode {
             exit(flows_cmd(socket, config, json, listener, backend, sort))
         }
         Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
+        Cmd::Stats { socket, config, json } => exit(stats_cmd(socket, config, json)),
         Cmd::Doctor { config, json } => doctor_cmd(config, json),
         Cmd::Echo { bind, greeting } => {
             init_logging();
@@ -227,8 +238,6 @@ async fn run(cfg: Config) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
     raise_nofile_limit();
-    let daemon = Arc::new(Daemon { flows: Default::default(), kernel, kernel_unavailable: unavailable, handoff_delay });
-
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
     for l in &cfg.listeners {
@@ -236,8 +245,22 @@ async fn run(cfg: Config) -> Result<()> {
         let local = sock.local_addr()?;
         bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local))));
     }
+    let metrics = match cfg.admin.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("admin.metrics: cannot bind {addr}"))?,
+        ),
+        None => None,
+    };
     let (_admin_guard, admin_listener) = AdminServer::bind(&cfg.admin.socket)
         .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
+    let daemon = Arc::new(Daemon {
+        flows: Default::default(),
+        listeners: bound.iter().map(|(_, rt)| rt.clone()).collect(),
+        metrics: metrics.as_ref().and_then(|m| m.local_addr().ok()),
+        kernel,
+        kernel_unavailable: unavailable,
+        handoff_delay,
+    });
     let infos: Vec<ListenerInfo> = bound
         .iter()
         .map(|(_, rt)| ListenerInfo {
@@ -251,6 +274,10 @@ async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
+    if let Some(m) = metrics {
+        info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
+        tokio::spawn(admin::serve_metrics(m, daemon.clone()));
+    }
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -375,6 +402,48 @@ fn human_ms(ms: u64) -> String {
         60_000..3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
         _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
     }
+}
+
+fn stats_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Result<()> {
+    let path = admin_socket(socket, config)?;
+    let raw = admin::request(&path, "stats").map_err(|e| anyhow!(e))?;
+    let reply: admin::StatsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+        return Ok(());
+    }
+    println!("kernel path: {}", if reply.kernel_path { "loaded" } else { "not loaded" });
+    for l in &reply.listeners {
+        let closed: Vec<String> = l.closed.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        let user: Vec<String> = l.userspace_by_reason.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!(
+            "\nlistener {} ({}, offload {}): {} accepted, {} active ({} kernel, {} userspace)",
+            l.name, l.local, l.offload, l.accepted, l.active, l.active_kernel, l.active_userspace
+        );
+        println!("  closed: {}", if closed.is_empty() { "none".into() } else { closed.join(", ") });
+        println!(
+            "  flows: {} kernel; userspace: {}",
+            l.kernel_flows,
+            if user.is_empty() { "none".into() } else { user.join(", ") }
+        );
+        println!(
+            "  bytes: {} client->backend, {} backend->client; {:.1}% moved by the kernel",
+            human_bytes(l.bytes.kernel_client_to_backend + l.bytes.user_client_to_backend),
+            human_bytes(l.bytes.kernel_backend_to_client + l.bytes.user_backend_to_client),
+            100.0 * l.kernel_share
+        );
+        for b in &l.backends {
+            println!(
+                "  backend {}: {} active, {} flows, {} connect failures, {}",
+                b.address,
+                b.active,
+                b.flows,
+                b.connect_failures,
+                human_bytes(b.bytes.total())
+            );
+        }
+    }
+    Ok(())
 }
 
 fn status_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {

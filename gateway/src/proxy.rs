@@ -18,11 +18,15 @@ use crate::{
     flows::{CloseCause, FlowPath, FlowTable},
     kernel::{KernelPath, Unavailable},
     relay, splice,
+    stats::ListenerStats,
 };
 
 /// Shared state of the running daemon.
 pub struct Daemon {
     pub flows: FlowTable,
+    pub listeners: Vec<Arc<ListenerRt>>,
+    /// Bound address of the metrics endpoint.
+    pub metrics: Option<SocketAddr>,
     pub kernel: Option<KernelPath>,
     /// Why the kernel path is not available, when it is not.
     pub kernel_unavailable: Option<Unavailable>,
@@ -36,6 +40,7 @@ pub struct Daemon {
 pub struct ListenerRt {
     pub cfg: Listener,
     pub local: SocketAddr,
+    pub stats: ListenerStats,
     rr: AtomicUsize,
     active: Vec<AtomicU32>,
 }
@@ -43,7 +48,14 @@ pub struct ListenerRt {
 impl ListenerRt {
     pub fn new(cfg: Listener, local: SocketAddr) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
-        Self { cfg, local, rr: AtomicUsize::new(0), active }
+        let stats = ListenerStats::new(cfg.backends.len());
+        Self { cfg, local, stats, rr: AtomicUsize::new(0), active }
+    }
+
+    /// Totals for `gateway stats` and the metrics, given the live flows.
+    pub fn report(&self, live: &[crate::flows::FlowSnapshot]) -> crate::stats::ListenerReport {
+        let backends: Vec<String> = self.cfg.backends.iter().map(ToString::to_string).collect();
+        self.stats.report(&self.cfg.name, &self.local.to_string(), &self.cfg.offload.to_string(), &backends, live)
     }
 
     /// Backends in the order to try them for this client.
@@ -99,12 +111,14 @@ async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usiz
             Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
             Err(_) => tried.push(format!("{addr} (no answer within {:?})", rt.cfg.connect_timeout)),
         }
+        rt.stats.connect_failed(idx);
         debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
     }
     Err(tried.join(", "))
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
+    rt.stats.accepted();
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
     let started = Instant::now();
@@ -112,6 +126,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client (tried: {tried})");
+            retire(flow, None, &CloseCause::NoBackend, started, rt, daemon);
             return;
         }
     };
@@ -136,7 +151,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             Ok(s) => Ok((k, s)),
             Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
                 warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
-                log_close(flow, &CloseCause::Rejected(e.to_string()), started, daemon);
+                retire(flow, Some(idx), &CloseCause::Rejected(e.to_string()), started, rt, daemon);
                 return;
             }
             Err(e) => Err((e.to_string(), e.code())),
@@ -151,13 +166,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                 (c, b) => {
                     let e = c.err().or(b.err()).unwrap();
                     warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
+                    retire(flow, Some(idx), &CloseCause::Error(e.to_string()), started, rt, daemon);
                     k.release(&s);
                     return;
                 }
             };
             let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
             // Final counters before the slots are reused.
-            log_close(flow, &cause, started, daemon);
+            retire(flow, Some(idx), &cause, started, rt, daemon);
             k.release(&s);
             cause
         }
@@ -165,15 +181,23 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
             info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "userspace", reason = %reason, "flow relayed in user space");
             let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
-            log_close(flow, &cause, started, daemon);
+            retire(flow, Some(idx), &cause, started, rt, daemon);
             cause
         }
     };
     debug!(flow = flow.id, %cause, "flow task done");
 }
 
-fn log_close(flow: &crate::flows::Flow, cause: &CloseCause, started: Instant, daemon: &Daemon) {
-    let s = crate::flows::snapshot_one(flow, daemon.kernel.as_ref());
+/// Logs the flow's close record and moves its counters into the totals.
+fn retire(
+    flow: &crate::flows::Flow,
+    backend: Option<usize>,
+    cause: &CloseCause,
+    started: Instant,
+    rt: &ListenerRt,
+    daemon: &Daemon,
+) {
+    let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
     info!(
         flow = s.id,
         listener = %s.listener,

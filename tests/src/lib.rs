@@ -234,7 +234,9 @@ impl Pattern {
     }
 }
 
-/// Config for the daemon under test: `listeners` is YAML for the list items.
+/// Config for the daemon under test: `listeners` is YAML for the list items;
+/// `extra` follows the `admin:` block, so its indented first lines extend that
+/// block (`  metrics: ...`) and the rest adds top-level keys (`kernel: ...`).
 pub struct GatewayConfig {
     pub listeners: String,
     pub extra: String,

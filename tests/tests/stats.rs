@@ -1,0 +1,94 @@
+//! `gateway stats` and the Prometheus endpoint agree with what was sent, on
+//! both data paths, for closed and live flows. curl scrapes the metrics.
+use std::{collections::HashMap, process::Command, time::Duration};
+
+use gateway_tests::*;
+
+/// `name{labels} value` lines of a Prometheus text page.
+fn samples(page: &str) -> HashMap<String, u64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn stats_and_metrics_match_the_bytes_sent() {
+    if !require_root("stats_and_metrics_match_the_bytes_sent") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = format!(
+        "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{0}\"]\n    offload: kernel\n\
+         \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{0}\"]\n    offload: userspace\n",
+        be.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: "  metrics: \"127.0.0.1:0\"\n".into() });
+    let metrics = gw.status()["metrics"].as_str().expect("metrics address in status").to_string();
+    let (k, u) = (gw.listener("k"), gw.listener("u"));
+    const KLEN: u64 = 3 << 20;
+    const ULEN: u64 = 5 << 20;
+    echo_roundtrip(&topo.connect(k).unwrap(), Pattern(1), KLEN).unwrap();
+    echo_roundtrip(&topo.connect(u).unwrap(), Pattern(2), ULEN).unwrap();
+    gw.wait_idle();
+    // One more kernel flow, left open: live bytes count too.
+    let mut live = topo.connect(k).unwrap();
+    {
+        use std::io::{Read, Write};
+        live.write_all(&[7u8; 1000]).unwrap();
+        let mut back = [0u8; 1000];
+        live.read_exact(&mut back).unwrap();
+    }
+    gw.wait_for("the live flow", Duration::from_secs(10), |g| g.flows().len() == 1);
+
+    let out = Command::new(gateway_bin()).args(["stats", "--json", "--socket"]).arg(&gw.admin).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l = |name: &str| v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone();
+    let (ks, us) = (l("k"), l("u"));
+    let n = |x: &Value, k: &str| x[k].as_u64().unwrap_or_else(|| panic!("{k} in {x}"));
+    let b = |x: &Value, k: &str| x["bytes"][k].as_u64().unwrap();
+    assert_eq!(n(&ks, "accepted"), 2, "{ks}");
+    assert_eq!(n(&ks, "active_kernel"), 1, "{ks}");
+    assert_eq!(n(&ks, "kernel_flows"), 2, "{ks}");
+    assert_eq!(ks["closed"]["client-closed"], 1, "{ks}");
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert_eq!(b(&ks, &format!("kernel_{dir}")) + b(&ks, &format!("user_{dir}")), KLEN + 1000, "{ks}");
+        assert_eq!(b(&us, &format!("user_{dir}")), ULEN, "{us}");
+        assert_eq!(b(&us, &format!("kernel_{dir}")), 0, "{us}");
+    }
+    assert_eq!(us["userspace_by_reason"]["configured-userspace"], 1, "{us}");
+    assert_eq!(ks["backends"][0]["flows"], 2, "{ks}");
+
+    // Prometheus, scraped by curl inside the gateway's namespace.
+    let out = Topology::cmd_in(&topo.gw, "curl").args(["-sf", &format!("http://{metrics}/metrics")]).output().unwrap();
+    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    let page = String::from_utf8_lossy(&out.stdout);
+    let m = samples(&page);
+    let get = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{page}"));
+    for (listener, len) in [("k", KLEN + 1000), ("u", ULEN)] {
+        for dir in ["client_to_backend", "backend_to_client"] {
+            let total =
+                get(&format!("gateway_bytes_total{{listener=\"{listener}\",path=\"kernel\",direction=\"{dir}\"}}"))
+                    + get(&format!(
+                        "gateway_bytes_total{{listener=\"{listener}\",path=\"userspace\",direction=\"{dir}\"}}"
+                    ));
+            assert_eq!(total, len, "{listener} {dir}");
+        }
+    }
+    assert_eq!(get("gateway_flows_closed_total{listener=\"k\",cause=\"client-closed\"}"), 1);
+    assert_eq!(get("gateway_flows_active{listener=\"k\",path=\"kernel\"}"), 1);
+    assert_eq!(get("gateway_kernel_path_available{}"), 1);
+    assert!(!page.contains("flow=\""), "metrics must not be labelled per flow");
+    let out = Topology::cmd_in(&topo.gw, "curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://{metrics}/nope")])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    drop(live);
+    gw.wait_idle();
+}
