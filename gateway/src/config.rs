@@ -102,6 +102,15 @@ struct RawConfig {
     admin: RawAdmin,
     #[serde(default)]
     kernel: RawKernel,
+    #[serde(default)]
+    log: RawLog,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Value>,
+    flow_interval: Option<Value>,
 }
 
 /// Values are kept as YAML here and converted during validation, so that every
@@ -240,7 +249,23 @@ pub struct Config {
     pub listeners: Vec<Listener>,
     pub admin: Admin,
     pub kernel: Kernel,
+    pub log: Log,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct Log {
+    pub format: LogFormat,
+    /// Flows older than this get an `update` record this often.
+    pub flow_interval: Duration,
+}
+
+pub const DEFAULT_FLOW_LOG_INTERVAL: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -474,6 +499,14 @@ impl RawConfig {
             }
         }
         let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
+        let log_format = self.log.format.as_ref().map_or(Some(LogFormat::Plain), |v| {
+            e.choice("log.format", v, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)])
+        });
+        let flow_interval = self
+            .log
+            .flow_interval
+            .as_ref()
+            .map_or(Some(DEFAULT_FLOW_LOG_INTERVAL), |v| e.duration("log.flow_interval", v));
         if let Some(path) = &self.admin.socket {
             if path.as_os_str().is_empty() || !path.is_absolute() {
                 e.push("admin.socket", format_args!("{:?} must be an absolute path", path.display().to_string()));
@@ -490,6 +523,10 @@ impl RawConfig {
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
                 max_queued_per_flow: per_flow.unwrap_or_else(default_max_queued_per_flow),
                 max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
+            },
+            log: Log {
+                format: log_format.unwrap_or(LogFormat::Plain),
+                flow_interval: flow_interval.unwrap_or(DEFAULT_FLOW_LOG_INTERVAL),
             },
         })
     }

@@ -8,6 +8,7 @@ pub mod btf;
 pub mod config;
 pub mod doctor;
 pub mod echo;
+pub mod flowlog;
 pub mod flows;
 pub mod kernel;
 pub mod proxy;

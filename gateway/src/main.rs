@@ -134,7 +134,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging();
+            init_logging(cfg.log.format == config::LogFormat::Json);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(run(cfg)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -152,7 +152,7 @@ fn main() -> ExitCode {
         Cmd::Stats { socket, config, json } => exit(stats_cmd(socket, config, json)),
         Cmd::Doctor { config, json } => doctor_cmd(config, json),
         Cmd::Echo { bind, greeting } => {
-            init_logging();
+            init_logging(false);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             exit(rt.block_on(echo::run(bind, greeting)).map_err(Into::into))
         }
@@ -191,10 +191,15 @@ fn exit(r: Result<()>) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// Logs to stderr; `json` comes from the config, `GATEWAY_LOG_FORMAT`
+/// (plain or json) overrides it.
+fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("GATEWAY_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let json = std::env::var("GATEWAY_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("json"));
+    let json = match std::env::var("GATEWAY_LOG_FORMAT") {
+        Ok(v) => v.eq_ignore_ascii_case("json"),
+        Err(_) => json,
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -274,6 +279,7 @@ async fn run(cfg: Config) -> Result<()> {
         tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
+    tokio::spawn(gateway::flowlog::periodic(daemon.clone(), cfg.log.flow_interval));
     if let Some(m) = metrics {
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));

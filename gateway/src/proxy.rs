@@ -7,11 +7,11 @@ use std::{
         atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed},
         Arc,
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::{
     config::{Balance, Listener, Offload},
@@ -121,12 +121,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     rt.stats.accepted();
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
-    let started = Instant::now();
+    crate::flowlog::record("open", &crate::flows::snapshot_one(flow, None), None);
     let (backend, idx) = match connect(rt, peer).await {
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client (tried: {tried})");
-            retire(flow, None, &CloseCause::NoBackend, started, rt, daemon);
+            retire(flow, None, &CloseCause::NoBackend, rt, daemon);
             return;
         }
     };
@@ -151,7 +151,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             Ok(s) => Ok((k, s)),
             Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
                 warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
-                retire(flow, Some(idx), &CloseCause::Rejected(e.to_string()), started, rt, daemon);
+                retire(flow, Some(idx), &CloseCause::Rejected(e.to_string()), rt, daemon);
                 return;
             }
             Err(e) => Err((e.to_string(), e.code())),
@@ -160,28 +160,29 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let cause = match kernel {
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
-            info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "kernel", "flow handed off");
+            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, Some(k)), None);
             let (client, backend) = match (splice::register(client), splice::register(backend)) {
                 (Ok(c), Ok(b)) => (c, b),
                 (c, b) => {
                     let e = c.err().or(b.err()).unwrap();
                     warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
-                    retire(flow, Some(idx), &CloseCause::Error(e.to_string()), started, rt, daemon);
+                    retire(flow, Some(idx), &CloseCause::Error(e.to_string()), rt, daemon);
                     k.release(&s);
                     return;
                 }
             };
             let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
             // Final counters before the slots are reused.
-            retire(flow, Some(idx), &cause, started, rt, daemon);
+            retire(flow, Some(idx), &cause, rt, daemon);
             k.release(&s);
             cause
         }
         Err((reason, code)) => {
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
-            info!(flow = flow.id, listener = %rt.cfg.name, client = %peer, backend = %backend_addr, path = "userspace", reason = %reason, "flow relayed in user space");
+            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, daemon.kernel.as_ref()), None);
+            debug!(flow = flow.id, %reason, "relayed in user space");
             let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
-            retire(flow, Some(idx), &cause, started, rt, daemon);
+            retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
     };
@@ -189,27 +190,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
 }
 
 /// Logs the flow's close record and moves its counters into the totals.
-fn retire(
-    flow: &crate::flows::Flow,
-    backend: Option<usize>,
-    cause: &CloseCause,
-    started: Instant,
-    rt: &ListenerRt,
-    daemon: &Daemon,
-) {
+fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCause, rt: &ListenerRt, daemon: &Daemon) {
     let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
-    info!(
-        flow = s.id,
-        listener = %s.listener,
-        client = %s.client,
-        backend = s.backend.as_deref().unwrap_or("-"),
-        path = %s.path,
-        bytes_c2b = s.bytes_client_to_backend,
-        bytes_b2c = s.bytes_backend_to_client,
-        user_bytes = s.user_bytes_client_to_backend + s.user_bytes_backend_to_client,
-        trimmed_bytes = s.trimmed_bytes,
-        duration_ms = started.elapsed().as_millis() as u64,
-        cause = %cause,
-        "flow closed"
-    );
+    crate::flowlog::record("close", &s, Some(cause.code()));
+    if let CloseCause::Rejected(why) | CloseCause::Error(why) = cause {
+        debug!(flow = s.id, "closed: {why}");
+    }
 }

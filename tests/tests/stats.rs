@@ -92,3 +92,64 @@ fn stats_and_metrics_match_the_bytes_sent() {
     drop(live);
     gw.wait_idle();
 }
+
+/// One JSON record per flow event: open, hand-off, periodic updates while it
+/// lives, close with bytes, duration, path and cause.
+#[test]
+fn flow_log_records_each_event_as_json() {
+    if !require_root("flow_log_records_each_event_as_json") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = format!(
+        "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    offload: kernel\n",
+        be.addr
+    );
+    let gw = Gateway::start(
+        &topo,
+        &GatewayConfig { listeners, extra: "log:\n  format: json\n  flow_interval: 200ms\n".into() },
+    );
+    let s = topo.connect(gw.listener("k")).unwrap();
+    echo_roundtrip(&s, Pattern(4), 1 << 20).unwrap_or_else(|e| panic!("{e}"));
+    drop(s);
+    gw.wait_idle();
+    // A second flow that stays open past a few update intervals.
+    let mut open = topo.connect(gw.listener("k")).unwrap();
+    {
+        use std::io::{Read, Write};
+        open.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        open.read_exact(&mut b).unwrap();
+    }
+    let records = |g: &Gateway| -> Vec<Value> {
+        g.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["target"] == "gateway::flow")
+            .collect()
+    };
+    gw.wait_for("update records for the open flow", Duration::from_secs(10), |g| {
+        records(g).iter().filter(|r| r["fields"]["event"] == "update" && r["fields"]["flow"] == 2).count() >= 2
+    });
+    drop(open);
+    gw.wait_idle();
+    let recs = records(&gw);
+    let of = |flow: u64, event: &str| -> Vec<Value> {
+        recs.iter()
+            .filter(|r| r["fields"]["flow"] == flow && r["fields"]["event"] == event)
+            .map(|r| r["fields"].clone())
+            .collect()
+    };
+    assert_eq!(of(1, "open").len(), 1, "{recs:?}");
+    let handoff = &of(1, "handoff")[0];
+    assert_eq!(handoff["path"], "kernel");
+    let close = &of(1, "close")[0];
+    assert_eq!(close["bytes_c2b"], 1 << 20, "{close}");
+    assert_eq!(close["bytes_b2c"], 1 << 20, "{close}");
+    assert_eq!(close["path"], "kernel");
+    assert_eq!(close["cause"], "client-closed");
+    assert!(close["duration_ms"].as_u64().is_some());
+    assert_eq!(of(2, "close").len(), 1);
+    assert!(of(2, "update").iter().all(|u| u["path"] == "kernel"));
+}
