@@ -104,6 +104,8 @@ struct RawConfig {
     kernel: RawKernel,
     #[serde(default)]
     log: RawLog,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -127,6 +129,18 @@ struct RawListener {
     connect_timeout: Option<Value>,
     connect_attempts: Option<Value>,
     idle_timeout: Option<Value>,
+    allow: Option<Value>,
+    deny: Option<Value>,
+    max_connections: Option<Value>,
+    max_connections_per_source: Option<Value>,
+    connection_rate: Option<Value>,
+    connection_rate_per_source: Option<Value>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Value>,
 }
 
 /// Collects errors, each prefixed with its key path.
@@ -190,6 +204,29 @@ impl Errors {
         }
     }
 
+    fn cidrs(&mut self, path: &str, v: &Value) -> Vec<crate::limits::Cidr> {
+        let Value::Sequence(items) = v else {
+            self.push(path, format_args!("expected a list of addresses or CIDR prefixes, found {}", yaml_kind(v)));
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            if let Some(s) = self.string(&p, item) {
+                match crate::limits::Cidr::parse(&s) {
+                    Ok(c) => out.push(c),
+                    Err(e) => self.push(&p, e),
+                }
+            }
+        }
+        out
+    }
+
+    fn rate(&mut self, path: &str, v: &Value) -> Option<crate::limits::Rate> {
+        let s = self.string(path, v)?;
+        crate::limits::Rate::parse(&s).map_err(|e| self.push(path, e)).ok()
+    }
+
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
         let s = self.string(path, v)?;
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
@@ -250,6 +287,8 @@ pub struct Config {
     pub admin: Admin,
     pub kernel: Kernel,
     pub log: Log,
+    /// Concurrent client connections across all listeners.
+    pub max_connections: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,6 +317,8 @@ pub struct Listener {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub idle_timeout: Duration,
+    /// Admission rules, checked before a backend is contacted.
+    pub limits: crate::limits::Rules,
 }
 
 #[derive(Debug, Clone)]
@@ -441,6 +482,20 @@ impl RawConfig {
                 .map_or(Some(DEFAULT_CONNECT_TIMEOUT), |v| e.duration(&p("connect_timeout"), v));
             let idle_timeout =
                 l.idle_timeout.as_ref().map_or(Some(DEFAULT_IDLE_TIMEOUT), |v| e.duration(&p("idle_timeout"), v));
+            let count = |e: &mut Errors, key: &str, v: &Option<Value>| {
+                v.as_ref().and_then(|v| e.uint(&p(key), v, 1..=10_000_000)).map(|n| n as u32)
+            };
+            let limits = crate::limits::Rules {
+                allow: l.allow.as_ref().map(|v| e.cidrs(&p("allow"), v)).unwrap_or_default(),
+                deny: l.deny.as_ref().map(|v| e.cidrs(&p("deny"), v)).unwrap_or_default(),
+                max_connections: count(&mut e, "max_connections", &l.max_connections),
+                max_connections_per_source: count(&mut e, "max_connections_per_source", &l.max_connections_per_source),
+                connection_rate: l.connection_rate.as_ref().and_then(|v| e.rate(&p("connection_rate"), v)),
+                connection_rate_per_source: l
+                    .connection_rate_per_source
+                    .as_ref()
+                    .and_then(|v| e.rate(&p("connection_rate_per_source"), v)),
+            };
             let connect_attempts = match &l.connect_attempts {
                 Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
                 None => Some((backends.len() as u32).clamp(1, 3)),
@@ -466,6 +521,7 @@ impl RawConfig {
                     connect_timeout: ct,
                     connect_attempts: ca,
                     idle_timeout: it,
+                    limits,
                 });
             }
         }
@@ -499,6 +555,8 @@ impl RawConfig {
             }
         }
         let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
+        let max_connections =
+            self.limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
         let log_format = self.log.format.as_ref().map_or(Some(LogFormat::Plain), |v| {
             e.choice("log.format", v, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)])
         });
@@ -524,6 +582,7 @@ impl RawConfig {
                 max_queued_per_flow: per_flow.unwrap_or_else(default_max_queued_per_flow),
                 max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
             },
+            max_connections,
             log: Log {
                 format: log_format.unwrap_or(LogFormat::Plain),
                 flow_interval: flow_interval.unwrap_or(DEFAULT_FLOW_LOG_INTERVAL),
@@ -633,6 +692,20 @@ admin:
         assert_rejected(&GOOD.replace("round_robin", "random"), &["listeners[0].balance", "random"]);
         assert_rejected(&GOOD.replace("offload: auto", "offload: fast"), &["listeners[0].offload", "fast"]);
         assert_rejected(&GOOD.replace("protocol: tcp", "protocol: udp"), &["listeners[0].protocol", "udp"]);
+    }
+
+    #[test]
+    fn limits_and_acls() {
+        let with = |extra: &str| GOOD.replace("    idle_timeout: 1h\n", &format!("    idle_timeout: 1h\n{extra}"));
+        let c = parse(&with("    allow: [\"10.0.0.0/8\"]\n    max_connections: 100\n    connection_rate: \"50/s\"\n"))
+            .unwrap();
+        assert_eq!(c.listeners[0].limits.max_connections, Some(100));
+        assert_eq!(c.listeners[0].limits.allow.len(), 1);
+        assert_rejected(&with("    deny: [\"10.0.0.0/33\"]\n"), &["listeners[0].deny[0]", "\"10.0.0.0/33\""]);
+        assert_rejected(&with("    connection_rate: 50\n"), &["listeners[0].connection_rate", "\"50\" is not a rate"]);
+        assert_rejected(&with("    max_connections_per_source: 0\n"), &["listeners[0].max_connections_per_source"]);
+        assert_rejected(&format!("{GOOD}limits:\n  max_connections: -1\n"), &["limits.max_connections"]);
+        assert_rejected(&format!("{GOOD}limits:\n  max_conns: 1\n"), &["limits", "unknown field `max_conns`"]);
     }
 
     #[test]

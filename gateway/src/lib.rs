@@ -11,6 +11,7 @@ pub mod echo;
 pub mod flowlog;
 pub mod flows;
 pub mod kernel;
+pub mod limits;
 pub mod proxy;
 pub mod relay;
 pub mod splice;

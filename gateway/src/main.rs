@@ -245,10 +245,11 @@ async fn run(cfg: Config) -> Result<()> {
     raise_nofile_limit();
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
+    let global = Arc::new(gateway::limits::Global { max: cfg.max_connections, ..Default::default() });
     for l in &cfg.listeners {
         let sock = bind_listener(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
         let local = sock.local_addr()?;
-        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local))));
+        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
     }
     let metrics = match cfg.admin.metrics {
         Some(addr) => Some(
@@ -426,6 +427,8 @@ fn stats_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Re
             "\nlistener {} ({}, offload {}): {} accepted, {} active ({} kernel, {} userspace)",
             l.name, l.local, l.offload, l.accepted, l.active, l.active_kernel, l.active_userspace
         );
+        let rejected: Vec<String> = l.rejected.iter().map(|(c, n)| format!("{c} {n}")).collect();
+        println!("  rejected: {}", if rejected.is_empty() { "none".into() } else { rejected.join(", ") });
         println!("  closed: {}", if closed.is_empty() { "none".into() } else { closed.join(", ") });
         println!(
             "  flows: {} kernel; userspace: {}",

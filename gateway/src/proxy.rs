@@ -17,6 +17,7 @@ use crate::{
     config::{Balance, Listener, Offload},
     flows::{CloseCause, FlowPath, FlowTable},
     kernel::{KernelPath, Unavailable},
+    limits::Admission,
     relay, splice,
     stats::ListenerStats,
 };
@@ -41,15 +42,17 @@ pub struct ListenerRt {
     pub cfg: Listener,
     pub local: SocketAddr,
     pub stats: ListenerStats,
+    admission: Admission,
     rr: AtomicUsize,
     active: Vec<AtomicU32>,
 }
 
 impl ListenerRt {
-    pub fn new(cfg: Listener, local: SocketAddr) -> Self {
+    pub fn new(cfg: Listener, local: SocketAddr, global: Arc<crate::limits::Global>) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let stats = ListenerStats::new(cfg.backends.len());
-        Self { cfg, local, stats, rr: AtomicUsize::new(0), active }
+        let admission = Admission::new(cfg.limits.clone(), global);
+        Self { cfg, local, stats, admission, rr: AtomicUsize::new(0), active }
     }
 
     /// Totals for `gateway stats` and the metrics, given the live flows.
@@ -119,6 +122,17 @@ async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usiz
 
 async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
     rt.stats.accepted();
+    // Admission comes before anything else, a backend connect above all.
+    let _admitted = match rt.admission.admit(peer.ip()) {
+        Ok(a) => a,
+        Err(cause) => {
+            rt.stats.rejected(cause);
+            debug!(listener = %rt.cfg.name, client = %peer, cause, "connection rejected");
+            // Close at once, with RST: no TIME_WAIT left behind by a flood.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            return;
+        }
+    };
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
     crate::flowlog::record("open", &crate::flows::snapshot_one(flow, None), None);

@@ -61,6 +61,9 @@ struct BackendClosed {
 /// Counters of one listener.
 pub struct ListenerStats {
     accepted: AtomicU64,
+    /// Connections turned away before any backend was contacted, by cause
+    /// (indexed like [`crate::limits::CAUSES`]).
+    rejected: [AtomicU64; 6],
     connect_failures: Vec<AtomicU64>,
     closed: Mutex<Closed>,
 }
@@ -72,6 +75,8 @@ pub struct ListenerReport {
     pub local: String,
     pub offload: String,
     pub accepted: u64,
+    /// Turned away before any backend was contacted, by cause.
+    pub rejected: BTreeMap<String, u64>,
     pub active: u64,
     pub active_kernel: u64,
     pub active_userspace: u64,
@@ -100,6 +105,7 @@ impl ListenerStats {
     pub fn new(backends: usize) -> Self {
         Self {
             accepted: AtomicU64::new(0),
+            rejected: Default::default(),
             connect_failures: (0..backends).map(|_| AtomicU64::new(0)).collect(),
             closed: Mutex::new(Closed { backends: vec![BackendClosed::default(); backends], ..Default::default() }),
         }
@@ -107,6 +113,12 @@ impl ListenerStats {
 
     pub fn accepted(&self) {
         self.accepted.fetch_add(1, Relaxed);
+    }
+
+    pub fn rejected(&self, cause: &str) {
+        if let Some(i) = crate::limits::CAUSES.iter().position(|c| *c == cause) {
+            self.rejected[i].fetch_add(1, Relaxed);
+        }
     }
 
     pub fn connect_failed(&self, backend: usize) {
@@ -171,6 +183,12 @@ impl ListenerStats {
             local: local.into(),
             offload: offload.into(),
             accepted: self.accepted.load(Relaxed),
+            rejected: crate::limits::CAUSES
+                .iter()
+                .zip(&self.rejected)
+                .map(|(c, n)| (c.to_string(), n.load(Relaxed)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
             active,
             active_kernel,
             active_userspace: active_user,
@@ -217,6 +235,15 @@ pub fn prometheus(reports: &[ListenerReport], kernel_path: bool) -> String {
         "counter",
         "Client connections accepted.",
         reports.iter().map(|r| (l(r), r.accepted)).collect(),
+    );
+    family(
+        "gateway_connections_rejected_total",
+        "counter",
+        "Connections turned away before any backend was contacted, by cause.",
+        reports
+            .iter()
+            .flat_map(|r| r.rejected.iter().map(move |(c, n)| (format!("{},cause=\"{}\"", l(r), esc(c)), *n)))
+            .collect(),
     );
     family(
         "gateway_flows_active",

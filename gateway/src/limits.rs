@@ -1,0 +1,295 @@
+//! Admission of new clients, checked right after accept and before any
+//! backend is contacted: CIDR deny/allow lists, concurrent-connection caps
+//! (global, per listener, per source address) and new-connection rates
+//! (token buckets, per listener and per source).
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        atomic::{AtomicU64, Ordering::Relaxed},
+        Arc, Mutex,
+    },
+    time::Instant,
+};
+
+/// An IPv4 or IPv6 prefix, e.g. `10.0.0.0/8` or `2001:db8::/32`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!("{s:?} is not an address or CIDR prefix (write e.g. \"10.0.0.0/8\", \"192.0.2.7\" or \"2001:db8::/32\")")
+        };
+        let (a, l) = match s.trim().split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s.trim(), None),
+        };
+        let addr: IpAddr = a.parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().ok().filter(|&n| n <= max).ok_or_else(bad)?,
+            None => max,
+        };
+        Ok(Self { addr, len })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.len == 0 { 0 } else { u32::MAX << (32 - u32::from(self.len)) };
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - u32::from(self.len)) };
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A rate such as `100/s` or `600/m`: that many new connections per period,
+/// with a burst of one period's worth.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    pub per_sec: f64,
+    pub burst: f64,
+}
+
+impl Rate {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a rate (write e.g. \"100/s\" or \"600/m\")");
+        let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+        let n: u32 = n.trim().parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        if n == 0 {
+            return Err(format!("{s:?} must allow at least one connection"));
+        }
+        Ok(Self { per_sec: f64::from(n) / secs, burst: f64::from(n) })
+    }
+}
+
+/// The admission rules of one listener.
+#[derive(Debug, Clone, Default)]
+pub struct Rules {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_source: Option<u32>,
+    pub connection_rate: Option<Rate>,
+    pub connection_rate_per_source: Option<Rate>,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate) -> Self {
+        Self { tokens: rate.burst, at: Instant::now() }
+    }
+
+    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate.per_sec).min(rate.burst);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a client was turned away.
+pub const CAUSES: [&str; 6] = [
+    "denied",
+    "global-max-connections",
+    "max-connections",
+    "max-connections-per-source",
+    "rate-limit",
+    "source-rate-limit",
+];
+
+/// Beyond this many tracked sources, idle per-source buckets are dropped.
+const MAX_TRACKED_SOURCES: usize = 65_536;
+
+/// Live admission state of one listener.
+pub struct Admission {
+    rules: Rules,
+    global: Arc<Global>,
+    active: AtomicU64,
+    per_source: Mutex<HashMap<IpAddr, u32>>,
+    bucket: Mutex<Option<Bucket>>,
+    source_buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+/// The daemon-wide cap on concurrent connections.
+#[derive(Debug, Default)]
+pub struct Global {
+    pub max: Option<u64>,
+    pub active: AtomicU64,
+}
+
+/// Holds a client's place in the counters; released on drop.
+pub struct Admitted<'a> {
+    adm: &'a Admission,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.adm.active.fetch_sub(1, Relaxed);
+        self.adm.global.active.fetch_sub(1, Relaxed);
+        if self.adm.rules.max_connections_per_source.is_some() {
+            let mut m = self.adm.per_source.lock().unwrap();
+            if let Some(n) = m.get_mut(&self.ip) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.ip);
+                }
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(rules: Rules, global: Arc<Global>) -> Self {
+        let bucket = rules.connection_rate.map(Bucket::new);
+        Self {
+            rules,
+            global,
+            active: AtomicU64::new(0),
+            per_source: Mutex::default(),
+            bucket: Mutex::new(bucket),
+            source_buckets: Mutex::default(),
+        }
+    }
+
+    /// Admits `ip`, or says why not (one of [`CAUSES`]).
+    pub fn admit(&self, ip: IpAddr) -> Result<Admitted<'_>, &'static str> {
+        let r = &self.rules;
+        if r.deny.iter().any(|c| c.contains(ip)) || (!r.allow.is_empty() && !r.allow.iter().any(|c| c.contains(ip))) {
+            return Err("denied");
+        }
+        if let Some(max) = self.global.max {
+            if self.global.active.load(Relaxed) >= max {
+                return Err("global-max-connections");
+            }
+        }
+        if let Some(max) = r.max_connections {
+            if self.active.load(Relaxed) >= u64::from(max) {
+                return Err("max-connections");
+            }
+        }
+        if let Some(max) = r.max_connections_per_source {
+            if self.per_source.lock().unwrap().get(&ip).copied().unwrap_or(0) >= max {
+                return Err("max-connections-per-source");
+            }
+        }
+        let now = Instant::now();
+        if let (Some(rate), Some(b)) = (r.connection_rate, self.bucket.lock().unwrap().as_mut()) {
+            if !b.take(rate, now) {
+                return Err("rate-limit");
+            }
+        }
+        if let Some(rate) = r.connection_rate_per_source {
+            let mut m = self.source_buckets.lock().unwrap();
+            if m.len() >= MAX_TRACKED_SOURCES {
+                // Full buckets carry no state worth keeping.
+                m.retain(|_, b| now.duration_since(b.at).as_secs_f64() * rate.per_sec + b.tokens < rate.burst);
+            }
+            if !m.entry(ip).or_insert_with(|| Bucket::new(rate)).take(rate, now) {
+                return Err("source-rate-limit");
+            }
+        }
+        // Counted last, so a rejection above leaves nothing to undo.
+        self.active.fetch_add(1, Relaxed);
+        self.global.active.fetch_add(1, Relaxed);
+        if r.max_connections_per_source.is_some() {
+            *self.per_source.lock().unwrap().entry(ip).or_default() += 1;
+        }
+        Ok(Admitted { adm: self, ip })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs() {
+        let c = Cidr::parse("10.0.0.0/8").unwrap();
+        assert!(c.contains("10.1.2.3".parse().unwrap()));
+        assert!(!c.contains("11.0.0.1".parse().unwrap()));
+        assert!(c.contains("::ffff:10.9.9.9".parse().unwrap()));
+        let h = Cidr::parse("192.0.2.7").unwrap();
+        assert!(h.contains("192.0.2.7".parse().unwrap()) && !h.contains("192.0.2.8".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:1::5".parse().unwrap()));
+        assert!(!v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("8.8.8.8".parse().unwrap()));
+        for bad in ["10.0.0.0/33", "10.0.0/8", "x", "::/129", "10.0.0.0/-1"] {
+            assert!(Cidr::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("100/s").unwrap(), Rate { per_sec: 100.0, burst: 100.0 });
+        assert_eq!(Rate::parse("60/m").unwrap().per_sec, 1.0);
+        for bad in ["", "100", "0/s", "10/d", "x/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn caps_and_buckets() {
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let rules = Rules {
+            max_connections: Some(3),
+            max_connections_per_source: Some(2),
+            deny: vec![Cidr::parse("10.0.0.9").unwrap()],
+            ..Default::default()
+        };
+        let a = Admission::new(rules, Arc::new(Global::default()));
+        let g1 = a.admit(ip).unwrap();
+        let _g2 = a.admit(ip).unwrap();
+        assert_eq!(a.admit(ip).err(), Some("max-connections-per-source"));
+        let _g3 = a.admit(other).unwrap();
+        assert_eq!(a.admit(other).err(), Some("max-connections"));
+        drop(g1);
+        assert!(a.admit(other).is_ok());
+        assert_eq!(a.admit("10.0.0.9".parse().unwrap()).err(), Some("denied"));
+
+        let rated = Admission::new(
+            Rules { connection_rate: Some(Rate::parse("2/h").unwrap()), ..Default::default() },
+            Arc::new(Global::default()),
+        );
+        let _a = rated.admit(ip).unwrap();
+        let _b = rated.admit(ip).unwrap();
+        assert_eq!(rated.admit(ip).err(), Some("rate-limit"));
+
+        let global = Arc::new(Global { max: Some(1), active: AtomicU64::new(0) });
+        let l1 = Admission::new(Rules::default(), global.clone());
+        let l2 = Admission::new(Rules::default(), global);
+        let _held = l1.admit(ip).unwrap();
+        assert_eq!(l2.admit(ip).err(), Some("global-max-connections"));
+    }
+}

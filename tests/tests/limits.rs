@@ -1,0 +1,156 @@
+//! Limits and access control: each rule turns away exactly the connections
+//! it should, before any backend is contacted, and counts them by cause.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use gateway_tests::*;
+
+/// An echo backend that counts the connections it accepted.
+fn counting_backend(topo: &Topology) -> (Backend, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = n.clone();
+    let be = Backend::spawn(topo, move |mut s| {
+        c.fetch_add(1, Ordering::SeqCst);
+        let _ = echo_conn(&mut s);
+    });
+    (be, n)
+}
+
+fn gateway(topo: &Topology, backend: SocketAddr, rules: &str, extra: &str) -> Gateway {
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{backend}\"]\n    offload: kernel\n{rules}\
+         \x20 - name: t6\n    bind: \"[{GW_CLIENT_SIDE_IP6}]:0\"\n    backends: [\"{backend}\"]\n    offload: kernel\n{rules}"
+    );
+    Gateway::start(topo, &GatewayConfig { listeners, extra: extra.into() })
+}
+
+/// Served: an echo comes back.
+fn served(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    if s.write_all(b"ping").is_err() {
+        return false;
+    }
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).is_ok() && &b == b"ping"
+}
+
+/// Turned away: the gateway closes the connection without a byte (its RST
+/// may even beat the end of connect()).
+fn turned_away(s: std::io::Result<TcpStream>) -> bool {
+    match s {
+        Ok(mut s) => matches!(read_until_closed(&mut s, Duration::from_secs(10)), Ok(0) | Err(_)),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
+}
+
+fn rejected(gw: &Gateway, listener: &str, cause: &str) -> u64 {
+    let out = std::process::Command::new(gateway_bin())
+        .args(["stats", "--json", "--socket"])
+        .arg(&gw.admin)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == listener).unwrap().clone();
+    l["rejected"][cause].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn acls_reject_exactly_what_they_list() {
+    if !require_root("acls_reject_exactly_what_they_list") {
+        return;
+    }
+    let topo = Topology::new();
+    let (be, accepted) = counting_backend(&topo);
+    // deny wins over allow; IPv4 and IPv6 prefixes.
+    let gw = gateway(
+        &topo,
+        be.addr,
+        "    allow: [\"10.0.0.0/8\", \"fd77::/16\"]\n    deny: [\"10.77.1.2\", \"fd77:1::/64\"]\n",
+        "",
+    );
+    for name in ["t", "t6"] {
+        assert!(turned_away(topo.connect(gw.listener(name))), "{name}: the denied client was served");
+        assert_eq!(rejected(&gw, name, "denied"), 1);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 0, "a denied client reached the backend");
+    drop(gw);
+    // An allow list without the client denies it; one with it serves it.
+    let gw = gateway(&topo, be.addr, "    allow: [\"192.0.2.0/24\"]\n", "");
+    assert!(turned_away(topo.connect(gw.listener("t"))));
+    assert_eq!(rejected(&gw, "t", "denied"), 1);
+    drop(gw);
+    let gw = gateway(&topo, be.addr, "    allow: [\"10.77.1.0/24\"]\n", "");
+    let mut s = topo.connect(gw.listener("t")).unwrap();
+    assert!(served(&mut s));
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    drop(s);
+    gw.wait_idle();
+}
+
+#[test]
+fn connection_caps_and_rates() {
+    if !require_root("connection_caps_and_rates") {
+        return;
+    }
+    let topo = Topology::new();
+    let (be, accepted) = counting_backend(&topo);
+
+    // max_connections: 2 held, the third turned away, room again after a close.
+    let gw = gateway(&topo, be.addr, "    max_connections: 2\n", "");
+    let addr = gw.listener("t");
+    let mut held: Vec<TcpStream> = (0..2).map(|_| topo.connect(addr).unwrap()).collect();
+    for s in &mut held {
+        assert!(served(s));
+    }
+    assert!(turned_away(topo.connect(addr)));
+    assert_eq!(rejected(&gw, "t", "max-connections"), 1);
+    held.pop();
+    gw.wait_for("a free place", Duration::from_secs(10), |g| g.flows().len() == 1);
+    let mut again = topo.connect(addr).unwrap();
+    assert!(served(&mut again));
+    drop((held, again));
+    gw.wait_idle();
+    drop(gw);
+
+    // Per source: one at a time from this client.
+    let gw = gateway(&topo, be.addr, "    max_connections_per_source: 1\n", "");
+    let addr = gw.listener("t");
+    let mut first = topo.connect(addr).unwrap();
+    assert!(served(&mut first));
+    assert!(turned_away(topo.connect(addr)));
+    assert_eq!(rejected(&gw, "t", "max-connections-per-source"), 1);
+    drop(first);
+    gw.wait_idle();
+    drop(gw);
+
+    // Rates: two new connections an hour, per listener and per source.
+    for (key, cause) in [("connection_rate", "rate-limit"), ("connection_rate_per_source", "source-rate-limit")] {
+        let gw = gateway(&topo, be.addr, &format!("    {key}: \"2/h\"\n"), "");
+        let addr = gw.listener("t");
+        for _ in 0..2 {
+            let mut s = topo.connect(addr).unwrap();
+            assert!(served(&mut s), "{key}: within the rate");
+        }
+        assert!(turned_away(topo.connect(addr)), "{key}: over the rate");
+        assert_eq!(rejected(&gw, "t", cause), 1);
+        gw.wait_idle();
+    }
+
+    // The global cap spans listeners.
+    let before = accepted.load(Ordering::SeqCst);
+    let gw = gateway(&topo, be.addr, "", "limits:\n  max_connections: 1\n");
+    let mut a = topo.connect(gw.listener("t")).unwrap();
+    assert!(served(&mut a));
+    assert!(turned_away(topo.connect(gw.listener("t6"))));
+    assert_eq!(rejected(&gw, "t6", "global-max-connections"), 1);
+    assert_eq!(accepted.load(Ordering::SeqCst), before + 1, "a rejected client reached the backend");
+    drop(a);
+    gw.wait_idle();
+}
