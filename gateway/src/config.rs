@@ -135,6 +135,16 @@ struct RawListener {
     max_connections_per_source: Option<Value>,
     connection_rate: Option<Value>,
     connection_rate_per_source: Option<Value>,
+    health: Option<RawHealth>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    failures: Option<Value>,
+    eject_for: Option<Value>,
+    interval: Option<Value>,
+    timeout: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -319,6 +329,7 @@ pub struct Listener {
     pub idle_timeout: Duration,
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::limits::Rules,
+    pub health: crate::health::HealthConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -496,6 +507,21 @@ impl RawConfig {
                     .as_ref()
                     .and_then(|v| e.rate(&p("connection_rate_per_source"), v)),
             };
+            let mut health = crate::health::HealthConfig::default();
+            if let Some(h) = &l.health {
+                if let Some(v) = &h.failures {
+                    health.failures = e.uint(&p("health.failures"), v, 1..=1000).map_or(health.failures, |n| n as u32);
+                }
+                if let Some(v) = &h.eject_for {
+                    health.eject_for = e.duration(&p("health.eject_for"), v).unwrap_or(health.eject_for);
+                }
+                if let Some(v) = &h.interval {
+                    health.interval = e.duration(&p("health.interval"), v);
+                }
+                if let Some(v) = &h.timeout {
+                    health.timeout = e.duration(&p("health.timeout"), v).unwrap_or(health.timeout);
+                }
+            }
             let connect_attempts = match &l.connect_attempts {
                 Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
                 None => Some((backends.len() as u32).clamp(1, 3)),
@@ -522,6 +548,7 @@ impl RawConfig {
                     connect_attempts: ca,
                     idle_timeout: it,
                     limits,
+                    health,
                 });
             }
         }
@@ -706,6 +733,12 @@ admin:
         assert_rejected(&with("    max_connections_per_source: 0\n"), &["listeners[0].max_connections_per_source"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_connections: -1\n"), &["limits.max_connections"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_conns: 1\n"), &["limits", "unknown field `max_conns`"]);
+        let c = parse(&with("    health:\n      failures: 2\n      eject_for: 10s\n      interval: 1s\n")).unwrap();
+        assert_eq!(c.listeners[0].health.failures, 2);
+        assert_eq!(c.listeners[0].health.interval, Some(Duration::from_secs(1)));
+        assert_rejected(&with("    health:\n      failures: 0\n"), &["listeners[0].health.failures"]);
+        assert_rejected(&with("    health:\n      interval: often\n"), &["listeners[0].health.interval", "\"often\""]);
+        assert_rejected(&with("    health:\n      send: ping\n"), &["listeners[0]", "unknown field `send`"]);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod doctor;
 pub mod echo;
 pub mod flowlog;
 pub mod flows;
+pub mod health;
 pub mod kernel;
 pub mod limits;
 pub mod proxy;

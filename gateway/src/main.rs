@@ -277,6 +277,10 @@ async fn run(cfg: Config) -> Result<()> {
         .collect();
     for (sock, rt) in bound {
         info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
+        let checker = rt.clone();
+        tokio::spawn(
+            async move { gateway::health::check(&checker.health, &checker.cfg.name, &checker.cfg.backends).await },
+        );
         tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
@@ -443,8 +447,9 @@ fn stats_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Re
         );
         for b in &l.backends {
             println!(
-                "  backend {}: {} active, {} flows, {} connect failures, {}",
+                "  backend {} ({}): {} active, {} flows, {} connect failures, {}",
                 b.address,
+                if b.up { "up" } else { "ejected" },
                 b.active,
                 b.flows,
                 b.connect_failures,

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use crate::{
     config::{Balance, Listener, Offload},
     flows::{CloseCause, FlowPath, FlowTable},
+    health::Health,
     kernel::{KernelPath, Unavailable},
     limits::Admission,
     relay, splice,
@@ -42,6 +43,7 @@ pub struct ListenerRt {
     pub cfg: Listener,
     pub local: SocketAddr,
     pub stats: ListenerStats,
+    pub health: Health,
     admission: Admission,
     rr: AtomicUsize,
     active: Vec<AtomicU32>,
@@ -52,13 +54,19 @@ impl ListenerRt {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let stats = ListenerStats::new(cfg.backends.len());
         let admission = Admission::new(cfg.limits.clone(), global);
-        Self { cfg, local, stats, admission, rr: AtomicUsize::new(0), active }
+        let health = Health::new(cfg.health, cfg.backends.len());
+        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), active }
     }
 
     /// Totals for `gateway stats` and the metrics, given the live flows.
     pub fn report(&self, live: &[crate::flows::FlowSnapshot]) -> crate::stats::ListenerReport {
         let backends: Vec<String> = self.cfg.backends.iter().map(ToString::to_string).collect();
-        self.stats.report(&self.cfg.name, &self.local.to_string(), &self.cfg.offload.to_string(), &backends, live)
+        let mut r =
+            self.stats.report(&self.cfg.name, &self.local.to_string(), &self.cfg.offload.to_string(), &backends, live);
+        for (i, b) in r.backends.iter_mut().enumerate() {
+            b.up = self.health.is_up(i);
+        }
+        r
     }
 
     /// Backends in the order to try them for this client.
@@ -77,7 +85,8 @@ impl ListenerRt {
                 (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.active[i].load(Relaxed)).unwrap_or(0)
             }
         };
-        (0..n).map(|i| (start + i) % n).collect()
+        // Ejected backends get no new flows.
+        (0..n).map(|i| (start + i) % n).filter(|&i| self.health.is_up(i)).collect()
     }
 }
 
@@ -107,17 +116,30 @@ pub async fn serve(listener: TcpListener, rt: Arc<ListenerRt>, daemon: Arc<Daemo
 
 async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usize), String> {
     let mut tried = Vec::new();
-    for idx in rt.candidates(client).into_iter().cycle().take(rt.cfg.connect_attempts as usize) {
+    let candidates = rt.candidates(client);
+    if candidates.is_empty() {
+        return Err(format!(
+            "all {} backend(s) are ejected after failing health checks (health.failures {}, eject_for {:?})",
+            rt.cfg.backends.len(),
+            rt.cfg.health.failures,
+            rt.cfg.health.eject_for
+        ));
+    }
+    for idx in candidates.into_iter().cycle().take(rt.cfg.connect_attempts as usize) {
         let addr = rt.cfg.backends[idx];
         match tokio::time::timeout(rt.cfg.connect_timeout, TcpStream::connect(addr)).await {
-            Ok(Ok(s)) => return Ok((s, idx)),
+            Ok(Ok(s)) => {
+                rt.health.succeeded(idx, &rt.cfg.name, addr);
+                return Ok((s, idx));
+            }
             Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
             Err(_) => tried.push(format!("{addr} (no answer within {:?})", rt.cfg.connect_timeout)),
         }
         rt.stats.connect_failed(idx);
+        rt.health.failed(idx, &rt.cfg.name, addr);
         debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
     }
-    Err(tried.join(", "))
+    Err(format!("tried: {}", tried.join(", ")))
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
@@ -139,7 +161,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let (backend, idx) = match connect(rt, peer).await {
         Ok(b) => b,
         Err(tried) => {
-            warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client (tried: {tried})");
+            warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client ({tried})");
             retire(flow, None, &CloseCause::NoBackend, rt, daemon);
             return;
         }

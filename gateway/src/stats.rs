@@ -95,6 +95,8 @@ pub struct ListenerReport {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct BackendReport {
     pub address: String,
+    /// False while ejected by the health checks.
+    pub up: bool,
     pub active: u64,
     pub flows: u64,
     pub connect_failures: u64,
@@ -203,6 +205,7 @@ impl ListenerStats {
                 .zip(&self.connect_failures)
                 .map(|((addr, (active, flows, bytes)), fails)| BackendReport {
                     address: addr.clone(),
+                    up: true,
                     active,
                     flows,
                     connect_failures: fails.load(Relaxed),
@@ -300,6 +303,12 @@ pub fn prometheus(reports: &[ListenerReport], kernel_path: bool) -> String {
         reports.iter().flat_map(|r| bytes_rows(l(r), &r.bytes)).collect(),
     );
     let b = |r: &ListenerReport, be: &BackendReport| format!("{},backend=\"{}\"", l(r), esc(&be.address));
+    family(
+        "gateway_backend_up",
+        "gauge",
+        "1 unless the backend is ejected by the health checks.",
+        reports.iter().flat_map(|r| r.backends.iter().map(move |be| (b(r, be), u64::from(be.up)))).collect(),
+    );
     family(
         "gateway_backend_flows_active",
         "gauge",

@@ -154,3 +154,79 @@ fn connection_caps_and_rates() {
     drop(a);
     gw.wait_idle();
 }
+
+fn backend_report(gw: &Gateway, addr: SocketAddr) -> Value {
+    let out = std::process::Command::new(gateway_bin())
+        .args(["stats", "--json", "--socket"])
+        .arg(&gw.admin)
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["listeners"][0]["backends"].as_array().unwrap().iter().find(|b| b["address"] == addr.to_string()).unwrap().clone()
+}
+
+/// Passive health: a backend that refuses is ejected after `failures`
+/// consecutive failures and gets no new flows; with every backend ejected the
+/// client is closed with a clear reason. Active checks bring it back.
+#[test]
+fn failing_backends_are_ejected_and_come_back() {
+    if !require_root("failing_backends_are_ejected_and_come_back") {
+        return;
+    }
+    let topo = Topology::new();
+    let (good, _) = counting_backend(&topo);
+    // A port that refuses now and will be served later: keep the listener
+    // socket's address, close it, reopen it for the comeback.
+    let dead_l = topo.backend_listener();
+    let dead = dead_l.local_addr().unwrap();
+    drop(dead_l);
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{dead}\", \"{}\"]\n    offload: kernel\n    balance: round_robin\n    connect_attempts: 2\n    health:\n      failures: 1\n      eject_for: 1h\n      interval: 300ms\n      timeout: 200ms\n",
+        good.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("t");
+    gw.wait_for("the dead backend to be ejected", Duration::from_secs(10), |g| backend_report(g, dead)["up"] == false);
+    let fails = backend_report(&gw, dead)["connect_failures"].as_u64().unwrap();
+    for _ in 0..4 {
+        let mut s = topo.connect(addr).unwrap();
+        assert!(served(&mut s));
+    }
+    assert_eq!(
+        backend_report(&gw, dead)["connect_failures"].as_u64().unwrap(),
+        fails,
+        "clients were sent to an ejected backend"
+    );
+    assert_eq!(backend_report(&gw, good.addr)["flows"], 4);
+    gw.wait_idle();
+
+    // The backend comes back: the active check puts it back in rotation.
+    let revived = Topology::in_ns(&topo.backend, move || std::net::TcpListener::bind(dead).unwrap());
+    let _revived = Backend::serve(revived, |mut s| {
+        let _ = echo_conn(&mut s);
+    });
+    gw.wait_for("the revived backend to be up", Duration::from_secs(10), |g| backend_report(g, dead)["up"] == true);
+    assert!(gw.log_text().contains("back in rotation"), "{}", gw.log_text());
+}
+
+#[test]
+fn all_backends_down_is_said_plainly() {
+    if !require_root("all_backends_down_is_said_plainly") {
+        return;
+    }
+    let topo = Topology::new();
+    let dead = topo.backend_listener().local_addr().unwrap();
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{dead}\"]\n    offload: kernel\n    health:\n      failures: 1\n      eject_for: 1h\n"
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("t");
+    for _ in 0..2 {
+        assert!(turned_away(topo.connect(addr)));
+    }
+    gw.wait_idle();
+    let log = gw.log_text();
+    assert!(log.contains("backend ejected"), "{log}");
+    assert!(log.contains("all 1 backend(s) are ejected"), "{log}");
+    assert_eq!(backend_report(&gw, dead)["connect_failures"], 1, "the ejected backend was tried again");
+}
