@@ -106,6 +106,7 @@ struct RawConfig {
     log: RawLog,
     #[serde(default)]
     limits: RawLimits,
+    drain_timeout: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -299,7 +300,11 @@ pub struct Config {
     pub log: Log,
     /// Concurrent client connections across all listeners.
     pub max_connections: Option<u64>,
+    /// After SIGTERM/SIGINT, how long open flows may take to finish.
+    pub drain_timeout: Duration,
 }
+
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -584,6 +589,8 @@ impl RawConfig {
         let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
         let max_connections =
             self.limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
+        let drain_timeout =
+            self.drain_timeout.as_ref().map_or(Some(DEFAULT_DRAIN_TIMEOUT), |v| e.duration("drain_timeout", v));
         let log_format = self.log.format.as_ref().map_or(Some(LogFormat::Plain), |v| {
             e.choice("log.format", v, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)])
         });
@@ -610,6 +617,7 @@ impl RawConfig {
                 max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
             },
             max_connections,
+            drain_timeout: drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             log: Log {
                 format: log_format.unwrap_or(LogFormat::Plain),
                 flow_interval: flow_interval.unwrap_or(DEFAULT_FLOW_LOG_INTERVAL),
@@ -733,6 +741,7 @@ admin:
         assert_rejected(&with("    max_connections_per_source: 0\n"), &["listeners[0].max_connections_per_source"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_connections: -1\n"), &["limits.max_connections"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_conns: 1\n"), &["limits", "unknown field `max_conns`"]);
+        assert_rejected(&format!("{GOOD}drain_timeout: soon\n"), &["drain_timeout", "\"soon\""]);
         let c = parse(&with("    health:\n      failures: 2\n      eject_for: 10s\n      interval: 1s\n")).unwrap();
         assert_eq!(c.listeners[0].health.failures, 2);
         assert_eq!(c.listeners[0].health.interval, Some(Duration::from_secs(1)));

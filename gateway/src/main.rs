@@ -275,13 +275,14 @@ async fn run(cfg: Config) -> Result<()> {
             offload: rt.cfg.offload.to_string(),
         })
         .collect();
+    let mut accepting = Vec::new();
     for (sock, rt) in bound {
         info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
         let checker = rt.clone();
         tokio::spawn(
             async move { gateway::health::check(&checker.health, &checker.cfg.name, &checker.cfg.backends).await },
         );
-        tokio::spawn(proxy::serve(sock, rt, daemon.clone()));
+        accepting.push(tokio::spawn(proxy::serve(sock, rt, daemon.clone())));
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
     tokio::spawn(gateway::flowlog::periodic(daemon.clone(), cfg.log.flow_interval));
@@ -292,10 +293,33 @@ async fn run(cfg: Config) -> Result<()> {
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: exiting"),
-        _ = tokio::signal::ctrl_c() => info!("SIGINT: exiting"),
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let signal = tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    };
+    // Drain: stop accepting (the listening sockets close), let open flows
+    // finish for up to drain_timeout; a second signal ends it at once.
+    for task in &accepting {
+        task.abort();
     }
+    let open = daemon.flows.len();
+    info!(signal, open_flows = open, drain_timeout = ?cfg.drain_timeout, "stopped accepting; draining");
+    let drained = async {
+        while !daemon.flows.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    };
+    tokio::select! {
+        () = drained => info!("all flows finished; exiting"),
+        () = tokio::time::sleep(cfg.drain_timeout) => {
+            warn!(open_flows = daemon.flows.len(), "drain_timeout reached; closing the remaining flows");
+        }
+        _ = term.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
+        _ = int.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
+    }
+    // Returning drops the runtime: every flow's sockets close, which also
+    // takes them out of the sockmap, and the programs go with the process.
     Ok(())
 }
 

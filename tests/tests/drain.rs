@@ -1,0 +1,104 @@
+//! Shutdown: SIGTERM stops accepting and lets open flows finish within
+//! `drain_timeout`; a second signal exits at once.
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use gateway_tests::*;
+
+fn start(topo: &Topology, backend: SocketAddr, drain: &str) -> (Gateway, SocketAddr) {
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{backend}\"]\n    offload: kernel\n"
+    );
+    let gw = Gateway::start(topo, &GatewayConfig { listeners, extra: format!("drain_timeout: {drain}\n") });
+    let addr = gw.listener("t");
+    (gw, addr)
+}
+
+fn signal(gw: &Gateway, sig: i32) {
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(gw.pid() as i32, sig) }, 0);
+}
+
+fn wait_exit(gw: &mut Gateway, limit: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = gw.child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "the daemon did not exit within {limit:?}:\n{}", gw.log_text());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn held_flow(topo: &Topology, gw: &Gateway, addr: SocketAddr) -> TcpStream {
+    let mut s = topo.connect(addr).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    gw.wait_for("the flow", Duration::from_secs(10), |g| g.flows().len() == 1);
+    s
+}
+
+#[test]
+fn sigterm_drains_in_flight_transfers() {
+    if !require_root("sigterm_drains_in_flight_transfers") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (mut gw, addr) = start(&topo, be.addr, "30s");
+    const LEN: u64 = 32 << 20;
+    let s = topo.connect(addr).unwrap();
+    gw.wait_for("the flow", Duration::from_secs(10), |g| g.flows().len() == 1);
+    // The transfer runs while the daemon is told to stop.
+    let transfer = {
+        let s = s.try_clone().unwrap();
+        thread::spawn(move || echo_roundtrip(&s, Pattern(8), LEN))
+    };
+    signal(&gw, libc::SIGTERM);
+    // New clients are refused once the listener has closed...
+    gw.wait_for(
+        "the listener to close",
+        Duration::from_secs(10),
+        |_| matches!(topo.connect(addr), Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused),
+    );
+    // ...while the transfer in flight completes intact.
+    transfer.join().unwrap().unwrap_or_else(|e| panic!("transfer cut by the drain: {e}"));
+    drop(s);
+    let st = wait_exit(&mut gw, Duration::from_secs(20));
+    assert!(st.success(), "{st}");
+    let log = gw.log_text();
+    assert!(log.contains("draining") && log.contains("all flows finished"), "{log}");
+}
+
+#[test]
+fn drain_timeout_and_second_signal_end_the_wait() {
+    if !require_root("drain_timeout_and_second_signal_end_the_wait") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+
+    // An idle flow outlives a 500 ms drain: the daemon closes it and exits.
+    let (mut gw, addr) = start(&topo, be.addr, "500ms");
+    let mut held = held_flow(&topo, &gw, addr);
+    let t0 = Instant::now();
+    signal(&gw, libc::SIGTERM);
+    wait_exit(&mut gw, Duration::from_secs(20));
+    assert!(t0.elapsed() >= Duration::from_millis(450), "exited after {:?}, before drain_timeout", t0.elapsed());
+    assert!(gw.log_text().contains("drain_timeout reached"), "{}", gw.log_text());
+    assert!(read_until_closed(&mut held, Duration::from_secs(10)).map_or(true, |n| n == 0));
+
+    // With a long drain, a second signal exits at once.
+    let (mut gw, addr) = start(&topo, be.addr, "1h");
+    let _held = held_flow(&topo, &gw, addr);
+    signal(&gw, libc::SIGTERM);
+    gw.wait_for("the drain to start", Duration::from_secs(10), |g| g.log_text().contains("draining"));
+    signal(&gw, libc::SIGINT);
+    wait_exit(&mut gw, Duration::from_secs(10));
+    assert!(gw.log_text().contains("second signal"), "{}", gw.log_text());
+}
