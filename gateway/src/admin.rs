@@ -70,7 +70,9 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Binds the socket, replacing a stale one, readable by root only.
-    pub fn bind(path: &Path) -> std::io::Result<(Self, UnixListener)> {
+    /// Binds the socket; with `group` (a gid), members of that group may use
+    /// it too (mode 0660), otherwise only its owner (0600).
+    pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<(Self, UnixListener)> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -85,8 +87,15 @@ impl AdminServer {
             std::fs::remove_file(path)?;
         }
         let l = UnixListener::bind(path)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        Ok((Self { path: path.to_path_buf() }, l))
+        let guard = Self { path: path.to_path_buf() };
+        match group {
+            Some(gid) => {
+                std::os::unix::fs::chown(path, None, Some(gid))?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+            }
+            None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+        }
+        Ok((guard, l))
     }
 }
 

@@ -280,6 +280,7 @@ fn yaml_kind(v: &Value) -> &'static str {
 struct RawAdmin {
     socket: Option<PathBuf>,
     metrics: Option<Value>,
+    group: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -342,6 +343,8 @@ pub struct Admin {
     pub socket: PathBuf,
     /// Address of the Prometheus endpoint (`GET /metrics`), when enabled.
     pub metrics: Option<SocketAddr>,
+    /// Group allowed to use the admin socket (name and gid), besides its owner.
+    pub group: Option<(String, u32)>,
 }
 
 #[derive(Debug, Clone)]
@@ -587,6 +590,16 @@ impl RawConfig {
             }
         }
         let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
+        let group = self.admin.group.as_ref().and_then(|v| {
+            let name = e.string("admin.group", v)?;
+            match crate::sys::group_id(&name) {
+                Some(gid) => Some((name, gid)),
+                None => {
+                    e.push("admin.group", format_args!("{name:?} is not a group on this host"));
+                    None
+                }
+            }
+        });
         let max_connections =
             self.limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
         let drain_timeout =
@@ -609,7 +622,7 @@ impl RawConfig {
         }
         Ok(Config {
             listeners,
-            admin: Admin { socket: self.admin.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()), metrics },
+            admin: Admin { socket: self.admin.socket.unwrap_or_else(|| DEFAULT_ADMIN_SOCKET.into()), metrics, group },
             kernel: Kernel {
                 max_flows: self.kernel.max_flows.unwrap_or(DEFAULT_MAX_FLOWS),
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
@@ -705,6 +718,10 @@ admin:
         assert_rejected(&GOOD.replace("balance:", "balanse:"), &["listeners[0]", "balanse"]);
         assert_rejected(&format!("{GOOD}extra: 1\n"), &["extra"]);
         assert_rejected(&GOOD.replace("socket:", "sock:"), &["admin", "sock"]);
+        assert_rejected(
+            &format!("{GOOD}  group: no-such-group-here\n"),
+            &["admin.group", "\"no-such-group-here\" is not a group"],
+        );
     }
 
     #[test]

@@ -257,7 +257,7 @@ async fn run(cfg: Config) -> Result<()> {
         ),
         None => None,
     };
-    let (_admin_guard, admin_listener) = AdminServer::bind(&cfg.admin.socket)
+    let (_admin_guard, admin_listener) = AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1))
         .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
     let daemon = Arc::new(Daemon {
         flows: Default::default(),

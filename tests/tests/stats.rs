@@ -153,3 +153,26 @@ fn flow_log_records_each_event_as_json() {
     assert_eq!(of(2, "close").len(), 1);
     assert!(of(2, "update").iter().all(|u| u["path"] == "kernel"));
 }
+
+/// The admin socket is root-only by default; `admin.group` opens it to a group.
+#[test]
+fn admin_socket_is_owner_only_unless_a_group_is_named() {
+    if !require_root("admin_socket_is_owner_only_unless_a_group_is_named") {
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = format!("  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n", be.addr);
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners: listeners.clone(), extra: String::new() });
+    let m = std::fs::metadata(&gw.admin).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    assert_eq!(m.uid(), 0);
+    drop(gw);
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: "  group: nogroup\n".into() });
+    let m = std::fs::metadata(&gw.admin).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o660);
+    let nogroup = std::process::Command::new("getent").args(["group", "nogroup"]).output().unwrap();
+    let gid: u32 = String::from_utf8_lossy(&nogroup.stdout).split(':').nth(2).unwrap().parse().unwrap();
+    assert_eq!(m.gid(), gid);
+}
