@@ -53,9 +53,9 @@ pub struct StatsReply {
 
 /// Totals of every listener, consistent with its live flows.
 pub fn stats(daemon: &Daemon) -> StatsReply {
-    let listeners = daemon
-        .flows
-        .with_live(daemon.kernel.as_ref(), |live| daemon.listeners.iter().map(|l| l.report(live)).collect());
+    let current = daemon.listeners.current();
+    let listeners =
+        daemon.flows.with_live(daemon.kernel.as_ref(), |live| current.iter().map(|l| l.report(live)).collect());
     StatsReply { kernel_path: daemon.kernel.is_some(), listeners }
 }
 
@@ -105,21 +105,35 @@ impl Drop for AdminServer {
     }
 }
 
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, listeners: Arc<Vec<ListenerInfo>>) {
+fn listener_infos(daemon: &Daemon) -> Vec<ListenerInfo> {
+    daemon
+        .listeners
+        .current()
+        .iter()
+        .map(|rt| ListenerInfo {
+            name: rt.cfg.name.clone(),
+            local: rt.local.to_string(),
+            offload: rt.cfg.offload.to_string(),
+        })
+        .collect()
+}
+
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     loop {
         let Ok((conn, _)) = listener.accept().await else {
             continue;
         };
-        let (daemon, listeners) = (daemon.clone(), listeners.clone());
+        let daemon = daemon.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &daemon, &listeners).await {
+            if let Err(e) = answer(conn, &daemon).await {
                 warn!("admin request failed: {e}");
             }
         });
     }
 }
 
-async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -> std::io::Result<()> {
+async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
+    let listeners = &listener_infos(daemon);
     let (r, mut w) = conn.into_split();
     let mut line = String::new();
     BufReader::new(r.take(4096)).read_line(&mut line).await?;
@@ -127,6 +141,16 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
         "flows" => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
         "listeners" => serde_json::to_vec(listeners),
         "stats" => serde_json::to_vec(&stats(daemon)),
+        "reload" => {
+            let r = crate::reload::reload(daemon, &daemon.config_path, &daemon.global).await;
+            if let Err(e) = &r {
+                warn!("{e}");
+            }
+            serde_json::to_vec(&match r {
+                Ok(summary) => serde_json::json!({ "ok": true, "message": summary }),
+                Err(e) => serde_json::json!({ "ok": false, "message": e }),
+            })
+        }
         "status" => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
             serde_json::to_vec(&Status {
@@ -148,7 +172,7 @@ async fn answer(conn: UnixStream, daemon: &Daemon, listeners: &[ListenerInfo]) -
             })
         }
         other => Ok(serde_json::to_vec(
-            &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, stats, listeners or status") }),
+            &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, stats, listeners, status or reload") }),
         )
         .unwrap()),
     }

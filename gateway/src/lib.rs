@@ -15,6 +15,7 @@ pub mod kernel;
 pub mod limits;
 pub mod proxy;
 pub mod relay;
+pub mod reload;
 pub mod splice;
 pub mod stats;
 pub mod sys;

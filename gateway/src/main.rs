@@ -4,12 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway::{
-    admin::{self, AdminServer, FlowsReply, ListenerInfo},
+    admin::{self, AdminServer, FlowsReply},
     config::{self, Config, Offload},
     echo,
     flows::FlowSnapshot,
     kernel::KernelPath,
-    proxy::{self, Daemon, ListenerRt},
+    proxy::{Daemon, ListenerRt},
+    reload,
 };
 use tracing::{error, info, warn};
 
@@ -77,6 +78,16 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the daemon's config file (like SIGHUP): new flows get the new settings, open flows are untouched.
+    #[command(
+        after_help = "Example:\n  gateway reload --config /etc/gateway/gateway.yaml   # validates locally first, then asks the daemon"
+    )]
+    Reload {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
     /// Show the daemon's status: kernel path, map usage, bound listeners.
     Status {
         #[arg(long, value_name = "PATH")]
@@ -136,7 +147,7 @@ fn main() -> ExitCode {
             };
             init_logging(cfg.log.format == config::LogFormat::Json);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(run(cfg)) {
+            match rt.block_on(run(cfg, &config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -150,6 +161,7 @@ fn main() -> ExitCode {
         }
         Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
         Cmd::Stats { socket, config, json } => exit(stats_cmd(socket, config, json)),
+        Cmd::Reload { socket, config } => exit(reload_cmd(socket, config)),
         Cmd::Doctor { config, json } => doctor_cmd(config, json),
         Cmd::Echo { bind, greeting } => {
             init_logging(false);
@@ -211,7 +223,7 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn run(cfg: Config) -> Result<()> {
+async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
     // The kernel path is loaded once for all listeners that may use it.
     let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
     let (kernel, unavailable) = if wants_kernel {
@@ -247,7 +259,7 @@ async fn run(cfg: Config) -> Result<()> {
     let mut bound = Vec::new();
     let global = Arc::new(gateway::limits::Global { max: cfg.max_connections, ..Default::default() });
     for l in &cfg.listeners {
-        let sock = bind_listener(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let sock = reload::bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
         let local = sock.local_addr()?;
         bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
     }
@@ -261,30 +273,19 @@ async fn run(cfg: Config) -> Result<()> {
         .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
     let daemon = Arc::new(Daemon {
         flows: Default::default(),
-        listeners: bound.iter().map(|(_, rt)| rt.clone()).collect(),
+        listeners: Default::default(),
+        config: std::sync::Mutex::new(cfg.clone()),
+        config_path: config_path.to_path_buf(),
+        global: global.clone(),
         metrics: metrics.as_ref().and_then(|m| m.local_addr().ok()),
         kernel,
         kernel_unavailable: unavailable,
         handoff_delay,
     });
-    let infos: Vec<ListenerInfo> = bound
-        .iter()
-        .map(|(_, rt)| ListenerInfo {
-            name: rt.cfg.name.clone(),
-            local: rt.local.to_string(),
-            offload: rt.cfg.offload.to_string(),
-        })
-        .collect();
-    let mut accepting = Vec::new();
     for (sock, rt) in bound {
-        info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
-        let checker = rt.clone();
-        tokio::spawn(
-            async move { gateway::health::check(&checker.health, &checker.cfg.name, &checker.cfg.backends).await },
-        );
-        accepting.push(tokio::spawn(proxy::serve(sock, rt, daemon.clone())));
+        reload::start(&daemon, sock, rt);
     }
-    tokio::spawn(admin::serve(admin_listener, daemon.clone(), Arc::new(infos)));
+    tokio::spawn(admin::serve(admin_listener, daemon.clone()));
     tokio::spawn(gateway::flowlog::periodic(daemon.clone(), cfg.log.flow_interval));
     if let Some(m) = metrics {
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
@@ -294,15 +295,22 @@ async fn run(cfg: Config) -> Result<()> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let signal = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let signal = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                // The outcome is logged either way; a bad file changes nothing.
+                if let Err(e) = reload::reload(&daemon, config_path, &global).await {
+                    error!("{e}");
+                }
+            }
+        }
     };
     // Drain: stop accepting (the listening sockets close), let open flows
     // finish for up to drain_timeout; a second signal ends it at once.
-    for task in &accepting {
-        task.abort();
-    }
+    daemon.listeners.stop_all();
     let open = daemon.flows.len();
     info!(signal, open_flows = open, drain_timeout = ?cfg.drain_timeout, "stopped accepting; draining");
     let drained = async {
@@ -336,18 +344,6 @@ fn raise_nofile_limit() {
             }
         }
     }
-}
-
-fn bind_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
-    s.set_reuse_address(true)?;
-    if addr.is_ipv6() {
-        s.set_only_v6(true)?;
-    }
-    s.set_nonblocking(true)?;
-    s.bind(&addr.into())?;
-    s.listen(4096)?;
-    tokio::net::TcpListener::from_std(s.into())
 }
 
 fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
@@ -436,6 +432,19 @@ fn human_ms(ms: u64) -> String {
         1_000..60_000 => format!("{:.1}s", ms as f64 / 1e3),
         60_000..3_600_000 => format!("{}m{}s", ms / 60_000, ms % 60_000 / 1000),
         _ => format!("{}h{}m", ms / 3_600_000, ms % 3_600_000 / 60_000),
+    }
+}
+
+fn reload_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
+    let path = admin_socket(socket, config)?;
+    let raw = admin::request(&path, "reload").map_err(|e| anyhow!(e))?;
+    let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+    let msg = v["message"].as_str().unwrap_or("");
+    if v["ok"] == true {
+        println!("{msg}");
+        Ok(())
+    } else {
+        Err(anyhow!("{msg}"))
     }
 }
 

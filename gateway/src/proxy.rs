@@ -26,7 +26,11 @@ use crate::{
 /// Shared state of the running daemon.
 pub struct Daemon {
     pub flows: FlowTable,
-    pub listeners: Vec<Arc<ListenerRt>>,
+    pub listeners: crate::reload::Listeners,
+    /// The config in force (updated by reloads) and where it came from.
+    pub config: std::sync::Mutex<crate::config::Config>,
+    pub config_path: std::path::PathBuf,
+    pub global: Arc<crate::limits::Global>,
     /// Bound address of the metrics endpoint.
     pub metrics: Option<SocketAddr>,
     pub kernel: Option<KernelPath>,
@@ -42,7 +46,7 @@ pub struct Daemon {
 pub struct ListenerRt {
     pub cfg: Listener,
     pub local: SocketAddr,
-    pub stats: ListenerStats,
+    pub stats: Arc<ListenerStats>,
     pub health: Health,
     admission: Admission,
     rr: AtomicUsize,
@@ -51,11 +55,36 @@ pub struct ListenerRt {
 
 impl ListenerRt {
     pub fn new(cfg: Listener, local: SocketAddr, global: Arc<crate::limits::Global>) -> Self {
+        let stats = Arc::new(ListenerStats::new(cfg.backends.len()));
+        Self::with_stats(cfg, local, global, stats)
+    }
+
+    fn with_stats(
+        cfg: Listener,
+        local: SocketAddr,
+        global: Arc<crate::limits::Global>,
+        stats: Arc<ListenerStats>,
+    ) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
-        let stats = ListenerStats::new(cfg.backends.len());
         let admission = Admission::new(cfg.limits.clone(), global);
         let health = Health::new(cfg.health, cfg.backends.len());
         Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), active }
+    }
+
+    /// New settings for a listener that keeps running: its totals carry over
+    /// when the backend list is the same (they are indexed by backend).
+    pub fn carry_over(cfg: Listener, prev: &ListenerRt, global: Arc<crate::limits::Global>) -> Self {
+        let stats = if cfg.backends == prev.cfg.backends {
+            prev.stats.clone()
+        } else {
+            Arc::new(ListenerStats::new(cfg.backends.len()))
+        };
+        Self::with_stats(cfg, prev.local, global, stats)
+    }
+
+    pub fn with_local(mut self, local: SocketAddr) -> Self {
+        self.local = local;
+        self
     }
 
     /// Totals for `gateway stats` and the metrics, given the live flows.
@@ -98,16 +127,18 @@ impl Drop for Active<'_> {
     }
 }
 
-pub async fn serve(listener: TcpListener, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc<Daemon>) {
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
-                let (rt, daemon) = (rt.clone(), daemon.clone());
+                // The settings in force when the client arrived stay with its flow.
+                let rt = slot.lock().unwrap().clone();
+                let daemon = daemon.clone();
                 tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly.
-                warn!(listener = %rt.cfg.name, "accept failed: {e}");
+                warn!(listener = %slot.lock().unwrap().cfg.name, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }

@@ -1,0 +1,181 @@
+//! The set of running listeners, and reloading it from a new config file
+//! (SIGHUP or `gateway reload`) without touching established flows.
+//!
+//! - The new file is validated first; a bad file changes nothing.
+//! - Listeners are matched by name. Same name and bind: new flows get the new
+//!   settings, the socket stays open, stats carry over when the backend list
+//!   is unchanged. A changed bind, or a new name, binds a new socket; every
+//!   bind is done before anything is applied, so a failed bind changes nothing.
+//! - Removed listeners stop accepting; their flows go on until they end.
+//! - Established flows keep the settings they started with (kernel and
+//!   userspace alike): each holds its own reference to its listener's state.
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Listener},
+    limits::Global,
+    proxy::{self, Daemon, ListenerRt},
+};
+
+/// Where new flows of a listener read their settings from.
+pub type Slot = Arc<Mutex<Arc<ListenerRt>>>;
+
+pub struct Running {
+    pub slot: Slot,
+    pub bind: SocketAddr,
+    accept: JoinHandle<()>,
+    checks: JoinHandle<()>,
+}
+
+impl Running {
+    fn stop(&self) {
+        self.accept.abort();
+        self.checks.abort();
+    }
+}
+
+/// The running listeners, by name.
+#[derive(Default)]
+pub struct Listeners {
+    pub running: Mutex<BTreeMap<String, Running>>,
+    /// Serialises reloads.
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Listeners {
+    /// Snapshot of the current settings of every listener.
+    pub fn current(&self) -> Vec<Arc<ListenerRt>> {
+        self.running.lock().unwrap().values().map(|r| r.slot.lock().unwrap().clone()).collect()
+    }
+
+    /// Stops accepting on every listener (for the drain at shutdown).
+    pub fn stop_all(&self) {
+        for r in self.running.lock().unwrap().values() {
+            r.stop();
+        }
+    }
+}
+
+fn spawn_checks(rt: &Arc<ListenerRt>) -> JoinHandle<()> {
+    let rt = rt.clone();
+    tokio::spawn(async move { crate::health::check(&rt.health, &rt.cfg.name, &rt.cfg.backends).await })
+}
+
+/// Starts serving an already bound listener.
+pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<ListenerRt>) {
+    info!(listener = %rt.cfg.name, local = %rt.local, offload = %rt.cfg.offload, backends = rt.cfg.backends.len(), "listening");
+    let checks = spawn_checks(&rt);
+    let bind = rt.cfg.bind;
+    let name = rt.cfg.name.clone();
+    let slot: Slot = Arc::new(Mutex::new(rt));
+    let accept = tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone()));
+    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks });
+}
+
+/// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.
+pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(4096)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+/// Reloads from `path`. On success, returns a one-line summary.
+pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> Result<String, String> {
+    let _one_at_a_time = daemon.listeners.reloading.lock().await;
+    let cfg = Config::load(path).map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
+    let old = daemon.config.lock().unwrap().clone();
+    for (what, changed) in [
+        ("kernel", format!("{:?}", cfg.kernel) != format!("{:?}", old.kernel)),
+        ("admin", format!("{:?}", cfg.admin) != format!("{:?}", old.admin)),
+        ("log", format!("{:?}", cfg.log) != format!("{:?}", old.log)),
+        ("limits", cfg.max_connections != old.max_connections),
+        ("drain_timeout", cfg.drain_timeout != old.drain_timeout),
+    ] {
+        if changed {
+            warn!("reload: changes to `{what}` take effect at the next restart");
+        }
+    }
+
+    // Bind what is new before changing anything.
+    let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> = daemon
+        .listeners
+        .running
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, r)| (n.clone(), (r.bind, r.slot.lock().unwrap().clone())))
+        .collect();
+    let mut fresh: Vec<(Listener, tokio::net::TcpListener)> = Vec::new();
+    for l in &cfg.listeners {
+        if running.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
+            continue;
+        }
+        let sock = bind(l.bind).map_err(|e| {
+            format!("reload rejected, the running config stays: listener {:?}: cannot bind {}: {e}", l.name, l.bind)
+        })?;
+        fresh.push((l.clone(), sock));
+    }
+
+    let (mut updated, mut added, mut removed) = (0, 0, 0);
+    let wanted: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
+    {
+        let mut run = daemon.listeners.running.lock().unwrap();
+        // Removed listeners (and listeners whose bind changed) stop accepting.
+        let gone: Vec<String> = run
+            .iter()
+            .filter(|(n, r)| {
+                !wanted.contains(&n.as_str()) || cfg.listeners.iter().any(|l| &l.name == *n && l.bind != r.bind)
+            })
+            .map(|(n, _)| n.clone())
+            .collect();
+        for n in gone {
+            if let Some(r) = run.remove(&n) {
+                r.stop();
+                if !wanted.contains(&n.as_str()) {
+                    removed += 1;
+                    info!(listener = %n, "reload: listener removed; its flows go on until they end");
+                }
+            }
+        }
+        // Same name and bind: new settings for new flows.
+        for l in &cfg.listeners {
+            let Some(r) = run.get_mut(&l.name) else { continue };
+            let (_, prev) = &running[&l.name];
+            let rt = Arc::new(ListenerRt::carry_over(l.clone(), prev, global.clone()));
+            r.checks.abort();
+            r.checks = spawn_checks(&rt);
+            *r.slot.lock().unwrap() = rt;
+            updated += 1;
+        }
+    }
+    for (l, sock) in fresh {
+        let local = sock.local_addr().map_err(|e| e.to_string())?;
+        let rt = match running.get(&l.name) {
+            Some((_, prev)) => ListenerRt::carry_over(l, prev, global.clone()).with_local(local),
+            None => {
+                added += 1;
+                ListenerRt::new(l, local, global.clone())
+            }
+        };
+        start(daemon, sock, Arc::new(rt));
+    }
+    *daemon.config.lock().unwrap() = cfg;
+    let summary =
+        format!("reloaded {}: {updated} listener(s) updated, {added} added, {removed} removed", path.display());
+    info!("{summary}");
+    Ok(summary)
+}
