@@ -285,6 +285,15 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
     }
+    // Set-up is over: programs loaded, sockets bound. Keep CAP_NET_ADMIN
+    // (SO_SNDBUFFORCE for the queue bound) and CAP_NET_BIND_SERVICE (listeners
+    // added by a reload); every other capability goes.
+    const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
+    const CAP_NET_ADMIN: u64 = 1 << 12;
+    match gateway::sys::drop_capabilities_except(CAP_NET_ADMIN | CAP_NET_BIND_SERVICE) {
+        Ok(kept) => info!(capabilities = format!("{kept:#x}"), "dropped every capability not needed after set-up"),
+        Err(e) => warn!("could not drop capabilities: {e}"),
+    }
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
     tokio::spawn(gateway::flowlog::periodic(daemon.clone(), cfg.log.flow_interval));
     if let Some(m) = metrics {

@@ -160,3 +160,50 @@ pub fn group_id(name: &str) -> Option<u32> {
     let r = unsafe { libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
     (r == 0 && !out.is_null()).then_some(grp.gr_gid)
 }
+
+/// Keeps only the capabilities in `keep` (bit n = capability n): effective,
+/// permitted and inheritable are set to `keep` ∩ permitted, which also empties
+/// the ambient set; the bounding set loses everything else. Returns the set
+/// kept.
+pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut hdr = Header { version: VERSION_3, pid: 0 };
+    let mut cur = [Data::default(); 2];
+    // SAFETY: capget writes two Data records for version 3.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut hdr, cur.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let permitted = u64::from(cur[0].permitted) | (u64::from(cur[1].permitted) << 32);
+    let kept = permitted & keep;
+    // The bounding set first (needs CAP_SETPCAP, which is still held, if at all).
+    for cap in 0..64u64 {
+        if keep & (1 << cap) == 0 {
+            // SAFETY: prctl with integer arguments; EINVAL past the last capability.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+    let lo = (kept & 0xffff_ffff) as u32;
+    let hi = (kept >> 32) as u32;
+    let new = [
+        Data { effective: lo, permitted: lo, inheritable: lo },
+        Data { effective: hi, permitted: hi, inheritable: hi },
+    ];
+    let mut hdr = Header { version: VERSION_3, pid: 0 };
+    // SAFETY: capset reads two Data records for version 3.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut hdr, new.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(kept)
+}

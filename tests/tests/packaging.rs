@@ -98,3 +98,34 @@ fn the_units_capabilities_are_enough_for_the_kernel_path() {
     echo_roundtrip(&s, Pattern(12), 1 << 20).unwrap();
     gw.wait_idle();
 }
+
+/// After set-up the daemon keeps only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE,
+/// and the kernel path keeps working without the rest.
+#[test]
+fn daemon_drops_capabilities_after_set_up() {
+    if !require_root("daemon_drops_capabilities_after_set_up") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    offload: kernel\n",
+        be.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let status = fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
+    let cap = |name: &str| {
+        let v = status.lines().find_map(|l| l.strip_prefix(name)).unwrap().trim();
+        u64::from_str_radix(v, 16).unwrap()
+    };
+    let wanted = (1 << 10) | (1 << 12); // CAP_NET_BIND_SERVICE, CAP_NET_ADMIN
+    assert_eq!(cap("CapEff:"), wanted, "{status}");
+    assert_eq!(cap("CapPrm:"), wanted, "{status}");
+    assert_eq!(cap("CapBnd:") & !wanted, 0, "{status}");
+    let s = topo.connect(gw.listener("t")).unwrap();
+    gw.wait_for("a kernel flow", std::time::Duration::from_secs(10), |g| {
+        g.flows().iter().any(|f| f["path"] == "kernel")
+    });
+    echo_roundtrip(&s, Pattern(13), 4 << 20).unwrap();
+    gw.wait_idle();
+}
