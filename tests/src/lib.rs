@@ -350,6 +350,23 @@ impl Gateway {
         v["flows"].as_array().unwrap().clone()
     }
 
+    /// `gateway stats --json`, through the CLI.
+    pub fn stats(&self) -> Value {
+        let out = Command::new(gateway_bin()).args(["stats", "--json", "--socket"]).arg(&self.admin).output().unwrap();
+        assert!(out.status.success(), "gateway stats failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Waits for a live flow matching `pred` and returns it.
+    pub fn wait_flow(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
+        let mut found = None;
+        self.wait_for(what, Duration::from_secs(10), |g| {
+            found = g.flows().into_iter().find(|f| pred(f));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

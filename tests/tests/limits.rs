@@ -51,12 +51,7 @@ fn turned_away(s: std::io::Result<TcpStream>) -> bool {
 }
 
 fn rejected(gw: &Gateway, listener: &str, cause: &str) -> u64 {
-    let out = std::process::Command::new(gateway_bin())
-        .args(["stats", "--json", "--socket"])
-        .arg(&gw.admin)
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = gw.stats();
     let l = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == listener).unwrap().clone();
     l["rejected"][cause].as_u64().unwrap_or(0)
 }
@@ -156,13 +151,13 @@ fn connection_caps_and_rates() {
 }
 
 fn backend_report(gw: &Gateway, addr: SocketAddr) -> Value {
-    let out = std::process::Command::new(gateway_bin())
-        .args(["stats", "--json", "--socket"])
-        .arg(&gw.admin)
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v["listeners"][0]["backends"].as_array().unwrap().iter().find(|b| b["address"] == addr.to_string()).unwrap().clone()
+    gw.stats()["listeners"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["address"] == addr.to_string())
+        .unwrap()
+        .clone()
 }
 
 /// Passive health: a backend that refuses is ejected after `failures`

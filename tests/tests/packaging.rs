@@ -86,14 +86,7 @@ fn the_units_capabilities_are_enough_for_the_kernel_path() {
     let status = fs::read_to_string(format!("/proc/{}/status", gw.pid())).unwrap();
     assert!(status.lines().any(|l| l.starts_with("Uid:") && l.contains("65534")), "not running as nobody:\n{status}");
     let s = topo.connect(gw.listener("t")).unwrap();
-    let f = {
-        let mut found = None;
-        gw.wait_for("a kernel flow", std::time::Duration::from_secs(10), |g| {
-            found = g.flows().into_iter().find(|f| f["path"] == "kernel");
-            found.is_some()
-        });
-        found.unwrap()
-    };
+    let f = gw.wait_flow("a kernel flow", |f| f["path"] == "kernel");
     assert_eq!(f["path"], "kernel");
     echo_roundtrip(&s, Pattern(12), 1 << 20).unwrap();
     gw.wait_idle();

@@ -100,11 +100,7 @@ fn hundred_flows_survive_twenty_reloads() {
         }
         if round == 15 {
             let mut fresh = topo.connect(k).unwrap();
-            let mut found = None;
-            gw.wait_for("the new flow", Duration::from_secs(10), |g| {
-                found = g.flows().into_iter().find(|f| f["path"] == "userspace" && f["listener"] == "k");
-                found.is_some()
-            });
+            gw.wait_flow("the new flow", |f| f["path"] == "userspace" && f["listener"] == "k");
             exchange(std::slice::from_mut(&mut fresh), round);
         }
     }

@@ -1,6 +1,6 @@
 //! `gateway stats` and the Prometheus endpoint agree with what was sent, on
 //! both data paths, for closed and live flows. curl scrapes the metrics.
-use std::{collections::HashMap, process::Command, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use gateway_tests::*;
 
@@ -45,9 +45,7 @@ fn stats_and_metrics_match_the_bytes_sent() {
     }
     gw.wait_for("the live flow", Duration::from_secs(10), |g| g.flows().len() == 1);
 
-    let out = Command::new(gateway_bin()).args(["stats", "--json", "--socket"]).arg(&gw.admin).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = gw.stats();
     let l = |name: &str| v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone();
     let (ks, us) = (l("k"), l("u"));
     let n = |x: &Value, k: &str| x[k].as_u64().unwrap_or_else(|| panic!("{k} in {x}"));

@@ -682,12 +682,7 @@ fn full_kernel_maps_fall_back_per_flow() {
         f.len() == 2 && f.iter().all(|f| f["path"] == "kernel")
     });
     let third = topo.connect(addr).unwrap();
-    let mut fallback = None;
-    gw.wait_for("the third flow to fall back", Duration::from_secs(10), |g| {
-        fallback = g.flows().into_iter().find(|f| f["path"] == "userspace");
-        fallback.is_some()
-    });
-    let f = fallback.unwrap();
+    let f = gw.wait_flow("the third flow to fall back", |f| f["path"] == "userspace");
     assert_eq!(f["fallback_code"], "map-full", "{f}");
     assert!(f["fallback_reason"].as_str().unwrap().contains("kernel.max_flows"), "{f}");
     echo_roundtrip(&third, Pattern(3), 1 << 20).unwrap();
