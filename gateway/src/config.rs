@@ -30,6 +30,8 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Tcp,
+    /// HTTP/1.1 with WebSocket upgrades, routed by host and path.
+    Websocket,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -124,8 +126,11 @@ struct RawListener {
     name: Value,
     bind: Value,
     protocol: Option<Value>,
-    backends: Value,
+    backends: Option<Value>,
     balance: Option<Value>,
+    routes: Option<Value>,
+    handshake_timeout: Option<Value>,
+    max_request_head: Option<Value>,
     offload: Option<Value>,
     connect_timeout: Option<Value>,
     connect_attempts: Option<Value>,
@@ -137,6 +142,20 @@ struct RawListener {
     connection_rate: Option<Value>,
     connection_rate_per_source: Option<Value>,
     health: Option<RawHealth>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Option<Value>,
+    path_prefix: Option<Value>,
+    backends: Option<Value>,
+    bridge_tcp: Option<Value>,
+    balance: Option<Value>,
+    allowed_origins: Option<Value>,
+    mode: Option<Value>,
+    max_message_size: Option<Value>,
+    ping_interval: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -238,6 +257,239 @@ impl Errors {
         crate::limits::Rate::parse(&s).map_err(|e| self.push(path, e)).ok()
     }
 
+    fn backend_list(&mut self, path: &str, v: &Value) -> Vec<SocketAddr> {
+        let mut backends = Vec::new();
+        match v {
+            Value::Sequence(items) if items.is_empty() => self.push(path, "must list at least one backend"),
+            Value::Sequence(items) => {
+                for (k, item) in items.iter().enumerate() {
+                    let bp = format!("{path}[{k}]");
+                    let Some(a) = self.addr(&bp, item) else { continue };
+                    if a.port() == 0 {
+                        self.push(&bp, format_args!("\"{a}\" has port 0"));
+                    } else if a.ip().is_unspecified() {
+                        self.push(&bp, format_args!("\"{a}\" is not a reachable address"));
+                    } else if let Some(j) = backends.iter().position(|b| *b == a) {
+                        self.push(&bp, format_args!("duplicate backend \"{a}\" (also [{j}])"));
+                    } else {
+                        backends.push(a);
+                    }
+                }
+            }
+            other => self.push(path, format_args!("expected a list of IP:PORT addresses, found {}", yaml_kind(other))),
+        }
+        backends
+    }
+
+    fn balance(&mut self, path: &str, v: &Value) -> Option<Balance> {
+        self.choice(
+            path,
+            v,
+            &[
+                ("round_robin", Balance::RoundRobin),
+                ("least_conn", Balance::LeastConn),
+                ("source_hash", Balance::SourceHash),
+            ],
+        )
+    }
+
+    /// A websocket listener's routes. Fills `all` with the union of the
+    /// routes' backends, which each route indexes into.
+    fn http_listener(&mut self, i: usize, l: &RawListener, all: &mut Vec<SocketAddr>) -> Option<HttpListener> {
+        let p = |key: &str| format!("listeners[{i}].{key}");
+        // The listener's `balance` is the routes' default; its errors are
+        // reported where the listener's keys are checked.
+        let default_balance = l.balance.as_ref().and_then(|v| Errors::default().balance("", v)).unwrap_or_default();
+        let handshake_timeout = match &l.handshake_timeout {
+            Some(v) => self.duration(&p("handshake_timeout"), v),
+            None => Some(DEFAULT_HANDSHAKE_TIMEOUT),
+        };
+        let max_request_head = match &l.max_request_head {
+            Some(v) => self.size(&p("max_request_head"), v).and_then(|n| {
+                if (8192..=1 << 20).contains(&n) {
+                    Some(n as usize)
+                } else {
+                    self.push(&p("max_request_head"), format_args!("{n} is out of range (8KiB to 1MiB)"));
+                    None
+                }
+            }),
+            None => Some(DEFAULT_MAX_REQUEST_HEAD),
+        };
+        let items = match &l.routes {
+            None => {
+                self.push(&p("routes"), "is required on a websocket listener: list at least one route");
+                return None;
+            }
+            Some(Value::Sequence(items)) if items.is_empty() => {
+                self.push(&p("routes"), "must list at least one route");
+                return None;
+            }
+            Some(Value::Sequence(items)) => items,
+            Some(other) => {
+                self.push(&p("routes"), format_args!("expected a list of routes, found {}", yaml_kind(other)));
+                return None;
+            }
+        };
+        let mut routes: Vec<Route> = Vec::new();
+        let mut ok = true;
+        for (k, item) in items.iter().enumerate() {
+            let rp = |key: &str| format!("listeners[{i}].routes[{k}].{key}");
+            let raw: RawRoute = match serde_yaml::from_value(item.clone()) {
+                Ok(r) => r,
+                Err(err) => {
+                    self.push(&format!("listeners[{i}].routes[{k}]"), err);
+                    ok = false;
+                    continue;
+                }
+            };
+            let before = self.0.len();
+            let host = match &raw.host {
+                None => HostMatch::Any,
+                Some(v) => self
+                    .string(&rp("host"), v)
+                    .and_then(|h| host_match(&h).map_err(|m| self.push(&rp("host"), m)).ok())
+                    .unwrap_or(HostMatch::Any),
+            };
+            let path_prefix = match &raw.path_prefix {
+                None => "/".to_string(),
+                Some(v) => match self.string(&rp("path_prefix"), v) {
+                    Some(s) if s.starts_with('/') && !s.contains(['?', '#', ' ']) => s,
+                    Some(s) => {
+                        self.push(
+                            &rp("path_prefix"),
+                            format_args!("{s:?} must start with '/' and hold no '?', '#' or space"),
+                        );
+                        String::new()
+                    }
+                    None => String::new(),
+                },
+            };
+            let (list, mode) = match (&raw.backends, &raw.bridge_tcp) {
+                (Some(_), Some(_)) => {
+                    self.push(&rp("bridge_tcp"), "a route has either `backends` (WebSocket or HTTP servers) or `bridge_tcp` (raw TCP servers), not both");
+                    (Vec::new(), WsMode::Passthrough)
+                }
+                (None, None) => {
+                    self.push(
+                        &format!("listeners[{i}].routes[{k}]"),
+                        "needs `backends` (WebSocket or HTTP servers) or `bridge_tcp` (raw TCP servers)",
+                    );
+                    (Vec::new(), WsMode::Passthrough)
+                }
+                (Some(v), None) => {
+                    let mode = match &raw.mode {
+                        None => Some(WsMode::Passthrough),
+                        Some(m) => self.choice(
+                            &rp("mode"),
+                            m,
+                            &[("passthrough", WsMode::Passthrough), ("inspect", WsMode::Inspect)],
+                        ),
+                    };
+                    (self.backend_list(&rp("backends"), v), mode.unwrap_or(WsMode::Passthrough))
+                }
+                (None, Some(v)) => {
+                    if raw.mode.is_some() {
+                        self.push(
+                            &rp("mode"),
+                            "does not apply to a bridge_tcp route (it always terminates the WebSocket)",
+                        );
+                    }
+                    (self.backend_list(&rp("bridge_tcp"), v), WsMode::BridgeTcp)
+                }
+            };
+            let balance = match &raw.balance {
+                Some(v) => self.balance(&rp("balance"), v).unwrap_or_default(),
+                None => default_balance,
+            };
+            let allowed_origins = raw.allowed_origins.as_ref().and_then(|v| match v {
+                Value::Sequence(items) if !items.is_empty() => {
+                    let mut out = Vec::new();
+                    for (j, o) in items.iter().enumerate() {
+                        let op = format!("{}[{j}]", rp("allowed_origins"));
+                        if let Some(s) = self.string(&op, o) {
+                            let s = s.trim().trim_end_matches('/').to_ascii_lowercase();
+                            if s == "*" || s == "null" || (s.contains("://") && !s.ends_with("://")) {
+                                out.push(s);
+                            } else {
+                                self.push(
+                                    &op,
+                                    format_args!(
+                                        "{s:?} is not an origin (write e.g. \"https://chat.example.com\", or \"*\")"
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                    Some(out)
+                }
+                other => {
+                    self.push(
+                        &rp("allowed_origins"),
+                        format_args!("expected a non-empty list of origins, found {}", yaml_kind(other)),
+                    );
+                    None
+                }
+            });
+            let max_message_size = match &raw.max_message_size {
+                Some(v) => self.size(&rp("max_message_size"), v).map_or(DEFAULT_MAX_MESSAGE_SIZE, |n| {
+                    if n == 0 || n > 1 << 30 {
+                        self.push(&rp("max_message_size"), format_args!("{n} is out of range (1 byte to 1GiB)"));
+                    }
+                    n as usize
+                }),
+                None => DEFAULT_MAX_MESSAGE_SIZE,
+            };
+            let ping_interval = raw.ping_interval.as_ref().and_then(|v| self.duration(&rp("ping_interval"), v));
+            if mode == WsMode::Passthrough {
+                for (key, set) in [
+                    ("max_message_size", raw.max_message_size.is_some()),
+                    ("ping_interval", raw.ping_interval.is_some()),
+                ] {
+                    if set {
+                        self.push(
+                            &rp(key),
+                            "applies to `mode: inspect` and `bridge_tcp` routes only (passthrough never parses frames)",
+                        );
+                    }
+                }
+            }
+            for (j, r) in routes.iter().enumerate() {
+                if r.host == host && r.path_prefix == path_prefix {
+                    self.push(
+                        &rp("path_prefix"),
+                        format_args!("conflicts with routes[{j}]: same host {host} and path_prefix {path_prefix:?}"),
+                    );
+                }
+            }
+            let indices = list
+                .iter()
+                .map(|a| {
+                    all.iter().position(|b| b == a).unwrap_or_else(|| {
+                        all.push(*a);
+                        all.len() - 1
+                    })
+                })
+                .collect();
+            if self.0.len() != before {
+                ok = false;
+            }
+            routes.push(Route {
+                host,
+                path_prefix,
+                backends: indices,
+                balance,
+                allowed_origins,
+                mode,
+                max_message_size,
+                ping_interval,
+            });
+        }
+        if !ok {
+            return None;
+        }
+        Some(HttpListener { routes, handshake_timeout: handshake_timeout?, max_request_head: max_request_head? })
+    }
+
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
         let s = self.string(path, v)?;
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
@@ -260,6 +512,26 @@ impl Errors {
                 None
             }
         }
+    }
+}
+
+/// `chat.example.com`, `*.example.com` (any name below it), `*` or empty = any.
+fn host_match(h: &str) -> Result<HostMatch, String> {
+    let h = h.trim().to_ascii_lowercase();
+    if h.is_empty() || h == "*" {
+        return Ok(HostMatch::Any);
+    }
+    let (wild, name) = match h.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, h.as_str()),
+    };
+    let label_ok = |l: &str| {
+        !l.is_empty() && l.len() <= 63 && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    };
+    if name.split('.').all(label_ok) {
+        Ok(if wild { HostMatch::Suffix(format!(".{name}")) } else { HostMatch::Exact(name.to_string()) })
+    } else {
+        Err(format!("{h:?} is not a host name (write e.g. \"chat.example.com\" or \"*.example.com\"; no port)"))
     }
 }
 
@@ -336,7 +608,110 @@ pub struct Listener {
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::limits::Rules,
     pub health: crate::health::HealthConfig,
+    /// `protocol: websocket` only: the HTTP side. `backends` above is then the
+    /// union of every route's backends, which the routes index into.
+    pub http: Option<HttpListener>,
 }
+
+#[derive(Debug, Clone)]
+pub struct HttpListener {
+    pub routes: Vec<Route>,
+    /// From accept to the end of the upgrade (or of a request head).
+    pub handshake_timeout: Duration,
+    /// Largest request head accepted; larger ones get 431.
+    pub max_request_head: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Any,
+    Exact(String),
+    /// `*.example.com`: stored as `.example.com`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    /// `host` is lower-case and without a port.
+    pub fn matches(&self, host: Option<&str>) -> bool {
+        match (self, host) {
+            (HostMatch::Any, _) => true,
+            (HostMatch::Exact(h), Some(host)) => h == host,
+            (HostMatch::Suffix(sfx), Some(host)) => host.len() > sfx.len() && host.ends_with(sfx.as_str()),
+            _ => false,
+        }
+    }
+
+    /// Exact names beat wildcards, longer wildcards beat shorter ones, and
+    /// routes without a host come last.
+    pub fn rank(&self) -> usize {
+        match self {
+            HostMatch::Any => 0,
+            HostMatch::Suffix(s) => 1 + s.len(),
+            HostMatch::Exact(_) => usize::MAX,
+        }
+    }
+}
+
+impl fmt::Display for HostMatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostMatch::Any => f.write_str("*"),
+            HostMatch::Exact(h) => f.write_str(h),
+            HostMatch::Suffix(s) => write!(f, "*{s}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsMode {
+    /// Forward the upgrade, then hand both sockets to the kernel path.
+    Passthrough,
+    /// Terminate the WebSocket on both sides and relay messages.
+    Inspect,
+    /// Terminate the client's WebSocket and carry binary payloads to a raw TCP backend.
+    BridgeTcp,
+}
+
+impl fmt::Display for WsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WsMode::Passthrough => "passthrough",
+            WsMode::Inspect => "inspect",
+            WsMode::BridgeTcp => "bridge_tcp",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub host: HostMatch,
+    /// Starts with '/'; matches whole path segments.
+    pub path_prefix: String,
+    /// Indices into the listener's `backends`.
+    pub backends: Vec<usize>,
+    pub balance: Balance,
+    /// Lower-cased origins; `None` allows any (and no) `Origin`.
+    pub allowed_origins: Option<Vec<String>>,
+    pub mode: WsMode,
+    /// inspect and bridge_tcp: largest message accepted (close 1009 above it).
+    pub max_message_size: usize,
+    /// inspect and bridge_tcp: ping both sides this often; a side that has
+    /// not answered by the next ping is closed.
+    pub ping_interval: Option<Duration>,
+}
+
+impl Route {
+    /// Does this route's prefix cover `path`? Whole segments only: `/ws`
+    /// covers `/ws`, `/ws/`, `/ws/a`, not `/wsx`.
+    pub fn covers(&self, path: &str) -> bool {
+        let pre = self.path_prefix.as_str();
+        path.starts_with(pre) && (pre.ends_with('/') || path.len() == pre.len() || path.as_bytes()[pre.len()] == b'/')
+    }
+}
+
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_MAX_REQUEST_HEAD: usize = 16 << 10;
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -451,43 +826,35 @@ impl RawConfig {
                 binds.push((bind, i));
             }
             let protocol = match &l.protocol {
-                Some(v) => e.choice(&p("protocol"), v, &[("tcp", Protocol::Tcp)]),
+                Some(v) => e.choice(&p("protocol"), v, &[("tcp", Protocol::Tcp), ("websocket", Protocol::Websocket)]),
                 None => Some(Protocol::Tcp),
             };
             let mut backends = Vec::new();
-            match &l.backends {
-                Value::Sequence(items) if items.is_empty() => e.push(&p("backends"), "must list at least one backend"),
-                Value::Sequence(items) => {
-                    for (k, item) in items.iter().enumerate() {
-                        let bp = format!("listeners[{i}].backends[{k}]");
-                        let Some(a) = e.addr(&bp, item) else { continue };
-                        if a.port() == 0 {
-                            e.push(&bp, format_args!("\"{a}\" has port 0"));
-                        } else if a.ip().is_unspecified() {
-                            e.push(&bp, format_args!("\"{a}\" is not a reachable address"));
-                        } else if let Some(j) = backends.iter().position(|b| *b == a) {
-                            e.push(&bp, format_args!("duplicate backend \"{a}\" (also backends[{j}])"));
-                        } else {
-                            backends.push(a);
-                        }
+            let mut http = None;
+            if protocol == Some(Protocol::Websocket) {
+                if l.backends.is_some() {
+                    e.push(
+                        &p("backends"),
+                        "a websocket listener sends each request by its `routes`; list the backends under each route",
+                    );
+                }
+                http = e.http_listener(i, l, &mut backends);
+            } else {
+                for (key, v) in [
+                    ("routes", &l.routes),
+                    ("handshake_timeout", &l.handshake_timeout),
+                    ("max_request_head", &l.max_request_head),
+                ] {
+                    if v.is_some() {
+                        e.push(&p(key), "applies to `protocol: websocket` listeners only");
                     }
                 }
-                other => e.push(
-                    &p("backends"),
-                    format_args!("expected a list of IP:PORT addresses, found {}", yaml_kind(other)),
-                ),
+                match &l.backends {
+                    None => e.push(&p("backends"), "is required: list at least one IP:PORT backend"),
+                    Some(v) => backends = e.backend_list(&p("backends"), v),
+                }
             }
-            let balance = l.balance.as_ref().map_or(Some(Balance::RoundRobin), |v| {
-                e.choice(
-                    &p("balance"),
-                    v,
-                    &[
-                        ("round_robin", Balance::RoundRobin),
-                        ("least_conn", Balance::LeastConn),
-                        ("source_hash", Balance::SourceHash),
-                    ],
-                )
-            });
+            let balance = l.balance.as_ref().map_or(Some(Balance::RoundRobin), |v| e.balance(&p("balance"), v));
             let offload = l.offload.as_ref().map_or(Some(Offload::Auto), |v| {
                 e.choice(
                     &p("offload"),
@@ -557,6 +924,7 @@ impl RawConfig {
                     idle_timeout: it,
                     limits,
                     health,
+                    http,
                 });
             }
         }
@@ -792,5 +1160,111 @@ listeners:
         );
         let overlap = two.replacen("name: a", "name: b", 1).replacen("127.0.0.1:7000", "0.0.0.0:7000", 1);
         assert_rejected(&overlap, &["listeners[1].bind", "overlaps"]);
+    }
+
+    const WS: &str = r#"
+listeners:
+  - name: chat
+    bind: "0.0.0.0:8080"
+    protocol: websocket
+    handshake_timeout: 10s
+    routes:
+      - host: chat.example.com
+        path_prefix: /ws
+        backends: ["10.0.0.7:9000"]
+        balance: round_robin
+        allowed_origins: ["https://chat.example.com"]
+        mode: passthrough
+      - path_prefix: /mqtt
+        bridge_tcp: ["10.0.0.8:1883"]
+"#;
+
+    #[test]
+    fn accepts_the_documented_websocket_shape() {
+        let c = parse(WS).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!(l.protocol, Protocol::Websocket);
+        let http = l.http.as_ref().unwrap();
+        assert_eq!(http.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(http.routes[0].host, HostMatch::Exact("chat.example.com".into()));
+        assert_eq!(http.routes[0].allowed_origins.as_deref(), Some(&["https://chat.example.com".to_string()][..]));
+        assert_eq!(http.routes[1].mode, WsMode::BridgeTcp);
+        assert_eq!(http.routes[1].host, HostMatch::Any);
+        // The listener's backends are the routes' union; routes index into it.
+        assert_eq!(l.backends.len(), 2);
+        assert_eq!(http.routes[1].backends, vec![1]);
+        assert!(http.routes[0].covers("/ws") && http.routes[0].covers("/ws/a") && !http.routes[0].covers("/wsx"));
+    }
+
+    #[test]
+    fn rejects_bad_websocket_listeners_with_their_path() {
+        let r = |from: &str, to: &str| WS.replacen(from, to, 1);
+        assert_rejected(
+            &r("    handshake_timeout: 10s\n", "    backends: [\"10.0.0.1:1\"]\n"),
+            &["listeners[0].backends", "routes"],
+        );
+        assert_rejected(
+            &r("protocol: websocket", "protocol: tcp"),
+            &["listeners[0].routes", "protocol: websocket", "listeners[0].backends", "required"],
+        );
+        assert_rejected(
+            &r("        bridge_tcp:", "        backends: [\"10.0.0.9:1\"]\n        bridge_tcp:"),
+            &["listeners[0].routes[1].bridge_tcp", "not both"],
+        );
+        assert_rejected(
+            &r("        bridge_tcp: [\"10.0.0.8:1883\"]\n", ""),
+            &["listeners[0].routes[1]", "needs `backends`"],
+        );
+        assert_rejected(
+            &r("chat.example.com\n", "chat.example.com:443\n"),
+            &["listeners[0].routes[0].host", "not a host name"],
+        );
+        assert_rejected(&r("/mqtt", "mqtt"), &["listeners[0].routes[1].path_prefix", "must start with '/'"]);
+        assert_rejected(&r("mode: passthrough", "mode: sniff"), &["listeners[0].routes[0].mode", "\"sniff\""]);
+        assert_rejected(
+            &r("mode: passthrough", "ping_interval: 1s"),
+            &["listeners[0].routes[0].ping_interval", "inspect"],
+        );
+        assert_rejected(
+            &r("https://chat.example.com", "chat.example.com"),
+            &["listeners[0].routes[0].allowed_origins[0]", "not an origin"],
+        );
+        assert_rejected(&r("balance: round_robin", "weight: 2"), &["listeners[0].routes[0]", "unknown field `weight`"]);
+        assert_rejected(
+            &r(
+                "        bridge_tcp: [\"10.0.0.8:1883\"]",
+                "        bridge_tcp: [\"10.0.0.8:1883\"]\n        mode: inspect",
+            ),
+            &["listeners[0].routes[1].mode", "bridge_tcp"],
+        );
+        assert_rejected(&r("    routes:\n", "    routes: []\n    x_routes:\n"), &["listeners[0]"]);
+        assert_rejected(
+            &r("handshake_timeout: 10s", "handshake_timeout: 10"),
+            &["listeners[0].handshake_timeout", "\"10\""],
+        );
+        assert_rejected(
+            &r("handshake_timeout: 10s", "max_request_head: 1KiB"),
+            &["listeners[0].max_request_head", "out of range"],
+        );
+        // Two routes for the same host and prefix conflict.
+        let dup =
+            WS.replace("      - path_prefix: /mqtt\n", "      - host: chat.example.com\n        path_prefix: /ws\n");
+        assert_rejected(&dup, &["listeners[0].routes[1].path_prefix", "conflicts with routes[0]"]);
+        let c =
+            parse(&r("mode: passthrough", "mode: inspect\n        max_message_size: 1MiB\n        ping_interval: 20s"))
+                .unwrap();
+        let route = &c.listeners[0].http.as_ref().unwrap().routes[0];
+        assert_eq!(
+            (route.mode, route.max_message_size, route.ping_interval),
+            (WsMode::Inspect, 1 << 20, Some(Duration::from_secs(20)))
+        );
+    }
+
+    #[test]
+    fn wildcard_hosts_and_route_order() {
+        let m = host_match("*.Example.com").unwrap();
+        assert!(m.matches(Some("a.example.com")) && m.matches(Some("a.b.example.com")));
+        assert!(!m.matches(Some("example.com")) && !m.matches(None));
+        assert!(HostMatch::Exact("x".into()).rank() > m.rank() && m.rank() > HostMatch::Any.rank());
     }
 }

@@ -26,8 +26,27 @@ admin:
   socket: /run/gateway/admin.sock
 "#;
 
+/// The websocket listener shape of the WebSocket issue.
+const WS: &str = r#"listeners:
+  - name: chat
+    bind: "0.0.0.0:8080"
+    protocol: websocket
+    handshake_timeout: 10s
+    routes:
+      - host: chat.example.com
+        path_prefix: /ws
+        backends: ["10.0.0.7:9000"]
+        balance: round_robin
+        allowed_origins: ["https://chat.example.com"]
+        mode: passthrough
+      - path_prefix: /mqtt
+        bridge_tcp: ["10.0.0.8:1883"]
+"#;
+
 #[test]
 fn shipped_example_and_documented_shape_pass() {
+    let (code, err) = check(WS);
+    assert_eq!(code, 0, "{err}");
     let out = Command::new(gateway_bin())
         .args(["check", "--config"])
         .arg(repo_path("examples/gateway.yaml"))
@@ -80,6 +99,51 @@ fn every_kind_of_bad_config_is_rejected_with_its_key_path_and_value() {
         ("bad offload", GOOD.replace("offload: auto", "offload: turbo"), &["listeners[0].offload", "\"turbo\""]),
         ("bad protocol", GOOD.replace("protocol: tcp", "protocol: sctp"), &["listeners[0].protocol", "\"sctp\""]),
         ("not YAML", "listeners: [\n".to_string(), &["gateway.yaml"]),
+        (
+            "websocket listener with backends",
+            WS.replace("    routes:", "    backends: [\"10.0.0.1:1\"]\n    routes:"),
+            &["listeners[0].backends", "routes"],
+        ),
+        (
+            "websocket listener without routes",
+            WS.split("    routes:").next().unwrap().to_string(),
+            &["listeners[0].routes", "is required on a websocket listener"],
+        ),
+        (
+            "route with no backends",
+            WS.replace("        backends: [\"10.0.0.7:9000\"]\n", ""),
+            &["listeners[0].routes[0]", "needs `backends`"],
+        ),
+        (
+            "route with a bad backend",
+            WS.replace("10.0.0.7:9000", "10.0.0.7"),
+            &["listeners[0].routes[0].backends[0]", "\"10.0.0.7\""],
+        ),
+        (
+            "route with a bad host",
+            WS.replace("host: chat.example.com", "host: \"chat example\""),
+            &["listeners[0].routes[0].host", "not a host name"],
+        ),
+        (
+            "route with a bad mode",
+            WS.replace("mode: passthrough", "mode: tap"),
+            &["listeners[0].routes[0].mode", "\"tap\""],
+        ),
+        (
+            "route with a bad origin",
+            WS.replace("\"https://chat.example.com\"", "\"chat\""),
+            &["listeners[0].routes[0].allowed_origins[0]", "\"chat\""],
+        ),
+        (
+            "conflicting routes",
+            WS.replace("      - path_prefix: /mqtt", "      - host: chat.example.com\n        path_prefix: /ws"),
+            &["listeners[0].routes[1].path_prefix", "conflicts with routes[0]"],
+        ),
+        (
+            "bad handshake_timeout",
+            WS.replace("handshake_timeout: 10s", "handshake_timeout: soon"),
+            &["listeners[0].handshake_timeout", "\"soon\""],
+        ),
     ];
     for (what, yaml, needles) in cases {
         let (code, err) = check(yaml);
