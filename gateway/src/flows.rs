@@ -36,6 +36,8 @@ pub enum CloseCause {
         by: Side,
     },
     IdleTimeout,
+    /// Ended by the daemon's drain (inspect-mode WebSockets get close 1001).
+    Shutdown,
     NoBackend,
     Rejected(String),
     Error(String),
@@ -65,6 +67,7 @@ impl CloseCause {
             CloseCause::Reset { by: Side::Client } => "client-reset",
             CloseCause::Reset { by: Side::Backend } => "backend-reset",
             CloseCause::IdleTimeout => "idle-timeout",
+            CloseCause::Shutdown => "shutdown",
             CloseCause::NoBackend => "no-backend",
             CloseCause::Rejected(_) => "rejected",
             CloseCause::Error(_) => "error",
@@ -78,6 +81,7 @@ impl fmt::Display for CloseCause {
             CloseCause::Closed { first } => write!(f, "{first}-closed"),
             CloseCause::Reset { by } => write!(f, "{by}-reset"),
             CloseCause::IdleTimeout => f.write_str("idle-timeout"),
+            CloseCause::Shutdown => f.write_str("shutdown"),
             CloseCause::NoBackend => f.write_str("no-backend"),
             CloseCause::Rejected(why) => write!(f, "rejected: {why}"),
             CloseCause::Error(e) => write!(f, "error: {e}"),
@@ -98,6 +102,13 @@ pub struct Flow {
     pub user_b2c: AtomicU64,
     /// Monotonic ns of the last byte the daemon itself moved.
     pub user_last_ns: AtomicU64,
+    /// Websocket listeners: the route that served the flow (`host/prefix`),
+    /// how many plain HTTP requests it carried, and in inspect and bridge
+    /// modes the messages relayed each way.
+    pub route: Mutex<Option<String>>,
+    pub http_requests: AtomicU64,
+    pub msgs_c2b: AtomicU64,
+    pub msgs_b2c: AtomicU64,
 }
 
 impl Flow {
@@ -107,6 +118,14 @@ impl Flow {
             Side::Backend => self.user_b2c.fetch_add(n, Relaxed),
         };
         self.user_last_ns.store(sys::monotonic_ns(), Relaxed);
+    }
+
+    pub fn add_message(&self, side: Side, len: u64) {
+        match side {
+            Side::Client => self.msgs_c2b.fetch_add(1, Relaxed),
+            Side::Backend => self.msgs_b2c.fetch_add(1, Relaxed),
+        };
+        self.add_user(side, len);
     }
 
     pub fn set_path(&self, p: FlowPath) {
@@ -150,6 +169,16 @@ pub struct FlowSnapshot {
     pub last_activity_at: String,
     pub age_ms: u64,
     pub idle_ms: u64,
+    /// Websocket listeners: the route (`host/prefix`) that served the flow.
+    #[serde(default)]
+    pub route: Option<String>,
+    #[serde(default)]
+    pub http_requests: u64,
+    /// inspect and bridge_tcp: WebSocket messages relayed each way.
+    #[serde(default)]
+    pub messages_client_to_backend: u64,
+    #[serde(default)]
+    pub messages_backend_to_client: u64,
 }
 
 #[derive(Default)]
@@ -185,6 +214,10 @@ impl FlowTable {
             user_c2b: AtomicU64::new(0),
             user_b2c: AtomicU64::new(0),
             user_last_ns: AtomicU64::new(now),
+            route: Mutex::new(None),
+            http_requests: AtomicU64::new(0),
+            msgs_c2b: AtomicU64::new(0),
+            msgs_b2c: AtomicU64::new(0),
         });
         self.flows.lock().unwrap().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -274,5 +307,9 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         last_activity_at: humantime::format_rfc3339_millis(now - idle.min(age)).to_string(),
         age_ms: age.as_millis() as u64,
         idle_ms: idle.min(age).as_millis() as u64,
+        route: f.route.lock().unwrap().clone(),
+        http_requests: f.http_requests.load(Relaxed),
+        messages_client_to_backend: f.msgs_c2b.load(Relaxed),
+        messages_backend_to_client: f.msgs_b2c.load(Relaxed),
     }
 }

@@ -281,6 +281,7 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
         kernel,
         kernel_unavailable: unavailable,
         handoff_delay,
+        shutdown: tokio::sync::watch::channel(false).0,
     });
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
@@ -320,6 +321,8 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
     // Drain: stop accepting (the listening sockets close), let open flows
     // finish for up to drain_timeout; a second signal ends it at once.
     daemon.listeners.stop_all();
+    // Idle HTTP connections close; inspect-mode WebSockets get close 1001.
+    daemon.shutdown.send_replace(true);
     let open = daemon.flows.len();
     info!(signal, open_flows = open, drain_timeout = ?cfg.drain_timeout, "stopped accepting; draining");
     let drained = async {

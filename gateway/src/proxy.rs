@@ -40,6 +40,8 @@ pub struct Daemon {
     /// connecting the backend and the hand-off, so tests can queue bytes on
     /// both sockets before it. Zero in production.
     pub handoff_delay: Duration,
+    /// Set to true when the drain starts.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// A listener's runtime state.
@@ -50,7 +52,19 @@ pub struct ListenerRt {
     pub health: Health,
     admission: Admission,
     rr: AtomicUsize,
+    /// Round-robin position of each HTTP route.
+    route_rr: Vec<AtomicUsize>,
+    all: Vec<usize>,
     active: Vec<AtomicU32>,
+}
+
+/// The backends a flow may use and how to choose among them: the whole list
+/// for a TCP listener, a route's share for a websocket listener.
+#[derive(Clone, Copy)]
+pub struct Pool<'a> {
+    pub members: &'a [usize],
+    pub balance: Balance,
+    rr: &'a AtomicUsize,
 }
 
 impl ListenerRt {
@@ -68,7 +82,10 @@ impl ListenerRt {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let admission = Admission::new(cfg.limits.clone(), global);
         let health = Health::new(cfg.health, cfg.backends.len());
-        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), active }
+        let route_rr = cfg.http.as_ref().map_or(0, |h| h.routes.len());
+        let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
+        let all = (0..cfg.backends.len()).collect();
+        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active }
     }
 
     /// New settings for a listener that keeps running: its totals carry over
@@ -98,11 +115,26 @@ impl ListenerRt {
         r
     }
 
-    /// Backends in the order to try them for this client.
-    fn candidates(&self, client: SocketAddr) -> Vec<usize> {
-        let n = self.cfg.backends.len();
-        let start = match self.cfg.balance {
-            Balance::RoundRobin => self.rr.fetch_add(1, Relaxed) % n,
+    /// Every backend, chosen by the listener's `balance`.
+    pub fn pool(&self) -> Pool<'_> {
+        Pool { members: &self.all, balance: self.cfg.balance, rr: &self.rr }
+    }
+
+    /// The backends of HTTP route `i`.
+    pub fn route_pool(&self, i: usize) -> Pool<'_> {
+        let r = &self.cfg.http.as_ref().expect("an HTTP listener").routes[i];
+        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
+    }
+
+    /// Backends (indices into `cfg.backends`) in the order to try them for this client.
+    fn candidates(&self, client: SocketAddr, pool: Pool<'_>) -> Vec<usize> {
+        let m = pool.members;
+        let n = m.len();
+        if n == 0 {
+            return Vec::new();
+        }
+        let start = match pool.balance {
+            Balance::RoundRobin => pool.rr.fetch_add(1, Relaxed) % n,
             Balance::SourceHash => {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
                 client.ip().hash(&mut h);
@@ -110,17 +142,39 @@ impl ListenerRt {
             }
             Balance::LeastConn => {
                 // Fewest active flows; ties broken round-robin.
-                let offset = self.rr.fetch_add(1, Relaxed);
-                (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.active[i].load(Relaxed)).unwrap_or(0)
+                let offset = pool.rr.fetch_add(1, Relaxed);
+                (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.active[m[i]].load(Relaxed)).unwrap_or(0)
             }
         };
         // Ejected backends get no new flows.
-        (0..n).map(|i| (start + i) % n).filter(|&i| self.health.is_up(i)).collect()
+        (0..n).map(|i| m[(start + i) % n]).filter(|&i| self.health.is_up(i)).collect()
+    }
+
+    /// Counts a flow on backend `idx` until the guard drops.
+    pub fn activate(&self, idx: usize) -> Active<'_> {
+        self.active[idx].fetch_add(1, Relaxed);
+        Active(&self.active[idx])
+    }
+
+    /// Admission, before anything else (a backend connect above all). A
+    /// client turned away is counted by cause and reset at once.
+    pub fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<crate::limits::Admitted<'_>> {
+        self.stats.accepted();
+        match self.admission.admit(peer.ip()) {
+            Ok(a) => Some(a),
+            Err(cause) => {
+                self.stats.rejected(cause);
+                debug!(listener = %self.cfg.name, client = %peer, cause, "connection rejected");
+                // Close at once, with RST: no TIME_WAIT left behind by a flood.
+                let _ = socket2::SockRef::from(client).set_linger(Some(Duration::ZERO));
+                None
+            }
+        }
     }
 }
 
 /// Decrements a backend's active count when the flow ends.
-struct Active<'a>(&'a AtomicU32);
+pub struct Active<'a>(&'a AtomicU32);
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Relaxed);
@@ -134,7 +188,11 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
                 // The settings in force when the client arrived stay with its flow.
                 let rt = slot.lock().unwrap().clone();
                 let daemon = daemon.clone();
-                tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
+                if rt.cfg.http.is_some() {
+                    tokio::spawn(crate::http::handle(client, peer, rt, daemon));
+                } else {
+                    tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
+                }
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly.
@@ -145,13 +203,14 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
     }
 }
 
-async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usize), String> {
+/// Connects one of `pool`'s backends, trying them in turn.
+pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Result<(TcpStream, usize), String> {
     let mut tried = Vec::new();
-    let candidates = rt.candidates(client);
+    let candidates = rt.candidates(client, pool);
     if candidates.is_empty() {
         return Err(format!(
             "all {} backend(s) are ejected after failing health checks (health.failures {}, eject_for {:?})",
-            rt.cfg.backends.len(),
+            pool.members.len(),
             rt.cfg.health.failures,
             rt.cfg.health.eject_for
         ));
@@ -174,22 +233,11 @@ async fn connect(rt: &ListenerRt, client: SocketAddr) -> Result<(TcpStream, usiz
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
-    rt.stats.accepted();
-    // Admission comes before anything else, a backend connect above all.
-    let _admitted = match rt.admission.admit(peer.ip()) {
-        Ok(a) => a,
-        Err(cause) => {
-            rt.stats.rejected(cause);
-            debug!(listener = %rt.cfg.name, client = %peer, cause, "connection rejected");
-            // Close at once, with RST: no TIME_WAIT left behind by a flood.
-            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            return;
-        }
-    };
+    let Some(_admitted) = rt.admit(&client, peer) else { return };
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
     crate::flowlog::record("open", &crate::flows::snapshot_one(flow, None), None);
-    let (backend, idx) = match connect(rt, peer).await {
+    let (backend, idx) = match connect(rt, peer, rt.pool()).await {
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client ({tried})");
@@ -197,16 +245,29 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             return;
         }
     };
-    let backend_addr = rt.cfg.backends[idx];
-    rt.active[idx].fetch_add(1, Relaxed);
-    let _active = Active(&rt.active[idx]);
-    *flow.backend.lock().unwrap() = Some(backend_addr);
-    let _ = client.set_nodelay(true);
-    let _ = backend.set_nodelay(true);
-
+    let _active = rt.activate(idx);
+    *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
     if !daemon.handoff_delay.is_zero() {
         tokio::time::sleep(daemon.handoff_delay).await;
     }
+    let cause = forward(client, backend, idx, flow, rt, daemon).await;
+    debug!(flow = flow.id, %cause, "flow task done");
+}
+
+/// Carries a connected client/backend pair to its end: on the kernel path
+/// when the listener and the host allow it, in the userspace relay
+/// otherwise. Retires the flow.
+pub async fn forward(
+    client: TcpStream,
+    backend: TcpStream,
+    idx: usize,
+    flow: &crate::flows::Flow,
+    rt: &ListenerRt,
+    daemon: &Daemon,
+) -> CloseCause {
+    let peer = flow.client;
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
     let kernel = match (rt.cfg.offload, &daemon.kernel) {
         (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
         (_, None) => {
@@ -218,13 +279,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             Ok(s) => Ok((k, s)),
             Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
                 warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
-                retire(flow, Some(idx), &CloseCause::Rejected(e.to_string()), rt, daemon);
-                return;
+                let cause = CloseCause::Rejected(e.to_string());
+                retire(flow, Some(idx), &cause, rt, daemon);
+                return cause;
             }
             Err(e) => Err((e.to_string(), e.code())),
         },
     };
-    let cause = match kernel {
+    match kernel {
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
             crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, Some(k)), None);
@@ -233,9 +295,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                 (c, b) => {
                     let e = c.err().or(b.err()).unwrap();
                     warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
-                    retire(flow, Some(idx), &CloseCause::Error(e.to_string()), rt, daemon);
+                    let cause = CloseCause::Error(e.to_string());
+                    retire(flow, Some(idx), &cause, rt, daemon);
                     k.release(&s);
-                    return;
+                    return cause;
                 }
             };
             let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
@@ -252,12 +315,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
-    };
-    debug!(flow = flow.id, %cause, "flow task done");
+    }
 }
 
 /// Logs the flow's close record and moves its counters into the totals.
-fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCause, rt: &ListenerRt, daemon: &Daemon) {
+pub fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCause, rt: &ListenerRt, daemon: &Daemon) {
     let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
     crate::flowlog::record("close", &s, Some(cause.code()));
     if let CloseCause::Rejected(why) | CloseCause::Error(why) = cause {

@@ -1,0 +1,574 @@
+//! Websocket listeners: HTTP/1.1 served by hyper, routed by host and path.
+//!
+//! - A WebSocket upgrade is checked (RFC 6455 §4.2.1), routed, checked against
+//!   the route's origins, and forwarded to a backend with hyper's client. The
+//!   backend's answer goes back to the client as the backend sent it. After a
+//!   `101` both sockets come back out of hyper (with any bytes read past the
+//!   heads) and go to the kernel path (`passthrough`), or to `ws.rs`
+//!   (`inspect`, `bridge_tcp`).
+//! - Any other request is reverse-proxied as HTTP/1.1, bodies streamed, over
+//!   one backend connection per client connection, reused while it serves
+//!   the same route.
+//!
+//! The client connection is one flow from accept to close; it carries the
+//! listener's admission, and its path says what happened to it.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::{
+    body::Incoming,
+    client::conn::http1::SendRequest,
+    header::{self, HeaderMap, HeaderName, HeaderValue},
+    upgrade::OnUpgrade,
+    Method, Request, Response, StatusCode, Uri, Version,
+};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
+use tracing::{debug, warn};
+
+use crate::{
+    config::{HttpListener, Route, WsMode},
+    flows::{CloseCause, Flow, FlowPath, Side},
+    proxy::{self, Daemon, ListenerRt},
+};
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
+const SEC_WEBSOCKET_VERSION: &str = "sec-websocket-version";
+const SEC_WEBSOCKET_ACCEPT: &str = "sec-websocket-accept";
+const SEC_WEBSOCKET_PROTOCOL: &str = "sec-websocket-protocol";
+const SEC_WEBSOCKET_EXTENSIONS: &str = "sec-websocket-extensions";
+
+/// An upgrade accepted by the service, finished once hyper has sent the 101.
+struct Upgrade {
+    route: usize,
+    backend_idx: usize,
+    client: OnUpgrade,
+    backend: BackendSide,
+}
+
+enum BackendSide {
+    /// The backend's own 101, from hyper's client.
+    WebSocket(OnUpgrade),
+    /// bridge_tcp: a raw TCP connection.
+    Tcp(TcpStream),
+}
+
+struct Conn {
+    rt: Arc<ListenerRt>,
+    flow: Arc<Flow>,
+    /// The backend connection plain requests reuse, and its backend.
+    backend: tokio::sync::Mutex<Option<(usize, SendRequest<Incoming>)>>,
+    upgrade: Mutex<Option<Upgrade>>,
+}
+
+pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+    let Some(_admitted) = rt.admit(&client, peer) else { return };
+    let guard = daemon.flows.open(&rt.cfg.name, peer);
+    let flow = guard.flow.clone();
+    crate::flowlog::record("open", &crate::flows::snapshot_one(&flow, None), None);
+    let _ = client.set_nodelay(true);
+    let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
+    let conn = Arc::new(Conn {
+        rt: rt.clone(),
+        flow: flow.clone(),
+        backend: tokio::sync::Mutex::new(None),
+        upgrade: Mutex::new(None),
+    });
+    let svc = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(conn.serve(req).await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(http.handshake_timeout)
+        .max_buf_size(http.max_request_head)
+        .keep_alive(true);
+    let served = builder.serve_connection(TokioIo::new(client), svc).with_upgrades();
+    tokio::pin!(served);
+    let mut shutdown = daemon.shutdown.subscribe();
+    let mut draining = false;
+    let result = loop {
+        tokio::select! {
+            r = served.as_mut() => break r,
+            () = crate::ws::draining(&mut shutdown), if !draining => {
+                // Finish the request in progress, then close.
+                served.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    };
+    let upgrade = conn.upgrade.lock().unwrap().take();
+    drop(conn);
+    match (result, upgrade) {
+        (Ok(()), Some(up)) => upgraded(up, &flow, &rt, &daemon).await,
+        (result, _) => {
+            let cause = match result {
+                Ok(()) => CloseCause::Closed { first: Side::Client },
+                Err(e) if e.is_timeout() => CloseCause::Error(format!(
+                    "request head not complete within handshake_timeout ({:?})",
+                    http.handshake_timeout
+                )),
+                Err(e) => CloseCause::Error(format!("http: {e}")),
+            };
+            proxy::retire(&flow, None, &cause, &rt, &daemon);
+        }
+    }
+}
+
+/// After the 101: take both sockets back from hyper and carry the flow.
+async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
+    let idx = up.backend_idx;
+    let route = &rt.cfg.http.as_ref().unwrap().routes[up.route];
+    let client = match up.client.await.map(raw) {
+        Ok(Some(c)) => c,
+        Ok(None) => unreachable!("the server's connection is TokioIo<TcpStream>"),
+        Err(e) => {
+            proxy::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
+            return;
+        }
+    };
+    let backend = match up.backend {
+        BackendSide::Tcp(s) => (s, Bytes::new()),
+        BackendSide::WebSocket(on) => match on.await.map(raw) {
+            Ok(Some(b)) => b,
+            Ok(None) => unreachable!("the client's connection is TokioIo<TcpStream>"),
+            Err(e) => {
+                proxy::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, daemon);
+                return;
+            }
+        },
+    };
+    let _active = rt.activate(idx);
+    let ((mut client, client_early), (mut backend, backend_early)) = (client, backend);
+    let cause = match route.mode {
+        WsMode::Passthrough => {
+            // Bytes read past the heads (frames sent right behind the
+            // request or the 101) go first, before the kernel takes over.
+            let early = async {
+                backend.write_all(&client_early).await.map_err(|e| (Side::Backend, e))?;
+                client.write_all(&backend_early).await.map_err(|e| (Side::Client, e))
+            };
+            let timeout = rt.cfg.http.as_ref().unwrap().handshake_timeout;
+            match tokio::time::timeout(timeout, early).await {
+                Ok(Ok(())) => {
+                    flow.add_user(Side::Client, client_early.len() as u64);
+                    flow.add_user(Side::Backend, backend_early.len() as u64);
+                    if !daemon.handoff_delay.is_zero() {
+                        tokio::time::sleep(daemon.handoff_delay).await;
+                    }
+                    proxy::forward(client, backend, idx, flow, rt, daemon).await;
+                    return;
+                }
+                Ok(Err((side, e))) => CloseCause::Error(format!("writing early bytes to the {side}: {e}")),
+                Err(_) => CloseCause::Error("early bytes not written within handshake_timeout".into()),
+            }
+        }
+        WsMode::Inspect | WsMode::BridgeTcp => {
+            let code = if route.mode == WsMode::Inspect { "websocket-inspect" } else { "websocket-bridge" };
+            let reason = format!("mode {}: messages are relayed in user space", route.mode);
+            flow.set_path(FlowPath::Userspace { reason, code });
+            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, None), None);
+            let ends = crate::ws::Ends {
+                client,
+                client_early,
+                backend,
+                backend_early,
+                flow,
+                route,
+                idle: rt.cfg.idle_timeout,
+                shutdown: daemon.shutdown.subscribe(),
+            };
+            if route.mode == WsMode::Inspect {
+                crate::ws::inspect(ends).await
+            } else {
+                crate::ws::bridge(ends).await
+            }
+        }
+    };
+    proxy::retire(flow, Some(idx), &cause, rt, daemon);
+}
+
+/// The socket under an upgraded connection and the bytes hyper read past the head.
+fn raw(up: hyper::upgrade::Upgraded) -> Option<(TcpStream, Bytes)> {
+    let parts = up.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+impl Conn {
+    fn http(&self) -> &HttpListener {
+        self.rt.cfg.http.as_ref().unwrap()
+    }
+
+    async fn serve(&self, req: Request<Incoming>) -> Response<Body> {
+        let upgrade = wants_websocket(req.headers());
+        let host = request_host(&req);
+        if req.version() == Version::HTTP_11 && host.is_none() {
+            return reply(StatusCode::BAD_REQUEST, "HTTP/1.1 request without a Host header", upgrade);
+        }
+        if upgrade {
+            if let Err(resp) = check_upgrade(&req) {
+                return *resp;
+            }
+        }
+        let path = req.uri().path();
+        let Some(ri) = pick_route(self.http(), host.as_deref(), path) else {
+            let shown = host.as_deref().unwrap_or("(none)");
+            return reply(StatusCode::NOT_FOUND, format!("no route for host {shown} and path {path}"), upgrade);
+        };
+        let route = &self.http().routes[ri];
+        *self.flow.route.lock().unwrap() = Some(format!("{}{}", route.host, route.path_prefix));
+        if !upgrade {
+            if route.mode == WsMode::BridgeTcp {
+                let mut r = reply(
+                    StatusCode::UPGRADE_REQUIRED,
+                    "this route bridges WebSocket to TCP; send a WebSocket upgrade",
+                    false,
+                );
+                r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                return r;
+            }
+            return self.proxy(req, ri, host).await;
+        }
+        if let Some(allowed) = &route.allowed_origins {
+            let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok());
+            let norm = origin.map(|o| o.trim().trim_end_matches('/').to_ascii_lowercase());
+            if !allowed.iter().any(|a| a == "*" || Some(a) == norm.as_ref()) {
+                let shown = origin.map_or("no Origin header".to_string(), |o| format!("origin {o:?}"));
+                debug!(flow = self.flow.id, "upgrade refused: {shown} is not allowed");
+                return reply(StatusCode::FORBIDDEN, format!("{shown} is not allowed on this route"), true);
+            }
+        }
+        self.upgrade(req, ri, host).await
+    }
+
+    /// Connects one of route `ri`'s backends within `deadline`.
+    async fn connect(&self, ri: usize, deadline: Instant) -> Result<(TcpStream, usize), Response<Body>> {
+        let pool = self.rt.route_pool(ri);
+        match tokio::time::timeout_at(deadline, proxy::connect(&self.rt, self.flow.client, pool)).await {
+            Ok(Ok((s, idx))) => {
+                let _ = s.set_nodelay(true);
+                *self.flow.backend.lock().unwrap() = Some(self.rt.cfg.backends[idx]);
+                Ok((s, idx))
+            }
+            Ok(Err(tried)) => {
+                warn!(flow = self.flow.id, listener = %self.rt.cfg.name, client = %self.flow.client, "no backend answered ({tried})");
+                Err(reply(StatusCode::BAD_GATEWAY, format!("no backend answered ({tried})"), true))
+            }
+            Err(_) => Err(reply(StatusCode::GATEWAY_TIMEOUT, "no backend answered within handshake_timeout", true)),
+        }
+    }
+
+    async fn upgrade(&self, mut req: Request<Incoming>, ri: usize, host: Option<String>) -> Response<Body> {
+        let deadline = Instant::now() + self.http().handshake_timeout;
+        let route = &self.http().routes[ri];
+        let (stream, idx) = match self.connect(ri, deadline).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let client = hyper::upgrade::on(&mut req);
+        if route.mode == WsMode::BridgeTcp {
+            let resp = accept_bridge(req.headers());
+            *self.upgrade.lock().unwrap() =
+                Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Tcp(stream) });
+            return resp;
+        }
+        let backend_addr = self.rt.cfg.backends[idx];
+        let (parts, body) = req.into_parts();
+        let mut out = Request::from_parts(parts, body);
+        *out.version_mut() = Version::HTTP_11;
+        *out.uri_mut() = origin_form(out.uri());
+        let offered_upgrade = out.headers().get(header::UPGRADE).cloned();
+        strip_hop_by_hop(out.headers_mut());
+        out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        out.headers_mut().insert(header::UPGRADE, offered_upgrade.unwrap_or(HeaderValue::from_static("websocket")));
+        if route.mode == WsMode::Inspect {
+            // The gateway parses the frames, and it speaks no extension.
+            out.headers_mut().remove(SEC_WEBSOCKET_EXTENSIONS);
+        }
+        add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
+        let handshake = async {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
+            tokio::spawn(conn.with_upgrades());
+            sender.send_request(out).await
+        };
+        let mut resp = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(flow = self.flow.id, backend = %backend_addr, "upgrade failed: {e}");
+                return reply(StatusCode::BAD_GATEWAY, format!("backend {backend_addr} failed the upgrade: {e}"), true);
+            }
+            Err(_) => {
+                return reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("backend {backend_addr} did not answer the upgrade within handshake_timeout"),
+                    true,
+                )
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // The backend's refusal, as it sent it.
+            debug!(flow = self.flow.id, status = %resp.status(), "backend refused the upgrade");
+            strip_hop_by_hop(resp.headers_mut());
+            return resp.map(BodyExt::boxed);
+        }
+        let backend = hyper::upgrade::on(&mut resp);
+        *self.upgrade.lock().unwrap() =
+            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend) });
+        let (mut parts, _) = resp.into_parts();
+        let upgrade = parts.headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
+        Response::from_parts(parts, empty())
+    }
+
+    /// A plain request, reverse-proxied.
+    async fn proxy(&self, req: Request<Incoming>, ri: usize, host: Option<String>) -> Response<Body> {
+        self.flow.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if matches!(*self.flow.path.lock().unwrap(), FlowPath::Connecting) {
+            self.flow.set_path(FlowPath::Userspace {
+                reason: "plain HTTP requests are proxied in user space".into(),
+                code: "http",
+            });
+        }
+        let route = &self.http().routes[ri];
+        let mut cached = self.backend.lock().await;
+        let reuse = match cached.take() {
+            Some((idx, mut s)) if route.backends.contains(&idx) && self.rt.health.is_up(idx) => {
+                s.ready().await.ok().map(|()| (idx, s))
+            }
+            _ => None,
+        };
+        let (idx, mut sender) = match reuse {
+            Some(r) => r,
+            None => {
+                let deadline = Instant::now() + self.rt.cfg.connect_timeout * self.rt.cfg.connect_attempts;
+                let (stream, idx) = match self.connect(ri, deadline).await {
+                    Ok(b) => b,
+                    Err(resp) => return resp,
+                };
+                match hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await {
+                    Ok((sender, conn)) => {
+                        tokio::spawn(conn);
+                        (idx, sender)
+                    }
+                    Err(e) => return reply(StatusCode::BAD_GATEWAY, format!("backend connection failed: {e}"), false),
+                }
+            }
+        };
+        let backend_addr = self.rt.cfg.backends[idx];
+        *self.flow.backend.lock().unwrap() = Some(backend_addr);
+        let (parts, body) = req.into_parts();
+        let mut out = Request::from_parts(parts, body);
+        *out.version_mut() = Version::HTTP_11;
+        *out.uri_mut() = origin_form(out.uri());
+        strip_hop_by_hop(out.headers_mut());
+        add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
+        match sender.send_request(out).await {
+            Ok(mut resp) => {
+                *cached = Some((idx, sender));
+                strip_hop_by_hop(resp.headers_mut());
+                resp.map(BodyExt::boxed)
+            }
+            Err(e) => {
+                warn!(flow = self.flow.id, backend = %backend_addr, "request failed: {e}");
+                reply(StatusCode::BAD_GATEWAY, format!("backend {backend_addr} failed: {e}"), false)
+            }
+        }
+    }
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
+}
+
+/// The gateway's own answer: a status and a one-line reason. Failed upgrades
+/// close the connection (the client may already be sending frames).
+fn reply(status: StatusCode, why: impl Into<String>, close: bool) -> Response<Body> {
+    let mut body = why.into();
+    body.push('\n');
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    if close {
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// Comma-separated tokens of every instance of a header.
+fn tokens(h: &HeaderMap, name: impl header::AsHeaderName) -> impl Iterator<Item = &str> {
+    h.get_all(name).into_iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
+}
+
+/// Is this an attempt at a WebSocket upgrade? (`Upgrade` lists `websocket`.)
+fn wants_websocket(h: &HeaderMap) -> bool {
+    tokens(h, header::UPGRADE).any(|t| t.eq_ignore_ascii_case("websocket"))
+}
+
+/// RFC 6455 §4.2.1. `Err` is the answer: 400 naming what is wrong, or 426.
+fn check_upgrade(req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+    let h = req.headers();
+    let bad = |why: String| Err(Box::new(reply(StatusCode::BAD_REQUEST, why, true)));
+    if req.method() != Method::GET {
+        return bad(format!("a WebSocket upgrade must be a GET request, not {}", req.method()));
+    }
+    if req.version() != Version::HTTP_11 {
+        return bad(format!("a WebSocket upgrade needs HTTP/1.1, not {:?}", req.version()));
+    }
+    if !tokens(h, header::CONNECTION).any(|t| t.eq_ignore_ascii_case("upgrade")) {
+        let found: Vec<&str> = tokens(h, header::CONNECTION).collect();
+        return bad(format!("the Connection header must list \"upgrade\" (found {:?})", found.join(", ")));
+    }
+    let versions: Vec<&HeaderValue> = h.get_all(SEC_WEBSOCKET_VERSION).iter().collect();
+    match versions.as_slice() {
+        [] => return bad("missing Sec-WebSocket-Version (this gateway speaks 13)".into()),
+        [v] if v.as_bytes().trim_ascii() == b"13" => {}
+        _ => {
+            let shown: Vec<String> =
+                versions.iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
+            let mut r = reply(
+                StatusCode::UPGRADE_REQUIRED,
+                format!("unsupported Sec-WebSocket-Version {:?}; this gateway speaks 13", shown.join(", ")),
+                true,
+            );
+            r.headers_mut().insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            return Err(Box::new(r));
+        }
+    }
+    let keys: Vec<&HeaderValue> = h.get_all(SEC_WEBSOCKET_KEY).iter().collect();
+    match keys.as_slice() {
+        [] => bad("missing Sec-WebSocket-Key".into()),
+        [k] if is_websocket_key(k.as_bytes().trim_ascii()) => Ok(()),
+        [k] => {
+            bad(format!("Sec-WebSocket-Key {:?} is not the base64 of 16 bytes", String::from_utf8_lossy(k.as_bytes())))
+        }
+        _ => bad("more than one Sec-WebSocket-Key".into()),
+    }
+}
+
+/// 16 bytes in base64: 22 alphabet characters, then "==".
+fn is_websocket_key(k: &[u8]) -> bool {
+    k.len() == 24
+        && k[22..] == *b"=="
+        && k[..22].iter().all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        // The last character carries 2 bits; the 4 unused ones must be zero.
+        && b"AQgw".contains(&k[21])
+}
+
+/// Lower-case host without port, from `Host` or an absolute-form target.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    let raw = match req.uri().authority() {
+        Some(a) => a.host().to_string(),
+        None => {
+            let h = req.headers().get(header::HOST)?.to_str().ok()?.trim();
+            let a: hyper::http::uri::Authority = h.parse().ok()?;
+            a.host().to_string()
+        }
+    };
+    let host = raw.trim_end_matches('.').to_ascii_lowercase();
+    (!host.is_empty()).then_some(host)
+}
+
+/// The route for a request: the most specific host first (exact, then the
+/// longest wildcard, then routes without a host), then the longest prefix.
+pub fn pick_route(http: &HttpListener, host: Option<&str>, path: &str) -> Option<usize> {
+    http.routes
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.host.matches(host) && r.covers(path))
+        .max_by_key(|(i, r): &(usize, &Route)| (r.host.rank(), r.path_prefix.len(), std::cmp::Reverse(*i)))
+        .map(|(i, _)| i)
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    let pq = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    pq.parse().unwrap_or_else(|_| Uri::from_static("/"))
+}
+
+/// RFC 9110 §7.6.1: headers for this hop only, and those `Connection` names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> =
+        tokens(h, header::CONNECTION).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHENTICATE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+}
+
+/// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
+/// `X-Forwarded-Proto`.
+fn add_forwarded(h: &mut HeaderMap, client: SocketAddr, host: Option<&str>) {
+    let ip = client.ip().to_canonical();
+    let xff = match tokens(h, "x-forwarded-for").filter(|t| !t.is_empty()).collect::<Vec<_>>() {
+        v if v.is_empty() => ip.to_string(),
+        v => format!("{}, {ip}", v.join(", ")),
+    };
+    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+    let mut fwd = format!("for={node};proto=http");
+    if let Some(host) = host.filter(|h| h.bytes().all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))) {
+        fwd.push_str(";host=");
+        fwd.push_str(host);
+    }
+    let prev: Vec<&str> = h.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
+    let fwd = if prev.is_empty() { fwd } else { format!("{}, {fwd}", prev.join(", ")) };
+    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd), ("x-forwarded-proto", "http".into())] {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            h.insert(HeaderName::from_static(name), v);
+        }
+    }
+}
+
+/// The gateway's own 101 for a bridge_tcp route (it is the WebSocket server).
+fn accept_bridge(h: &HeaderMap) -> Response<Body> {
+    let key = h.get(SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().trim_ascii()).unwrap_or_default();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
+    let mut r = Response::new(empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let hs = r.headers_mut();
+    hs.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    hs.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        hs.insert(SEC_WEBSOCKET_ACCEPT, v);
+    }
+    // websockify clients offer "binary"; it is the only subprotocol spoken.
+    if tokens(h, SEC_WEBSOCKET_PROTOCOL).any(|p| p == "binary") {
+        hs.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("binary"));
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
+            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+}
