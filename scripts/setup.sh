@@ -5,6 +5,7 @@
 #   scripts/setup.sh            toolchain + runtime tools
 #   scripts/setup.sh --bench    also the peers the benchmark compares against
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 want_bench=0
 for a in "$@"; do
@@ -64,6 +65,23 @@ echo "$ebpf_toolchain" > target/ebpf-toolchain
 if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
   log "cargo install bpf-linker@0.10.4 (about a minute)"
   cargo install --locked bpf-linker@0.10.4
+fi
+
+# ---- third-party WebSocket peers for the tests ---------------------------------
+# Python `websockets` (PyPI) and Node `ws` (npm, pinned by the committed
+# package-lock.json); the tests also use curl and socat from Debian.
+py_websockets=15.0.1
+command -v python3 >/dev/null || { echo "setup.sh: python3 not found (the image ships CPython 3.11)" >&2; exit 1; }
+if [ "$(python3 -c 'import websockets; print(websockets.__version__)' 2>/dev/null)" != "$py_websockets" ]; then
+  log "pip install websockets==$py_websockets"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "websockets==$py_websockets"
+fi
+command -v node >/dev/null && command -v npm >/dev/null || { echo "setup.sh: node and npm not found (the image ships Node.js 20)" >&2; exit 1; }
+node_peers=tests/peers/node
+if ! (cd "$node_peers" && node -e 'require("ws")' 2>/dev/null) \
+   || [ "$node_peers/package-lock.json" -nt "$node_peers/node_modules/.package-lock.json" ]; then
+  log "npm ci in $node_peers"
+  (cd "$node_peers" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
 # ---- kernel plumbing the tests rely on --------------------------------------

@@ -13,7 +13,7 @@
 //! real process inside the gateway namespace.
 use std::{
     fs,
-    io::{self, Read, Write},
+    io::{self, BufRead, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
@@ -582,4 +582,268 @@ pub fn tcp_retransmits(ns: &str) -> u64 {
     let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
     let i = names.split_whitespace().position(|n| n == "RetransSegs").expect("RetransSegs");
     values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// A third-party peer process (Node `ws`, Python `websockets`) running in a
+/// namespace; stopped on drop.
+pub struct Peer {
+    pub child: Child,
+    pub addr: SocketAddr,
+    what: String,
+}
+
+impl Peer {
+    /// Starts `program args...` in `ns` and waits for its `READY <port>` line;
+    /// the peer listens on `ip`.
+    pub fn start(ns: &str, ip: &str, program: &str, args: &[&str]) -> Self {
+        let what = format!("{program} {}", args.join(" "));
+        let mut child = Topology::cmd_in(ns, program)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{what}: {e} (scripts/setup.sh installs the test peers)"));
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            let mut lines = io::BufReader::new(stdout).lines();
+            let first = lines.next();
+            let _ = tx.send(first);
+            // Keep draining so the peer never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Some(Ok(l))) => l,
+            other => {
+                let _ = child.kill();
+                panic!("{what} did not print READY within 30 s: {other:?}");
+            }
+        };
+        let port: u16 = line
+            .strip_prefix("READY ")
+            .and_then(|p| p.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{what}: expected \"READY <port>\", got {line:?}"));
+        Self { child, addr: SocketAddr::new(ip.parse().unwrap(), port), what }
+    }
+
+    /// The Node app server (`tests/peers/node/server.js`) on the backend host.
+    pub fn node_server(topo: &Topology, name: &str) -> Self {
+        let script = repo_path("tests/peers/node/server.js");
+        let listen = format!("{BACKEND_IP}:0");
+        Self::start(&topo.backend, BACKEND_IP, "node", &[script.to_str().unwrap(), "--listen", &listen, "--name", name])
+    }
+
+    /// The Python `websockets` echo server on the backend host.
+    pub fn python_server(topo: &Topology) -> Self {
+        let script = repo_path("tests/peers/ws_echo_server.py");
+        let listen = format!("{BACKEND_IP}:0");
+        Self::start(&topo.backend, BACKEND_IP, "python3", &[script.to_str().unwrap(), "--listen", &listen])
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("{} did not stop on SIGTERM; killing it", self.what);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a short-lived peer (client) in `ns`, bounded by `timeout(1)`, and
+/// returns its exit status, stdout and stderr.
+pub fn run_peer(ns: &str, program: &str, args: &[&str], limit: Duration) -> (bool, String, String) {
+    let secs = limit.as_secs().max(1).to_string();
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "timeout", &secs, program])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The Python `websockets` client (`tests/peers/ws_client.py`) in the client
+/// namespace; returns its JSON line (which has `error` on failure).
+pub fn py_client(topo: &Topology, args: &[&str]) -> Value {
+    let script = repo_path("tests/peers/ws_client.py");
+    let mut all = vec![script.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, "python3", &all, Duration::from_secs(120));
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("ws_client.py {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+}
+
+/// The Node `ws` client (`tests/peers/node/client.js`) in the client namespace.
+pub fn node_client(topo: &Topology, args: &[&str]) -> Value {
+    let script = repo_path("tests/peers/node/client.js");
+    let mut all = vec![script.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, "node", &all, Duration::from_secs(120));
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("client.js {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+}
+
+/// curl in the client namespace: returns (status code, headers, body).
+pub fn curl(topo: &Topology, args: &[&str]) -> (u16, String, String) {
+    let mut all = vec!["-s", "-S", "-i", "--max-time", "30"];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, "curl", &all, Duration::from_secs(60));
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or_else(|| panic!("curl {args:?}: no response ({err})"));
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_string(), body.to_string())
+}
+
+/// A long-running client peer whose stdout is read line by line and whose
+/// stdin says when to go on (`ws_client.py hold` and `wait-close`).
+pub struct Held {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Held {
+    pub fn py_client(topo: &Topology, args: &[&str]) -> Self {
+        let script = repo_path("tests/peers/ws_client.py");
+        let mut child = Topology::cmd_in(&topo.client, "python3")
+            .arg(script)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 ws_client.py");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        thread::spawn(move || {
+            for l in io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines }
+    }
+
+    /// The next line the peer prints, within `limit`.
+    pub fn line(&mut self, limit: Duration) -> String {
+        self.lines.recv_timeout(limit).unwrap_or_else(|e| panic!("no line from the client peer within {limit:?}: {e}"))
+    }
+
+    /// Tells the peer to go on.
+    pub fn go_on(&mut self) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads an HTTP head (through the blank line) from `s`; returns it and any
+/// bytes read past it.
+pub fn read_http_head(s: &mut TcpStream) -> io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before the end of the head"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The value of header `name` in an HTTP head (case-insensitive).
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+/// One unfragmented WebSocket frame. Clients mask (RFC 6455 §5.3).
+pub fn ws_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut f = vec![0x80 | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => f.push(m | n as u8),
+        n if n < 65536 => {
+            f.push(m | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(m | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            f.extend_from_slice(&k);
+            f.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => f.extend_from_slice(payload),
+    }
+    f
+}
+
+/// Reads one unmasked frame (server to client) given bytes already read.
+pub fn read_ws_frame(s: &mut TcpStream, mut have: Vec<u8>) -> io::Result<(u8, Vec<u8>, Vec<u8>)> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if have.len() >= 2 {
+            let (op, len0) = (have[0] & 0x0f, (have[1] & 0x7f) as usize);
+            let (hdr, len) = match len0 {
+                126 if have.len() >= 4 => (4, u16::from_be_bytes([have[2], have[3]]) as usize),
+                127 if have.len() >= 10 => (10, u64::from_be_bytes(have[2..10].try_into().unwrap()) as usize),
+                126 | 127 => (usize::MAX, 0),
+                n => (2, n),
+            };
+            if hdr != usize::MAX && have.len() >= hdr + len {
+                let rest = have.split_off(hdr + len);
+                return Ok((op, have[hdr..].to_vec(), rest));
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed inside a frame"));
+        }
+        have.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A handshake-valid WebSocket upgrade request head.
+pub fn ws_upgrade_request(path: &str, host: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// The `101` a WebSocket server answers `request_head` with.
+pub fn ws_accept_response(request_head: &str) -> String {
+    let key = header_value(request_head, "sec-websocket-key").expect("Sec-WebSocket-Key");
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
 }

@@ -1,0 +1,471 @@
+//! WebSocket listeners end to end: real peers (Python `websockets`, Node
+//! `ws`, curl) in the client and backend namespaces, the real daemon and
+//! kernel programs in the gateway namespace.
+use std::{
+    io::{Read, Write},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use gateway_tests::*;
+
+/// A websocket listener named `name` with `routes` (YAML list items).
+fn ws_listener(name: &str, offload: &str, routes: &str) -> String {
+    format!(
+        "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    offload: {offload}\n\
+         \x20   handshake_timeout: 2s\n    routes:\n{routes}"
+    )
+}
+
+/// One route: `first` is its first key line (`path_prefix: /ws`), `more`
+/// further keys, one per line.
+fn route(first: &str, backends: &[SocketAddr], more: &[&str]) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
+    let mut r = format!("      - {first}\n        backends: [{}]\n", list.join(", "));
+    for m in more {
+        r.push_str(&format!("        {m}\n"));
+    }
+    r
+}
+
+fn start(topo: &Topology, listeners: String) -> Gateway {
+    Gateway::start(topo, &GatewayConfig { listeners, extra: String::new() })
+}
+
+fn no_error(v: &Value) {
+    assert!(v.get("error").is_none(), "peer failed: {v}");
+}
+
+/// Messages and payload bytes `ws_client.py echo` sends for these sizes.
+fn echo_totals(sizes: &[u64], fragments: bool) -> (u64, u64) {
+    let per = |n: u64| if fragments && n > 1 { 4 } else { 2 };
+    (sizes.iter().map(|&n| per(n)).sum(), sizes.iter().map(|&n| n * per(n)).sum())
+}
+
+fn join(sizes: &[u64]) -> String {
+    sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn listener_stats(gw: &Gateway, name: &str) -> Value {
+    let v = gw.stats();
+    v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone()
+}
+
+#[test]
+fn passthrough_websockets_ride_the_kernel_path() {
+    if !require_root("passthrough_websockets_ride_the_kernel_path") {
+        return;
+    }
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let gw = start(&topo, ws_listener("chat", "kernel", &route("path_prefix: /ws", &[node.addr], &[])));
+    let url = format!("ws://{}/ws/room", gw.listener("chat"));
+
+    // Python client: text and binary, 0 B to 16 MiB, whole and fragmented,
+    // ping/pong, a close with code and reason.
+    let sizes = [0, 1, 125, 126, 65535, 65536, 1 << 20, 16 << 20];
+    let r = py_client(&topo, &["echo", &url, "--sizes", &join(&sizes), "--fragments", "5", "--close", "4000:see you"]);
+    no_error(&r);
+    let (messages, bytes) = echo_totals(&sizes, true);
+    assert_eq!((r["echoed"].as_u64(), r["bytes"].as_u64()), (Some(messages), Some(bytes)), "{r}");
+    assert_eq!(r["pong"], true, "{r}");
+    assert_eq!((r["close_code"].as_u64(), r["close_reason"].as_str()), (Some(4000), Some("see you")), "{r}");
+    gw.wait_idle();
+
+    // The kernel carried the frames: its counters cover every payload byte
+    // each way, and the daemon itself copied almost nothing (the heads go
+    // through hyper, not through these counters).
+    let s = listener_stats(&gw, "chat");
+    let b = |k: &str| s["bytes"][k].as_u64().unwrap();
+    assert_eq!(s["kernel_flows"], 1, "{s}");
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert!(b(&format!("kernel_{dir}")) >= bytes, "kernel bytes {dir} below the {bytes} payload bytes: {s}");
+        assert!(b(&format!("user_{dir}")) < 64 * 1024, "the daemon copied {dir} bytes: {s}");
+    }
+
+    // Node client: subprotocol and permessage-deflate are negotiated by the
+    // peers, end to end, and pass through byte-exact.
+    let r = node_client(&topo, &[&url, "--protocol", "chat.v2", "--deflate", "--close", "4001:node bye"]);
+    no_error(&r);
+    assert_eq!(r["protocol"], "chat.v2", "{r}");
+    assert!(r["extensions"].as_str().unwrap_or_default().contains("permessage-deflate"), "{r}");
+    assert_eq!(r["pong"], "node-ping", "{r}");
+    assert_eq!((r["close_code"].as_u64(), r["close_reason"].as_str()), (Some(4001), Some("node bye")), "{r}");
+    let r = py_client(&topo, &["echo", &url, "--deflate", "--protocol", "chat.v3", "--fragments", "3"]);
+    no_error(&r);
+    assert_eq!(r["protocol"], "chat.v3", "{r}");
+    assert!(r["extensions"].as_str().unwrap_or_default().contains("permessage-deflate"), "{r}");
+    gw.wait_idle();
+    assert_eq!(listener_stats(&gw, "chat")["kernel_flows"], 3);
+}
+
+#[test]
+fn userspace_offload_and_a_python_backend() {
+    if !require_root("userspace_offload_and_a_python_backend") {
+        return;
+    }
+    let topo = Topology::new();
+    let py = Peer::python_server(&topo);
+    let gw = start(&topo, ws_listener("u", "userspace", &route("path_prefix: /", &[py.addr], &[])));
+    let url = format!("ws://{}/anything", gw.listener("u"));
+    let sizes = [0, 1, 126, 65536, 16 << 20];
+    let r = node_client(&topo, &[&url, "--sizes", &join(&sizes), "--deflate", "--protocol", "p1"]);
+    no_error(&r);
+    assert_eq!((r["protocol"].as_str(), r["echoed"].as_u64()), (Some("p1"), Some(2 * sizes.len() as u64)), "{r}");
+    assert!(r["extensions"].as_str().unwrap_or_default().contains("permessage-deflate"), "{r}");
+    let r = py_client(&topo, &["echo", &url, "--sizes", "0,1,65535,1048576", "--fragments", "4", "--close", "4002:x"]);
+    no_error(&r);
+    assert_eq!(r["close_code"], 4002, "{r}");
+
+    // A live flow says where it is and why.
+    let mut held = Held::py_client(&topo, &["hold", &url, "--count", "1"]);
+    assert_eq!(held.line(Duration::from_secs(30)), "OPEN 1");
+    let f = gw.wait_flow("the held flow", |f| f["path"] == "userspace");
+    assert_eq!(f["fallback_code"], "configured-userspace", "{f}");
+    assert_eq!(f["route"], "*/", "{f}");
+    held.go_on();
+    assert_eq!(held.line(Duration::from_secs(30)), "CLOSED 1");
+    gw.wait_idle();
+    let s = listener_stats(&gw, "u");
+    assert_eq!(s["kernel_flows"], 0, "{s}");
+    assert!(s["bytes"]["user_client_to_backend"].as_u64().unwrap() > 16 << 20, "{s}");
+}
+
+/// A backend that answers the upgrade and sends a first frame in the same
+/// write as its 101, then waits for the client to leave.
+fn greeting_backend(topo: &Topology, greeting: &'static str) -> Backend {
+    Backend::spawn(topo, move |mut s| {
+        let Ok((head, _)) = read_http_head(&mut s) else { return };
+        let mut out = ws_accept_response(&head).into_bytes();
+        out.extend(ws_frame(0x1, greeting.as_bytes(), None));
+        let _ = s.write_all(&out);
+        let _ = read_until_closed(&mut s, Duration::from_secs(30));
+    })
+}
+
+#[test]
+fn bytes_past_the_heads_are_forwarded_in_order() {
+    if !require_root("bytes_past_the_heads_are_forwarded_in_order") {
+        return;
+    }
+    let topo = Topology::new();
+    let raw = greeting_backend(&topo, "hello with the 101");
+    let node = Peer::node_server(&topo, "n1");
+    let routes = route("path_prefix: /raw", &[raw.addr], &[])
+        + &route("path_prefix: /inspect-raw", &[raw.addr], &["mode: inspect"])
+        + &route("path_prefix: /echo", &[node.addr], &[]);
+    let gw = start(&topo, ws_listener("w", "kernel", &routes));
+    let addr = gw.listener("w");
+
+    // The backend's frame, in the same segment as its 101.
+    for path in ["/raw", "/inspect-raw"] {
+        let r = py_client(&topo, &["expect-first", &format!("ws://{addr}{path}")]);
+        assert_eq!(r["first"], "hello with the 101", "{path}: {r}");
+    }
+
+    // The client's frames, right behind its request head in one write.
+    let mut s = topo.connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut out = ws_upgrade_request("/echo", "gw.test").into_bytes();
+    let mask = Some([1, 2, 3, 4]);
+    out.extend(ws_frame(0x1, b"early bird", mask));
+    out.extend(ws_frame(0x2, &[7u8; 300], mask));
+    s.write_all(&out).unwrap();
+    let (head, rest) = read_http_head(&mut s).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (op, payload, rest) = read_ws_frame(&mut s, rest).unwrap();
+    assert_eq!((op, payload.as_slice()), (0x1, &b"early bird"[..]));
+    let (op, payload, _) = read_ws_frame(&mut s, rest).unwrap();
+    assert_eq!((op, payload), (0x2, vec![7u8; 300]));
+    let f = gw.wait_flow("the early-bird flow", |f| f["route"] == "*/echo");
+    assert_eq!(f["path"], "kernel", "{f}");
+    drop(s);
+    gw.wait_idle();
+}
+
+#[test]
+fn upgrade_errors_get_the_right_status() {
+    if !require_root("upgrade_errors_get_the_right_status") {
+        return;
+    }
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let refusing = Backend::spawn(&topo, |mut s| {
+        if read_http_head(&mut s).is_ok() {
+            let _ =
+                s.write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 13\r\nx-from: backend\r\n\r\nnot you, bob\n");
+            let _ = read_until_closed(&mut s, Duration::from_secs(10));
+        }
+    });
+    let dead: SocketAddr = topo.backend_listener().local_addr().unwrap(); // closed on drop: refused
+    let routes = route("host: chat.test\n        path_prefix: /ws", &[node.addr], &[])
+        + &route(
+            "host: chat.test\n        path_prefix: /strict",
+            &[node.addr],
+            &["allowed_origins: [\"https://chat.test\"]"],
+        )
+        + &route("host: chat.test\n        path_prefix: /refuse", &[refusing.addr], &[])
+        + &route("host: chat.test\n        path_prefix: /dead", &[dead], &[]);
+    let gw = start(&topo, ws_listener("w", "auto", &routes));
+    let base = format!("http://{}", gw.listener("w"));
+    let up = ["-H", "Host: chat.test", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket"];
+    let v13 = ["-H", "Sec-WebSocket-Version: 13"];
+    let key = ["-H", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ=="];
+    let ask = |path: &str, extra: &[&[&str]]| {
+        let url = format!("{base}{path}");
+        let mut args: Vec<&str> = extra.iter().flat_map(|a| a.iter().copied()).collect();
+        args.push(&url);
+        curl(&topo, &args)
+    };
+
+    let cases: Vec<(&str, Vec<&[&str]>, u16, &str)> = vec![
+        ("/ws", vec![&up, &v13], 400, "missing Sec-WebSocket-Key"),
+        ("/ws", vec![&up, &v13, &["-H", "Sec-WebSocket-Key: short=="]], 400, "not the base64 of 16 bytes"),
+        ("/ws", vec![&up, &v13, &key, &["-X", "POST"]], 400, "must be a GET"),
+        (
+            "/ws",
+            vec![&["-H", "Host: chat.test", "-H", "Connection: keep-alive", "-H", "Upgrade: websocket"], &v13, &key],
+            400,
+            "Connection header must list \"upgrade\"",
+        ),
+        ("/ws", vec![&up, &key], 400, "missing Sec-WebSocket-Version"),
+        ("/ws", vec![&up, &key, &["-H", "Sec-WebSocket-Version: 8"]], 426, "this gateway speaks 13"),
+        ("/nowhere", vec![&up, &v13, &key], 404, "no route for host chat.test and path /nowhere"),
+        (
+            "/ws",
+            vec![&["-H", "Host: other.test", "-H", "Connection: Upgrade", "-H", "Upgrade: websocket"], &v13, &key],
+            404,
+            "no route",
+        ),
+        (
+            "/strict",
+            vec![&up, &v13, &key, &["-H", "Origin: https://evil.test"]],
+            403,
+            "\"https://evil.test\" is not allowed",
+        ),
+        ("/strict", vec![&up, &v13, &key], 403, "no Origin header"),
+        ("/dead", vec![&up, &v13, &key], 502, "no backend answered"),
+        ("/refuse", vec![&up, &v13, &key], 403, "not you, bob"),
+    ];
+    for (path, extra, status, body) in cases {
+        let (got, head, text) = ask(path, &extra);
+        assert_eq!(got, status, "{path} {extra:?}: {head}\n{text}");
+        assert!(text.contains(body), "{path} {extra:?}: body {text:?} does not say {body:?}");
+        if status == 426 {
+            assert_eq!(header_value(&head, "sec-websocket-version").as_deref(), Some("13"), "{head}");
+        }
+    }
+    // Matching is case-insensitive, as RFC 6455 and RFC 9110 say.
+    let mixed = ["-H", "Host: CHAT.test", "-H", "Connection: keep-alive, UPGRADE", "-H", "Upgrade: WebSocket"];
+    let (got, head, _) =
+        ask("/strict", &[&mixed, &v13, &key, &["-H", "Origin: HTTPS://Chat.Test"], &["--max-time", "2"]]);
+    assert_eq!(got, 101, "{head}");
+    // The backend's refusal reaches the client as the backend sent it.
+    let (_, head, _) = ask("/refuse", &[&up, &v13, &key]);
+    assert_eq!(header_value(&head, "x-from").as_deref(), Some("backend"), "{head}");
+
+    // An oversized head: 431.
+    let big = format!("X-Big: {}", "a".repeat(20_000));
+    let (got, _, _) = ask("/ws", &[&up, &v13, &key, &["-H", &big]]);
+    assert_eq!(got, 431);
+
+    // A head that never ends is closed after handshake_timeout (2s here).
+    let mut s = topo.connect(gw.listener("w")).unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: chat.test\r\nConnection: Upgrade\r\n").unwrap();
+    let r = read_until_closed(&mut s, Duration::from_secs(20));
+    assert!(r.is_ok(), "the stalled handshake was not closed: {r:?}");
+    gw.wait_idle();
+    // The refused connect counts against the dead backend.
+    let s = listener_stats(&gw, "w");
+    let dead_report = s["backends"].as_array().unwrap().iter().find(|b| b["address"] == dead.to_string()).unwrap();
+    assert!(dead_report["connect_failures"].as_u64().unwrap() >= 1, "{s}");
+}
+
+#[test]
+fn plain_http_and_websockets_share_the_listener() {
+    if !require_root("plain_http_and_websockets_share_the_listener") {
+        return;
+    }
+    let topo = Topology::new();
+    let (n1, n2) = (Peer::node_server(&topo, "n1"), Peer::node_server(&topo, "n2"));
+    let routes = route("host: app.test\n        path_prefix: /", &[n1.addr], &[])
+        + &route("host: \"*.app.test\"\n        path_prefix: /", &[n2.addr], &[])
+        + &route("path_prefix: /api", &[n2.addr], &[])
+        + &route("path_prefix: /", &[n1.addr], &[]);
+    let gw = start(&topo, ws_listener("app", "kernel", &routes));
+    let base = format!("http://{}", gw.listener("app"));
+    let name_for = |host: &str, path: &str| {
+        let (status, _, body) = curl(&topo, &["-H", &format!("Host: {host}"), &format!("{base}{path}")]);
+        assert_eq!(status, 200, "{host}{path}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|_| panic!("{host}{path}: {body}"));
+        (v["name"].as_str().unwrap().to_string(), v)
+    };
+    // Host first (exact, then wildcard), then the longest whole-segment prefix.
+    assert_eq!(name_for("app.test", "/api/headers").0, "n1");
+    assert_eq!(name_for("www.app.test", "/headers").0, "n2");
+    assert_eq!(name_for("other.test", "/api/headers").0, "n2");
+    assert_eq!(name_for("other.test", "/apiary/headers").0, "n1");
+    let (_, v) = name_for("app.test:8080", "/headers?x=1");
+    let h = &v["headers"];
+    assert_eq!(h["x-forwarded-for"], CLIENT_IP, "{v}");
+    assert_eq!(h["forwarded"], format!("for={CLIENT_IP};proto=http;host=app.test"), "{v}");
+    assert_eq!(h["host"], "app.test:8080", "{v}");
+    assert_eq!(v["url"], "/headers?x=1", "{v}");
+
+    // A streamed (chunked) 4 MiB body echoed back byte for byte.
+    let dir = temp_dir("http");
+    let (input, output) = (dir.join("in"), dir.join("out"));
+    let mut body = vec![0u8; 4 << 20];
+    Pattern(9).fill(0, &mut body);
+    std::fs::write(&input, &body).unwrap();
+    let (ok, _, err) = run_peer(
+        &topo.client,
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "-H",
+            "Transfer-Encoding: chunked",
+            "--data-binary",
+            &format!("@{}", input.display()),
+            "-o",
+            output.to_str().unwrap(),
+            &format!("{base}/echo"),
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(ok, "curl: {err}");
+    assert!(std::fs::read(&output).unwrap() == body, "the echoed body differs");
+
+    // Keep-alive: two requests, one client connection.
+    let accepted = listener_stats(&gw, "app")["accepted"].as_u64().unwrap();
+    let (ok, out, err) = run_peer(
+        &topo.client,
+        "curl",
+        &["-sS", "-v", "--fail", &format!("{base}/page/1"), &format!("{base}/page/2")],
+        Duration::from_secs(60),
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("page from n1 at /page/1") && out.contains("page from n1 at /page/2"), "{out}");
+    assert!(err.contains("Re-using existing connection"), "curl did not keep the connection: {err}");
+    gw.wait_idle();
+    assert_eq!(listener_stats(&gw, "app")["accepted"].as_u64().unwrap(), accepted + 1);
+
+    // And WebSocket on the same listener and host.
+    let r = node_client(&topo, &[&format!("ws://{}/chat", gw.listener("app"))]);
+    no_error(&r);
+    gw.wait_idle();
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn inspect_mode_limits_pings_counts_and_goes_away() {
+    if !require_root("inspect_mode_limits_pings_counts_and_goes_away") {
+        return;
+    }
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let more = ["mode: inspect", "max_message_size: 64KiB", "ping_interval: 300ms"];
+    let gw = start(&topo, ws_listener("i", "kernel", &route("path_prefix: /i", &[node.addr], &more)));
+    let url = format!("ws://{}/i", gw.listener("i"));
+
+    let sizes = [0, 1, 125, 126, 65535, 65536];
+    let r = py_client(&topo, &["echo", &url, "--sizes", &join(&sizes), "--fragments", "3", "--close", "4003:bye"]);
+    no_error(&r);
+    assert_eq!(r["echoed"].as_u64(), Some(echo_totals(&sizes, true).0), "{r}");
+    assert_eq!((r["close_code"].as_u64(), r["close_reason"].as_str()), (Some(4003), Some("bye")), "{r}");
+    let r = node_client(&topo, &[&url, "--sizes", "0,1,65536"]);
+    no_error(&r);
+    assert_eq!(r["extensions"], "", "inspect mode must not let an extension through: {r}");
+
+    // Over max_message_size: close 1009.
+    let r = py_client(&topo, &["big", &url, "--size", "65537"]);
+    assert_eq!(r["close_code"], 1009, "{r}");
+
+    // A live inspect flow counts messages and says it is in user space.
+    let mut held = Held::py_client(&topo, &["wait-close", &url]);
+    assert_eq!(held.line(Duration::from_secs(30)), "OPEN 1");
+    let f = gw.wait_flow("the inspected flow", |f| f["messages_backend_to_client"] == 1);
+    assert_eq!(
+        (f["path"].as_str(), f["fallback_code"].as_str()),
+        (Some("userspace"), Some("websocket-inspect")),
+        "{f}"
+    );
+    assert_eq!(f["messages_client_to_backend"], 1, "{f}");
+
+    // A client that never answers pings is dropped; the answering one stays.
+    let mut mute = topo.connect(gw.listener("i")).unwrap();
+    mute.write_all(ws_upgrade_request("/i", "gw.test").as_bytes()).unwrap();
+    let closed = read_until_closed(&mut mute, Duration::from_secs(20));
+    assert!(closed.is_ok(), "a client that never answers pings was kept: {closed:?}");
+    assert!(gw.log_text().contains("did not answer a ping"), "{}", gw.log_text());
+    let live = gw.flows();
+    assert_eq!(live.len(), 1, "the answering client went too: {live:?}");
+
+    // Shutdown: close 1001 (going away) to the client.
+    // SAFETY: plain kill(2) of our own child.
+    unsafe { libc::kill(gw.pid() as i32, libc::SIGTERM) };
+    let r: Value = serde_json::from_str(&held.line(Duration::from_secs(30))).unwrap();
+    assert_eq!(r["close_code"], 1001, "{r}");
+}
+
+#[test]
+fn bridge_tcp_carries_binary_messages_to_a_tcp_server() {
+    if !require_root("bridge_tcp_carries_binary_messages_to_a_tcp_server") {
+        return;
+    }
+    let topo = Topology::new();
+    let echo = Backend::echo(&topo);
+    let bye = Backend::spawn(&topo, |mut s| {
+        let _ = s.write_all(b"bye");
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+    });
+    let routes = format!(
+        "      - path_prefix: /tcp\n        bridge_tcp: [\"{}\"]\n      - path_prefix: /bye\n        bridge_tcp: [\"{}\"]\n",
+        echo.addr, bye.addr
+    );
+    let gw = start(&topo, ws_listener("b", "kernel", &routes));
+    let url = format!("ws://{}/tcp", gw.listener("b"));
+    let r = py_client(&topo, &["bridge", &url, "--sizes", "1,1000,65536,1048576", "--protocol", "binary"]);
+    no_error(&r);
+    assert_eq!(
+        (r["bytes"].as_u64(), r["protocol"].as_str()),
+        (Some(1 + 1000 + 65536 + 1048576), Some("binary")),
+        "{r}"
+    );
+    assert_eq!(r["close_code"], 1000, "{r}");
+
+    // The backend's EOF becomes a close after its last bytes.
+    let r = py_client(&topo, &["expect-first", &format!("ws://{}/bye", gw.listener("b"))]);
+    assert_eq!(r["first"], "627965", "{r}"); // b"bye", hex
+                                             // Plain HTTP is not for a bridge route.
+    let (status, _, _) = curl(&topo, &[&format!("http://{}/tcp", gw.listener("b"))]);
+    assert_eq!(status, 426);
+    gw.wait_idle();
+    let s = listener_stats(&gw, "b");
+    assert!(s["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 1 + 1000 + 65536 + 1048576, "{s}");
+}
+
+#[test]
+fn a_thousand_websockets_open_then_closed_leave_nothing() {
+    if !require_root("a_thousand_websockets_open_then_closed_leave_nothing") {
+        return;
+    }
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let gw = start(&topo, ws_listener("many", "kernel", &route("path_prefix: /", &[node.addr], &[])));
+    let fds = gw.fd_count();
+    let url = format!("ws://{}/many", gw.listener("many"));
+    let mut held = Held::py_client(&topo, &["hold", &url, "--count", "1000"]);
+    assert_eq!(held.line(Duration::from_secs(120)), "OPEN 1000");
+    let flows = gw.flows();
+    assert_eq!(flows.len(), 1000);
+    assert!(flows.iter().all(|f| f["path"] == "kernel"), "a flow is not on the kernel path");
+    assert_eq!(gw.status()["kernel_sockets"], 2000);
+    held.go_on();
+    assert_eq!(held.line(Duration::from_secs(120)), "CLOSED 1000");
+    gw.wait_idle();
+    gw.wait_for("fds back to the start", Duration::from_secs(10), |g| g.fd_count() <= fds);
+}
