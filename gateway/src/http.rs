@@ -64,7 +64,7 @@ struct Conn {
     rt: Arc<ListenerRt>,
     flow: Arc<Flow>,
     /// The backend connection plain requests reuse, and its backend.
-    backend: tokio::sync::Mutex<Option<(usize, SendRequest<Incoming>)>>,
+    backend: tokio::sync::Mutex<Option<(usize, SendRequest<Counted>)>>,
     upgrade: Mutex<Option<Upgrade>>,
 }
 
@@ -205,7 +205,45 @@ fn raw(up: hyper::upgrade::Upgraded) -> Option<(TcpStream, Bytes)> {
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
+/// A body whose data bytes are added to the flow's counters as they pass.
+struct Counted {
+    inner: Incoming,
+    flow: Arc<Flow>,
+    side: Side,
+}
+
+impl hyper::body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let r = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                this.flow.add_user(this.side, d.len() as u64);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl Conn {
+    fn counted(&self, inner: Incoming, side: Side) -> Counted {
+        Counted { inner, flow: self.flow.clone(), side }
+    }
+
     fn http(&self) -> &HttpListener {
         self.rt.cfg.http.as_ref().unwrap()
     }
@@ -285,7 +323,7 @@ impl Conn {
         }
         let backend_addr = self.rt.cfg.backends[idx];
         let (parts, body) = req.into_parts();
-        let mut out = Request::from_parts(parts, body);
+        let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
         *out.version_mut() = Version::HTTP_11;
         *out.uri_mut() = origin_form(out.uri());
         let offered_upgrade = out.headers().get(header::UPGRADE).cloned();
@@ -298,7 +336,7 @@ impl Conn {
         }
         add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
         let handshake = async {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Counted>(TokioIo::new(stream)).await?;
             tokio::spawn(conn.with_upgrades());
             sender.send_request(out).await
         };
@@ -320,7 +358,7 @@ impl Conn {
             // The backend's refusal, as it sent it.
             debug!(flow = self.flow.id, status = %resp.status(), "backend refused the upgrade");
             strip_hop_by_hop(resp.headers_mut());
-            return resp.map(BodyExt::boxed);
+            return resp.map(|b| self.counted(b, Side::Backend).boxed());
         }
         let backend = hyper::upgrade::on(&mut resp);
         *self.upgrade.lock().unwrap() =
@@ -358,7 +396,7 @@ impl Conn {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };
-                match hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(stream)).await {
+                match hyper::client::conn::http1::handshake::<_, Counted>(TokioIo::new(stream)).await {
                     Ok((sender, conn)) => {
                         tokio::spawn(conn);
                         (idx, sender)
@@ -370,7 +408,7 @@ impl Conn {
         let backend_addr = self.rt.cfg.backends[idx];
         *self.flow.backend.lock().unwrap() = Some(backend_addr);
         let (parts, body) = req.into_parts();
-        let mut out = Request::from_parts(parts, body);
+        let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
         *out.version_mut() = Version::HTTP_11;
         *out.uri_mut() = origin_form(out.uri());
         strip_hop_by_hop(out.headers_mut());
@@ -379,7 +417,7 @@ impl Conn {
             Ok(mut resp) => {
                 *cached = Some((idx, sender));
                 strip_hop_by_hop(resp.headers_mut());
-                resp.map(BodyExt::boxed)
+                resp.map(|b| self.counted(b, Side::Backend).boxed())
             }
             Err(e) => {
                 warn!(flow = self.flow.id, backend = %backend_addr, "request failed: {e}");

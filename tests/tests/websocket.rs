@@ -336,6 +336,12 @@ fn plain_http_and_websockets_share_the_listener() {
     );
     assert!(ok, "curl: {err}");
     assert!(std::fs::read(&output).unwrap() == body, "the echoed body differs");
+    // Bodies are counted in the flow's (and then the listener's) bytes.
+    gw.wait_idle();
+    let s = listener_stats(&gw, "app");
+    for dir in ["client_to_backend", "backend_to_client"] {
+        assert!(s["bytes"][format!("user_{dir}")].as_u64().unwrap() >= 4 << 20, "{dir}: {s}");
+    }
 
     // Keep-alive: two requests, one client connection.
     let accepted = listener_stats(&gw, "app")["accepted"].as_u64().unwrap();
