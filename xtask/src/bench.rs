@@ -24,6 +24,8 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench_ws::{self, WsSample, WsTarget, WS_TARGETS};
+
 struct Opts {
     reps: usize,
     bulk_secs: u32,
@@ -59,6 +61,9 @@ struct Ports {
     iperf: u16,
     echo: u16,
     of: Vec<(u16, u16)>,
+    /// The WebSocket echo server, and where each WebSocket target listens.
+    ws_echo: u16,
+    ws: Vec<u16>,
 }
 
 impl Ports {
@@ -67,6 +72,10 @@ impl Ports {
             return (self.iperf, self.echo);
         }
         self.of[TARGETS.iter().position(|x| *x == t).unwrap()]
+    }
+
+    fn ws(&self, t: WsTarget) -> u16 {
+        self.ws[WS_TARGETS.iter().position(|x| *x == t).unwrap()]
     }
 }
 
@@ -110,7 +119,16 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         iperf: free_port()?,
         echo: free_port()?,
         of: TARGETS.iter().map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?,
+        ws_echo: free_port()?,
+        ws: vec![0; WS_TARGETS.len()],
     };
+    let mut ports = ports;
+    ports.ws = WS_TARGETS
+        .iter()
+        .map(|t| if *t == WsTarget::Direct { Ok(ports.ws_echo) } else { free_port() })
+        .collect::<Result<_>>()?;
+    let ws_echo = TcpListener::bind(("127.0.0.1", ports.ws_echo))?;
+    thread::spawn(move || bench_ws::serve_ws_echo(ws_echo));
     // Backends: iperf3 for bulk, an echo server (threads in this process) for RR/CRR.
     procs.spawn("iperf3", Command::new("iperf3").args(["-s", "-p", &ports.iperf.to_string()]), &work)?;
     let echo = TcpListener::bind(("127.0.0.1", ports.echo))?;
@@ -129,6 +147,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     for t in TARGETS {
         rr(ports.of(t).1, 0.05).with_context(|| format!("{} does not forward", t.name()))?;
     }
+    for t in WS_TARGETS {
+        wait_listening(ports.ws(t)).with_context(|| format!("{} did not start", t.name()))?;
+        bench_ws::ws_rr(ports.ws(t), 0.05).with_context(|| format!("WebSocket: {} does not forward", t.name()))?;
+    }
+    let mut ws_samples = vec![WsSample::default(); WS_TARGETS.len()];
 
     let mut samples = vec![Sample::default(); TARGETS.len()];
     // Of the kernel path's bulk bytes, the share relayed in user space while
@@ -164,6 +187,20 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             s.rr_p99.push(p99);
             s.crr.push(crr);
         }
+        for k in 0..WS_TARGETS.len() {
+            let i = (k + rep) % WS_TARGETS.len();
+            let port = ports.ws(WS_TARGETS[i]);
+            let up = bench_ws::ws_crr(port, opts.crr_secs)?;
+            let (p50, p99) = bench_ws::ws_rr(port, opts.rr_secs)?;
+            eprintln!(
+                "  rep {rep} ws {:<28} {up:7.0} upgrades/s  echo p50 {p50:6.1} µs p99 {p99:6.1} µs",
+                WS_TARGETS[i].name()
+            );
+            let s = &mut ws_samples[i];
+            s.upgrades.push(up);
+            s.p50.push(p50);
+            s.p99.push(p99);
+        }
     }
     // Pinned: every process of the run on CPU 0.
     pin_all(&procs, "0")?;
@@ -182,11 +219,19 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             s.pinned_rr_p50.push(p50);
             s.pinned_rr_p99.push(p99);
         }
+        for k in 0..WS_TARGETS.len() {
+            let i = (k + rep) % WS_TARGETS.len();
+            let (p50, p99) = bench_ws::ws_rr(ports.ws(WS_TARGETS[i]), opts.rr_secs)?;
+            eprintln!("  rep {rep} pinned ws {:<28} echo p50 {p50:6.1} µs p99 {p99:6.1} µs", WS_TARGETS[i].name());
+            ws_samples[i].pinned_p50.push(p50);
+            ws_samples[i].pinned_p99.push(p99);
+        }
     }
     let kernel_status = Command::new(&bin).args(["status", "--socket"]).arg(work.join("admin.sock")).output()?;
     drop(procs);
 
     let mut report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
+    report += &bench_ws::render(&ws_samples);
     if !kernel_user_share.is_empty() {
         report += &format!(
             "\nKernel-path bulk: {:.0}% of the bytes (median of {}) were relayed in user space while over the queue bound.\n",
@@ -203,7 +248,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(crate) fn median(v: &[f64]) -> f64 {
     if v.is_empty() {
         return f64::NAN;
     }
@@ -521,6 +566,13 @@ fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> R
             );
         }
     }
+    for (t, mode) in [(WsTarget::Passthrough, "passthrough"), (WsTarget::Inspect, "inspect")] {
+        yaml += &format!(
+            "  - name: ws-{mode}\n    bind: \"127.0.0.1:{}\"\n    protocol: websocket\n    routes:\n      - path_prefix: /\n        backends: [\"127.0.0.1:{}\"]\n        mode: {mode}\n",
+            ports.ws(t),
+            ports.ws_echo
+        );
+    }
     yaml += &format!("admin:\n  socket: {}\n", work.join("admin.sock").display());
     // Extra top-level YAML for the daemon (e.g. a `kernel:` block), to compare settings.
     if let Ok(extra) = std::env::var("GATEWAY_BENCH_EXTRA_YAML") {
@@ -551,8 +603,14 @@ fn start_nginx(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
     let cfg = format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\npid {w}/nginx.pid;\nerror_log {w}/nginx-error.log;\n\
          events {{ worker_connections 4096; }}\n\
-         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n}}\n",
-        ports.iperf, ports.echo
+         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n}}\n\
+         http {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{ws};\n    location / {{\n      proxy_pass http://127.0.0.1:{};\n\
+         \x20     proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
+         \x20     proxy_read_timeout 1h;\n    }}\n  }}\n}}\n",
+        ports.iperf,
+        ports.echo,
+        ports.ws_echo,
+        ws = ports.ws(WsTarget::Nginx),
     );
     let f = work.join("nginx.conf");
     fs::write(&f, cfg)?;

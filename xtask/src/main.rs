@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_ws;
 
 const USAGE: &str = "\
 usage: cargo xtask <task> [args]

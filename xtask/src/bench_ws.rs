@@ -1,0 +1,243 @@
+//! The WebSocket part of the benchmark: upgrade + 64 B echo + close rate, and
+//! 64 B echo latency on one WebSocket, against a WebSocket echo server in
+//! this process: direct, the gateway's passthrough (kernel path) and inspect
+//! routes, and nginx as an HTTP proxy passing the Upgrade headers.
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+#[derive(Clone, Copy, PartialEq)]
+pub enum WsTarget {
+    Direct,
+    Passthrough,
+    Inspect,
+    Nginx,
+}
+
+pub const WS_TARGETS: [WsTarget; 4] = [WsTarget::Direct, WsTarget::Passthrough, WsTarget::Inspect, WsTarget::Nginx];
+
+impl WsTarget {
+    pub fn name(self) -> &'static str {
+        match self {
+            WsTarget::Direct => "direct",
+            WsTarget::Passthrough => "gateway passthrough (kernel)",
+            WsTarget::Inspect => "gateway inspect",
+            WsTarget::Nginx => "nginx http proxy",
+        }
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct WsSample {
+    pub upgrades: Vec<f64>,
+    pub p50: Vec<f64>,
+    pub p99: Vec<f64>,
+    pub pinned_p50: Vec<f64>,
+    pub pinned_p99: Vec<f64>,
+}
+
+const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
+
+fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
+    assert!(payload.len() < 126, "bench frames are small");
+    let mut f = vec![0x80 | opcode, payload.len() as u8 | if masked { 0x80 } else { 0 }];
+    if masked {
+        f.extend_from_slice(&MASK);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
+    } else {
+        f.extend_from_slice(payload);
+    }
+    f
+}
+
+/// Reads one frame (either direction, up to 64 KiB) into (opcode, payload).
+fn read_frame(s: &mut TcpStream, have: &mut Vec<u8>) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if have.len() >= 2 {
+            let masked = have[1] & 0x80 != 0;
+            let (hdr, len) = match have[1] & 0x7f {
+                126 if have.len() >= 4 => (4, u16::from_be_bytes([have[2], have[3]]) as usize),
+                126 | 127 => (usize::MAX, 0),
+                n => (2, n as usize),
+            };
+            let key_len = if masked { 4 } else { 0 };
+            if hdr != usize::MAX && have.len() >= hdr + key_len + len {
+                let op = have[0] & 0x0f;
+                let key: Vec<u8> = have[hdr..hdr + key_len].to_vec();
+                let mut payload = have[hdr + key_len..hdr + key_len + len].to_vec();
+                if masked {
+                    for (i, b) in payload.iter_mut().enumerate() {
+                        *b ^= key[i % 4];
+                    }
+                }
+                have.drain(..hdr + key_len + len);
+                return Ok((op, payload));
+            }
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        have.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn read_head(s: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
+        }
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A WebSocket echo server: answers pings, echoes data frames, returns closes.
+pub fn serve_ws_echo(l: TcpListener) {
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        thread::spawn(move || -> std::io::Result<()> {
+            c.set_nodelay(true)?;
+            let (head, mut have) = read_head(&mut c)?;
+            let key = head
+                .lines()
+                .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-key")))
+                .map(|(_, v)| v.trim().to_string())
+                .unwrap_or_default();
+            let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+            c.write_all(
+                format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                )
+                .as_bytes(),
+            )?;
+            loop {
+                let (op, payload) = read_frame(&mut c, &mut have)?;
+                match op {
+                    0x8 => {
+                        c.write_all(&frame(0x8, &payload, false))?;
+                        return Ok(());
+                    }
+                    0x9 => c.write_all(&frame(0xA, &payload, false))?,
+                    0xA => {}
+                    _ => c.write_all(&frame(op, &payload, false))?,
+                }
+            }
+        });
+    }
+}
+
+fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )?;
+    let (head, rest) = read_head(&mut s)?;
+    if !head.starts_with("HTTP/1.1 101") {
+        bail!("upgrade refused: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok((s, rest))
+}
+
+/// 64 B echo on one WebSocket for `secs`: (p50, p99) in µs.
+pub fn ws_rr(port: u16, secs: f64) -> Result<(f64, f64)> {
+    let (mut s, mut have) = upgrade(port)?;
+    let msg = frame(0x2, &[0x5a; 64], true);
+    let mut lat = Vec::new();
+    for _ in 0..100 {
+        s.write_all(&msg)?;
+        read_frame(&mut s, &mut have)?;
+    }
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while (Instant::now() < end || lat.len() < 10) && lat.len() < 2_000_000 {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        let (op, p) = read_frame(&mut s, &mut have)?;
+        if op != 0x2 || p.len() != 64 {
+            bail!("bad echo frame (opcode {op}, {} bytes)", p.len());
+        }
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    s.write_all(&frame(0x8, &1000u16.to_be_bytes(), true))?;
+    lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
+}
+
+/// Sequential upgrade + 64 B echo + close handshake for `secs`: per second.
+pub fn ws_crr(port: u16, secs: f64) -> Result<f64> {
+    let msg = frame(0x2, &[0x33; 64], true);
+    let close = frame(0x8, &1000u16.to_be_bytes(), true);
+    let t0 = Instant::now();
+    let end = t0 + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while Instant::now() < end && n < 1_000_000 {
+        let (mut s, mut have) = upgrade(port).with_context(|| format!("upgrade #{n}"))?;
+        s.write_all(&msg)?;
+        read_frame(&mut s, &mut have)?;
+        s.write_all(&close)?;
+        let (op, _) = read_frame(&mut s, &mut have)?;
+        if op != 0x8 {
+            bail!("expected a close frame, got opcode {op}");
+        }
+        n += 1;
+    }
+    Ok(n as f64 / t0.elapsed().as_secs_f64())
+}
+
+use crate::bench::median;
+
+pub fn render(samples: &[WsSample]) -> String {
+    let d = &samples[0];
+    let (du, dp, dpp) = (median(&d.upgrades), median(&d.p50), median(&d.pinned_p50));
+    let mut o = String::from(
+        "\n## WebSocket\n\nBackend: a WebSocket echo server in the bench process. upgrades = sequential connect + \
+         upgrade + 64 B echo + close handshake; echo = 64 B binary message round trip on one WebSocket.\n\n\
+         | target | upgrades/s (x direct) | echo p50 µs (+direct) | echo p99 µs | pinned echo p50 µs (+direct) | pinned echo p99 µs |\n\
+         |---|---|---|---|---|---|\n",
+    );
+    for (t, s) in WS_TARGETS.iter().zip(samples) {
+        let (u, p, pp) = (median(&s.upgrades), median(&s.p50), median(&s.pinned_p50));
+        o += &format!(
+            "| {} | {u:.0} ({:.2}) | {p:.1} ({:+.1}) | {:.1} | {pp:.1} ({:+.1}) | {:.1} |\n",
+            t.name(),
+            u / du,
+            p - dp,
+            median(&s.p99),
+            pp - dpp,
+            median(&s.pinned_p99)
+        );
+    }
+    let (k, n) = (&samples[1], &samples[3]);
+    let line = |what: &str, ok: bool, detail: String| {
+        format!("- {} {what}: {detail}\n", if ok { "[met]" } else { "[NOT met]" })
+    };
+    o += "\n### Against the floors of issue 3\n\n";
+    let (ku, nu) = (median(&k.upgrades), median(&n.upgrades));
+    o += &line(
+        "passthrough upgrade rate >= nginx's",
+        ku >= nu,
+        format!("{:.2}x direct vs nginx {:.2}x direct", ku / du, nu / du),
+    );
+    let (ka, na) = (median(&k.pinned_p50) - dpp, median(&n.pinned_p50) - dpp);
+    o += &line(
+        "passthrough pinned echo latency no worse than nginx's",
+        ka <= na,
+        format!("+{ka:.1} µs vs nginx +{na:.1} µs"),
+    );
+    o
+}
