@@ -224,6 +224,11 @@ fn init_logging(json: bool) {
 }
 
 async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
+    // Handlers first: a SIGHUP or SIGTERM that arrives once the admin socket
+    // answers must find them in place (the default action would kill us).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     // The kernel path is loaded once for all listeners that may use it.
     let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
     let (kernel, unavailable) = if wants_kernel {
@@ -303,9 +308,6 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
     }
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let signal = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
