@@ -475,3 +475,56 @@ fn a_thousand_websockets_open_then_closed_leave_nothing() {
     gw.wait_idle();
     gw.wait_for("fds back to the start", Duration::from_secs(10), |g| g.fd_count() <= fds);
 }
+
+#[test]
+fn passthrough_half_close_and_reset_reach_the_other_side() {
+    if !require_root("passthrough_half_close_and_reset_reach_the_other_side") {
+        return;
+    }
+    let topo = Topology::new();
+    // A backend that accepts the upgrade, then reports what it saw through a channel.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let be = Backend::spawn(&topo, move |mut s| {
+        let Ok((head, _)) = read_http_head(&mut s) else { return };
+        s.write_all(ws_accept_response(&head).as_bytes()).unwrap();
+        let mut got = Vec::new();
+        let outcome = match s.read_to_end(&mut got) {
+            // EOF: the client half-closed. The reverse direction still works.
+            Ok(_) => {
+                let reply = s.write_all(b"after your FIN").and_then(|()| s.shutdown(std::net::Shutdown::Write));
+                format!("eof after {} bytes, reply {:?}", got.len(), reply.is_ok())
+            }
+            Err(e) => format!("error {:?}", e.kind()),
+        };
+        let _ = tx.send(outcome);
+    });
+    let gw = start(&topo, ws_listener("h", "kernel", &route("path_prefix: /", &[be.addr], &[])));
+    let addr = gw.listener("h");
+    let upgraded = || {
+        let mut s = topo.connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(ws_upgrade_request("/", "gw.test").as_bytes()).unwrap();
+        let (head, rest) = read_http_head(&mut s).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101") && rest.is_empty(), "{head}");
+        gw.wait_flow("the upgraded flow", |f| f["path"] == "kernel");
+        s
+    };
+
+    // Half-close: the backend sees EOF after the bytes, and still answers.
+    let mut s = upgraded();
+    s.write_all(&[9u8; 1000]).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), "eof after 1000 bytes, reply true");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"after your FIN");
+    drop(s);
+    gw.wait_idle();
+
+    // Reset: the backend's connection is reset too.
+    let s = upgraded();
+    set_linger_zero(&s);
+    drop(s);
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), "error ConnectionReset");
+    gw.wait_idle();
+}
