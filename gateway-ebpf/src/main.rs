@@ -20,7 +20,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
     },
-    macros::{map, stream_verdict},
+    macros::{map, stream_parser, stream_verdict},
     maps::{Array, HashMap, PerCpuArray, SockHash},
     programs::SkBuffContext,
 };
@@ -49,6 +49,14 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 static SCRATCH: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 // ---- Verdict ----------------------------------------------------------------
+
+/// Not attached by default: the benchmark's latency study attaches it in front
+/// of the verdict (GATEWAY_EXPERIMENT_SK_SKB=parser) to measure strparser.
+/// Each skb is one message.
+#[stream_parser]
+pub fn gateway_parser(ctx: SkBuffContext) -> u32 {
+    ctx.len()
+}
 
 #[stream_verdict]
 pub fn gateway_verdict(ctx: SkBuffContext) -> u32 {

@@ -22,6 +22,68 @@ use tracing::{debug, info, warn};
 
 use crate::{btf::Btf, sys};
 
+/// The program name of the experiment's stream parser (see [`Attach`]).
+const PROG_PARSER: &str = "gateway_parser";
+/// `enum bpf_attach_type` value of `BPF_SK_SKB_VERDICT` (aya 0.14 only
+/// attaches the stream kinds).
+const BPF_SK_SKB_VERDICT: u32 = 38;
+
+/// How the verdict is attached to the SOCKHASH. The default, a stream
+/// verdict without a parser, is the product; the others exist so the
+/// benchmark can measure them against it (issue 4's latency study), chosen by
+/// `GATEWAY_EXPERIMENT_SK_SKB=stream_verdict|skb_verdict|parser`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Attach {
+    StreamVerdict,
+    /// `BPF_SK_SKB_VERDICT`: the same program through the attach type meant for it.
+    SkbVerdict,
+    /// A stream parser (returning each skb's length) in front of the verdict,
+    /// which puts strparser in the receive path.
+    ParserAndVerdict,
+}
+
+impl Attach {
+    fn from_env() -> Result<Self, String> {
+        match std::env::var("GATEWAY_EXPERIMENT_SK_SKB").as_deref() {
+            Err(_) | Ok("") | Ok("stream_verdict") => Ok(Self::StreamVerdict),
+            Ok("skb_verdict") => Ok(Self::SkbVerdict),
+            Ok("parser") => Ok(Self::ParserAndVerdict),
+            Ok(other) => {
+                Err(format!("GATEWAY_EXPERIMENT_SK_SKB={other:?} is not one of stream_verdict, skb_verdict, parser"))
+            }
+        }
+    }
+}
+
+/// `BPF_PROG_ATTACH` of `prog` to `map` with `attach_type`.
+fn attach_raw(prog: std::os::fd::BorrowedFd<'_>, map: std::os::fd::BorrowedFd<'_>, attach_type: u32) -> io::Result<()> {
+    // The BPF_PROG_ATTACH member of `union bpf_attr`, zero-padded to the
+    // size of the union's largest member the kernel checks.
+    #[repr(C)]
+    struct ProgAttach {
+        target_fd: u32,
+        attach_bpf_fd: u32,
+        attach_type: u32,
+        attach_flags: u32,
+        rest: [u32; 28],
+    }
+    const BPF_PROG_ATTACH: libc::c_long = 8;
+    let attr = ProgAttach {
+        target_fd: map.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        attach_flags: 0,
+        rest: [0; 28],
+    };
+    // SAFETY: attr is a valid, fully initialised bpf_attr prefix of the size passed.
+    let r =
+        unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_ATTACH, &raw const attr, std::mem::size_of::<ProgAttach>()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway.bpf.o"));
 
 /// Why the kernel path could not take a flow (or any flow).
@@ -210,7 +272,11 @@ impl KernelPath {
             let btf = btf.as_ref().map_err(ToString::to_string)?;
             btf.member_offset(strukt, member).map_err(|e| e.to_string())
         };
-        if settings.trim_overlaps {
+        let attach = Attach::from_env().map_err(Unavailable::LoadFailed)?;
+        if settings.trim_overlaps && attach == Attach::ParserAndVerdict {
+            // strparser keeps its own state in skb->cb, where the trim reads the seq.
+            warn!("overlap trimming disabled: GATEWAY_EXPERIMENT_SK_SKB=parser uses skb->cb");
+        } else if settings.trim_overlaps {
             match offset("sk_buff", "cb").and_then(|cb| Ok((cb, offset("tcp_skb_cb", "seq")?))) {
                 Ok((cb, seq)) => (cfg.cb_offset, cfg.seq_offset) = (cb, seq),
                 Err(e) => warn!("overlap trimming disabled: {e}; retransmissions on lossy links may duplicate bytes"),
@@ -252,7 +318,32 @@ impl KernelPath {
             .try_into()
             .map_err(|e| load_err(&e))?;
         prog.load().map_err(|e| load_err(&format!("{e:#}")))?;
-        prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+        match attach {
+            Attach::StreamVerdict => {
+                prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+            }
+            Attach::SkbVerdict => {
+                let fd = prog.fd().map_err(|e| load_err(&e))?;
+                attach_raw(fd.as_fd(), socks.fd().as_fd(), BPF_SK_SKB_VERDICT)
+                    .map_err(|e| load_err(&format!("BPF_PROG_ATTACH(BPF_SK_SKB_VERDICT): {e}")))?;
+            }
+            Attach::ParserAndVerdict => {
+                prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                let parser: &mut SkSkb = ebpf
+                    .program_mut(PROG_PARSER)
+                    .ok_or_else(|| load_err(&"object has no parser program"))?
+                    .try_into()
+                    .map_err(|e| load_err(&e))?;
+                parser.load().map_err(|e| load_err(&format!("{e:#}")))?;
+                parser.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+            }
+        }
+        if attach != Attach::StreamVerdict {
+            warn!(
+                ?attach,
+                "experiment: verdict attached as GATEWAY_EXPERIMENT_SK_SKB says (benchmark comparisons only)"
+            );
+        }
         info!(
             max_flows,
             trim_overlaps = cfg.cb_offset != 0,
