@@ -39,7 +39,7 @@ enum Attach {
     SkbVerdict,
     /// A stream parser (returning each skb's length) in front of the verdict,
     /// which puts strparser in the receive path.
-    ParserAndVerdict,
+    Parser,
 }
 
 impl Attach {
@@ -47,7 +47,7 @@ impl Attach {
         match std::env::var("GATEWAY_EXPERIMENT_SK_SKB").as_deref() {
             Err(_) | Ok("") | Ok("stream_verdict") => Ok(Self::StreamVerdict),
             Ok("skb_verdict") => Ok(Self::SkbVerdict),
-            Ok("parser") => Ok(Self::ParserAndVerdict),
+            Ok("parser") => Ok(Self::Parser),
             Ok(other) => {
                 Err(format!("GATEWAY_EXPERIMENT_SK_SKB={other:?} is not one of stream_verdict, skb_verdict, parser"))
             }
@@ -273,7 +273,7 @@ impl KernelPath {
             btf.member_offset(strukt, member).map_err(|e| e.to_string())
         };
         let attach = Attach::from_env().map_err(Unavailable::LoadFailed)?;
-        if settings.trim_overlaps && attach == Attach::ParserAndVerdict {
+        if settings.trim_overlaps && attach == Attach::Parser {
             // strparser keeps its own state in skb->cb, where the trim reads the seq.
             warn!("overlap trimming disabled: GATEWAY_EXPERIMENT_SK_SKB=parser uses skb->cb");
         } else if settings.trim_overlaps {
@@ -327,7 +327,7 @@ impl KernelPath {
                 attach_raw(fd.as_fd(), socks.fd().as_fd(), BPF_SK_SKB_VERDICT)
                     .map_err(|e| load_err(&format!("BPF_PROG_ATTACH(BPF_SK_SKB_VERDICT): {e}")))?;
             }
-            Attach::ParserAndVerdict => {
+            Attach::Parser => {
                 prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
                 let parser: &mut SkSkb = ebpf
                     .program_mut(PROG_PARSER)
