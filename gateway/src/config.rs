@@ -165,6 +165,8 @@ struct RawHealth {
     eject_for: Option<Value>,
     interval: Option<Value>,
     timeout: Option<Value>,
+    send: Option<Value>,
+    expect: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -896,6 +898,18 @@ impl RawConfig {
                 if let Some(v) = &h.timeout {
                     health.timeout = e.duration(&p("health.timeout"), v).unwrap_or(health.timeout);
                 }
+                for (key, v, slot) in [("send", &h.send, &mut health.send), ("expect", &h.expect, &mut health.expect)] {
+                    let Some(v) = v else { continue };
+                    match e.string(&p(&format!("health.{key}")), v) {
+                        Some(s) if s.is_empty() => e.push(&p(&format!("health.{key}")), "must not be empty"),
+                        Some(s) if s.len() > 4096 => e.push(&p(&format!("health.{key}")), "is over 4096 bytes"),
+                        Some(s) => *slot = Some(s.into_bytes()),
+                        None => {}
+                    }
+                }
+                if (health.send.is_some() || health.expect.is_some()) && health.interval.is_none() {
+                    e.push(&p("health.interval"), "is required with send/expect (they are active checks)");
+                }
             }
             let connect_attempts = match &l.connect_attempts {
                 Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
@@ -1132,7 +1146,16 @@ admin:
         assert_eq!(c.listeners[0].health.interval, Some(Duration::from_secs(1)));
         assert_rejected(&with("    health:\n      failures: 0\n"), &["listeners[0].health.failures"]);
         assert_rejected(&with("    health:\n      interval: often\n"), &["listeners[0].health.interval", "\"often\""]);
-        assert_rejected(&with("    health:\n      send: ping\n"), &["listeners[0]", "unknown field `send`"]);
+        assert_rejected(&with("    health:\n      sned: ping\n"), &["listeners[0]", "unknown field `sned`"]);
+        assert_rejected(&with("    health:\n      send: ping\n"), &["listeners[0].health.interval", "send/expect"]);
+        assert_rejected(
+            &with("    health:\n      interval: 1s\n      expect: \"\"\n"),
+            &["listeners[0].health.expect", "empty"],
+        );
+        let c = parse(&with("    health:\n      interval: 1s\n      send: \"PING\\r\\n\"\n      expect: \"+PONG\"\n"))
+            .unwrap();
+        assert_eq!(c.listeners[0].health.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!(c.listeners[0].health.expect.as_deref(), Some(&b"+PONG"[..]));
     }
 
     #[test]

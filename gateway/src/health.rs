@@ -1,7 +1,9 @@
 //! Backend health. Passive: `failures` consecutive failed connects eject a
 //! backend for `eject_for`. Active (when `interval` is set): a TCP connect to
-//! every backend each interval; a success brings an ejected backend back, a
-//! failure counts like a failed client connect. An ejected backend gets no new
+//! every backend each interval, optionally sending `send` and expecting the
+//! answer to contain `expect` (as HAProxy's tcp-check send/expect); a success
+//! brings an ejected backend back, a failure counts like a failed client
+//! connect. An ejected backend gets no new
 //! flows; when all are ejected, clients are closed with a clear log line.
 use std::{
     net::SocketAddr,
@@ -12,21 +14,37 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Consecutive failures that eject a backend.
     pub failures: u32,
     pub eject_for: Duration,
     /// Active checks every this long, if set.
     pub interval: Option<Duration>,
+    /// The whole check (connect, send, expect) must finish within this.
     pub timeout: Duration,
+    /// Active checks: bytes to send once connected.
+    pub send: Option<Vec<u8>>,
+    /// Active checks: the answer must contain these bytes (read up to
+    /// `MAX_EXPECT_READ`, until the backend closes or `timeout`).
+    pub expect: Option<Vec<u8>>,
 }
+
+/// How much of a check's answer is searched for `expect`.
+pub const MAX_EXPECT_READ: usize = 16 << 10;
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        Self { failures: 3, eject_for: Duration::from_secs(30), interval: None, timeout: Duration::from_secs(1) }
+        Self {
+            failures: 3,
+            eject_for: Duration::from_secs(30),
+            interval: None,
+            timeout: Duration::from_secs(1),
+            send: None,
+            expect: None,
+        }
     }
 }
 
@@ -46,8 +64,8 @@ impl Health {
         Self { cfg, backends: (0..n).map(|_| Backend::default()).collect() }
     }
 
-    pub fn config(&self) -> HealthConfig {
-        self.cfg
+    pub fn config(&self) -> &HealthConfig {
+        &self.cfg
     }
 
     /// Whether backend `i` may get new flows now.
@@ -91,10 +109,40 @@ pub async fn check(health: &Health, listener: &str, backends: &[SocketAddr]) {
     loop {
         tick.tick().await;
         for (i, addr) in backends.iter().enumerate() {
-            match tokio::time::timeout(health.cfg.timeout, tokio::net::TcpStream::connect(addr)).await {
-                Ok(Ok(_)) => health.succeeded(i, listener, *addr),
-                _ => health.failed(i, listener, *addr),
+            match tokio::time::timeout(health.cfg.timeout, probe(*addr, &health.cfg)).await {
+                Ok(Ok(())) => health.succeeded(i, listener, *addr),
+                Ok(Err(why)) => {
+                    debug!(listener, backend = %addr, "health check failed: {why}");
+                    health.failed(i, listener, *addr);
+                }
+                Err(_) => {
+                    debug!(listener, backend = %addr, "health check failed: no answer within {:?}", health.cfg.timeout);
+                    health.failed(i, listener, *addr);
+                }
             }
         }
     }
+}
+
+/// One active check: connect, then send and expect if configured.
+async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    if let Some(send) = &cfg.send {
+        s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
+    }
+    let Some(expect) = &cfg.expect else { return Ok(()) };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while got.len() < MAX_EXPECT_READ {
+        let n = s.read(&mut buf).await.map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+        if got.windows(expect.len()).any(|w| w == expect.as_slice()) {
+            return Ok(());
+        }
+    }
+    Err(format!("the answer ({} bytes) does not contain the expected {:?}", got.len(), String::from_utf8_lossy(expect)))
 }

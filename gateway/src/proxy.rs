@@ -81,7 +81,7 @@ impl ListenerRt {
     ) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let admission = Admission::new(cfg.limits.clone(), global);
-        let health = Health::new(cfg.health, cfg.backends.len());
+        let health = Health::new(cfg.health.clone(), cfg.backends.len());
         let route_rr = cfg.http.as_ref().map_or(0, |h| h.routes.len());
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
         let all = (0..cfg.backends.len()).collect();

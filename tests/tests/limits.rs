@@ -225,3 +225,47 @@ fn all_backends_down_is_said_plainly() {
     assert!(log.contains("all 1 backend(s) are ejected"), "{log}");
     assert_eq!(backend_report(&gw, dead)["connect_failures"], 1, "the ejected backend was tried again");
 }
+
+/// A backend for send/expect checks: answers "PING\r\n" with `answer`, echoes
+/// anything else.
+fn pinging_backend(topo: &Topology, answer: &'static [u8]) -> Backend {
+    Backend::spawn(topo, move |mut s| {
+        let mut buf = [0u8; 4096];
+        let Ok(n) = s.read(&mut buf) else { return };
+        if buf[..n].starts_with(b"PING\r\n") {
+            let _ = s.write_all(answer);
+            return;
+        }
+        if n > 0 && s.write_all(&buf[..n]).is_ok() {
+            let _ = echo_conn(&mut s);
+        }
+    })
+}
+
+/// Active send/expect checks eject a backend that accepts connections but
+/// answers wrongly, and leave the one that answers right in rotation.
+#[test]
+fn send_expect_checks_eject_a_backend_that_answers_wrongly() {
+    if !require_root("send_expect_checks_eject_a_backend_that_answers_wrongly") {
+        return;
+    }
+    let topo = Topology::new();
+    let good = pinging_backend(&topo, b"+PONG\r\n");
+    let bad = pinging_backend(&topo, b"-ERR not ready\r\n");
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\", \"{}\"]\n    offload: kernel\n    health:\n      failures: 1\n      eject_for: 1h\n      interval: 200ms\n      timeout: 500ms\n      send: \"PING\\r\\n\"\n      expect: \"+PONG\"\n",
+        bad.addr, good.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    gw.wait_for("the wrongly answering backend to be ejected", Duration::from_secs(10), |g| {
+        backend_report(g, bad.addr)["up"] == false
+    });
+    assert_eq!(backend_report(&gw, good.addr)["up"], true);
+    for _ in 0..4 {
+        let mut s = topo.connect(gw.listener("t")).unwrap();
+        assert!(served(&mut s));
+    }
+    assert_eq!(backend_report(&gw, good.addr)["flows"], 4);
+    assert_eq!(backend_report(&gw, bad.addr)["flows"], 0);
+    gw.wait_idle();
+}
