@@ -94,6 +94,9 @@ struct Sample {
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let quick = args.iter().any(|a| a == "--quick");
+    // Issue 4's latency study: extra gateways whose verdict is attached
+    // another way, measured on the same echo backend (64 B RR only).
+    let attach_variants = args.iter().any(|a| a == "--attach-variants");
     let opts = if quick {
         Opts { reps: 1, bulk_secs: 2, rr_secs: 1.0, crr_secs: 1.0 }
     } else {
@@ -135,6 +138,26 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     thread::spawn(move || serve_echo(echo));
 
     start_gateway(&bin, &ports, &work, &mut procs)?;
+    let variants: Vec<(&str, u16)> = if attach_variants {
+        ["skb_verdict", "parser"].iter().map(|v| Ok((*v, free_port()?))).collect::<Result<_>>()?
+    } else {
+        Vec::new()
+    };
+    for &(variant, port) in &variants {
+        start_gateway_variant(&bin, variant, port, ports.echo, &work, &mut procs)?;
+        wait_listening(port).with_context(|| format!("gateway ({variant}) did not start"))?;
+    }
+    // (name, unpinned p50s, pinned p50s); the default attach is measured on
+    // the kernel-path echo listener in the same rounds.
+    let mut variant_samples: Vec<(String, Vec<f64>, Vec<f64>)> = std::iter::once("stream_verdict (default)")
+        .chain(variants.iter().map(|v| v.0))
+        .map(|n| (n.to_string(), Vec::new(), Vec::new()))
+        .collect();
+    let variant_ports: Vec<u16> = if attach_variants {
+        std::iter::once(ports.of(Target::Kernel).1).chain(variants.iter().map(|v| v.1)).collect()
+    } else {
+        Vec::new()
+    };
     start_haproxy(&ports, &work, &mut procs)?;
     start_nginx(&ports, &work, &mut procs)?;
     for t in TARGETS {
@@ -187,6 +210,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             s.rr_p99.push(p99);
             s.crr.push(crr);
         }
+        for k in 0..variant_ports.len() {
+            let i = (k + rep) % variant_ports.len();
+            let (p50, _) = rr(variant_ports[i], opts.rr_secs)?;
+            eprintln!("  rep {rep} attach {:<28} rr p50 {p50:6.1} µs", variant_samples[i].0);
+            variant_samples[i].1.push(p50);
+        }
         for k in 0..WS_TARGETS.len() {
             let i = (k + rep) % WS_TARGETS.len();
             let port = ports.ws(WS_TARGETS[i]);
@@ -219,6 +248,12 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             s.pinned_rr_p50.push(p50);
             s.pinned_rr_p99.push(p99);
         }
+        for k in 0..variant_ports.len() {
+            let i = (k + rep) % variant_ports.len();
+            let (p50, _) = rr(variant_ports[i], opts.rr_secs)?;
+            eprintln!("  rep {rep} pinned attach {:<28} rr p50 {p50:6.1} µs", variant_samples[i].0);
+            variant_samples[i].2.push(p50);
+        }
         for k in 0..WS_TARGETS.len() {
             let i = (k + rep) % WS_TARGETS.len();
             let (p50, p99) = bench_ws::ws_rr(ports.ws(WS_TARGETS[i]), opts.rr_secs)?;
@@ -232,6 +267,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let mut report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
     report += &bench_ws::render(&ws_samples);
+    if attach_variants {
+        let (d, dp) = (median(&samples[0].rr_p50), median(&samples[0].pinned_rr_p50));
+        report += "\n## Kernel path: verdict attach variants (64 B RR p50, same run)\n\n| attach | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";
+        for (name, un, pin) in &variant_samples {
+            let (u, p) = (median(un), median(pin));
+            report += &format!("| {name} | {u:.1} ({:+.1}) | {p:.1} ({:+.1}) |\n", u - d, p - dp);
+        }
+    }
     if !kernel_user_share.is_empty() {
         report += &format!(
             "\nKernel-path bulk: {:.0}% of the bytes (median of {}) were relayed in user space while over the queue bound.\n",
@@ -582,6 +625,36 @@ fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> R
     let cfg = work.join("gateway.yaml");
     fs::write(&cfg, yaml)?;
     procs.spawn("gateway", Command::new(bin).args(["run", "--config"]).arg(&cfg).env("GATEWAY_LOG", "warn"), work)
+}
+
+/// A gateway with one kernel-path echo listener whose verdict is attached as
+/// `variant` (`GATEWAY_EXPERIMENT_SK_SKB`).
+fn start_gateway_variant(
+    bin: &Path,
+    variant: &str,
+    port: u16,
+    echo: u16,
+    work: &Path,
+    procs: &mut Procs,
+) -> Result<()> {
+    let dir = work.join(format!("gw-{variant}"));
+    fs::create_dir_all(&dir)?;
+    let yaml = format!(
+        "listeners:\n  - name: echo\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{echo}\"]\n    offload: kernel\n\
+         admin:\n  socket: {}\n",
+        dir.join("admin.sock").display()
+    );
+    let cfg = dir.join("gateway.yaml");
+    fs::write(&cfg, yaml)?;
+    procs.spawn(
+        &format!("gateway-{variant}"),
+        Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .env("GATEWAY_LOG", "warn")
+            .env("GATEWAY_EXPERIMENT_SK_SKB", variant),
+        work,
+    )
 }
 
 fn start_haproxy(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {

@@ -17,7 +17,10 @@ tasks:
   build-ebpf [--debug]   build the kernel programs (gateway-ebpf) for bpfel-unknown-none
   build [--release]      build-ebpf, then the daemon with the object embedded
   test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests)
-  bench [--quick]        benchmark direct / kernel path / userspace path / haproxy / nginx
+  bench [--quick] [--attach-variants]
+                         benchmark direct / kernel path / userspace path / haproxy / nginx
+                         (--attach-variants: also the verdict attached as BPF_SK_SKB_VERDICT
+                         and behind a stream parser, 64 B RR)
 ";
 
 fn main() -> ExitCode {
