@@ -26,9 +26,11 @@ enum PumpError {
 }
 
 async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, flow: &Flow, side: Side) -> Result<(), PumpError> {
-    let mut buf = vec![0u8; BUF_SIZE];
+    // Capacity, not zeroed memory: a short flow never touches most of it.
+    let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
-        let n = from.read(&mut buf).await.map_err(|_| PumpError::Read)?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await.map_err(|_| PumpError::Read)?;
         if n == 0 {
             // Forward the half-close; the other direction keeps going.
             let _ = to.shutdown().await;
@@ -36,7 +38,7 @@ async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, flow: &Flow, side
             // OwnedWriteHalf also shuts down, which is what we want anyway.
             return Ok(());
         }
-        to.write_all(&buf[..n]).await.map_err(|_| PumpError::Write)?;
+        to.write_all(&buf).await.map_err(|_| PumpError::Write)?;
         flow.add_user(side, n as u64);
     }
 }

@@ -150,6 +150,22 @@ pub fn read(fd: &impl AsRawFd, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n as usize)
 }
 
+/// read(2) into `buf`'s spare capacity (never zeroed first: a large buffer
+/// that gets few or no bytes costs no page touches); appends what was read.
+pub fn read_spare(fd: &impl AsRawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
+    let spare = buf.spare_capacity_mut();
+    // SAFETY: spare is valid for writes of its length; read(2) initialises
+    // exactly the n bytes it reports, which is all set_len exposes.
+    let n = unsafe { libc::read(fd.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let n = n as usize;
+    // SAFETY: the first n spare bytes were just written by read(2).
+    unsafe { buf.set_len(buf.len() + n) };
+    Ok(n)
+}
+
 /// The gid of group `name`, from the system's group database.
 pub fn group_id(name: &str) -> Option<u32> {
     let cname = std::ffi::CString::new(name).ok()?;
