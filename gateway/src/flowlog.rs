@@ -15,6 +15,14 @@ use crate::{flows::FlowSnapshot, proxy::Daemon};
 
 pub const TARGET: &str = "gateway::flow";
 
+/// Logs one record, building the snapshot only when flow records are on
+/// (a busy gateway with `GATEWAY_LOG=warn` skips the formatting).
+pub fn record_with(event: &'static str, snapshot: impl FnOnce() -> FlowSnapshot) {
+    if tracing::enabled!(target: TARGET, tracing::Level::INFO) {
+        record(event, &snapshot(), None);
+    }
+}
+
 /// Logs one record for `s`. `cause` is set on `close` only.
 pub fn record(event: &'static str, s: &FlowSnapshot, cause: Option<&str>) {
     info!(

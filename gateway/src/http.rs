@@ -53,9 +53,13 @@ struct Upgrade {
     backend: BackendSide,
 }
 
+/// hyper's client connection to a backend, driven by the flow's own task.
+type BackendConn = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Result<()>> + Send>>;
+
 enum BackendSide {
-    /// The backend's own 101, from hyper's client.
-    WebSocket(OnUpgrade),
+    /// The backend's own 101, from hyper's client, and the connection that
+    /// completes it.
+    WebSocket(OnUpgrade, BackendConn),
     /// bridge_tcp: a raw TCP connection.
     Tcp(TcpStream),
 }
@@ -72,7 +76,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
     let Some(_admitted) = rt.admit(&client, peer) else { return };
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = guard.flow.clone();
-    crate::flowlog::record("open", &crate::flows::snapshot_one(&flow, None), None);
+    crate::flowlog::record_with("open", || crate::flows::snapshot_one(&flow, None));
     let _ = client.set_nodelay(true);
     let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
     let conn = Arc::new(Conn {
@@ -140,7 +144,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     };
     let backend = match up.backend {
         BackendSide::Tcp(s) => (s, Bytes::new()),
-        BackendSide::WebSocket(on) => match on.await.map(raw) {
+        BackendSide::WebSocket(on, conn) => match conn.await.and(on.await).map(raw) {
             Ok(Some(b)) => b,
             Ok(None) => unreachable!("the client's connection is TokioIo<TcpStream>"),
             Err(e) => {
@@ -178,7 +182,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
             let code = if route.mode == WsMode::Inspect { "websocket-inspect" } else { "websocket-bridge" };
             let reason = format!("mode {}: messages are relayed in user space", route.mode);
             flow.set_path(FlowPath::Userspace { reason, code });
-            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, None), None);
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
             let ends = crate::ws::Ends {
                 client,
                 client_early,
@@ -335,12 +339,30 @@ impl Conn {
             out.headers_mut().remove(SEC_WEBSOCKET_EXTENSIONS);
         }
         add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
+        // The client connection is polled here, next to the request, not in
+        // a task of its own: one task per flow, no cross-task wake-ups.
         let handshake = async {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Counted>(TokioIo::new(stream)).await?;
-            tokio::spawn(conn.with_upgrades());
-            sender.send_request(out).await
+            let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Counted>(TokioIo::new(stream))
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut conn: BackendConn = Box::pin(conn.with_upgrades());
+            let send = sender.send_request(out);
+            tokio::pin!(send);
+            tokio::select! {
+                biased;
+                r = &mut send => r.map(|resp| (resp, conn)).map_err(|e| e.to_string()),
+                r = &mut conn => match r {
+                    // Upgraded already (the 101 went through in the same
+                    // poll): the response is waiting in `send`.
+                    Ok(()) => {
+                        let done: BackendConn = Box::pin(std::future::ready(Ok(())));
+                        send.await.map(|resp| (resp, done)).map_err(|e| e.to_string())
+                    }
+                    Err(e) => Err(e.to_string()),
+                },
+            }
         };
-        let mut resp = match tokio::time::timeout_at(deadline, handshake).await {
+        let (mut resp, conn) = match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 warn!(flow = self.flow.id, backend = %backend_addr, "upgrade failed: {e}");
@@ -355,14 +377,15 @@ impl Conn {
             }
         };
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // The backend's refusal, as it sent it.
+            // The backend's refusal, as it sent it; its body still needs the connection.
+            tokio::spawn(conn);
             debug!(flow = self.flow.id, status = %resp.status(), "backend refused the upgrade");
             strip_hop_by_hop(resp.headers_mut());
             return resp.map(|b| self.counted(b, Side::Backend).boxed());
         }
         let backend = hyper::upgrade::on(&mut resp);
         *self.upgrade.lock().unwrap() =
-            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend) });
+            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend, conn) });
         let (mut parts, _) = resp.into_parts();
         let upgrade = parts.headers.get(header::UPGRADE).cloned();
         strip_hop_by_hop(&mut parts.headers);

@@ -236,7 +236,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let Some(_admitted) = rt.admit(&client, peer) else { return };
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
-    crate::flowlog::record("open", &crate::flows::snapshot_one(flow, None), None);
+    crate::flowlog::record_with("open", || crate::flows::snapshot_one(flow, None));
     let (backend, idx) = match connect(rt, peer, rt.pool()).await {
         Ok(b) => b,
         Err(tried) => {
@@ -289,7 +289,7 @@ pub async fn forward(
     match kernel {
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
-            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, Some(k)), None);
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, Some(k)));
             let (client, backend) = match (splice::register(client), splice::register(backend)) {
                 (Ok(c), Ok(b)) => (c, b),
                 (c, b) => {
@@ -309,7 +309,7 @@ pub async fn forward(
         }
         Err((reason, code)) => {
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
-            crate::flowlog::record("handoff", &crate::flows::snapshot_one(flow, daemon.kernel.as_ref()), None);
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
             let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
             retire(flow, Some(idx), &cause, rt, daemon);
