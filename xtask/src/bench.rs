@@ -138,14 +138,27 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     thread::spawn(move || serve_echo(echo));
 
     start_gateway(&bin, &ports, &work, &mut procs)?;
-    let variants: Vec<(&str, u16)> = if attach_variants {
-        ["skb_verdict", "parser"].iter().map(|v| Ok((*v, free_port()?))).collect::<Result<_>>()?
+    // (label, GATEWAY_EXPERIMENT_SK_SKB, extra YAML, port)
+    let variants: Vec<(&str, &str, &str, u16)> = if attach_variants {
+        [
+            ("skb_verdict", "skb_verdict", ""),
+            ("stream parser + verdict", "parser", ""),
+            ("stream_verdict, no overlap trim", "stream_verdict", "kernel:\n  trim_overlaps: false\n"),
+            (
+                "stream_verdict, no trim, no flow control",
+                "stream_verdict",
+                "kernel:\n  trim_overlaps: false\n  max_queued_per_flow: 0\n",
+            ),
+        ]
+        .iter()
+        .map(|&(label, env, yaml)| Ok((label, env, yaml, free_port()?)))
+        .collect::<Result<_>>()?
     } else {
         Vec::new()
     };
-    for &(variant, port) in &variants {
-        start_gateway_variant(&bin, variant, port, ports.echo, &work, &mut procs)?;
-        wait_listening(port).with_context(|| format!("gateway ({variant}) did not start"))?;
+    for (k, &(label, env, yaml, port)) in variants.iter().enumerate() {
+        start_gateway_variant(&bin, k, env, yaml, port, ports.echo, &work, &mut procs)?;
+        wait_listening(port).with_context(|| format!("gateway ({label}) did not start"))?;
     }
     // (name, unpinned p50s, pinned p50s); the default attach is measured on
     // the kernel-path echo listener in the same rounds.
@@ -154,7 +167,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .map(|n| (n.to_string(), Vec::new(), Vec::new()))
         .collect();
     let variant_ports: Vec<u16> = if attach_variants {
-        std::iter::once(ports.of(Target::Kernel).1).chain(variants.iter().map(|v| v.1)).collect()
+        std::iter::once(ports.of(Target::Kernel).1).chain(variants.iter().map(|v| v.3)).collect()
     } else {
         Vec::new()
     };
@@ -196,71 +209,54 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             if let Some((moved, user)) = flow {
                 kernel_user_share.push(user as f64 / moved.max(1) as f64);
             }
-            let (p50, p99) = rr(echo_port, opts.rr_secs)?;
             let crr = crr(echo_port, opts.crr_secs)?;
             eprintln!(
-                "  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB  rr p50 {p50:6.1} µs p99 {p99:6.1} µs  {crr:7.0} conn/s",
+                "  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB  {crr:7.0} conn/s",
                 t.name()
             );
             let s = &mut samples[i];
             s.gbps.push(gbps);
             s.cpu_per_gb.push(cpu);
             s.queued_mb.push(queued);
-            s.rr_p50.push(p50);
-            s.rr_p99.push(p99);
             s.crr.push(crr);
-        }
-        for k in 0..variant_ports.len() {
-            let i = (k + rep) % variant_ports.len();
-            let (p50, _) = rr(variant_ports[i], opts.rr_secs)?;
-            eprintln!("  rep {rep} attach {:<28} rr p50 {p50:6.1} µs", variant_samples[i].0);
-            variant_samples[i].1.push(p50);
         }
         for k in 0..WS_TARGETS.len() {
             let i = (k + rep) % WS_TARGETS.len();
-            let port = ports.ws(WS_TARGETS[i]);
-            let up = bench_ws::ws_crr(port, opts.crr_secs)?;
-            let (p50, p99) = bench_ws::ws_rr(port, opts.rr_secs)?;
-            eprintln!(
-                "  rep {rep} ws {:<28} {up:7.0} upgrades/s  echo p50 {p50:6.1} µs p99 {p99:6.1} µs",
-                WS_TARGETS[i].name()
-            );
-            let s = &mut ws_samples[i];
-            s.upgrades.push(up);
-            s.p50.push(p50);
-            s.p99.push(p99);
+            let up = bench_ws::ws_crr(ports.ws(WS_TARGETS[i]), opts.crr_secs)?;
+            eprintln!("  rep {rep} ws {:<28} {up:7.0} upgrades/s", WS_TARGETS[i].name());
+            ws_samples[i].upgrades.push(up);
         }
+        latency_round(
+            &ports,
+            &variant_ports,
+            opts.rr_secs,
+            rep,
+            "",
+            &mut samples,
+            &mut ws_samples,
+            &mut variant_samples,
+        )?;
     }
     // Pinned: every process of the run on CPU 0.
     pin_all(&procs, "0")?;
     for rep in 0..opts.reps {
         for k in 0..TARGETS.len() {
             let i = (k + rep) % TARGETS.len();
-            let (bulk_port, echo_port) = ports.of(TARGETS[i]);
+            let (bulk_port, _) = ports.of(TARGETS[i]);
             let (gbps, _, _) = bulk(bulk_port, opts.bulk_secs, Some("0"))?;
-            let (p50, p99) = rr(echo_port, opts.rr_secs)?;
-            eprintln!(
-                "  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s  rr p50 {p50:6.1} µs p99 {p99:6.1} µs",
-                TARGETS[i].name()
-            );
-            let s = &mut samples[i];
-            s.pinned_gbps.push(gbps);
-            s.pinned_rr_p50.push(p50);
-            s.pinned_rr_p99.push(p99);
+            eprintln!("  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s", TARGETS[i].name());
+            samples[i].pinned_gbps.push(gbps);
         }
-        for k in 0..variant_ports.len() {
-            let i = (k + rep) % variant_ports.len();
-            let (p50, _) = rr(variant_ports[i], opts.rr_secs)?;
-            eprintln!("  rep {rep} pinned attach {:<28} rr p50 {p50:6.1} µs", variant_samples[i].0);
-            variant_samples[i].2.push(p50);
-        }
-        for k in 0..WS_TARGETS.len() {
-            let i = (k + rep) % WS_TARGETS.len();
-            let (p50, p99) = bench_ws::ws_rr(ports.ws(WS_TARGETS[i]), opts.rr_secs)?;
-            eprintln!("  rep {rep} pinned ws {:<28} echo p50 {p50:6.1} µs p99 {p99:6.1} µs", WS_TARGETS[i].name());
-            ws_samples[i].pinned_p50.push(p50);
-            ws_samples[i].pinned_p99.push(p99);
-        }
+        latency_round(
+            &ports,
+            &variant_ports,
+            opts.rr_secs,
+            rep,
+            "pinned ",
+            &mut samples,
+            &mut ws_samples,
+            &mut variant_samples,
+        )?;
     }
     let kernel_status = Command::new(&bin).args(["status", "--socket"]).arg(work.join("admin.sock")).output()?;
     drop(procs);
@@ -269,7 +265,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     report += &bench_ws::render(&ws_samples);
     if attach_variants {
         let (d, dp) = (median(&samples[0].rr_p50), median(&samples[0].pinned_rr_p50));
-        report += "\n## Kernel path: verdict attach variants (64 B RR p50, same run)\n\n| attach | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";
+        report += "\n## Kernel path variants (64 B RR p50, interleaved with the targets above)\n\n| variant | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";
         for (name, un, pin) in &variant_samples {
             let (u, p) = (median(un), median(pin));
             report += &format!("| {name} | {u:.1} ({:+.1}) | {p:.1} ({:+.1}) |\n", u - d, p - dp);
@@ -465,6 +461,132 @@ fn cpu_busy_secs() -> Result<f64> {
     Ok(busy / hz)
 }
 
+/// One round of 64 B latency: every TCP target's echo port, the attach
+/// variants and every WebSocket target, interleaved (see [`Interleaved`]).
+/// `pinned` is "" or "pinned ", for the log and for which samples to fill.
+#[allow(clippy::too_many_arguments)]
+fn latency_round(
+    ports: &Ports,
+    variant_ports: &[u16],
+    secs: f64,
+    rep: usize,
+    pinned: &str,
+    samples: &mut [Sample],
+    ws_samples: &mut [WsSample],
+    variant_samples: &mut [(String, Vec<f64>, Vec<f64>)],
+) -> Result<()> {
+    let mut conns = Vec::new();
+    for t in TARGETS {
+        conns.push(Interleaved::tcp(ports.of(t).1)?);
+    }
+    for &p in variant_ports {
+        conns.push(Interleaved::tcp(p)?);
+    }
+    for t in WS_TARGETS {
+        conns.push(Interleaved::ws(ports.ws(t))?);
+    }
+    let secs = secs * conns.len() as f64 / 2.0;
+    let lat = Interleaved::measure(&mut conns, secs)?;
+    let on = !pinned.is_empty();
+    for (i, t) in TARGETS.iter().enumerate() {
+        let (p50, p99) = lat[i];
+        eprintln!("  rep {rep} {pinned}rr {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
+        let s = &mut samples[i];
+        if on {
+            s.pinned_rr_p50.push(p50);
+            s.pinned_rr_p99.push(p99);
+        } else {
+            s.rr_p50.push(p50);
+            s.rr_p99.push(p99);
+        }
+    }
+    for (k, v) in variant_samples.iter_mut().enumerate() {
+        let (p50, _) = lat[TARGETS.len() + k];
+        eprintln!("  rep {rep} {pinned}attach {:<28} p50 {p50:6.1} µs", v.0);
+        if on {
+            v.2.push(p50)
+        } else {
+            v.1.push(p50)
+        }
+    }
+    for (k, t) in WS_TARGETS.iter().enumerate() {
+        let (p50, p99) = lat[TARGETS.len() + variant_samples.len() + k];
+        eprintln!("  rep {rep} {pinned}ws echo {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
+        let s = &mut ws_samples[k];
+        if on {
+            s.pinned_p50.push(p50);
+            s.pinned_p99.push(p99);
+        } else {
+            s.p50.push(p50);
+            s.p99.push(p99);
+        }
+    }
+    Ok(())
+}
+
+/// One open connection for latency sampling. Targets are measured in turns
+/// of `TURN` round trips, round-robin, for the whole duration, so all of
+/// them see the same (noisy) machine instead of each getting its own slot.
+enum Interleaved {
+    Tcp(TcpStream),
+    Ws(TcpStream, Vec<u8>),
+}
+
+const TURN: usize = 50;
+
+impl Interleaved {
+    fn tcp(port: u16) -> Result<Self> {
+        let s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_nodelay(true)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(Self::Tcp(s))
+    }
+
+    fn ws(port: u16) -> Result<Self> {
+        let (s, have) = bench_ws::upgrade(port)?;
+        Ok(Self::Ws(s, have))
+    }
+
+    fn round_trip(&mut self) -> Result<()> {
+        match self {
+            Self::Tcp(s) => {
+                let mut buf = [0u8; 64];
+                s.write_all(&[0x5a; 64])?;
+                s.read_exact(&mut buf)?;
+                Ok(())
+            }
+            Self::Ws(s, have) => bench_ws::round_trip(s, have),
+        }
+    }
+
+    /// (p50, p99) in µs per connection, after 100 warm-up round trips each.
+    fn measure(conns: &mut [Self], secs: f64) -> Result<Vec<(f64, f64)>> {
+        for c in conns.iter_mut() {
+            for _ in 0..100 {
+                c.round_trip()?;
+            }
+        }
+        let mut lat: Vec<Vec<f64>> = vec![Vec::new(); conns.len()];
+        let end = Instant::now() + Duration::from_secs_f64(secs);
+        while (Instant::now() < end || lat[0].len() < 10 * TURN) && lat[0].len() < 1_000_000 {
+            for (c, l) in conns.iter_mut().zip(lat.iter_mut()) {
+                for _ in 0..TURN {
+                    let t = Instant::now();
+                    c.round_trip()?;
+                    l.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+        }
+        Ok(lat
+            .into_iter()
+            .map(|mut l| {
+                l.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                (l[l.len() / 2], l[l.len() * 99 / 100])
+            })
+            .collect())
+    }
+}
+
 /// 64 B ping-pong on one connection for `secs`: (p50, p99) in µs.
 fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
@@ -627,27 +749,30 @@ fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> R
     procs.spawn("gateway", Command::new(bin).args(["run", "--config"]).arg(&cfg).env("GATEWAY_LOG", "warn"), work)
 }
 
-/// A gateway with one kernel-path echo listener whose verdict is attached as
-/// `variant` (`GATEWAY_EXPERIMENT_SK_SKB`).
+/// A gateway with one kernel-path echo listener, its verdict attached as
+/// `variant` (`GATEWAY_EXPERIMENT_SK_SKB`) and `extra` top-level YAML.
+#[allow(clippy::too_many_arguments)]
 fn start_gateway_variant(
     bin: &Path,
+    k: usize,
     variant: &str,
+    extra: &str,
     port: u16,
     echo: u16,
     work: &Path,
     procs: &mut Procs,
 ) -> Result<()> {
-    let dir = work.join(format!("gw-{variant}"));
+    let dir = work.join(format!("gw-variant-{k}"));
     fs::create_dir_all(&dir)?;
     let yaml = format!(
         "listeners:\n  - name: echo\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{echo}\"]\n    offload: kernel\n\
-         admin:\n  socket: {}\n",
+         admin:\n  socket: {}\n{extra}",
         dir.join("admin.sock").display()
     );
     let cfg = dir.join("gateway.yaml");
     fs::write(&cfg, yaml)?;
     procs.spawn(
-        &format!("gateway-{variant}"),
+        &format!("gateway-variant-{k}"),
         Command::new(bin)
             .args(["run", "--config"])
             .arg(&cfg)

@@ -127,7 +127,13 @@ pub fn serve_ws_echo(l: TcpListener) {
                 let (op, payload) = read_frame(&mut c, &mut have)?;
                 match op {
                     0x8 => {
+                        // Answer the close, then let the client close TCP
+                        // first (its TIME_WAIT is reusable, as in the TCP
+                        // connection-rate test).
                         c.write_all(&frame(0x8, &payload, false))?;
+                        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+                        let mut rest = [0u8; 512];
+                        while matches!(c.read(&mut rest), Ok(n) if n > 0) {}
                         return Ok(());
                     }
                     0x9 => c.write_all(&frame(0xA, &payload, false))?,
@@ -139,7 +145,7 @@ pub fn serve_ws_echo(l: TcpListener) {
     }
 }
 
-fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
+pub fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -152,6 +158,16 @@ fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
         bail!("upgrade refused: {}", head.lines().next().unwrap_or_default());
     }
     Ok((s, rest))
+}
+
+/// One 64 B binary message echoed on an upgraded connection.
+pub fn round_trip(s: &mut TcpStream, have: &mut Vec<u8>) -> Result<()> {
+    s.write_all(&frame(0x2, &[0x5a; 64], true))?;
+    let (op, p) = read_frame(s, have)?;
+    if op != 0x2 || p.len() != 64 {
+        bail!("bad echo frame (opcode {op}, {} bytes)", p.len());
+    }
+    Ok(())
 }
 
 /// 64 B echo on one WebSocket for `secs`: (p50, p99) in µs.
