@@ -162,10 +162,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     }
     // (name, unpinned p50s, pinned p50s); the default attach is measured on
     // the kernel-path echo listener in the same rounds.
-    let mut variant_samples: Vec<(String, Vec<f64>, Vec<f64>)> = std::iter::once("stream_verdict (default)")
-        .chain(variants.iter().map(|v| v.0))
-        .map(|n| (n.to_string(), Vec::new(), Vec::new()))
-        .collect();
+    let mut variant_samples: Vec<(String, Vec<f64>, Vec<f64>)> = if attach_variants {
+        std::iter::once("stream_verdict (default)")
+            .chain(variants.iter().map(|v| v.0))
+            .map(|n| (n.to_string(), Vec::new(), Vec::new()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let variant_ports: Vec<u16> = if attach_variants {
         std::iter::once(ports.of(Target::Kernel).1).chain(variants.iter().map(|v| v.3)).collect()
     } else {
@@ -209,22 +213,34 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             if let Some((moved, user)) = flow {
                 kernel_user_share.push(user as f64 / moved.max(1) as f64);
             }
-            let crr = crr(echo_port, opts.crr_secs)?;
-            eprintln!(
-                "  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB  {crr:7.0} conn/s",
-                t.name()
-            );
+            eprintln!("  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB", t.name());
             let s = &mut samples[i];
             s.gbps.push(gbps);
             s.cpu_per_gb.push(cpu);
             s.queued_mb.push(queued);
-            s.crr.push(crr);
+            let _ = echo_port;
         }
-        for k in 0..WS_TARGETS.len() {
-            let i = (k + rep) % WS_TARGETS.len();
-            let up = bench_ws::ws_crr(ports.ws(WS_TARGETS[i]), opts.crr_secs)?;
-            eprintln!("  rep {rep} ws {:<28} {up:7.0} upgrades/s", WS_TARGETS[i].name());
-            ws_samples[i].upgrades.push(up);
+        // Connection and upgrade rates, interleaved like the latencies: every
+        // target gets the same machine (and the same TIME_WAIT backlog).
+        let mut runs: Vec<Box<dyn FnMut() -> Result<()>>> = Vec::new();
+        for t in TARGETS {
+            let port = ports.of(t).1;
+            runs.push(Box::new(move || one_crr(port)));
+        }
+        for t in WS_TARGETS {
+            let port = ports.ws(t);
+            runs.push(Box::new(move || bench_ws::one_upgrade(port)));
+        }
+        let secs = opts.crr_secs * runs.len() as f64 / 2.0;
+        let rates = interleaved_rates(&mut runs, secs)?;
+        for (i, t) in TARGETS.iter().enumerate() {
+            eprintln!("  rep {rep} {:<24} {:7.0} conn/s", t.name(), rates[i]);
+            samples[i].crr.push(rates[i]);
+        }
+        for (k, t) in WS_TARGETS.iter().enumerate() {
+            let r = rates[TARGETS.len() + k];
+            eprintln!("  rep {rep} ws {:<28} {r:7.0} upgrades/s", t.name());
+            ws_samples[k].upgrades.push(r);
         }
         latency_round(
             &ports,
@@ -258,6 +274,26 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             &mut variant_samples,
         )?;
     }
+    // The floor a same-host client could reach: no gateway at all, the
+    // client's sends redirected by sk_msg into the echo server's socket. A
+    // child process of its own runs it (its cgroup must not hold the others).
+    let study = if attach_variants {
+        let mut rows = Vec::new();
+        for pinned in [false, true] {
+            let mut cmd = if pinned { Command::new("taskset") } else { Command::new(std::env::current_exe()?) };
+            if pinned {
+                cmd.args(["-c", "0"]).arg(std::env::current_exe()?);
+            }
+            let out = cmd.args(["study-skmsg", &(opts.rr_secs * 2.0).to_string()]).output()?;
+            if !out.status.success() {
+                bail!("sk_msg study failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            rows.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
+        }
+        Some(rows)
+    } else {
+        None
+    };
     let kernel_status = Command::new(&bin).args(["status", "--socket"]).arg(work.join("admin.sock")).output()?;
     drop(procs);
 
@@ -269,6 +305,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         for (name, un, pin) in &variant_samples {
             let (u, p) = (median(un), median(pin));
             report += &format!("| {name} | {u:.1} ({:+.1}) | {p:.1} ({:+.1}) |\n", u - d, p - dp);
+        }
+    }
+    if let Some(rows) = study {
+        report += "\n## Same-host sk_msg redirect, no gateway (64 B RR p50 in one process, loopback TCP vs sk_msg)\n\n\
+                   | | loopback TCP µs | sk_msg redirect µs |\n|---|---|---|\n";
+        for (label, row) in ["unpinned", "pinned"].iter().zip(rows) {
+            let v: Vec<&str> = row.split_whitespace().collect();
+            report += &format!("| {label} | {} | {} |\n", v.first().unwrap_or(&"?"), v.get(1).unwrap_or(&"?"));
         }
     }
     if !kernel_user_share.is_empty() {
@@ -527,7 +571,7 @@ fn latency_round(
 /// One open connection for latency sampling. Targets are measured in turns
 /// of `TURN` round trips, round-robin, for the whole duration, so all of
 /// them see the same (noisy) machine instead of each getting its own slot.
-enum Interleaved {
+pub(crate) enum Interleaved {
     Tcp(TcpStream),
     Ws(TcpStream, Vec<u8>),
 }
@@ -535,7 +579,7 @@ enum Interleaved {
 const TURN: usize = 50;
 
 impl Interleaved {
-    fn tcp(port: u16) -> Result<Self> {
+    pub(crate) fn tcp(port: u16) -> Result<Self> {
         let s = TcpStream::connect(("127.0.0.1", port))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -560,7 +604,7 @@ impl Interleaved {
     }
 
     /// (p50, p99) in µs per connection, after 100 warm-up round trips each.
-    fn measure(conns: &mut [Self], secs: f64) -> Result<Vec<(f64, f64)>> {
+    pub(crate) fn measure(conns: &mut [Self], secs: f64) -> Result<Vec<(f64, f64)>> {
         for c in conns.iter_mut() {
             for _ in 0..100 {
                 c.round_trip()?;
@@ -611,25 +655,38 @@ fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
     Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
 }
 
-/// Sequential connect + 64 B echo + close for `secs`: connections per second.
-fn crr(port: u16, secs: f64) -> Result<f64> {
-    let msg = [0x33u8; 64];
-    let mut buf = [0u8; 64];
-    let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(secs);
-    let mut n = 0u64;
-    while Instant::now() < end && n < 1_000_000 {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(&msg)?;
-        s.read_exact(&mut buf)?;
-        n += 1;
+/// Rates (per second) of each of `runs`, called in turns of `TURN_OPS`
+/// round-robin for `secs` in all.
+fn interleaved_rates(runs: &mut [Box<dyn FnMut() -> Result<()>>], secs: f64) -> Result<Vec<f64>> {
+    const TURN_OPS: usize = 20;
+    let mut spent = vec![Duration::ZERO; runs.len()];
+    let mut done = vec![0u64; runs.len()];
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    while Instant::now() < end && done[0] < 1_000_000 {
+        for (i, run) in runs.iter_mut().enumerate() {
+            let t = Instant::now();
+            for _ in 0..TURN_OPS {
+                run()?;
+            }
+            spent[i] += t.elapsed();
+            done[i] += TURN_OPS as u64;
+        }
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(done.iter().zip(&spent).map(|(n, d)| *n as f64 / d.as_secs_f64()).collect())
 }
 
-fn serve_echo(l: TcpListener) {
+/// One connect + 64 B echo + close.
+fn one_crr(port: u16) -> Result<()> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(&[0x33u8; 64])?;
+    let mut buf = [0u8; 64];
+    s.read_exact(&mut buf)?;
+    Ok(())
+}
+
+pub(crate) fn serve_echo(l: TcpListener) {
     for c in l.incoming() {
         let Ok(mut c) = c else { continue };
         thread::spawn(move || {

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum WsTarget {
@@ -194,25 +194,17 @@ pub fn ws_rr(port: u16, secs: f64) -> Result<(f64, f64)> {
     Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
 }
 
-/// Sequential upgrade + 64 B echo + close handshake for `secs`: per second.
-pub fn ws_crr(port: u16, secs: f64) -> Result<f64> {
-    let msg = frame(0x2, &[0x33; 64], true);
-    let close = frame(0x8, &1000u16.to_be_bytes(), true);
-    let t0 = Instant::now();
-    let end = t0 + Duration::from_secs_f64(secs);
-    let mut n = 0u64;
-    while Instant::now() < end && n < 1_000_000 {
-        let (mut s, mut have) = upgrade(port).with_context(|| format!("upgrade #{n}"))?;
-        s.write_all(&msg)?;
-        read_frame(&mut s, &mut have)?;
-        s.write_all(&close)?;
-        let (op, _) = read_frame(&mut s, &mut have)?;
-        if op != 0x8 {
-            bail!("expected a close frame, got opcode {op}");
-        }
-        n += 1;
+/// One upgrade + 64 B echo + close handshake; the client then closes TCP first.
+pub fn one_upgrade(port: u16) -> Result<()> {
+    let (mut s, mut have) = upgrade(port)?;
+    s.write_all(&frame(0x2, &[0x33; 64], true))?;
+    read_frame(&mut s, &mut have)?;
+    s.write_all(&frame(0x8, &1000u16.to_be_bytes(), true))?;
+    let (op, _) = read_frame(&mut s, &mut have)?;
+    if op != 0x8 {
+        bail!("expected a close frame, got opcode {op}");
     }
-    Ok(n as f64 / t0.elapsed().as_secs_f64())
+    Ok(())
 }
 
 use crate::bench::median;

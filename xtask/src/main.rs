@@ -9,6 +9,7 @@ use anyhow::{bail, Context, Result};
 
 mod bench;
 mod bench_ws;
+mod study;
 
 const USAGE: &str = "\
 usage: cargo xtask <task> [args]
@@ -30,6 +31,8 @@ fn main() -> ExitCode {
         Some("build") => build(args.iter().any(|a| a == "--release")),
         Some("test") => test(&args[1..]),
         Some("bench") => build_release_daemon().and_then(|()| bench::run(&root(), &args[1..])),
+        // Run by `bench --attach-variants` (root, cgroup v2): the sk_msg study.
+        Some("study-skmsg") => study::run(&root(), &args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
