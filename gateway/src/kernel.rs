@@ -383,20 +383,21 @@ impl KernelPath {
             }
             Unavailable::InsertFailed(msg)
         };
-        let established = |fd: i32| matches!(sys::tcp_info(&fd), Ok(i) if i.state == sys::TCP_ESTABLISHED);
-        if !established(client.as_raw_fd()) {
-            return Err(Unavailable::NotEstablished("client"));
-        }
-        if !established(backend.as_raw_fd()) {
-            return Err(Unavailable::NotEstablished("backend"));
-        }
+        // One TCP_INFO per socket: its state, and the acked count the flow's
+        // byte accounting starts from.
+        let established = |fd: i32, side| match sys::tcp_info(&fd) {
+            Ok(i) if i.state == sys::TCP_ESTABLISHED => Ok(i),
+            _ => Err(Unavailable::NotEstablished(side)),
+        };
+        let client_info = established(client.as_raw_fd(), "client")?;
+        let backend_info = established(backend.as_raw_fd(), "backend")?;
         let cc = sys::socket_cookie(client).map_err(|e| insert_err(&e))?;
         let bc = sys::socket_cookie(backend).map_err(|e| insert_err(&e))?;
         // Nothing is redirected into either socket before `enabled` is set below.
-        let client_sent_base = sys::bytes_queued_total(client).map_err(|e| insert_err(&e))?;
-        let backend_sent_base = sys::bytes_queued_total(backend).map_err(|e| insert_err(&e))?;
-        let client_acked = sys::tcp_info(client).map_err(|e| insert_err(&e))?.bytes_acked;
-        let backend_acked = sys::tcp_info(backend).map_err(|e| insert_err(&e))?.bytes_acked;
+        let client_acked = client_info.bytes_acked;
+        let backend_acked = backend_info.bytes_acked;
+        let client_sent_base = client_acked + sys::outq(client).map_err(|e| insert_err(&e))?;
+        let backend_sent_base = backend_acked + sys::outq(backend).map_err(|e| insert_err(&e))?;
         if self.settings_bounded && self.flow_control.is_none() {
             return Err(Unavailable::NoFlowControl);
         }

@@ -247,6 +247,8 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     };
     let _active = rt.activate(idx);
     *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
+    let _ = client.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
     if !daemon.handoff_delay.is_zero() {
         tokio::time::sleep(daemon.handoff_delay).await;
     }
@@ -254,9 +256,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     debug!(flow = flow.id, %cause, "flow task done");
 }
 
-/// Carries a connected client/backend pair to its end: on the kernel path
-/// when the listener and the host allow it, in the userspace relay
-/// otherwise. Retires the flow.
+/// Carries a connected client/backend pair (TCP_NODELAY already set) to its
+/// end: on the kernel path when the listener and the host allow it, in the
+/// userspace relay otherwise. Retires the flow.
 pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
@@ -266,8 +268,6 @@ pub async fn forward(
     daemon: &Daemon,
 ) -> CloseCause {
     let peer = flow.client;
-    let _ = client.set_nodelay(true);
-    let _ = backend.set_nodelay(true);
     let kernel = match (rt.cfg.offload, &daemon.kernel) {
         (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
         (_, None) => {
