@@ -454,6 +454,22 @@ fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
 
 /// Like [`bulk`], also sampling the gateway's flow just before the end.
 fn bulk_sampled(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample<'_>>) -> Result<Bulk> {
+    // iperf3's server takes one test at a time and can still be tearing the
+    // last one down (through a proxy, its control connection closes late):
+    // it then refuses with "busy". Try again, a bounded number of times.
+    let mut attempt = 0;
+    loop {
+        match bulk_once(port, secs, pin, sample) {
+            Err(e) if attempt < 50 && e.to_string().contains("busy") => {
+                attempt += 1;
+                thread::sleep(Duration::from_millis(100));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn bulk_once(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample<'_>>) -> Result<Bulk> {
     let cpu0 = cpu_busy_secs()?;
     let mut cmd = match pin {
         Some(cpu) => {
