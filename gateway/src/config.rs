@@ -131,6 +131,7 @@ struct RawListener {
     routes: Option<Value>,
     handshake_timeout: Option<Value>,
     max_request_head: Option<Value>,
+    tls: Option<RawTls>,
     offload: Option<Value>,
     connect_timeout: Option<Value>,
     connect_attempts: Option<Value>,
@@ -142,6 +143,23 @@ struct RawListener {
     connection_rate: Option<Value>,
     connection_rate_per_source: Option<Value>,
     health: Option<RawHealth>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    certificates: Value,
+    min_version: Option<Value>,
+    alpn: Option<Value>,
+    handshake_timeout: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCert {
+    cert: Value,
+    key: Value,
+    names: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -492,6 +510,89 @@ impl Errors {
         Some(HttpListener { routes, handshake_timeout: handshake_timeout?, max_request_head: max_request_head? })
     }
 
+    /// A listener's `tls` block; loads and checks the certificates.
+    fn tls(&mut self, i: usize, t: &RawTls) -> Option<crate::tls::Tls> {
+        let p = |key: &str| format!("listeners[{i}].tls.{key}");
+        let items = match &t.certificates {
+            Value::Sequence(items) if !items.is_empty() => items.clone(),
+            other => {
+                self.push(
+                    &p("certificates"),
+                    format_args!("expected a non-empty list of {{cert, key, names}}, found {}", yaml_kind(other)),
+                );
+                return None;
+            }
+        };
+        let before = self.0.len();
+        let mut specs: Vec<(PathBuf, PathBuf, Vec<HostMatch>)> = Vec::new();
+        for (k, item) in items.iter().enumerate() {
+            let cp = |key: &str| format!("listeners[{i}].tls.certificates[{k}].{key}");
+            let raw: RawCert = match serde_yaml::from_value(item.clone()) {
+                Ok(r) => r,
+                Err(err) => {
+                    self.push(&format!("listeners[{i}].tls.certificates[{k}]"), err);
+                    continue;
+                }
+            };
+            let cert = self.string(&cp("cert"), &raw.cert).map(PathBuf::from);
+            let key = self.string(&cp("key"), &raw.key).map(PathBuf::from);
+            let mut names = Vec::new();
+            match &raw.names {
+                None => {}
+                Some(Value::Sequence(ns)) => {
+                    for (j, n) in ns.iter().enumerate() {
+                        let np = format!("{}[{j}]", cp("names"));
+                        if let Some(s) = self.string(&np, n) {
+                            match host_match(&s) {
+                                Ok(HostMatch::Any) => self.push(&np, "must be a host name or *.suffix"),
+                                Ok(m) => names.push(m),
+                                Err(m) => self.push(&np, m),
+                            }
+                        }
+                    }
+                }
+                Some(other) => {
+                    self.push(&cp("names"), format_args!("expected a list of host names, found {}", yaml_kind(other)))
+                }
+            }
+            if let (Some(c), Some(k)) = (cert, key) {
+                specs.push((c, k, names));
+            }
+        }
+        let tls13_only = match &t.min_version {
+            None => false,
+            Some(v) => self.choice(&p("min_version"), v, &[("1.2", false), ("1.3", true)]).unwrap_or(false),
+        };
+        let alpn = match &t.alpn {
+            None => Vec::new(),
+            Some(Value::Sequence(items)) => {
+                items.iter().enumerate().filter_map(|(j, a)| self.string(&format!("{}[{j}]", p("alpn")), a)).collect()
+            }
+            Some(other) => {
+                self.push(&p("alpn"), format_args!("expected a list of protocol names, found {}", yaml_kind(other)));
+                Vec::new()
+            }
+        };
+        let timeout = match &t.handshake_timeout {
+            Some(v) => self.duration(&p("handshake_timeout"), v).unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
+            None => DEFAULT_HANDSHAKE_TIMEOUT,
+        };
+        if self.0.len() != before {
+            return None;
+        }
+        let certs: Vec<crate::tls::CertSpec<'_>> =
+            specs.iter().map(|(c, k, n)| crate::tls::CertSpec { cert: c, key: k, names: n.clone() }).collect();
+        match crate::tls::build(&certs, tls13_only, &alpn, timeout) {
+            Ok(t) => Some(t),
+            Err(errs) => {
+                for m in errs {
+                    self.push(&p("certificates"), m);
+                }
+                None
+            }
+        }
+    }
+
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
         let s = self.string(path, v)?;
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
@@ -613,6 +714,8 @@ pub struct Listener {
     /// `protocol: websocket` only: the HTTP side. `backends` above is then the
     /// union of every route's backends, which the routes index into.
     pub http: Option<HttpListener>,
+    /// TLS termination (tcp listeners).
+    pub tls: Option<crate::tls::Tls>,
 }
 
 #[derive(Debug, Clone)]
@@ -911,6 +1014,16 @@ impl RawConfig {
                     e.push(&p("health.interval"), "is required with send/expect (they are active checks)");
                 }
             }
+            let tls = l.tls.as_ref().and_then(|t| {
+                if protocol == Some(Protocol::Websocket) {
+                    e.push(
+                        &p("tls"),
+                        "is not supported on websocket listeners yet (terminate TLS in front, or use a tcp listener)",
+                    );
+                    return None;
+                }
+                e.tls(i, t)
+            });
             let connect_attempts = match &l.connect_attempts {
                 Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
                 None => Some((backends.len() as u32).clamp(1, 3)),
@@ -939,6 +1052,7 @@ impl RawConfig {
                     limits,
                     health,
                     http,
+                    tls,
                 });
             }
         }

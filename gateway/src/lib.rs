@@ -20,4 +20,5 @@ pub mod reload;
 pub mod splice;
 pub mod stats;
 pub mod sys;
+pub mod tls;
 pub mod ws;

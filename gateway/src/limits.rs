@@ -117,13 +117,16 @@ impl Bucket {
 }
 
 /// Why a client was turned away.
-pub const CAUSES: [&str; 6] = [
+pub const CAUSES: [&str; 7] = [
     "denied",
     "global-max-connections",
     "max-connections",
     "max-connections-per-source",
     "rate-limit",
     "source-rate-limit",
+    // Not admission, but a client turned away all the same: its TLS
+    // handshake failed or timed out (listeners with `tls`).
+    "tls-handshake",
 ];
 
 /// Beyond this many tracked sources, idle per-source buckets are dropped.

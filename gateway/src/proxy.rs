@@ -237,6 +237,30 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let guard = daemon.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
     crate::flowlog::record_with("open", || crate::flows::snapshot_one(flow, None));
+    let _ = client.set_nodelay(true);
+    // TLS first: a client that can't finish its handshake never costs a
+    // backend connection.
+    let client = match &rt.cfg.tls {
+        None => ClientIo::Plain(client),
+        Some(tls) => {
+            let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
+            let failure = match tokio::time::timeout(tls.handshake_timeout, accept).await {
+                Ok(Ok(s)) => Ok(s),
+                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                Err(_) => Err(format!("TLS handshake not finished within {:?}", tls.handshake_timeout)),
+            };
+            match failure {
+                Ok(s) => ClientIo::Tls(Box::new(s)),
+                Err(why) => {
+                    // Counted per listener; one debug line each, never a flood at warn.
+                    rt.stats.rejected("tls-handshake");
+                    debug!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "{why}");
+                    retire(flow, None, &CloseCause::Rejected(why), rt, daemon);
+                    return;
+                }
+            }
+        }
+    };
     let (backend, idx) = match connect(rt, peer, rt.pool()).await {
         Ok(b) => b,
         Err(tried) => {
@@ -247,13 +271,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     };
     let _active = rt.activate(idx);
     *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
-    let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
-    if !daemon.handoff_delay.is_zero() {
-        tokio::time::sleep(daemon.handoff_delay).await;
-    }
-    let cause = forward(client, backend, idx, flow, rt, daemon).await;
+    let cause = match client {
+        ClientIo::Tls(tls) => {
+            flow.set_path(FlowPath::Userspace {
+                reason: "TLS is terminated in user space (no kTLS on this host)".into(),
+                code: "userspace-tls",
+            });
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+            let cause = crate::tls::relay(*tls, backend, flow, rt.cfg.idle_timeout).await;
+            retire(flow, Some(idx), &cause, rt, daemon);
+            cause
+        }
+        ClientIo::Plain(client) => {
+            if !daemon.handoff_delay.is_zero() {
+                tokio::time::sleep(daemon.handoff_delay).await;
+            }
+            forward(client, backend, idx, flow, rt, daemon).await
+        }
+    };
     debug!(flow = flow.id, %cause, "flow task done");
+}
+
+/// The client side of a TCP flow: as accepted, or after a TLS handshake.
+enum ClientIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its

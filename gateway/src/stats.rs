@@ -63,7 +63,7 @@ pub struct ListenerStats {
     accepted: AtomicU64,
     /// Connections turned away before any backend was contacted, by cause
     /// (indexed like [`crate::limits::CAUSES`]).
-    rejected: [AtomicU64; 6],
+    rejected: [AtomicU64; crate::limits::CAUSES.len()],
     connect_failures: Vec<AtomicU64>,
     closed: Mutex<Closed>,
 }

@@ -1,0 +1,213 @@
+//! TLS termination with rustls (`tls` on a listener).
+//!
+//! - Certificates load when the config is checked, so `gateway check` names
+//!   an unreadable file, a file with no certificate or key, or a key that
+//!   does not match its certificate.
+//! - The certificate is chosen by SNI among each certificate's `names`
+//!   (exact or `*.suffix`); no match, or no SNI, gets the first one.
+//! - A terminated flow stays in user space (this host has no kTLS, and
+//!   sockmap sockets can't use it anyway): `relay` copies between the TLS
+//!   stream and the backend with the TCP relay's semantics, close_notify
+//!   standing for the half-close.
+use std::{fmt, path::Path, sync::Arc, time::Duration};
+
+use rustls::{
+    crypto::ring::default_provider,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+    ServerConfig,
+};
+use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use crate::{
+    config::HostMatch,
+    flows::{CloseCause, Flow, Side},
+    relay::BUF_SIZE,
+};
+
+/// A listener's TLS settings, ready to serve.
+#[derive(Clone)]
+pub struct Tls {
+    pub config: Arc<ServerConfig>,
+    pub handshake_timeout: Duration,
+    /// For `gateway status` and the log: each certificate's file and names.
+    pub summary: Vec<String>,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls").field("certificates", &self.summary).finish_non_exhaustive()
+    }
+}
+
+/// One certificate chain with its key and the SNI names it serves.
+pub struct CertSpec<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+    pub names: Vec<HostMatch>,
+}
+
+/// Loads and checks one chain and key; the error names the file and the problem.
+fn load(spec: &CertSpec<'_>) -> Result<CertifiedKey, String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(spec.cert)
+        .map_err(|e| format!("{}: {}", spec.cert.display(), pem_error(&e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {}", spec.cert.display(), pem_error(&e)))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no PEM certificate in the file", spec.cert.display()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_file(spec.key).map_err(|e| format!("{}: {}", spec.key.display(), pem_error(&e)))?;
+    let signer = default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{}: unusable private key: {e}", spec.key.display()))?;
+    let ck = CertifiedKey::new(chain, signer);
+    match ck.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => Ok(ck),
+        Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+            Err(format!("{}: the key does not match the certificate in {}", spec.key.display(), spec.cert.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", spec.cert.display())),
+    }
+}
+
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    match e {
+        rustls_pki_types::pem::Error::Io(io) => format!("cannot read: {io}"),
+        rustls_pki_types::pem::Error::NoItemsFound => "no PEM item of the expected kind in the file".into(),
+        other => format!("bad PEM: {other:?}"),
+    }
+}
+
+/// Builds the listener's rustls config. Errors are one line each, for the
+/// config's error list.
+pub fn build(
+    certs: &[CertSpec<'_>],
+    tls13_only: bool,
+    alpn: &[String],
+    handshake_timeout: Duration,
+) -> Result<Tls, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut loaded = Vec::new();
+    for spec in certs {
+        match load(spec) {
+            Ok(ck) => loaded.push((spec.names.clone(), Arc::new(ck))),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let versions: &[&rustls::SupportedProtocolVersion] =
+        if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
+    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_protocol_versions(versions)
+        .map_err(|e| vec![format!("TLS versions: {e}")])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(BySni { certs: loaded }));
+    config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let summary = certs
+        .iter()
+        .map(|c| {
+            let names: Vec<String> = c.names.iter().map(ToString::to_string).collect();
+            format!("{} ({})", c.cert.display(), if names.is_empty() { "default".into() } else { names.join(", ") })
+        })
+        .collect();
+    Ok(Tls { config: Arc::new(config), handshake_timeout, summary })
+}
+
+/// Picks the certificate by SNI: exact names first, then the longest
+/// wildcard, else the first certificate.
+#[derive(Debug)]
+struct BySni {
+    certs: Vec<(Vec<HostMatch>, Arc<CertifiedKey>)>,
+}
+
+impl ResolvesServerCert for BySni {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let sni = hello.server_name().map(|s| s.trim_end_matches('.').to_ascii_lowercase());
+        let best = sni.as_deref().and_then(|name| {
+            self.certs
+                .iter()
+                .flat_map(|(names, ck)| names.iter().map(move |n| (n, ck)))
+                .filter(|(n, _)| !matches!(n, HostMatch::Any) && n.matches(Some(name)))
+                .max_by_key(|(n, _)| n.rank())
+                .map(|(_, ck)| ck.clone())
+        });
+        best.or_else(|| self.certs.first().map(|(_, ck)| ck.clone()))
+    }
+}
+
+/// Relays a terminated TLS client and a TCP backend until both directions
+/// are closed, one side fails, or nothing moves for `idle`. The client's
+/// close_notify (or EOF) half-closes the backend; the backend's EOF sends
+/// close_notify.
+pub async fn relay(
+    client: tokio_rustls::server::TlsStream<TcpStream>,
+    backend: TcpStream,
+    flow: &Flow,
+    idle: Duration,
+) -> CloseCause {
+    use std::os::fd::AsRawFd;
+    let (cfd, bfd) = (client.get_ref().0.as_raw_fd(), backend.as_raw_fd());
+    // A failed side resets the other, as on the TCP paths.
+    let reset = |by: Side| {
+        crate::sys::set_linger_zero(cfd);
+        crate::sys::set_linger_zero(bfd);
+        CloseCause::Reset { by }
+    };
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = backend.into_split();
+    async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        r: &mut R,
+        w: &mut W,
+        flow: &Flow,
+        side: Side,
+    ) -> Result<(), Side> {
+        let mut buf = Vec::with_capacity(BUF_SIZE);
+        loop {
+            buf.clear();
+            // A read error is the reading side's; a write error the other's.
+            let n = r.read_buf(&mut buf).await.map_err(|_| side)?;
+            if n == 0 {
+                let _ = w.shutdown().await;
+                return Ok(());
+            }
+            let other = if side == Side::Client { Side::Backend } else { Side::Client };
+            w.write_all(&buf).await.map_err(|_| other)?;
+            w.flush().await.map_err(|_| other)?;
+            flow.add_user(side, n as u64);
+        }
+    }
+    let c2b = pump(&mut cr, &mut bw, flow, Side::Client);
+    let b2c = pump(&mut br, &mut cw, flow, Side::Backend);
+    tokio::pin!(c2b, b2c);
+    let (mut c_done, mut b_done) = (false, false);
+    let mut first = None;
+    let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(50));
+    loop {
+        let last = flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed);
+        if crate::sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
+            return CloseCause::IdleTimeout;
+        }
+        tokio::select! {
+            r = &mut c2b, if !c_done => match r {
+                Ok(()) => { c_done = true; first.get_or_insert(Side::Client); }
+                Err(by) => return reset(by),
+            },
+            r = &mut b2c, if !b_done => match r {
+                Ok(()) => { b_done = true; first.get_or_insert(Side::Backend); }
+                Err(by) => return reset(by),
+            },
+            () = tokio::time::sleep(tick) => {}
+        }
+        if c_done && b_done {
+            return CloseCause::Closed { first: first.unwrap_or(Side::Client) };
+        }
+    }
+}
