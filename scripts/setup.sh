@@ -18,7 +18,7 @@ done
 log() { printf '[setup] %s\n' "$*"; }
 
 # ---- Debian packages -------------------------------------------------------
-apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd)
+apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd openssl)
 [ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy nginx libnginx-mod-stream)
 missing=()
 for p in "${apt_pkgs[@]}"; do

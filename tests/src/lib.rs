@@ -847,3 +847,59 @@ pub fn ws_accept_response(request_head: &str) -> String {
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
     format!("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
 }
+
+/// A test CA and one leaf certificate per name (P-256, valid two days),
+/// made with the openssl CLI in `dir`: `ca.pem`, and `NAME.pem` /
+/// `NAME.key` for each name (the name is the leaf's only DNS SAN).
+pub fn test_certs(dir: &Path, names: &[&str]) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/setup.sh installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend_from_slice(&ec);
+    ca.extend_from_slice(&["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=gateway test CA"]);
+    run(&ca);
+    for n in names {
+        let (key, csr, pem, ext) = (format!("{n}.key"), format!("{n}.csr"), format!("{n}.pem"), format!("{n}.ext"));
+        let subj = format!("/CN={n}");
+        let mut req = vec!["req"];
+        req.extend_from_slice(&ec);
+        req.extend_from_slice(&["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        run(&req);
+        fs::write(dir.join(&ext), format!("subjectAltName=DNS:{n}\n")).unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ]);
+    }
+}
+
+/// The Python `ssl` client (`tests/peers/tls_client.py`) in the client namespace.
+pub fn tls_client(topo: &Topology, args: &[&str]) -> Value {
+    let script = repo_path("tests/peers/tls_client.py");
+    let mut all = vec![script.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, "python3", &all, Duration::from_secs(120));
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("tls_client.py {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+}

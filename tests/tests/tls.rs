@@ -1,0 +1,121 @@
+//! TLS termination on tcp listeners, with real clients (Python `ssl`,
+//! `openssl s_client`) and test certificates made by the openssl CLI.
+use std::{fs, io::Write, net::SocketAddr, path::Path, time::Duration};
+
+use gateway_tests::*;
+
+fn tls_listener(name: &str, backend: SocketAddr, dir: &Path, extra: &str) -> String {
+    let d = dir.display();
+    format!(
+        "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{backend}\"]\n    offload: auto\n    tls:\n      certificates:\n\
+         \x20       - cert: {d}/a.gw.test.pem\n          key: {d}/a.gw.test.key\n          names: [\"a.gw.test\"]\n\
+         \x20       - cert: {d}/b.gw.test.pem\n          key: {d}/b.gw.test.key\n          names: [\"b.gw.test\", \"*.b.gw.test\"]\n{extra}"
+    )
+}
+
+#[test]
+fn terminated_flows_are_intact_and_certificates_follow_sni() {
+    if !require_root("terminated_flows_are_intact_and_certificates_follow_sni") {
+        return;
+    }
+    let dir = temp_dir("tls");
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = tls_listener("t", be.addr, &dir, "      alpn: [\"echo/1\"]\n")
+        + &tls_listener("t13", be.addr, &dir, "      min_version: \"1.3\"\n");
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("t");
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+
+    // 1 B to 16 MiB each way, checked by hash, on the certificate SNI picks.
+    for size in ["1", "65536", "16777216"] {
+        let r =
+            tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "a.gw.test", "--size", size, "--alpn", "echo/1"]);
+        assert_eq!(r["intact"], true, "{size} bytes: {r}");
+        assert_eq!(r["names"], serde_json::json!(["a.gw.test"]), "{r}");
+        assert_eq!((r["version"].as_str(), r["alpn"].as_str()), (Some("TLSv1.3"), Some("echo/1")), "{r}");
+    }
+    let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "b.gw.test", "--size", "1000"]);
+    assert_eq!((r["intact"].as_bool(), &r["names"]), (Some(true), &serde_json::json!(["b.gw.test"])), "{r}");
+    // An unknown name gets the first certificate, which the client refuses.
+    let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "c.gw.test", "--size", "1"]);
+    assert!(r["error"].as_str().unwrap_or_default().contains("c.gw.test"), "{r}");
+
+    // openssl s_client agrees, and min_version 1.3 refuses TLS 1.2.
+    let t13 = gw.listener("t13").to_string();
+    let s_client = |target: &str, version: &str| {
+        let (ok, out, err) = run_peer(
+            &topo.client,
+            "openssl",
+            &["s_client", "-connect", target, "-servername", "b.gw.test", "-CAfile", ca, "-brief", version],
+            Duration::from_secs(20),
+        );
+        (ok, format!("{out}{err}"))
+    };
+    let (_, text) = s_client(&addr.to_string(), "-tls1_2");
+    assert!(text.contains("Protocol version: TLSv1.2") && text.contains("Verification: OK"), "{text}");
+    let (_, text) = s_client(&t13, "-tls1_2");
+    assert!(!text.contains("Protocol version: TLSv1.2"), "min_version 1.3 let TLS 1.2 through: {text}");
+    let (_, text) = s_client(&t13, "-tls1_3");
+    assert!(text.contains("Protocol version: TLSv1.3"), "{text}");
+
+    // A client that does not speak TLS is counted and closed; no backend is contacted.
+    let mut s = topo.connect(addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(read_until_closed(&mut s, Duration::from_secs(20)).is_ok());
+    gw.wait_idle();
+    let v = gw.stats();
+    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "t").unwrap().clone();
+    // Turned away: the client that refused the default certificate, and the
+    // one that spoke HTTP. Terminated: three a, one b, one s_client.
+    assert_eq!(l["rejected"]["tls-handshake"], 2, "{l}");
+    assert_eq!(l["kernel_flows"], 0, "{l}");
+    assert_eq!(l["userspace_by_reason"]["userspace-tls"], 5, "{l}");
+    assert!(l["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 16 << 20, "{l}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+fn check(yaml: &str) -> (i32, String) {
+    let dir = temp_dir("tlscfg");
+    let f = dir.join("gateway.yaml");
+    fs::write(&f, yaml).unwrap();
+    let out = std::process::Command::new(gateway_bin()).args(["check", "--config"]).arg(&f).output().unwrap();
+    let _ = fs::remove_dir_all(&dir);
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn bad_tls_config_names_the_file_and_the_problem() {
+    let dir = temp_dir("tlsbad");
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
+    let d = dir.display();
+    let yaml = |cert: &str, key: &str, extra: &str| {
+        format!(
+            "listeners:\n  - name: t\n    bind: \"127.0.0.1:0\"\n    backends: [\"127.0.0.1:9\"]\n{extra}    tls:\n      certificates:\n\
+             \x20       - cert: {d}/{cert}\n          key: {d}/{key}\nadmin:\n  socket: /run/gateway/admin.sock\n"
+        )
+    };
+    assert_eq!(check(&yaml("a.gw.test.pem", "a.gw.test.key", "")).0, 0);
+    let cases = [
+        (yaml("missing.pem", "a.gw.test.key", ""), vec!["listeners[0].tls.certificates", "missing.pem", "cannot read"]),
+        (yaml("a.gw.test.pem", "b.gw.test.key", ""), vec!["b.gw.test.key", "does not match", "a.gw.test.pem"]),
+        (yaml("junk.pem", "a.gw.test.key", ""), vec!["junk.pem", "no PEM"]),
+        (yaml("a.gw.test.pem", "junk.pem", ""), vec!["junk.pem", "no PEM"]),
+        (
+            yaml("a.gw.test.pem", "a.gw.test.key", "    protocol: websocket\n"),
+            vec!["listeners[0].tls", "not supported on websocket"],
+        ),
+    ];
+    for (y, needles) in cases {
+        let (code, err) = check(&y);
+        assert_ne!(code, 0, "accepted:\n{y}");
+        for n in needles {
+            assert!(err.contains(n), "{err:?} does not say {n:?}");
+        }
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
