@@ -156,6 +156,15 @@ struct RawTls {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawSniRoute {
+    sni: Option<Value>,
+    backends: Option<Value>,
+    balance: Option<Value>,
+    mode: Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawCert {
     cert: Value,
     key: Value,
@@ -593,6 +602,80 @@ impl Errors {
         }
     }
 
+    /// A tcp listener's SNI `routes`; fills `all` with the union of their backends.
+    fn sni_routes(&mut self, i: usize, v: &Value, all: &mut Vec<SocketAddr>) -> Option<Vec<SniRoute>> {
+        let Value::Sequence(items) = v else {
+            self.push(
+                &format!("listeners[{i}].routes"),
+                format_args!("expected a list of routes, found {}", yaml_kind(v)),
+            );
+            return None;
+        };
+        if items.is_empty() {
+            self.push(&format!("listeners[{i}].routes"), "must list at least one route");
+            return None;
+        }
+        let before = self.0.len();
+        let mut routes: Vec<SniRoute> = Vec::new();
+        for (k, item) in items.iter().enumerate() {
+            let rp = |key: &str| format!("listeners[{i}].routes[{k}].{key}");
+            let raw: RawSniRoute = match serde_yaml::from_value(item.clone()) {
+                Ok(r) => r,
+                Err(err) => {
+                    self.push(&format!("listeners[{i}].routes[{k}]"), err);
+                    continue;
+                }
+            };
+            let sni = match &raw.sni {
+                None => HostMatch::Any,
+                Some(v) => self
+                    .string(&rp("sni"), v)
+                    .and_then(|h| host_match(&h).map_err(|m| self.push(&rp("sni"), m)).ok())
+                    .unwrap_or(HostMatch::Any),
+            };
+            let mode = self
+                .choice(
+                    &rp("mode"),
+                    &raw.mode,
+                    &[
+                        ("terminate", SniMode::Terminate),
+                        ("passthrough", SniMode::Passthrough),
+                        ("reject", SniMode::Reject),
+                    ],
+                )
+                .unwrap_or(SniMode::Reject);
+            let list = match (&raw.backends, mode) {
+                (Some(_), SniMode::Reject) => {
+                    self.push(&rp("backends"), "a reject route has no backends");
+                    Vec::new()
+                }
+                (None, SniMode::Reject) => Vec::new(),
+                (Some(b), _) => self.backend_list(&rp("backends"), b),
+                (None, _) => {
+                    self.push(&rp("backends"), "is required for terminate and passthrough routes");
+                    Vec::new()
+                }
+            };
+            let balance = raw.balance.as_ref().and_then(|b| self.balance(&rp("balance"), b)).unwrap_or_default();
+            for (j, r) in routes.iter().enumerate() {
+                if r.sni == sni {
+                    self.push(&rp("sni"), format_args!("conflicts with routes[{j}]: both match SNI {sni}"));
+                }
+            }
+            let indices = list
+                .iter()
+                .map(|a| {
+                    all.iter().position(|b| b == a).unwrap_or_else(|| {
+                        all.push(*a);
+                        all.len() - 1
+                    })
+                })
+                .collect();
+            routes.push(SniRoute { sni, backends: indices, balance, mode });
+        }
+        (self.0.len() == before).then_some(routes)
+    }
+
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
         let s = self.string(path, v)?;
         if let Some((_, t)) = options.iter().find(|(name, _)| *name == s.trim()) {
@@ -716,6 +799,29 @@ pub struct Listener {
     pub http: Option<HttpListener>,
     /// TLS termination (tcp listeners).
     pub tls: Option<crate::tls::Tls>,
+    /// tcp listeners with `routes`: the pool and mode chosen by the
+    /// ClientHello's SNI. `backends` above is then the union of the routes'.
+    pub sni_routes: Option<Vec<SniRoute>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SniMode {
+    /// Decrypt with the listener's `tls` block, relay in user space.
+    Terminate,
+    /// Leave the TLS alone: the ClientHello and the rest go to the backend,
+    /// on the kernel path.
+    Passthrough,
+    /// Close the connection.
+    Reject,
+}
+
+#[derive(Debug, Clone)]
+pub struct SniRoute {
+    /// `Any` matches every name, and a ClientHello without SNI.
+    pub sni: HostMatch,
+    pub backends: Vec<usize>,
+    pub balance: Balance,
+    pub mode: SniMode,
 }
 
 #[derive(Debug, Clone)]
@@ -936,6 +1042,7 @@ impl RawConfig {
             };
             let mut backends = Vec::new();
             let mut http = None;
+            let mut sni_routes: Option<Vec<SniRoute>> = None;
             if protocol == Some(Protocol::Websocket) {
                 if l.backends.is_some() {
                     e.push(
@@ -945,18 +1052,22 @@ impl RawConfig {
                 }
                 http = e.http_listener(i, l, &mut backends);
             } else {
-                for (key, v) in [
-                    ("routes", &l.routes),
-                    ("handshake_timeout", &l.handshake_timeout),
-                    ("max_request_head", &l.max_request_head),
-                ] {
+                for (key, v) in [("handshake_timeout", &l.handshake_timeout), ("max_request_head", &l.max_request_head)]
+                {
                     if v.is_some() {
                         e.push(&p(key), "applies to `protocol: websocket` listeners only");
                     }
                 }
-                match &l.backends {
-                    None => e.push(&p("backends"), "is required: list at least one IP:PORT backend"),
-                    Some(v) => backends = e.backend_list(&p("backends"), v),
+                match (&l.backends, &l.routes) {
+                    (Some(_), Some(_)) => e.push(
+                        &p("routes"),
+                        "a tcp listener has either `backends` or SNI `routes` (each with its backends), not both",
+                    ),
+                    (None, None) => {
+                        e.push(&p("backends"), "is required: list at least one IP:PORT backend (or SNI `routes`)")
+                    }
+                    (Some(v), None) => backends = e.backend_list(&p("backends"), v),
+                    (None, Some(v)) => sni_routes = e.sni_routes(i, v, &mut backends),
                 }
             }
             let balance = l.balance.as_ref().map_or(Some(Balance::RoundRobin), |v| e.balance(&p("balance"), v));
@@ -1024,6 +1135,11 @@ impl RawConfig {
                 }
                 e.tls(i, t)
             });
+            if let Some(routes) = &sni_routes {
+                if routes.iter().any(|r| r.mode == SniMode::Terminate) && l.tls.is_none() {
+                    e.push(&p("tls"), "is required: a route has mode terminate (it needs the certificates)");
+                }
+            }
             let connect_attempts = match &l.connect_attempts {
                 Some(v) => e.uint(&p("connect_attempts"), v, 1..=u64::from(MAX_CONNECT_ATTEMPTS)).map(|n| n as u32),
                 None => Some((backends.len() as u32).clamp(1, 3)),
@@ -1053,6 +1169,7 @@ impl RawConfig {
                     health,
                     http,
                     tls,
+                    sni_routes,
                 });
             }
         }

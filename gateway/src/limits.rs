@@ -117,7 +117,7 @@ impl Bucket {
 }
 
 /// Why a client was turned away.
-pub const CAUSES: [&str; 7] = [
+pub const CAUSES: [&str; 8] = [
     "denied",
     "global-max-connections",
     "max-connections",
@@ -127,6 +127,8 @@ pub const CAUSES: [&str; 7] = [
     // Not admission, but a client turned away all the same: its TLS
     // handshake failed or timed out (listeners with `tls`).
     "tls-handshake",
+    // An SNI route with mode reject, or no route for the name.
+    "sni-reject",
 ];
 
 /// Beyond this many tracked sources, idle per-source buckets are dropped.

@@ -82,7 +82,7 @@ impl ListenerRt {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let admission = Admission::new(cfg.limits.clone(), global);
         let health = Health::new(cfg.health.clone(), cfg.backends.len());
-        let route_rr = cfg.http.as_ref().map_or(0, |h| h.routes.len());
+        let route_rr = cfg.http.as_ref().map_or(0, |h| h.routes.len()).max(cfg.sni_routes.as_ref().map_or(0, Vec::len));
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
         let all = (0..cfg.backends.len()).collect();
         Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active }
@@ -123,6 +123,12 @@ impl ListenerRt {
     /// The backends of HTTP route `i`.
     pub fn route_pool(&self, i: usize) -> Pool<'_> {
         let r = &self.cfg.http.as_ref().expect("an HTTP listener").routes[i];
+        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
+    }
+
+    /// The backends of SNI route `i` (tcp listeners with `routes`).
+    pub fn sni_pool(&self, i: usize) -> Pool<'_> {
+        let r = &self.cfg.sni_routes.as_ref().expect("a listener with SNI routes")[i];
         Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
     }
 
@@ -238,9 +244,39 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let flow = &guard.flow;
     crate::flowlog::record_with("open", || crate::flows::snapshot_one(flow, None));
     let _ = client.set_nodelay(true);
+    // SNI routes: the ClientHello is peeked (left in the socket) to choose
+    // the route, hence the pool and whether TLS is terminated here.
+    let mut pool = rt.pool();
+    let mut terminate = rt.cfg.tls.is_some();
+    if let Some(routes) = &rt.cfg.sni_routes {
+        let timeout = rt.cfg.tls.as_ref().map_or(crate::config::DEFAULT_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
+        let sni = match tokio::time::timeout(timeout, crate::tls::peek_sni(&client)).await {
+            Ok(Ok(sni)) => sni,
+            Ok(Err(why)) => {
+                return turn_away(flow, &format!("no usable TLS ClientHello: {why}"), "tls-handshake", rt, daemon)
+            }
+            Err(_) => {
+                return turn_away(flow, "no TLS ClientHello within the handshake timeout", "tls-handshake", rt, daemon)
+            }
+        };
+        let Some(i) = crate::tls::pick_sni_route(routes, sni.as_deref()) else {
+            let why = format!("no route for SNI {}", sni.as_deref().unwrap_or("(none)"));
+            return turn_away(flow, &why, "sni-reject", rt, daemon);
+        };
+        *flow.route.lock().unwrap() = Some(format!("sni {}", routes[i].sni));
+        match routes[i].mode {
+            crate::config::SniMode::Reject => {
+                let why = format!("SNI {} is rejected by routes[{i}]", sni.as_deref().unwrap_or("(none)"));
+                return turn_away(flow, &why, "sni-reject", rt, daemon);
+            }
+            crate::config::SniMode::Passthrough => terminate = false,
+            crate::config::SniMode::Terminate => terminate = true,
+        }
+        pool = rt.sni_pool(i);
+    }
     // TLS first: a client that can't finish its handshake never costs a
     // backend connection.
-    let client = match &rt.cfg.tls {
+    let client = match rt.cfg.tls.as_ref().filter(|_| terminate) {
         None => ClientIo::Plain(client),
         Some(tls) => {
             let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
@@ -261,7 +297,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             }
         }
     };
-    let (backend, idx) = match connect(rt, peer, rt.pool()).await {
+    let (backend, idx) = match connect(rt, peer, pool).await {
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client ({tried})");
@@ -291,6 +327,13 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         }
     };
     debug!(flow = flow.id, %cause, "flow task done");
+}
+
+/// Closes a client before any backend is contacted, counted under `cause`.
+fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt, daemon: &Daemon) {
+    rt.stats.rejected(cause);
+    debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
+    retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, daemon);
 }
 
 /// The client side of a TCP flow: as accepted, or after a TLS handshake.

@@ -143,6 +143,143 @@ impl ResolvesServerCert for BySni {
     }
 }
 
+/// Waits for the client's first TLS record(s) and returns the ClientHello's
+/// SNI, leaving every byte in the socket (MSG_PEEK): a passthrough backend
+/// then gets the ClientHello itself, and rustls reads it again to terminate.
+pub async fn peek_sni(s: &TcpStream) -> Result<Option<String>, String> {
+    use std::os::fd::AsRawFd;
+    let mut buf = vec![0u8; MAX_HELLO];
+    loop {
+        s.readable().await.map_err(|e| e.to_string())?;
+        let r = s.try_io(tokio::io::Interest::READABLE, || {
+            // SAFETY: buf is valid for writes of its length.
+            let n = unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let n = n as usize;
+            if n == 0 {
+                return Ok(Err("the client closed before its ClientHello".to_string()));
+            }
+            match parse_client_hello(&buf[..n]) {
+                // More to come: clearing readiness waits for the next bytes.
+                Hello::Incomplete if n < buf.len() => Err(std::io::ErrorKind::WouldBlock.into()),
+                Hello::Incomplete => Ok(Err(format!("ClientHello over {MAX_HELLO} bytes"))),
+                Hello::Invalid(why) => Ok(Err(why.to_string())),
+                Hello::Sni(sni) => Ok(Ok(sni)),
+            }
+        });
+        match r {
+            Ok(done) => return done,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Largest ClientHello accepted (records included).
+const MAX_HELLO: usize = 16 * 1024 + 5;
+
+enum Hello {
+    Incomplete,
+    Invalid(&'static str),
+    Sni(Option<String>),
+}
+
+/// Parses a ClientHello out of TLS handshake records (RFC 8446 §4.1.2,
+/// RFC 6066 §3), reassembling it across records.
+fn parse_client_hello(data: &[u8]) -> Hello {
+    // Handshake bytes from consecutive handshake records.
+    let mut hs = Vec::new();
+    let mut rest = data;
+    loop {
+        if rest.len() < 5 {
+            break;
+        }
+        if rest[0] != 22 {
+            return Hello::Invalid("not a TLS handshake record");
+        }
+        let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        if rest.len() < 5 + len {
+            hs.extend_from_slice(&rest[5..]);
+            break;
+        }
+        hs.extend_from_slice(&rest[5..5 + len]);
+        rest = &rest[5 + len..];
+        if hs.len() >= 4 && hs.len() >= 4 + u24(&hs[1..4]) {
+            break;
+        }
+    }
+    if data.is_empty() || (data[0] != 22) {
+        return if data.is_empty() { Hello::Incomplete } else { Hello::Invalid("not a TLS handshake record") };
+    }
+    if hs.len() < 4 {
+        return Hello::Incomplete;
+    }
+    if hs[0] != 1 {
+        return Hello::Invalid("the first handshake message is not a ClientHello");
+    }
+    let body_len = u24(&hs[1..4]);
+    if hs.len() < 4 + body_len {
+        return Hello::Incomplete;
+    }
+    let body = &hs[4..4 + body_len];
+    match sni_of(body) {
+        Some(sni) => Hello::Sni(sni),
+        None => Hello::Invalid("malformed ClientHello"),
+    }
+}
+
+fn u24(b: &[u8]) -> usize {
+    (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
+}
+
+/// The server_name of a ClientHello body; `None` when malformed.
+fn sni_of(body: &[u8]) -> Option<Option<String>> {
+    let mut p = 2 + 32; // legacy_version, random
+    let sid = usize::from(*body.get(p)?);
+    p += 1 + sid;
+    let suites = usize::from(u16::from_be_bytes([*body.get(p)?, *body.get(p + 1)?]));
+    p += 2 + suites;
+    let comp = usize::from(*body.get(p)?);
+    p += 1 + comp;
+    if p == body.len() {
+        return Some(None); // no extensions
+    }
+    let ext_len = usize::from(u16::from_be_bytes([*body.get(p)?, *body.get(p + 1)?]));
+    p += 2;
+    let exts = body.get(p..p + ext_len)?;
+    let mut q = 0;
+    while q + 4 <= exts.len() {
+        let ty = u16::from_be_bytes([exts[q], exts[q + 1]]);
+        let len = usize::from(u16::from_be_bytes([exts[q + 2], exts[q + 3]]));
+        let data = exts.get(q + 4..q + 4 + len)?;
+        if ty == 0 {
+            // server_name_list: u16 length, then (type u8, name u16-prefixed)*.
+            let mut r = 2;
+            while r + 3 <= data.len() {
+                let kind = data[r];
+                let n = usize::from(u16::from_be_bytes([data[r + 1], data[r + 2]]));
+                let name = data.get(r + 3..r + 3 + n)?;
+                if kind == 0 {
+                    let name = std::str::from_utf8(name).ok()?;
+                    return Some(Some(name.trim_end_matches('.').to_ascii_lowercase()));
+                }
+                r += 3 + n;
+            }
+            return Some(None);
+        }
+        q += 4 + len;
+    }
+    Some(None)
+}
+
+/// The route for `sni`: an exact name, else the longest wildcard, else a
+/// route without `sni` (which also takes a ClientHello without SNI).
+pub fn pick_sni_route(routes: &[crate::config::SniRoute], sni: Option<&str>) -> Option<usize> {
+    routes.iter().enumerate().filter(|(_, r)| r.sni.matches(sni)).max_by_key(|(_, r)| r.sni.rank()).map(|(i, _)| i)
+}
+
 /// Relays a terminated TLS client and a TCP backend until both directions
 /// are closed, one side fails, or nothing moves for `idle`. The client's
 /// close_notify (or EOF) half-closes the backend; the backend's EOF sends
