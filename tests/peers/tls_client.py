@@ -1,21 +1,62 @@
 #!/usr/bin/env python3
-"""A Python `ssl` client for the gateway's TLS tests.
+"""A Python `ssl` client (asyncio) for the gateway's TLS tests.
 
     tls_client.py HOST PORT --ca CA.pem [--sni NAME] [--size N] [--alpn P]
 
 Connects, verifies the server against CA.pem for NAME, sends N random bytes
-(while reading), half-closes with close_notify, and checks that the bytes
-echoed back hash the same. Prints one JSON line: the certificate's names,
-the TLS version, the ALPN protocol, the bytes echoed, or "error".
+while reading the echo, checks the echo by hash, then closes with
+close_notify. Prints one JSON line: the certificate's names, the TLS
+version, the ALPN protocol, the bytes echoed, or "error".
 """
 import argparse
+import asyncio
 import hashlib
 import json
 import os
-import socket
 import ssl
 import sys
-import threading
+
+
+async def run(a):
+    ctx = ssl.create_default_context(cafile=a.ca)
+    if a.alpn:
+        ctx.set_alpn_protocols([a.alpn])
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(a.host, a.port, ssl=ctx, server_hostname=a.sni or a.host), 30)
+    obj = writer.get_extra_info("ssl_object")
+    cert = writer.get_extra_info("peercert")
+    out = {
+        "names": [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"],
+        "version": obj.version(),
+        "alpn": obj.selected_alpn_protocol(),
+    }
+    data = os.urandom(a.size)
+
+    async def send():
+        for i in range(0, len(data), 65536):
+            writer.write(data[i:i + 65536])
+            await writer.drain()
+
+    async def receive():
+        h = hashlib.sha256()
+        got = 0
+        while got < a.size:
+            chunk = await reader.read(262144)
+            if not chunk:
+                break
+            h.update(chunk)
+            got += len(chunk)
+        return got, h.digest()
+
+    _, (got, digest) = await asyncio.wait_for(asyncio.gather(send(), receive()), 90)
+    out["echoed"] = got
+    out["intact"] = got == a.size and digest == hashlib.sha256(data).digest()
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), 10)
+    except (ssl.SSLError, ConnectionError):
+        pass
+    return out
 
 
 def main():
@@ -27,43 +68,10 @@ def main():
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--alpn")
     a = p.parse_args()
-    ctx = ssl.create_default_context(cafile=a.ca)
-    if a.alpn:
-        ctx.set_alpn_protocols([a.alpn])
-    out = {}
     try:
-        raw = socket.create_connection((a.host, a.port), timeout=30)
-        s = ctx.wrap_socket(raw, server_hostname=a.sni or a.host)
-        cert = s.getpeercert()
-        out["names"] = [v for k, v in cert.get("subjectAltName", ()) if k == "DNS"]
-        out["version"] = s.version()
-        out["alpn"] = s.selected_alpn_protocol()
-        data = os.urandom(a.size)
-
-        def send():
-            view = memoryview(data)
-            for i in range(0, len(view), 65536):
-                s.sendall(view[i:i + 65536])
-
-        t = threading.Thread(target=send)
-        t.start()
-        h = hashlib.sha256()
-        got = 0
-        while got < a.size:
-            chunk = s.recv(262144)
-            if not chunk:
-                break
-            h.update(chunk)
-            got += len(chunk)
-        t.join()
-        out["echoed"] = got
-        out["intact"] = got == a.size and h.digest() == hashlib.sha256(data).digest()
-        # close_notify, then the server's own once the backend has closed.
-        plain = s.unwrap()
-        plain.close()
+        out = asyncio.run(run(a))
     except Exception as e:  # the test reads the JSON
-        out["error"] = f"{type(e).__name__}: {e}"
-        print(json.dumps(out), flush=True)
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
         sys.exit(1)
     print(json.dumps(out), flush=True)
 

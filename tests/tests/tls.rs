@@ -119,3 +119,102 @@ fn bad_tls_config_names_the_file_and_the_problem() {
     }
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn sni_routes_terminate_pass_through_in_the_kernel_or_reject() {
+    if !require_root("sni_routes_terminate_pass_through_in_the_kernel_or_reject") {
+        return;
+    }
+    let dir = temp_dir("sni");
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    let topo = Topology::new();
+    let plain = Backend::echo(&topo);
+    // b.gw.test's TLS is the backend's own: the gateway never decrypts it.
+    let script = repo_path("tests/peers/tls_echo_server.py");
+    let (cert, key) = (dir.join("b.gw.test.pem"), dir.join("b.gw.test.key"));
+    let listen = format!("{BACKEND_IP}:0");
+    let tls_backend = Peer::start(
+        &topo.backend,
+        BACKEND_IP,
+        "python3",
+        &[
+            script.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let d = dir.display();
+    let listeners = format!(
+        "  - name: s\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    offload: kernel\n    tls:\n      certificates:\n\
+         \x20       - cert: {d}/a.gw.test.pem\n          key: {d}/a.gw.test.key\n    routes:\n\
+         \x20     - sni: a.gw.test\n        mode: terminate\n        backends: [\"{}\"]\n\
+         \x20     - sni: b.gw.test\n        mode: passthrough\n        backends: [\"{}\"]\n\
+         \x20     - sni: \"*.blocked.test\"\n        mode: reject\n",
+        plain.addr, tls_backend.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("s");
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    const SIZE: u64 = 16 << 20;
+    let size = SIZE.to_string();
+
+    let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "a.gw.test", "--size", &size]);
+    assert_eq!((r["intact"].as_bool(), &r["names"]), (Some(true), &serde_json::json!(["a.gw.test"])), "{r}");
+    let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "b.gw.test", "--size", &size]);
+    assert_eq!((r["intact"].as_bool(), &r["names"]), (Some(true), &serde_json::json!(["b.gw.test"])), "{r}");
+    for sni in ["x.blocked.test", "unknown.gw.test"] {
+        let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", sni, "--size", "1"]);
+        assert!(r.get("error").is_some(), "{sni} was served: {r}");
+    }
+    gw.wait_idle();
+    let v = gw.stats();
+    let l = &v["listeners"][0];
+    assert_eq!(l["rejected"]["sni-reject"], 2, "{l}");
+    assert_eq!(l["userspace_by_reason"]["userspace-tls"], 1, "{l}");
+    // The passthrough flow's ciphertext (ClientHello included) went through
+    // the kernel path; the daemon copied none of it.
+    assert_eq!(l["kernel_flows"], 1, "{l}");
+    let b = l["backends"].as_array().unwrap().iter().find(|b| b["address"] == tls_backend.addr.to_string()).unwrap();
+    assert!(b["bytes"]["kernel_client_to_backend"].as_u64().unwrap() > SIZE, "{b}");
+    assert!(b["bytes"]["kernel_backend_to_client"].as_u64().unwrap() > SIZE, "{b}");
+    assert_eq!(b["bytes"]["user_client_to_backend"], 0, "{b}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn bad_sni_routes_are_named() {
+    let base = |routes: &str, extra: &str| {
+        format!(
+            "listeners:\n  - name: t\n    bind: \"127.0.0.1:0\"\n{extra}    routes:\n{routes}admin:\n  socket: /run/gateway/admin.sock\n"
+        )
+    };
+    let pass = "      - sni: a.test\n        mode: passthrough\n        backends: [\"127.0.0.1:9\"]\n";
+    assert_eq!(check(&base(pass, "")).0, 0);
+    let cases = [
+        (base(pass, "    backends: [\"127.0.0.1:8\"]\n"), vec!["listeners[0].routes", "not both"]),
+        (base(&pass.replace("passthrough", "terminate"), ""), vec!["listeners[0].tls", "is required"]),
+        (base(&format!("{pass}{pass}"), ""), vec!["listeners[0].routes[1].sni", "conflicts with routes[0]"]),
+        (
+            base("      - sni: a.test\n        mode: reject\n        backends: [\"127.0.0.1:9\"]\n", ""),
+            vec!["listeners[0].routes[0].backends", "reject"],
+        ),
+        (base(&pass.replace("passthrough", "sniff"), ""), vec!["listeners[0].routes[0].mode", "\"sniff\""]),
+        (
+            base("      - sni: a.test\n        mode: passthrough\n", ""),
+            vec!["listeners[0].routes[0].backends", "required"],
+        ),
+    ];
+    for (y, needles) in cases {
+        let (code, err) = check(&y);
+        assert_ne!(code, 0, "accepted:\n{y}");
+        for n in needles {
+            assert!(err.contains(n), "{err:?} does not say {n:?}");
+        }
+    }
+}
