@@ -152,6 +152,7 @@ struct RawTls {
     min_version: Option<Value>,
     alpn: Option<Value>,
     handshake_timeout: Option<Value>,
+    client_ca: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -586,12 +587,13 @@ impl Errors {
             Some(v) => self.duration(&p("handshake_timeout"), v).unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
             None => DEFAULT_HANDSHAKE_TIMEOUT,
         };
+        let client_ca = t.client_ca.as_ref().and_then(|v| self.string(&p("client_ca"), v)).map(PathBuf::from);
         if self.0.len() != before {
             return None;
         }
         let certs: Vec<crate::tls::CertSpec<'_>> =
             specs.iter().map(|(c, k, n)| crate::tls::CertSpec { cert: c, key: k, names: n.clone() }).collect();
-        match crate::tls::build(&certs, tls13_only, &alpn, timeout) {
+        match crate::tls::build(&certs, tls13_only, &alpn, client_ca.as_deref(), timeout) {
             Ok(t) => Some(t),
             Err(errs) => {
                 for m in errs {
@@ -1457,9 +1459,15 @@ listeners:
             &r("    handshake_timeout: 10s\n", "    backends: [\"10.0.0.1:1\"]\n"),
             &["listeners[0].backends", "routes"],
         );
+        // A tcp listener's routes are SNI routes: the HTTP keys are unknown there.
         assert_rejected(
             &r("protocol: websocket", "protocol: tcp"),
-            &["listeners[0].routes", "protocol: websocket", "listeners[0].backends", "required"],
+            &[
+                "listeners[0].handshake_timeout",
+                "protocol: websocket",
+                "listeners[0].routes[0]",
+                "unknown field `host`",
+            ],
         );
         assert_rejected(
             &r("        bridge_tcp:", "        backends: [\"10.0.0.9:1\"]\n        bridge_tcp:"),

@@ -90,6 +90,7 @@ pub fn build(
     certs: &[CertSpec<'_>],
     tls13_only: bool,
     alpn: &[String],
+    client_ca: Option<&Path>,
     handshake_timeout: Duration,
 ) -> Result<Tls, Vec<String>> {
     let mut errors = Vec::new();
@@ -105,11 +106,30 @@ pub fn build(
     }
     let versions: &[&rustls::SupportedProtocolVersion] =
         if tls13_only { &[&rustls::version::TLS13] } else { &[&rustls::version::TLS13, &rustls::version::TLS12] };
-    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+    let provider = Arc::new(default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .map_err(|e| vec![format!("TLS versions: {e}")])?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(BySni { certs: loaded }));
+        .map_err(|e| vec![format!("TLS versions: {e}")])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            // mTLS: a client must present a certificate this bundle signed.
+            let mut roots = rustls::RootCertStore::empty();
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+                .map_err(|e| vec![format!("{}: {}", ca.display(), pem_error(&e))])?
+                .collect::<Result<_, _>>()
+                .map_err(|e| vec![format!("{}: {}", ca.display(), pem_error(&e))])?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(vec![format!("{}: no usable CA certificate in the file", ca.display())]);
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| vec![format!("{}: {e}", ca.display())])?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(BySni { certs: loaded }));
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let summary = certs
         .iter()

@@ -2,6 +2,7 @@
 """A Python `ssl` client (asyncio) for the gateway's TLS tests.
 
     tls_client.py HOST PORT --ca CA.pem [--sni NAME] [--size N] [--alpn P]
+                  [--cert C.pem --key K.pem]
 
 Connects, verifies the server against CA.pem for NAME, sends N random bytes
 while reading the echo, checks the echo by hash, then closes with
@@ -19,6 +20,8 @@ import sys
 
 async def run(a):
     ctx = ssl.create_default_context(cafile=a.ca)
+    if a.cert:
+        ctx.load_cert_chain(a.cert, a.key)
     if a.alpn:
         ctx.set_alpn_protocols([a.alpn])
     reader, writer = await asyncio.wait_for(
@@ -67,6 +70,8 @@ def main():
     p.add_argument("--sni")
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--alpn")
+    p.add_argument("--cert", help="client certificate (mTLS)")
+    p.add_argument("--key")
     a = p.parse_args()
     try:
         out = asyncio.run(run(a))

@@ -218,3 +218,32 @@ fn bad_sni_routes_are_named() {
         }
     }
 }
+
+#[test]
+fn mtls_accepts_a_client_certificate_and_refuses_none() {
+    if !require_root("mtls_accepts_a_client_certificate_and_refuses_none") {
+        return;
+    }
+    let dir = temp_dir("mtls");
+    test_certs(&dir, &["a.gw.test", "b.gw.test", "client.gw.test"]);
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let d = dir.display();
+    let listeners = tls_listener("m", be.addr, &dir, &format!("      client_ca: {d}/ca.pem\n"));
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("m");
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let (ca, cert, key) = (format!("{d}/ca.pem"), format!("{d}/client.gw.test.pem"), format!("{d}/client.gw.test.key"));
+    let r = tls_client(
+        &topo,
+        &[&host, &port, "--ca", &ca, "--sni", "a.gw.test", "--size", "100000", "--cert", &cert, "--key", &key],
+    );
+    assert_eq!(r["intact"], true, "{r}");
+    let r = tls_client(&topo, &[&host, &port, "--ca", &ca, "--sni", "a.gw.test", "--size", "100000"]);
+    assert!(r.get("error").is_some(), "a client without a certificate was served: {r}");
+    gw.wait_idle();
+    let v = gw.stats();
+    assert_eq!(v["listeners"][0]["rejected"]["tls-handshake"], 1, "{v}");
+    assert_eq!(v["listeners"][0]["userspace_by_reason"]["userspace-tls"], 1, "{v}");
+    fs::remove_dir_all(dir).unwrap();
+}
