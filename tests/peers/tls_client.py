@@ -33,6 +33,10 @@ async def run(a):
         "version": obj.version(),
         "alpn": obj.selected_alpn_protocol(),
     }
+    if a.hold:
+        # Connected: say so, and wait for the test to let us go on.
+        print("OPEN", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     data = os.urandom(a.size)
 
     async def send():
@@ -72,6 +76,7 @@ def main():
     p.add_argument("--alpn")
     p.add_argument("--cert", help="client certificate (mTLS)")
     p.add_argument("--key")
+    p.add_argument("--hold", action="store_true", help='print "OPEN" after the handshake, wait for a line on stdin')
     a = p.parse_args()
     try:
         out = asyncio.run(run(a))

@@ -716,7 +716,12 @@ pub struct Held {
 
 impl Held {
     pub fn py_client(topo: &Topology, args: &[&str]) -> Self {
-        let script = repo_path("tests/peers/ws_client.py");
+        Self::python(topo, "tests/peers/ws_client.py", args)
+    }
+
+    /// `python3 SCRIPT args...` (a path in the repository) in the client namespace.
+    pub fn python(topo: &Topology, script: &str, args: &[&str]) -> Self {
+        let script = repo_path(script);
         let mut child = Topology::cmd_in(&topo.client, "python3")
             .arg(script)
             .args(args)

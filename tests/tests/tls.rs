@@ -247,3 +247,56 @@ fn mtls_accepts_a_client_certificate_and_refuses_none() {
     assert_eq!(v["listeners"][0]["userspace_by_reason"]["userspace-tls"], 1, "{v}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// A reload swaps the certificates for new connections; an established TLS
+/// flow goes on untouched.
+#[test]
+fn certificates_reload_without_dropping_flows() {
+    if !require_root("certificates_reload_without_dropping_flows") {
+        return;
+    }
+    let dir = temp_dir("tlsreload");
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let d = dir.display();
+    let listener = |certs: &[&str]| {
+        let mut l = format!(
+            "  - name: r\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    tls:\n      certificates:\n",
+            be.addr
+        );
+        for c in certs {
+            l += &format!("        - cert: {d}/{c}.pem\n          key: {d}/{c}.key\n          names: [\"{c}\"]\n");
+        }
+        l
+    };
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners: listener(&["a.gw.test"]), extra: String::new() });
+    let addr = gw.listener("r");
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let ca = format!("{d}/ca.pem");
+    let mut held = Held::python(
+        &topo,
+        "tests/peers/tls_client.py",
+        &[&host, &port, "--ca", &ca, "--sni", "a.gw.test", "--size", "1048576", "--hold"],
+    );
+    assert_eq!(held.line(Duration::from_secs(30)), "OPEN");
+    // Before the reload, b.gw.test gets a.gw.test's certificate (the default).
+    let r = tls_client(&topo, &[&host, &port, "--ca", &ca, "--sni", "b.gw.test", "--size", "1"]);
+    assert!(r.get("error").is_some(), "{r}");
+
+    let cfg =
+        format!("listeners:\n{}\nadmin:\n  socket: {}\n", listener(&["a.gw.test", "b.gw.test"]), gw.admin.display());
+    fs::write(gw.dir.join("gateway.yaml"), cfg).unwrap();
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(gw.pid() as i32, libc::SIGHUP) }, 0);
+    gw.wait_for("b.gw.test's certificate after the reload", Duration::from_secs(20), |_| {
+        let r = tls_client(&topo, &[&host, &port, "--ca", &ca, "--sni", "b.gw.test", "--size", "1"]);
+        r["names"] == serde_json::json!(["b.gw.test"])
+    });
+    // The flow opened before the reload still carries 1 MiB intact.
+    held.go_on();
+    let r: Value = serde_json::from_str(&held.line(Duration::from_secs(60))).unwrap();
+    assert_eq!((r["intact"].as_bool(), &r["names"]), (Some(true), &serde_json::json!(["a.gw.test"])), "{r}");
+    gw.wait_idle();
+    fs::remove_dir_all(dir).unwrap();
+}
