@@ -132,6 +132,7 @@ struct RawListener {
     handshake_timeout: Option<Value>,
     max_request_head: Option<Value>,
     tls: Option<RawTls>,
+    backend_tls: Option<RawBackendTls>,
     offload: Option<Value>,
     connect_timeout: Option<Value>,
     connect_attempts: Option<Value>,
@@ -153,6 +154,13 @@ struct RawTls {
     alpn: Option<Value>,
     handshake_timeout: Option<Value>,
     client_ca: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTls {
+    ca: Option<Value>,
+    sni: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -804,6 +812,8 @@ pub struct Listener {
     /// tcp listeners with `routes`: the pool and mode chosen by the
     /// ClientHello's SNI. `backends` above is then the union of the routes'.
     pub sni_routes: Option<Vec<SniRoute>>,
+    /// TLS to the backends (tcp listeners).
+    pub backend_tls: Option<crate::tls::Origination>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1137,6 +1147,15 @@ impl RawConfig {
                 }
                 e.tls(i, t)
             });
+            let backend_tls = l.backend_tls.as_ref().and_then(|b| {
+                if protocol == Some(Protocol::Websocket) {
+                    e.push(&p("backend_tls"), "is not supported on websocket listeners yet");
+                    return None;
+                }
+                let ca = b.ca.as_ref().and_then(|v| e.string(&p("backend_tls.ca"), v)).map(PathBuf::from);
+                let sni = b.sni.as_ref().and_then(|v| e.string(&p("backend_tls.sni"), v));
+                crate::tls::origination(ca.as_deref(), sni.as_deref()).map_err(|m| e.push(&p("backend_tls"), m)).ok()
+            });
             if let Some(routes) = &sni_routes {
                 if routes.iter().any(|r| r.mode == SniMode::Terminate) && l.tls.is_none() {
                     e.push(&p("tls"), "is required: a route has mode terminate (it needs the certificates)");
@@ -1172,6 +1191,7 @@ impl RawConfig {
                     http,
                     tls,
                     sni_routes,
+                    backend_tls,
                 });
             }
         }

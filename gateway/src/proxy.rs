@@ -308,22 +308,64 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let _active = rt.activate(idx);
     *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
     let _ = backend.set_nodelay(true);
-    let cause = match client {
-        ClientIo::Tls(tls) => {
-            flow.set_path(FlowPath::Userspace {
-                reason: "TLS is terminated in user space (no kTLS on this host)".into(),
-                code: "userspace-tls",
-            });
-            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            let cause = crate::tls::relay(*tls, backend, flow, rt.cfg.idle_timeout).await;
-            retire(flow, Some(idx), &cause, rt, daemon);
-            cause
+    // TLS to the backend: verified as configured; a failure counts against
+    // the backend like a failed connect.
+    let backend = match &rt.cfg.backend_tls {
+        None => BackendIo::Plain(backend),
+        Some(o) => {
+            let addr = rt.cfg.backends[idx];
+            match tokio::time::timeout(rt.cfg.connect_timeout, o.connect(addr, backend)).await {
+                Ok(Ok(s)) => BackendIo::Tls(Box::new(s)),
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no TLS handshake within {:?}", rt.cfg.connect_timeout),
+                    };
+                    rt.stats.connect_failed(idx);
+                    rt.health.failed(idx, &rt.cfg.name, addr);
+                    warn!(flow = flow.id, listener = %rt.cfg.name, backend = %addr, "backend TLS failed ({}): {why}", o.summary);
+                    retire(flow, Some(idx), &CloseCause::Error(format!("backend TLS: {why}")), rt, daemon);
+                    return;
+                }
+            }
         }
-        ClientIo::Plain(client) => {
+    };
+    use std::os::fd::AsRawFd;
+    let tls_path = || {
+        flow.set_path(FlowPath::Userspace {
+            reason: "TLS is terminated or originated in user space (no kTLS on this host)".into(),
+            code: "userspace-tls",
+        });
+        crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+    };
+    let idle = rt.cfg.idle_timeout;
+    let ends_c = |c: &TcpStream| c.as_raw_fd();
+    let cause = match (client, backend) {
+        (ClientIo::Plain(client), BackendIo::Plain(backend)) => {
             if !daemon.handoff_delay.is_zero() {
                 tokio::time::sleep(daemon.handoff_delay).await;
             }
             forward(client, backend, idx, flow, rt, daemon).await
+        }
+        (client, backend) => {
+            tls_path();
+            let cause = match (client, backend) {
+                (ClientIo::Tls(c), BackendIo::Plain(b)) => {
+                    let (cfd, bfd) = (ends_c(c.get_ref().0), b.as_raw_fd());
+                    crate::tls::relay(Ends { io: *c, fd: cfd }, Ends { io: b, fd: bfd }, flow, idle).await
+                }
+                (ClientIo::Tls(c), BackendIo::Tls(b)) => {
+                    let (cfd, bfd) = (ends_c(c.get_ref().0), b.get_ref().0.as_raw_fd());
+                    crate::tls::relay(Ends { io: *c, fd: cfd }, Ends { io: *b, fd: bfd }, flow, idle).await
+                }
+                (ClientIo::Plain(c), BackendIo::Tls(b)) => {
+                    let (cfd, bfd) = (c.as_raw_fd(), b.get_ref().0.as_raw_fd());
+                    crate::tls::relay(Ends { io: c, fd: cfd }, Ends { io: *b, fd: bfd }, flow, idle).await
+                }
+                (ClientIo::Plain(_), BackendIo::Plain(_)) => unreachable!("handled above"),
+            };
+            retire(flow, Some(idx), &cause, rt, daemon);
+            cause
         }
     };
     debug!(flow = flow.id, %cause, "flow task done");
@@ -335,6 +377,14 @@ fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt,
     debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
     retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, daemon);
 }
+
+/// The backend side: as connected, or after a TLS handshake (`backend_tls`).
+enum BackendIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+use crate::tls::Ends;
 
 /// The client side of a TCP flow: as accepted, or after a TLS handshake.
 enum ClientIo {

@@ -300,18 +300,83 @@ pub fn pick_sni_route(routes: &[crate::config::SniRoute], sni: Option<&str>) -> 
     routes.iter().enumerate().filter(|(_, r)| r.sni.matches(sni)).max_by_key(|(_, r)| r.sni.rank()).map(|(i, _)| i)
 }
 
+/// One side of a userspace TLS flow: its stream (TLS or plain) and the TCP
+/// socket under it, to reset it.
+pub struct Ends<T> {
+    pub io: T,
+    pub fd: std::os::fd::RawFd,
+}
+
+/// TLS to the backends (`backend_tls`): what to verify them against and the
+/// name to send.
+#[derive(Clone)]
+pub struct Origination {
+    pub connector: tokio_rustls::TlsConnector,
+    /// SNI sent and name verified; `None`: the backend's IP address.
+    pub server_name: Option<rustls_pki_types::ServerName<'static>>,
+    pub summary: String,
+}
+
+impl fmt::Debug for Origination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.summary)
+    }
+}
+
+/// Debian's bundle of the system's trusted CAs.
+pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Builds `backend_tls`: roots from `ca` (or the system bundle), SNI from `sni`.
+pub fn origination(ca: Option<&Path>, sni: Option<&str>) -> Result<Origination, String> {
+    let bundle = ca.unwrap_or(Path::new(SYSTEM_ROOTS));
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(bundle)
+        .map_err(|e| format!("{}: {}", bundle.display(), pem_error(&e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {}", bundle.display(), pem_error(&e)))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{}: no usable CA certificate in the file", bundle.display()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = match sni {
+        None => None,
+        Some(n) => Some(
+            rustls_pki_types::ServerName::try_from(n.to_string()).map_err(|_| format!("{n:?} is not a server name"))?,
+        ),
+    };
+    let summary = format!("verify against {}, name {}", bundle.display(), sni.unwrap_or("(backend address)"));
+    Ok(Origination { connector: tokio_rustls::TlsConnector::from(Arc::new(config)), server_name, summary })
+}
+
+impl Origination {
+    /// The TLS handshake with a connected backend.
+    pub async fn connect(
+        &self,
+        addr: std::net::SocketAddr,
+        stream: TcpStream,
+    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+        let name =
+            self.server_name.clone().unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
+        self.connector.connect(name, stream).await
+    }
+}
+
 /// Relays a terminated TLS client and a TCP backend until both directions
 /// are closed, one side fails, or nothing moves for `idle`. The client's
 /// close_notify (or EOF) half-closes the backend; the backend's EOF sends
 /// close_notify.
-pub async fn relay(
-    client: tokio_rustls::server::TlsStream<TcpStream>,
-    backend: TcpStream,
-    flow: &Flow,
-    idle: Duration,
-) -> CloseCause {
-    use std::os::fd::AsRawFd;
-    let (cfd, bfd) = (client.get_ref().0.as_raw_fd(), backend.as_raw_fd());
+pub async fn relay<C, B>(client: Ends<C>, backend: Ends<B>, flow: &Flow, idle: Duration) -> CloseCause
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (cfd, bfd) = (client.fd, backend.fd);
+    let (client, backend) = (client.io, backend.io);
     // A failed side resets the other, as on the TCP paths.
     let reset = |by: Side| {
         crate::sys::set_linger_zero(cfd);
@@ -319,7 +384,7 @@ pub async fn relay(
         CloseCause::Reset { by }
     };
     let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut br, mut bw) = backend.into_split();
+    let (mut br, mut bw) = tokio::io::split(backend);
     async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         r: &mut R,
         w: &mut W,

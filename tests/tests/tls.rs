@@ -300,3 +300,62 @@ fn certificates_reload_without_dropping_flows() {
     gw.wait_idle();
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// `backend_tls`: TLS to the backend, verified against the configured CA and
+/// name; a backend that fails verification counts as a failed connect.
+#[test]
+fn tls_to_backends_is_verified() {
+    if !require_root("tls_to_backends_is_verified") {
+        return;
+    }
+    let dir = temp_dir("orig");
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    let topo = Topology::new();
+    let script = repo_path("tests/peers/tls_echo_server.py");
+    let (cert, key) = (dir.join("b.gw.test.pem"), dir.join("b.gw.test.key"));
+    let listen = format!("{BACKEND_IP}:0");
+    let tls_backend = Peer::start(
+        &topo.backend,
+        BACKEND_IP,
+        "python3",
+        &[
+            script.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let d = dir.display();
+    let listener = |name: &str, sni: &str| {
+        format!(
+            "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    backend_tls:\n      ca: {d}/ca.pem\n      sni: {sni}\n",
+            tls_backend.addr
+        )
+    };
+    let listeners = listener("good", "b.gw.test") + &listener("wrong", "wrong.gw.test");
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    // Every byte comes back before the client closes: a client FIN becomes
+    // close_notify, and many TLS servers (asyncio's among them) treat that as
+    // a full close.
+    let s = topo.connect(gw.listener("good")).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let writer = std::thread::spawn(move || Pattern(3).send(&mut w, 4 << 20));
+    let mut r = s.try_clone().unwrap();
+    Pattern(3).expect(&mut r, 4 << 20, false).unwrap();
+    writer.join().unwrap().unwrap();
+    drop((s, r));
+    let mut s = topo.connect(gw.listener("wrong")).unwrap();
+    assert!(read_until_closed(&mut s, Duration::from_secs(20)).is_ok());
+    gw.wait_idle();
+    let log = gw.log_text();
+    assert!(log.contains("backend TLS failed") && log.contains("wrong.gw.test"), "{log}");
+    let v = gw.stats();
+    let l = |n: &str| v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == n).unwrap().clone();
+    assert_eq!(l("good")["userspace_by_reason"]["userspace-tls"], 1, "{v}");
+    assert!(l("good")["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 4 << 20, "{v}");
+    assert_eq!(l("wrong")["backends"][0]["connect_failures"], 1, "{v}");
+    fs::remove_dir_all(dir).unwrap();
+}
