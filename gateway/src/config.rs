@@ -499,15 +499,7 @@ impl Errors {
                     );
                 }
             }
-            let indices = list
-                .iter()
-                .map(|a| {
-                    all.iter().position(|b| b == a).unwrap_or_else(|| {
-                        all.push(*a);
-                        all.len() - 1
-                    })
-                })
-                .collect();
+            let indices = pool_indices(&list, all);
             if self.0.len() != before {
                 ok = false;
             }
@@ -672,15 +664,7 @@ impl Errors {
                     self.push(&rp("sni"), format_args!("conflicts with routes[{j}]: both match SNI {sni}"));
                 }
             }
-            let indices = list
-                .iter()
-                .map(|a| {
-                    all.iter().position(|b| b == a).unwrap_or_else(|| {
-                        all.push(*a);
-                        all.len() - 1
-                    })
-                })
-                .collect();
+            let indices = pool_indices(&list, all);
             routes.push(SniRoute { sni, backends: indices, balance, mode });
         }
         (self.0.len() == before).then_some(routes)
@@ -709,6 +693,19 @@ impl Errors {
             }
         }
     }
+}
+
+/// A route's backends as indices into the listener's `all`, which takes
+/// the ones it does not have yet.
+fn pool_indices(list: &[SocketAddr], all: &mut Vec<SocketAddr>) -> Vec<usize> {
+    list.iter()
+        .map(|a| {
+            all.iter().position(|b| b == a).unwrap_or_else(|| {
+                all.push(*a);
+                all.len() - 1
+            })
+        })
+        .collect()
 }
 
 /// `chat.example.com`, `*.example.com` (any name below it), `*` or empty = any.

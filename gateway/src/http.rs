@@ -248,6 +248,18 @@ impl Conn {
         Counted { inner, flow: self.flow.clone(), side }
     }
 
+    /// The request as it goes to a backend: HTTP/1.1, origin-form, without
+    /// hop-by-hop headers, with the forwarding headers, its body counted.
+    fn outgoing(&self, req: Request<Incoming>, host: Option<&str>) -> Request<Counted> {
+        let (parts, body) = req.into_parts();
+        let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
+        *out.version_mut() = Version::HTTP_11;
+        *out.uri_mut() = origin_form(out.uri());
+        strip_hop_by_hop(out.headers_mut());
+        add_forwarded(out.headers_mut(), self.flow.client, host);
+        out
+    }
+
     fn http(&self) -> &HttpListener {
         self.rt.cfg.http.as_ref().unwrap()
     }
@@ -326,19 +338,14 @@ impl Conn {
             return resp;
         }
         let backend_addr = self.rt.cfg.backends[idx];
-        let (parts, body) = req.into_parts();
-        let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
-        *out.version_mut() = Version::HTTP_11;
-        *out.uri_mut() = origin_form(out.uri());
-        let offered_upgrade = out.headers().get(header::UPGRADE).cloned();
-        strip_hop_by_hop(out.headers_mut());
+        let offered_upgrade = req.headers().get(header::UPGRADE).cloned();
+        let mut out = self.outgoing(req, host.as_deref());
         out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         out.headers_mut().insert(header::UPGRADE, offered_upgrade.unwrap_or(HeaderValue::from_static("websocket")));
         if route.mode == WsMode::Inspect {
             // The gateway parses the frames, and it speaks no extension.
             out.headers_mut().remove(SEC_WEBSOCKET_EXTENSIONS);
         }
-        add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
         // The client connection is polled here, next to the request, not in
         // a task of its own: one task per flow, no cross-task wake-ups.
         let handshake = async {
@@ -430,12 +437,7 @@ impl Conn {
         };
         let backend_addr = self.rt.cfg.backends[idx];
         *self.flow.backend.lock().unwrap() = Some(backend_addr);
-        let (parts, body) = req.into_parts();
-        let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
-        *out.version_mut() = Version::HTTP_11;
-        *out.uri_mut() = origin_form(out.uri());
-        strip_hop_by_hop(out.headers_mut());
-        add_forwarded(out.headers_mut(), self.flow.client, host.as_deref());
+        let out = self.outgoing(req, host.as_deref());
         match sender.send_request(out).await {
             Ok(mut resp) => {
                 *cached = Some((idx, sender));

@@ -330,16 +330,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             }
         }
     };
-    use std::os::fd::AsRawFd;
-    let tls_path = || {
-        flow.set_path(FlowPath::Userspace {
-            reason: "TLS is terminated or originated in user space (no kTLS on this host)".into(),
-            code: "userspace-tls",
-        });
-        crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-    };
-    let idle = rt.cfg.idle_timeout;
-    let ends_c = |c: &TcpStream| c.as_raw_fd();
     let cause = match (client, backend) {
         (ClientIo::Plain(client), BackendIo::Plain(backend)) => {
             if !daemon.handoff_delay.is_zero() {
@@ -348,22 +338,12 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             forward(client, backend, idx, flow, rt, daemon).await
         }
         (client, backend) => {
-            tls_path();
-            let cause = match (client, backend) {
-                (ClientIo::Tls(c), BackendIo::Plain(b)) => {
-                    let (cfd, bfd) = (ends_c(c.get_ref().0), b.as_raw_fd());
-                    crate::tls::relay(Ends { io: *c, fd: cfd }, Ends { io: b, fd: bfd }, flow, idle).await
-                }
-                (ClientIo::Tls(c), BackendIo::Tls(b)) => {
-                    let (cfd, bfd) = (ends_c(c.get_ref().0), b.get_ref().0.as_raw_fd());
-                    crate::tls::relay(Ends { io: *c, fd: cfd }, Ends { io: *b, fd: bfd }, flow, idle).await
-                }
-                (ClientIo::Plain(c), BackendIo::Tls(b)) => {
-                    let (cfd, bfd) = (c.as_raw_fd(), b.get_ref().0.as_raw_fd());
-                    crate::tls::relay(Ends { io: c, fd: cfd }, Ends { io: *b, fd: bfd }, flow, idle).await
-                }
-                (ClientIo::Plain(_), BackendIo::Plain(_)) => unreachable!("handled above"),
-            };
+            flow.set_path(FlowPath::Userspace {
+                reason: "TLS is terminated or originated in user space (no kTLS on this host)".into(),
+                code: "userspace-tls",
+            });
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+            let cause = relay::relay_halves(client.split(), backend.split(), flow, rt.cfg.idle_timeout).await;
             retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
@@ -384,12 +364,55 @@ enum BackendIo {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-use crate::tls::Ends;
-
 /// The client side of a TCP flow: as accepted, or after a TLS handshake.
 enum ClientIo {
     Plain(TcpStream),
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+type ReadHalf = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+type WriteHalf = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+/// A stream split for the userspace relay, with the TCP socket under it.
+fn split<S>(s: S, fd: std::os::fd::RawFd) -> (ReadHalf, WriteHalf, std::os::fd::RawFd)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w), fd)
+}
+
+fn split_tcp(s: TcpStream) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
+    use std::os::fd::AsRawFd;
+    let fd = s.as_raw_fd();
+    let (r, w) = s.into_split();
+    (Box::new(r), Box::new(w), fd)
+}
+
+impl ClientIo {
+    fn split(self) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        match self {
+            ClientIo::Plain(s) => split_tcp(s),
+            ClientIo::Tls(s) => {
+                let fd = s.get_ref().0.as_raw_fd();
+                split(*s, fd)
+            }
+        }
+    }
+}
+
+impl BackendIo {
+    fn split(self) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        match self {
+            BackendIo::Plain(s) => split_tcp(s),
+            BackendIo::Tls(s) => {
+                let fd = s.get_ref().0.as_raw_fd();
+                split(*s, fd)
+            }
+        }
+    }
 }
 
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its

@@ -1,14 +1,14 @@
 //! The userspace relay: the fallback when a flow can't be spliced in the
 //! kernel. Same semantics as the kernel path: half-close is forwarded, a reset
 //! on one side resets the other, and `idle_timeout` closes quiet flows.
-use std::{os::fd::AsRawFd, time::Duration};
+use std::{
+    os::fd::{AsRawFd, RawFd},
+    time::Duration,
+};
 
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        tcp::{OwnedReadHalf, OwnedWriteHalf},
-        TcpStream,
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
 };
 
 use crate::{
@@ -20,25 +20,28 @@ use crate::{
 /// 8 KiB default (see the performance baseline).
 pub const BUF_SIZE: usize = 256 * 1024;
 
-enum PumpError {
-    Read,
-    Write,
-}
-
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, flow: &Flow, side: Side) -> Result<(), PumpError> {
+/// Copies one direction until EOF, then forwards the half-close. An error
+/// names the side at fault: the reading side for a read, the other for a write.
+async fn pump<R, W>(mut from: R, mut to: W, flow: &Flow, side: Side) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let other = if side == Side::Client { Side::Backend } else { Side::Client };
     // Capacity, not zeroed memory: a short flow never touches most of it.
     let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
         buf.clear();
-        let n = from.read_buf(&mut buf).await.map_err(|_| PumpError::Read)?;
+        let n = from.read_buf(&mut buf).await.map_err(|_| side)?;
         if n == 0 {
-            // Forward the half-close; the other direction keeps going.
+            // Forward the half-close (close_notify on TLS); the other
+            // direction keeps going.
             let _ = to.shutdown().await;
-            // Keep the write half alive until the pair is done: dropping an
-            // OwnedWriteHalf also shuts down, which is what we want anyway.
             return Ok(());
         }
-        to.write_all(&buf).await.map_err(|_| PumpError::Write)?;
+        to.write_all(&buf).await.map_err(|_| other)?;
+        // A no-op on TCP; TLS writers buffer a record until flushed.
+        to.flush().await.map_err(|_| other)?;
         flow.add_user(side, n as u64);
     }
 }
@@ -49,6 +52,23 @@ pub async fn relay(client: TcpStream, backend: TcpStream, flow: &Flow, idle: Dur
     let (cfd, bfd) = (client.as_raw_fd(), backend.as_raw_fd());
     let (cr, cw) = client.into_split();
     let (br, bw) = backend.into_split();
+    relay_halves((cr, cw, cfd), (br, bw, bfd), flow, idle).await
+}
+
+/// The relay over any pair of split streams (TLS ones included): each side's
+/// read half, write half and the TCP socket under it, which an error resets.
+pub async fn relay_halves<CR, CW, BR, BW>(
+    (cr, cw, cfd): (CR, CW, RawFd),
+    (br, bw, bfd): (BR, BW, RawFd),
+    flow: &Flow,
+    idle: Duration,
+) -> CloseCause
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let c2b = pump(cr, bw, flow, Side::Client);
     let b2c = pump(br, cw, flow, Side::Backend);
     tokio::pin!(c2b, b2c);
@@ -67,16 +87,14 @@ pub async fn relay(client: TcpStream, backend: TcpStream, flow: &Flow, idle: Dur
                 c2b_done = true;
                 match r {
                     Ok(()) => { first_closed.get_or_insert(Side::Client); }
-                    Err(PumpError::Read) => return abort(Side::Client),
-                    Err(PumpError::Write) => return abort(Side::Backend),
+                    Err(by) => return abort(by),
                 }
             }
             r = &mut b2c, if !b2c_done => {
                 b2c_done = true;
                 match r {
                     Ok(()) => { first_closed.get_or_insert(Side::Backend); }
-                    Err(PumpError::Read) => return abort(Side::Backend),
-                    Err(PumpError::Write) => return abort(Side::Client),
+                    Err(by) => return abort(by),
                 }
             }
             () = tokio::time::sleep(tick) => {

@@ -6,9 +6,9 @@
 //! - The certificate is chosen by SNI among each certificate's `names`
 //!   (exact or `*.suffix`); no match, or no SNI, gets the first one.
 //! - A terminated flow stays in user space (this host has no kTLS, and
-//!   sockmap sockets can't use it anyway): `relay` copies between the TLS
-//!   stream and the backend with the TCP relay's semantics, close_notify
-//!   standing for the half-close.
+//!   sockmap sockets can't use it anyway): `relay::relay_halves` copies
+//!   between the TLS stream and the backend, close_notify standing for the
+//!   half-close.
 use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use rustls::{
@@ -18,16 +18,9 @@ use rustls::{
     ServerConfig,
 };
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::net::TcpStream;
 
-use crate::{
-    config::HostMatch,
-    flows::{CloseCause, Flow, Side},
-    relay::BUF_SIZE,
-};
+use crate::config::HostMatch;
 
 /// A listener's TLS settings, ready to serve.
 #[derive(Clone)]
@@ -53,10 +46,7 @@ pub struct CertSpec<'a> {
 
 /// Loads and checks one chain and key; the error names the file and the problem.
 fn load(spec: &CertSpec<'_>) -> Result<CertifiedKey, String> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(spec.cert)
-        .map_err(|e| format!("{}: {}", spec.cert.display(), pem_error(&e)))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {}", spec.cert.display(), pem_error(&e)))?;
+    let chain = load_chain(spec.cert)?;
     if chain.is_empty() {
         return Err(format!("{}: no PEM certificate in the file", spec.cert.display()));
     }
@@ -74,6 +64,24 @@ fn load(spec: &CertSpec<'_>) -> Result<CertifiedKey, String> {
         }
         Err(e) => Err(format!("{}: {e}", spec.cert.display())),
     }
+}
+
+/// Reads a PEM file of certificates; the error names the file.
+fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {}", path.display(), pem_error(&e)))
+}
+
+/// A CA bundle as trust anchors.
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(load_chain(path)?);
+    if added == 0 {
+        return Err(format!("{}: no usable CA certificate in the file", path.display()));
+    }
+    Ok(roots)
 }
 
 fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
@@ -114,15 +122,7 @@ pub fn build(
         None => builder.with_no_client_auth(),
         Some(ca) => {
             // mTLS: a client must present a certificate this bundle signed.
-            let mut roots = rustls::RootCertStore::empty();
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-                .map_err(|e| vec![format!("{}: {}", ca.display(), pem_error(&e))])?
-                .collect::<Result<_, _>>()
-                .map_err(|e| vec![format!("{}: {}", ca.display(), pem_error(&e))])?;
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(vec![format!("{}: no usable CA certificate in the file", ca.display())]);
-            }
+            let roots = load_roots(ca).map_err(|e| vec![e])?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
                 .map_err(|e| vec![format!("{}: {e}", ca.display())])?;
@@ -300,13 +300,6 @@ pub fn pick_sni_route(routes: &[crate::config::SniRoute], sni: Option<&str>) -> 
     routes.iter().enumerate().filter(|(_, r)| r.sni.matches(sni)).max_by_key(|(_, r)| r.sni.rank()).map(|(i, _)| i)
 }
 
-/// One side of a userspace TLS flow: its stream (TLS or plain) and the TCP
-/// socket under it, to reset it.
-pub struct Ends<T> {
-    pub io: T,
-    pub fd: std::os::fd::RawFd,
-}
-
 /// TLS to the backends (`backend_tls`): what to verify them against and the
 /// name to send.
 #[derive(Clone)]
@@ -329,15 +322,7 @@ pub const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Builds `backend_tls`: roots from `ca` (or the system bundle), SNI from `sni`.
 pub fn origination(ca: Option<&Path>, sni: Option<&str>) -> Result<Origination, String> {
     let bundle = ca.unwrap_or(Path::new(SYSTEM_ROOTS));
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(bundle)
-        .map_err(|e| format!("{}: {}", bundle.display(), pem_error(&e)))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| format!("{}: {}", bundle.display(), pem_error(&e)))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certs);
-    if added == 0 {
-        return Err(format!("{}: no usable CA certificate in the file", bundle.display()));
-    }
+    let roots = load_roots(bundle)?;
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(default_provider()))
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS versions: {e}"))?
@@ -363,73 +348,5 @@ impl Origination {
         let name =
             self.server_name.clone().unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
         self.connector.connect(name, stream).await
-    }
-}
-
-/// Relays a terminated TLS client and a TCP backend until both directions
-/// are closed, one side fails, or nothing moves for `idle`. The client's
-/// close_notify (or EOF) half-closes the backend; the backend's EOF sends
-/// close_notify.
-pub async fn relay<C, B>(client: Ends<C>, backend: Ends<B>, flow: &Flow, idle: Duration) -> CloseCause
-where
-    C: AsyncRead + AsyncWrite + Unpin,
-    B: AsyncRead + AsyncWrite + Unpin,
-{
-    let (cfd, bfd) = (client.fd, backend.fd);
-    let (client, backend) = (client.io, backend.io);
-    // A failed side resets the other, as on the TCP paths.
-    let reset = |by: Side| {
-        crate::sys::set_linger_zero(cfd);
-        crate::sys::set_linger_zero(bfd);
-        CloseCause::Reset { by }
-    };
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut br, mut bw) = tokio::io::split(backend);
-    async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-        r: &mut R,
-        w: &mut W,
-        flow: &Flow,
-        side: Side,
-    ) -> Result<(), Side> {
-        let mut buf = Vec::with_capacity(BUF_SIZE);
-        loop {
-            buf.clear();
-            // A read error is the reading side's; a write error the other's.
-            let n = r.read_buf(&mut buf).await.map_err(|_| side)?;
-            if n == 0 {
-                let _ = w.shutdown().await;
-                return Ok(());
-            }
-            let other = if side == Side::Client { Side::Backend } else { Side::Client };
-            w.write_all(&buf).await.map_err(|_| other)?;
-            w.flush().await.map_err(|_| other)?;
-            flow.add_user(side, n as u64);
-        }
-    }
-    let c2b = pump(&mut cr, &mut bw, flow, Side::Client);
-    let b2c = pump(&mut br, &mut cw, flow, Side::Backend);
-    tokio::pin!(c2b, b2c);
-    let (mut c_done, mut b_done) = (false, false);
-    let mut first = None;
-    let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(50));
-    loop {
-        let last = flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed);
-        if crate::sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
-            return CloseCause::IdleTimeout;
-        }
-        tokio::select! {
-            r = &mut c2b, if !c_done => match r {
-                Ok(()) => { c_done = true; first.get_or_insert(Side::Client); }
-                Err(by) => return reset(by),
-            },
-            r = &mut b2c, if !b_done => match r {
-                Ok(()) => { b_done = true; first.get_or_insert(Side::Backend); }
-                Err(by) => return reset(by),
-            },
-            () = tokio::time::sleep(tick) => {}
-        }
-        if c_done && b_done {
-            return CloseCause::Closed { first: first.unwrap_or(Side::Client) };
-        }
     }
 }

@@ -633,6 +633,22 @@ impl Peer {
         Self::start(&topo.backend, BACKEND_IP, "node", &[script.to_str().unwrap(), "--listen", &listen, "--name", name])
     }
 
+    /// The Python `ssl` echo server on the backend host, serving `cert`/`key`.
+    pub fn tls_echo_server(topo: &Topology, cert: &Path, key: &Path) -> Self {
+        let script = repo_path("tests/peers/tls_echo_server.py");
+        let listen = format!("{BACKEND_IP}:0");
+        let args = [
+            script.to_str().unwrap(),
+            "--listen",
+            &listen,
+            "--cert",
+            cert.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        Self::start(&topo.backend, BACKEND_IP, "python3", &args)
+    }
+
     /// The Python `websockets` echo server on the backend host.
     pub fn python_server(topo: &Topology) -> Self {
         let script = repo_path("tests/peers/ws_echo_server.py");

@@ -130,23 +130,7 @@ fn sni_routes_terminate_pass_through_in_the_kernel_or_reject() {
     let topo = Topology::new();
     let plain = Backend::echo(&topo);
     // b.gw.test's TLS is the backend's own: the gateway never decrypts it.
-    let script = repo_path("tests/peers/tls_echo_server.py");
-    let (cert, key) = (dir.join("b.gw.test.pem"), dir.join("b.gw.test.key"));
-    let listen = format!("{BACKEND_IP}:0");
-    let tls_backend = Peer::start(
-        &topo.backend,
-        BACKEND_IP,
-        "python3",
-        &[
-            script.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--cert",
-            cert.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let tls_backend = Peer::tls_echo_server(&topo, &dir.join("b.gw.test.pem"), &dir.join("b.gw.test.key"));
     let d = dir.display();
     let listeners = format!(
         "  - name: s\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    offload: kernel\n    tls:\n      certificates:\n\
@@ -311,23 +295,7 @@ fn tls_to_backends_is_verified() {
     let dir = temp_dir("orig");
     test_certs(&dir, &["a.gw.test", "b.gw.test"]);
     let topo = Topology::new();
-    let script = repo_path("tests/peers/tls_echo_server.py");
-    let (cert, key) = (dir.join("b.gw.test.pem"), dir.join("b.gw.test.key"));
-    let listen = format!("{BACKEND_IP}:0");
-    let tls_backend = Peer::start(
-        &topo.backend,
-        BACKEND_IP,
-        "python3",
-        &[
-            script.to_str().unwrap(),
-            "--listen",
-            &listen,
-            "--cert",
-            cert.to_str().unwrap(),
-            "--key",
-            key.to_str().unwrap(),
-        ],
-    );
+    let tls_backend = Peer::tls_echo_server(&topo, &dir.join("b.gw.test.pem"), &dir.join("b.gw.test.key"));
     let d = dir.display();
     let listener = |name: &str, sni: &str| {
         format!(
