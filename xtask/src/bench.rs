@@ -12,12 +12,14 @@
 //!
 //! It is not a test: it asserts nothing about time; it prints what it measured.
 use std::{
+    cell::RefCell,
     fs,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
+    rc::Rc,
     thread,
     time::{Duration, Instant},
 };
@@ -97,6 +99,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     // Issue 4's latency study: extra gateways whose verdict is attached
     // another way, measured on the same echo backend (64 B RR only).
     let attach_variants = args.iter().any(|a| a == "--attach-variants");
+    // Only the rates and unpinned latencies (no bulk, no pinned pass): for
+    // working on the connection and upgrade paths.
+    let rates_only = args.iter().any(|a| a == "--rates-only");
     let opts = if quick {
         Opts { reps: 1, bulk_secs: 2, rr_secs: 1.0, crr_secs: 1.0 }
     } else {
@@ -200,6 +205,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     eprintln!("bench: {} repetition(s), rotating target order", opts.reps);
     for rep in 0..opts.reps {
         for k in 0..TARGETS.len() {
+            if rates_only {
+                break;
+            }
             let i = (k + rep) % TARGETS.len();
             let t = TARGETS[i];
             let (bulk_port, echo_port) = ports.of(t);
@@ -227,9 +235,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             let port = ports.of(t).1;
             runs.push(Box::new(move || one_crr(port)));
         }
-        for t in WS_TARGETS {
-            let port = ports.ws(t);
-            runs.push(Box::new(move || bench_ws::one_upgrade(port)));
+        let phases: Vec<Rc<RefCell<Vec<[f64; 3]>>>> = WS_TARGETS.iter().map(|_| Rc::default()).collect();
+        for (t, ph) in WS_TARGETS.iter().zip(&phases) {
+            let port = ports.ws(*t);
+            let ph = ph.clone();
+            runs.push(Box::new(move || {
+                ph.borrow_mut().push(bench_ws::one_upgrade(port)?);
+                Ok(())
+            }));
         }
         let secs = opts.crr_secs * runs.len() as f64 / 2.0;
         let rates = interleaved_rates(&mut runs, secs)?;
@@ -241,6 +254,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             let r = rates[TARGETS.len() + k];
             eprintln!("  rep {rep} ws {:<28} {r:7.0} upgrades/s", t.name());
             ws_samples[k].upgrades.push(r);
+            ws_samples[k].phases.append(&mut phases[k].borrow_mut());
         }
         latency_round(
             &ports,
@@ -254,8 +268,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         )?;
     }
     // Pinned: every process of the run on CPU 0.
-    pin_all(&procs, "0")?;
-    for rep in 0..opts.reps {
+    if !rates_only {
+        pin_all(&procs, "0")?;
+    }
+    for rep in 0..if rates_only { 0 } else { opts.reps } {
         for k in 0..TARGETS.len() {
             let i = (k + rep) % TARGETS.len();
             let (bulk_port, _) = ports.of(TARGETS[i]);

@@ -35,6 +35,9 @@ impl WsTarget {
 #[derive(Default, Clone)]
 pub struct WsSample {
     pub upgrades: Vec<f64>,
+    /// Per upgrade, µs: connect until the 101 is read, then the first
+    /// echo, then the close answer.
+    pub phases: Vec<[f64; 3]>,
     pub p50: Vec<f64>,
     pub p99: Vec<f64>,
     pub pinned_p50: Vec<f64>,
@@ -194,17 +197,23 @@ pub fn ws_rr(port: u16, secs: f64) -> Result<(f64, f64)> {
     Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
 }
 
-/// One upgrade + 64 B echo + close handshake; the client then closes TCP first.
-pub fn one_upgrade(port: u16) -> Result<()> {
+/// One upgrade + 64 B echo + close handshake; the client then closes TCP
+/// first. Returns how long each phase took (see `WsSample::phases`).
+pub fn one_upgrade(port: u16) -> Result<[f64; 3]> {
+    let t0 = Instant::now();
     let (mut s, mut have) = upgrade(port)?;
+    let t1 = Instant::now();
     s.write_all(&frame(0x2, &[0x33; 64], true))?;
     read_frame(&mut s, &mut have)?;
+    let t2 = Instant::now();
     s.write_all(&frame(0x8, &1000u16.to_be_bytes(), true))?;
     let (op, _) = read_frame(&mut s, &mut have)?;
     if op != 0x8 {
         bail!("expected a close frame, got opcode {op}");
     }
-    Ok(())
+    let t3 = Instant::now();
+    let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
+    Ok([us(t0, t1), us(t1, t2), us(t2, t3)])
 }
 
 use crate::bench::median;
@@ -234,6 +243,12 @@ pub fn render(samples: &[WsSample]) -> String {
     let line = |what: &str, ok: bool, detail: String| {
         format!("- {} {what}: {detail}\n", if ok { "[met]" } else { "[NOT met]" })
     };
+    o += "\nWhere an upgrade's time goes (median µs per phase, same runs):\n\n\
+           | target | connect to 101 | first echo | close handshake |\n|---|---|---|---|\n";
+    for (t, s) in WS_TARGETS.iter().zip(samples) {
+        let col = |i: usize| median(&s.phases.iter().map(|p| p[i]).collect::<Vec<_>>());
+        o += &format!("| {} | {:.1} | {:.1} | {:.1} |\n", t.name(), col(0), col(1), col(2));
+    }
     o += "\n### Against the floors of issue 3\n\n";
     let (ku, nu) = (median(&k.upgrades), median(&n.upgrades));
     o += &line(
@@ -248,4 +263,33 @@ pub fn render(samples: &[WsSample]) -> String {
         format!("+{ka:.1} µs vs nginx +{na:.1} µs"),
     );
     o
+}
+
+fn port_arg(args: &[String], i: usize) -> Result<u64> {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("usage: ws-echo PORT | ws-upgrades PORT COUNT"))
+}
+
+/// `cargo xtask ws-echo PORT`: the echo backend alone, on 127.0.0.1.
+pub fn serve_port(args: &[String]) -> Result<()> {
+    let port = u16::try_from(port_arg(args, 0)?)?;
+    serve_ws_echo(TcpListener::bind(("127.0.0.1", port))?);
+    Ok(())
+}
+
+/// `cargo xtask ws-upgrades PORT COUNT`: COUNT sequential upgrades; prints
+/// the rate and the median of each phase.
+pub fn upgrades(args: &[String]) -> Result<()> {
+    let port = u16::try_from(port_arg(args, 0)?)?;
+    let n = port_arg(args, 1)?.clamp(1, 1_000_000);
+    let t = Instant::now();
+    let mut phases = Vec::new();
+    for _ in 0..n {
+        phases.push(one_upgrade(port)?);
+    }
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let col = |i: usize| median(&phases.iter().map(|p: &[f64; 3]| p[i]).collect::<Vec<_>>());
+    println!("{rate:.0} upgrades/s; median µs: to 101 {:.1}, echo {:.1}, close {:.1}", col(0), col(1), col(2));
+    Ok(())
 }

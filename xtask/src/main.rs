@@ -18,10 +18,11 @@ tasks:
   build-ebpf [--debug]   build the kernel programs (gateway-ebpf) for bpfel-unknown-none
   build [--release]      build-ebpf, then the daemon with the object embedded
   test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests)
-  bench [--quick] [--attach-variants]
+  bench [--quick] [--attach-variants] [--rates-only]
                          benchmark direct / kernel path / userspace path / haproxy / nginx
                          (--attach-variants: also the verdict attached as BPF_SK_SKB_VERDICT
-                         and behind a stream parser, 64 B RR)
+                         and behind a stream parser, 64 B RR; --rates-only: connection and
+                         upgrade rates and unpinned latencies only)
 ";
 
 fn main() -> ExitCode {
@@ -33,6 +34,11 @@ fn main() -> ExitCode {
         Some("bench") => build_release_daemon().and_then(|()| bench::run(&root(), &args[1..])),
         // Run by `bench --attach-variants` (root, cgroup v2): the sk_msg study.
         Some("study-skmsg") => study::run(&root(), &args[1..]),
+        // For work on the upgrade path, outside the full bench:
+        // `ws-echo PORT` serves the bench's WebSocket echo backend;
+        // `ws-upgrades PORT COUNT` runs the bench's upgrade loop against PORT.
+        Some("ws-echo") => bench_ws::serve_port(&args[1..]),
+        Some("ws-upgrades") => bench_ws::upgrades(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
