@@ -470,11 +470,14 @@ impl KernelPath {
         }
     }
 
-    /// Takes both sockets out of the maps and frees their slots. Call before
-    /// closing the sockets.
+    /// Frees both sockets' slots. Call right before closing the sockets:
+    /// only the index entries go here (the verdict then passes whatever
+    /// still arrives), the close itself takes a socket out of the SOCKHASH.
     pub fn release(&self, s: &Splice) {
         let mut maps = self.maps.lock().unwrap();
-        Self::unlink(&mut maps, s);
+        for c in [s.client_cookie, s.backend_cookie] {
+            let _ = maps.index.remove(&c);
+        }
         maps.active.remove(&s.client_slot);
         maps.active.remove(&s.backend_slot);
         maps.free.extend([s.client_slot, s.backend_slot]);

@@ -209,7 +209,7 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
     }
 }
 
-/// Connects one of `pool`'s backends, trying them in turn.
+/// Connects one of `pool`'s backends, trying them in turn; the stream has TCP_NODELAY set.
 pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Result<(TcpStream, usize), String> {
     let mut tried = Vec::new();
     let candidates = rt.candidates(client, pool);
@@ -223,7 +223,7 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
     }
     for idx in candidates.into_iter().cycle().take(rt.cfg.connect_attempts as usize) {
         let addr = rt.cfg.backends[idx];
-        match tokio::time::timeout(rt.cfg.connect_timeout, TcpStream::connect(addr)).await {
+        match tokio::time::timeout(rt.cfg.connect_timeout, connect_one(addr)).await {
             Ok(Ok(s)) => {
                 rt.health.succeeded(idx, &rt.cfg.name, addr);
                 return Ok((s, idx));
@@ -236,6 +236,33 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
         debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
     }
     Err(format!("tried: {}", tried.join(", ")))
+}
+
+/// One connect, with TCP_NODELAY set. A non-blocking connect to a nearby
+/// peer (loopback, a veth into another namespace) usually completes inside
+/// the syscall: then the stream is used at once, without a turn through the
+/// event loop to learn that it is writable.
+async fn connect_one(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
+    s.set_tcp_nodelay(true)?;
+    match s.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    if let Some(e) = s.take_error()? {
+        return Err(e);
+    }
+    let connected = s.peer_addr().is_ok();
+    let stream = TcpStream::from_std(s.into())?;
+    if !connected {
+        stream.writable().await?;
+        if let Some(e) = stream.take_error()? {
+            return Err(e);
+        }
+    }
+    Ok(stream)
 }
 
 async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
@@ -307,7 +334,6 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     };
     let _active = rt.activate(idx);
     *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
-    let _ = backend.set_nodelay(true);
     // TLS to the backend: verified as configured; a failure counts against
     // the backend like a failed connect.
     let backend = match &rt.cfg.backend_tls {

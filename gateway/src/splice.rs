@@ -97,6 +97,8 @@ pub async fn run(
     let mut first_eof: Option<Side> = None;
     let idle_tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(20));
     let mut backoff = Duration::from_millis(1);
+    // Whether the last wait ended on the timer rather than on an event.
+    let mut timer_woke = false;
 
     // Bytes queued before the sockets entered the map wait until the socket
     // is read; this read makes the kernel run the verdict on them.
@@ -174,9 +176,9 @@ pub async fn run(
             return CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) };
         }
         // A socket at EOF is always readable, so it is not polled any more;
-        // notice a later RST from its state instead.
+        // notice a later RST from its state instead, when the timer wakes us.
         for (end, fin_sent_into_it) in [(&c, b.fin_forwarded), (&b, c.fin_forwarded)] {
-            if end.eof {
+            if end.eof && timer_woke {
                 if let Some(e) = broken(end.sock, fin_sent_into_it) {
                     return reset(client, backend, end.side, &e);
                 }
@@ -208,6 +210,7 @@ pub async fn run(
         } else {
             idle_tick
         };
+        timer_woke = false;
         let step = tokio::select! {
             r = client.readable(), if !c.eof && c.pending.is_empty() => match r {
                 Ok(mut guard) => {
@@ -229,7 +232,10 @@ pub async fn run(
                 }
                 Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
-            () = tokio::time::sleep(wait) => Step::Continue,
+            () = tokio::time::sleep(wait) => {
+                timer_woke = true;
+                Step::Continue
+            }
         };
         if let Step::Done(cause) = step {
             return cause;
@@ -241,20 +247,28 @@ pub async fn run(
 /// bytes the verdict passed instead of redirecting (while the flow was being
 /// enabled, or while it was over its queue bound).
 fn read_passed(end: &mut End<'_>, peer: &Sock) -> (Step, bool) {
-    // Capacity only: most calls find EOF or nothing, and a zeroed 256 KiB
-    // per call was most of a short flow's cost.
-    let mut buf = Vec::with_capacity(CHUNK);
+    // Most calls find EOF or nothing: they read into the thread's scratch
+    // buffer, and only bytes that came are copied out. (A fresh 256 KiB per
+    // call, zeroed or not, was most of a short flow's user time.)
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(CHUNK));
+    }
     loop {
-        match sys::read_spare(end.sock, &mut buf) {
+        let read = SCRATCH.with_borrow_mut(|buf| {
+            buf.clear();
+            let r = sys::read_spare(end.sock, buf);
+            if matches!(r, Ok(n) if n > 0) {
+                end.pending = buf.clone();
+            }
+            r
+        });
+        match read {
             Ok(0) => {
                 tracing::debug!(side = %end.side, "EOF");
                 end.eof = true;
                 return (Step::Continue, false);
             }
-            Ok(_) => {
-                end.pending = buf;
-                return (Step::Continue, false);
-            }
+            Ok(_) => return (Step::Continue, false),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return (Step::Continue, true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return (Step::Done(reset(end.sock, peer, end.side, &e)), false),
