@@ -1,11 +1,12 @@
 //! Websocket listeners: HTTP/1.1 served by hyper, routed by host and path.
 //!
 //! - A WebSocket upgrade is checked (RFC 6455 §4.2.1), routed, checked against
-//!   the route's origins, and forwarded to a backend with hyper's client. The
-//!   backend's answer goes back to the client as the backend sent it. After a
-//!   `101` both sockets come back out of hyper (with any bytes read past the
-//!   heads) and go to the kernel path (`passthrough`), or to `ws.rs`
-//!   (`inspect`, `bridge_tcp`).
+//!   the route's origins, and forwarded to a backend: the request head is
+//!   written and the response head read here (`exchange`), hyper's client
+//!   only reads a refusal and its body. The backend's answer goes back to
+//!   the client as the backend sent it. After a `101` both sockets, with any
+//!   bytes read past the heads, go to the kernel path (`passthrough`), or to
+//!   `ws.rs` (`inspect`, `bridge_tcp`).
 //! - Any other request is reverse-proxied as HTTP/1.1, bodies streamed, over
 //!   one backend connection per client connection, reused while it serves
 //!   the same route.
@@ -58,8 +59,11 @@ type BackendConn = std::pin::Pin<Box<dyn std::future::Future<Output = hyper::Res
 
 enum BackendSide {
     /// The backend's own 101, from hyper's client, and the connection that
-    /// completes it.
+    /// completes it (an upgrade request with a body).
     WebSocket(OnUpgrade, BackendConn),
+    /// The backend answered 101 to `exchange`: its socket and the bytes
+    /// read past the head.
+    Exchanged(TcpStream, Bytes),
     /// bridge_tcp: a raw TCP connection.
     Tcp(TcpStream),
 }
@@ -144,6 +148,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     };
     let backend = match up.backend {
         BackendSide::Tcp(s) => (s, Bytes::new()),
+        BackendSide::Exchanged(s, early) => (s, early),
         BackendSide::WebSocket(on, conn) => match conn.await.and(on.await).map(raw) {
             Ok(Some(b)) => b,
             Ok(None) => unreachable!("the client's connection is TokioIo<TcpStream>"),
@@ -311,7 +316,6 @@ impl Conn {
         let pool = self.rt.route_pool(ri);
         match tokio::time::timeout_at(deadline, proxy::connect(&self.rt, self.flow.client, pool)).await {
             Ok(Ok((s, idx))) => {
-                let _ = s.set_nodelay(true);
                 *self.flow.backend.lock().unwrap() = Some(self.rt.cfg.backends[idx]);
                 Ok((s, idx))
             }
@@ -345,6 +349,9 @@ impl Conn {
         if route.mode == WsMode::Inspect {
             // The gateway parses the frames, and it speaks no extension.
             out.headers_mut().remove(SEC_WEBSOCKET_EXTENSIONS);
+        }
+        if !has_body(out.headers()) {
+            return self.exchange_upgrade(stream, out, ri, idx, client, deadline).await;
         }
         // The client connection is polled here, next to the request, not in
         // a task of its own: one task per flow, no cross-task wake-ups.
@@ -399,6 +406,72 @@ impl Conn {
         parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
         Response::from_parts(parts, empty())
+    }
+
+    /// The upgrade forwarded by `exchange`; a 101 keeps the backend socket
+    /// for the hand-off, anything else is read by hyper's client (bodies).
+    async fn exchange_upgrade(
+        &self,
+        mut stream: TcpStream,
+        out: Request<Counted>,
+        ri: usize,
+        idx: usize,
+        client: OnUpgrade,
+        deadline: Instant,
+    ) -> Response<Body> {
+        let backend_addr = self.rt.cfg.backends[idx];
+        let bad_gateway = |e: String| {
+            warn!(flow = self.flow.id, backend = %backend_addr, "upgrade failed: {e}");
+            reply(StatusCode::BAD_GATEWAY, format!("backend {backend_addr} failed the upgrade: {e}"), true)
+        };
+        let head = request_head(&out);
+        let (buf, parsed) = match tokio::time::timeout_at(deadline, exchange(&mut stream, &head)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return bad_gateway(e),
+            Err(_) => {
+                return reply(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("backend {backend_addr} did not answer the upgrade within handshake_timeout"),
+                    true,
+                )
+            }
+        };
+        if parsed.status != StatusCode::SWITCHING_PROTOCOLS {
+            // A refusal, perhaps with a body: hyper's client reads it from
+            // what was read so far and the rest of the socket (the request
+            // it writes is the one already sent, so it is dropped).
+            debug!(flow = self.flow.id, status = %parsed.status, "backend refused the upgrade");
+            let io = TokioIo::new(Replayed { read: buf, at: 0, inner: stream, written: false, reader: None });
+            let resp = async {
+                let (mut sender, conn) =
+                    hyper::client::conn::http1::handshake::<_, Counted>(io).await.map_err(|e| e.to_string())?;
+                // The request is queued before the connection first reads:
+                // a response with no request in flight would be an error.
+                let resp = sender.send_request(out);
+                tokio::spawn(conn);
+                resp.await.map_err(|e| e.to_string())
+            };
+            return match tokio::time::timeout_at(deadline, resp).await {
+                Ok(Ok(mut resp)) => {
+                    strip_hop_by_hop(resp.headers_mut());
+                    resp.map(|b| self.counted(b, Side::Backend).boxed())
+                }
+                Ok(Err(e)) => bad_gateway(e),
+                Err(_) => bad_gateway("its refusal did not arrive within handshake_timeout".into()),
+            };
+        }
+        let early = Bytes::copy_from_slice(&buf[parsed.len..]);
+        *self.upgrade.lock().unwrap() =
+            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Exchanged(stream, early) });
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = parsed.status;
+        let mut headers = parsed.headers;
+        let upgrade = headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut headers);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
+        *resp.headers_mut() = headers;
+        resp
     }
 
     /// A plain request, reverse-proxied.
@@ -633,5 +706,187 @@ mod tests {
         for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
             assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn request_heads_and_bodies() {
+        let req = Request::get("http://ignored/ws?room=1")
+            .header("host", "chat.test")
+            .header("sec-websocket-protocol", "a, b")
+            .body(())
+            .unwrap();
+        let mut want = b"GET /ws?room=1 HTTP/1.1\r\nhost: chat.test\r\nsec-websocket-protocol: a, b\r\n\r\n".to_vec();
+        assert_eq!(String::from_utf8_lossy(&request_head(&req)), String::from_utf8_lossy(&want));
+        let mut h = HeaderMap::new();
+        assert!(!has_body(&h));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("00"));
+        assert!(!has_body(&h));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        assert!(has_body(&h));
+        h.remove(header::CONTENT_LENGTH);
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(has_body(&h));
+    }
+
+    /// The exchange against a raw socket: the request head arrives as
+    /// written, a 101 split over two writes is parsed, and the bytes behind
+    /// it are returned for the hand-off.
+    #[tokio::test]
+    async fn exchange_reads_a_split_101_and_keeps_what_follows() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = vec![0u8; 18];
+            s.read_exact(&mut got).await.unwrap();
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n").await.unwrap();
+            s.write_all(b"Connection: Upgrade\r\n\r\n\x81\x02hi").await.unwrap();
+            got
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (buf, head) = exchange(&mut s, b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(backend.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(head.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(&buf[head.len..], b"\x81\x02hi");
+    }
+}
+
+/// Whether a request announces a body (RFC 9112 §6.3).
+fn has_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes().iter().any(|&b| b != b'0'))
+}
+
+/// An HTTP/1.1 request head, as hyper's client would write it.
+fn request_head<B>(req: &Request<B>) -> Vec<u8> {
+    let mut h = Vec::with_capacity(512);
+    h.extend_from_slice(req.method().as_str().as_bytes());
+    h.push(b' ');
+    h.extend_from_slice(req.uri().path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    h.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        h.extend_from_slice(name.as_str().as_bytes());
+        h.extend_from_slice(b": ");
+        h.extend_from_slice(value.as_bytes());
+        h.extend_from_slice(b"\r\n");
+    }
+    h.extend_from_slice(b"\r\n");
+    h
+}
+
+/// The largest response head `exchange` reads.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+struct ResponseHead {
+    status: StatusCode,
+    headers: HeaderMap,
+    /// Bytes of the head, blank line included.
+    len: usize,
+}
+
+/// Writes the request head, reads until the response head is complete.
+/// Returns everything read (head and what followed it) and the parsed head.
+async fn exchange(stream: &mut TcpStream, head: &[u8]) -> Result<(Vec<u8>, ResponseHead), String> {
+    use tokio::io::AsyncReadExt;
+    stream.write_all(head).await.map_err(|e| format!("writing the request: {e}"))?;
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        let n = stream.read_buf(&mut buf).await.map_err(|e| format!("reading the response: {e}"))?;
+        if n == 0 {
+            return Err("the connection closed before a complete response head".into());
+        }
+        let mut slots = [httparse::EMPTY_HEADER; 100];
+        let mut resp = httparse::Response::new(&mut slots);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                if resp.version != Some(1) {
+                    return Err("the response is not HTTP/1.1".into());
+                }
+                let status = resp
+                    .code
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or("the response has no valid status code")?;
+                let mut headers = HeaderMap::with_capacity(resp.headers.len());
+                for h in resp.headers.iter() {
+                    let name = HeaderName::from_bytes(h.name.as_bytes())
+                        .map_err(|_| format!("invalid header name {:?} in the response", h.name))?;
+                    let value = HeaderValue::from_bytes(h.value)
+                        .map_err(|_| format!("invalid value for header {name} in the response"))?;
+                    headers.append(name, value);
+                }
+                return Ok((buf, ResponseHead { status, headers, len }));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
+                if buf.capacity() == buf.len() {
+                    buf.reserve(buf.len());
+                }
+            }
+            Ok(httparse::Status::Partial) => return Err(format!("response head over {MAX_RESPONSE_HEAD} bytes")),
+            Err(e) => return Err(format!("malformed response: {e}")),
+        }
+    }
+}
+
+/// A backend socket whose first bytes were already read: reads return those
+/// first; writes are dropped (hyper's client writes the request that was
+/// already sent). Nothing is read before that write: hyper's client takes
+/// bytes that come with no request in flight for an error.
+struct Replayed {
+    read: Vec<u8>,
+    at: usize,
+    inner: TcpStream,
+    written: bool,
+    reader: Option<std::task::Waker>,
+}
+
+impl tokio::io::AsyncRead for Replayed {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.written {
+            this.reader = Some(cx.waker().clone());
+            return std::task::Poll::Pending;
+        }
+        if this.at < this.read.len() {
+            let n = out.remaining().min(this.read.len() - this.at);
+            out.put_slice(&this.read[this.at..this.at + n]);
+            this.at += n;
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, out)
+    }
+}
+
+impl tokio::io::AsyncWrite for Replayed {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.written = true;
+        if let Some(w) = this.reader.take() {
+            w.wake();
+        }
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
