@@ -521,7 +521,9 @@ impl Errors {
     }
 
     /// A listener's `tls` block; loads and checks the certificates.
-    fn tls(&mut self, i: usize, t: &RawTls) -> Option<crate::tls::Tls> {
+    /// A listener's `tls` block; `websocket` listeners speak HTTP/1.1, so
+    /// their ALPN is `http/1.1` unless set, and may offer nothing else.
+    fn tls(&mut self, i: usize, t: &RawTls, websocket: bool) -> Option<crate::tls::Tls> {
         let p = |key: &str| format!("listeners[{i}].tls.{key}");
         let items = match &t.certificates {
             Value::Sequence(items) if !items.is_empty() => items.clone(),
@@ -573,7 +575,8 @@ impl Errors {
             None => false,
             Some(v) => self.choice(&p("min_version"), v, &[("1.2", false), ("1.3", true)]).unwrap_or(false),
         };
-        let alpn = match &t.alpn {
+        let alpn: Vec<String> = match &t.alpn {
+            None if websocket => vec!["http/1.1".into()],
             None => Vec::new(),
             Some(Value::Sequence(items)) => {
                 items.iter().enumerate().filter_map(|(j, a)| self.string(&format!("{}[{j}]", p("alpn")), a)).collect()
@@ -583,6 +586,16 @@ impl Errors {
                 Vec::new()
             }
         };
+        if websocket {
+            for (j, a) in alpn.iter().enumerate() {
+                if a != "http/1.1" {
+                    self.push(
+                        &format!("{}[{j}]", p("alpn")),
+                        format_args!("{a:?} is not offered: a websocket listener speaks HTTP/1.1 only"),
+                    );
+                }
+            }
+        }
         let timeout = match &t.handshake_timeout {
             Some(v) => self.duration(&p("handshake_timeout"), v).unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
             None => DEFAULT_HANDSHAKE_TIMEOUT,
@@ -992,6 +1005,19 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 impl Config {
+    /// What is valid but will not work as meant: certificates clients will
+    /// refuse today. One line each, naming the listener and the file.
+    pub fn warnings(&self) -> Vec<String> {
+        self.listeners
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                let tls = l.tls.iter().flat_map(|t| t.warnings.iter());
+                tls.map(move |w| format!("listeners[{i}].tls.certificates ({}): {w}", l.name))
+            })
+            .collect()
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
@@ -1134,16 +1160,7 @@ impl RawConfig {
                     e.push(&p("health.interval"), "is required with send/expect (they are active checks)");
                 }
             }
-            let tls = l.tls.as_ref().and_then(|t| {
-                if protocol == Some(Protocol::Websocket) {
-                    e.push(
-                        &p("tls"),
-                        "is not supported on websocket listeners yet (terminate TLS in front, or use a tcp listener)",
-                    );
-                    return None;
-                }
-                e.tls(i, t)
-            });
+            let tls = l.tls.as_ref().and_then(|t| e.tls(i, t, protocol == Some(Protocol::Websocket)));
             let backend_tls = l.backend_tls.as_ref().and_then(|b| {
                 if protocol == Some(Protocol::Websocket) {
                     e.push(&p("backend_tls"), "is not supported on websocket listeners yet");

@@ -74,6 +74,35 @@ struct Conn {
     /// The backend connection plain requests reuse, and its backend.
     backend: tokio::sync::Mutex<Option<(usize, SendRequest<Counted>)>>,
     upgrade: Mutex<Option<Upgrade>>,
+    /// The client came over TLS (`X-Forwarded-Proto: https`).
+    tls: bool,
+}
+
+/// A client connection as hyper serves it: plain TCP, or TLS terminated here.
+pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
+    /// The TCP socket itself, for the kernel path; a TLS stream stays as it is.
+    fn into_tcp(self) -> Result<TcpStream, Self>
+    where
+        Self: Sized;
+    fn fd(&self) -> std::os::fd::RawFd;
+}
+
+impl ClientStream for TcpStream {
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Ok(self)
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self)
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn into_tcp(self) -> Result<TcpStream, Self> {
+        Err(self)
+    }
+    fn fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(self.get_ref().0)
+    }
 }
 
 pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
@@ -82,12 +111,24 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
     let flow = guard.flow.clone();
     crate::flowlog::record_with("open", || crate::flows::snapshot_one(&flow, None));
     let _ = client.set_nodelay(true);
+    match &rt.cfg.tls {
+        None => serve(client, flow, rt.clone(), daemon.clone()).await,
+        Some(tls) => {
+            if let Some(s) = proxy::accept_tls(client, tls, &flow, &rt, &daemon).await {
+                serve(s, flow, rt.clone(), daemon.clone()).await
+            }
+        }
+    }
+}
+
+async fn serve<I: ClientStream>(client: I, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
     let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
     let conn = Arc::new(Conn {
         rt: rt.clone(),
         flow: flow.clone(),
         backend: tokio::sync::Mutex::new(None),
         upgrade: Mutex::new(None),
+        tls: rt.cfg.tls.is_some(),
     });
     let svc = {
         let conn = conn.clone();
@@ -119,7 +160,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
     let upgrade = conn.upgrade.lock().unwrap().take();
     drop(conn);
     match (result, upgrade) {
-        (Ok(()), Some(up)) => upgraded(up, &flow, &rt, &daemon).await,
+        (Ok(()), Some(up)) => upgraded::<I>(up, &flow, &rt, &daemon).await,
         (result, _) => {
             let cause = match result {
                 Ok(()) => CloseCause::Closed { first: Side::Client },
@@ -135,12 +176,12 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.
-async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
+async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     let idx = up.backend_idx;
     let route = &rt.cfg.http.as_ref().unwrap().routes[up.route];
-    let client = match up.client.await.map(raw) {
+    let client = match up.client.await.map(raw::<I>) {
         Ok(Some(c)) => c,
-        Ok(None) => unreachable!("the server's connection is TokioIo<TcpStream>"),
+        Ok(None) => unreachable!("the server's connection is TokioIo<I>"),
         Err(e) => {
             proxy::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
             return;
@@ -149,9 +190,9 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     let backend = match up.backend {
         BackendSide::Tcp(s) => (s, Bytes::new()),
         BackendSide::Exchanged(s, early) => (s, early),
-        BackendSide::WebSocket(on, conn) => match conn.await.and(on.await).map(raw) {
+        BackendSide::WebSocket(on, conn) => match conn.await.and(on.await).map(raw::<TcpStream>) {
             Ok(Some(b)) => b,
-            Ok(None) => unreachable!("the client's connection is TokioIo<TcpStream>"),
+            Ok(None) => unreachable!("the client's connection to the backend is TokioIo<TcpStream>"),
             Err(e) => {
                 proxy::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, daemon);
                 return;
@@ -173,11 +214,27 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                 Ok(Ok(())) => {
                     flow.add_user(Side::Client, client_early.len() as u64);
                     flow.add_user(Side::Backend, backend_early.len() as u64);
-                    if !daemon.handoff_delay.is_zero() {
-                        tokio::time::sleep(daemon.handoff_delay).await;
+                    match client.into_tcp() {
+                        Ok(client) => {
+                            if !daemon.handoff_delay.is_zero() {
+                                tokio::time::sleep(daemon.handoff_delay).await;
+                            }
+                            proxy::forward(client, backend, idx, flow, rt, daemon).await;
+                            return;
+                        }
+                        // wss: the client's bytes are ciphertext, relayed here.
+                        Err(tls) => {
+                            flow.set_path(FlowPath::Userspace {
+                                reason: "TLS is terminated in user space (no kTLS on this host)".into(),
+                                code: "userspace-tls",
+                            });
+                            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+                            let fd = tls.fd();
+                            let client = proxy::split(tls, fd);
+                            crate::relay::relay_halves(client, proxy::split_tcp(backend), flow, rt.cfg.idle_timeout)
+                                .await
+                        }
                     }
-                    proxy::forward(client, backend, idx, flow, rt, daemon).await;
-                    return;
                 }
                 Ok(Err((side, e))) => CloseCause::Error(format!("writing early bytes to the {side}: {e}")),
                 Err(_) => CloseCause::Error("early bytes not written within handshake_timeout".into()),
@@ -189,7 +246,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
             flow.set_path(FlowPath::Userspace { reason, code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
             let ends = crate::ws::Ends {
-                client,
+                client: Box::new(client),
                 client_early,
                 backend,
                 backend_early,
@@ -208,9 +265,9 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     proxy::retire(flow, Some(idx), &cause, rt, daemon);
 }
 
-/// The socket under an upgraded connection and the bytes hyper read past the head.
-fn raw(up: hyper::upgrade::Upgraded) -> Option<(TcpStream, Bytes)> {
-    let parts = up.downcast::<TokioIo<TcpStream>>().ok()?;
+/// The stream under an upgraded connection and the bytes hyper read past the head.
+fn raw<I: ClientStream>(up: hyper::upgrade::Upgraded) -> Option<(I, Bytes)> {
+    let parts = up.downcast::<TokioIo<I>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
@@ -261,7 +318,7 @@ impl Conn {
         *out.version_mut() = Version::HTTP_11;
         *out.uri_mut() = origin_form(out.uri());
         strip_hop_by_hop(out.headers_mut());
-        add_forwarded(out.headers_mut(), self.flow.client, host);
+        add_forwarded(out.headers_mut(), self.flow.client, host, self.tls);
         out
     }
 
@@ -656,21 +713,22 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
 
 /// Appends the client to `X-Forwarded-For` and `Forwarded`, and sets
 /// `X-Forwarded-Proto`.
-fn add_forwarded(h: &mut HeaderMap, client: SocketAddr, host: Option<&str>) {
+fn add_forwarded(h: &mut HeaderMap, client: SocketAddr, host: Option<&str>, tls: bool) {
+    let proto = if tls { "https" } else { "http" };
     let ip = client.ip().to_canonical();
     let xff = match tokens(h, "x-forwarded-for").filter(|t| !t.is_empty()).collect::<Vec<_>>() {
         v if v.is_empty() => ip.to_string(),
         v => format!("{}, {ip}", v.join(", ")),
     };
     let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
-    let mut fwd = format!("for={node};proto=http");
+    let mut fwd = format!("for={node};proto={proto}");
     if let Some(host) = host.filter(|h| h.bytes().all(|c| c.is_ascii_alphanumeric() || b".-_".contains(&c))) {
         fwd.push_str(";host=");
         fwd.push_str(host);
     }
     let prev: Vec<&str> = h.get_all(header::FORWARDED).iter().filter_map(|v| v.to_str().ok()).collect();
     let fwd = if prev.is_empty() { fwd } else { format!("{}, {fwd}", prev.join(", ")) };
-    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd), ("x-forwarded-proto", "http".into())] {
+    for (name, value) in [("x-forwarded-for", xff), ("forwarded", fwd), ("x-forwarded-proto", proto.into())] {
         if let Ok(v) = HeaderValue::from_str(&value) {
             h.insert(HeaderName::from_static(name), v);
         }
@@ -694,63 +752,6 @@ fn accept_bridge(h: &HeaderMap) -> Response<Body> {
         hs.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("binary"));
     }
     r
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn websocket_keys() {
-        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
-        for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
-            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
-        }
-    }
-
-    #[test]
-    fn request_heads_and_bodies() {
-        let req = Request::get("http://ignored/ws?room=1")
-            .header("host", "chat.test")
-            .header("sec-websocket-protocol", "a, b")
-            .body(())
-            .unwrap();
-        let mut want = b"GET /ws?room=1 HTTP/1.1\r\nhost: chat.test\r\nsec-websocket-protocol: a, b\r\n\r\n".to_vec();
-        assert_eq!(String::from_utf8_lossy(&request_head(&req)), String::from_utf8_lossy(&want));
-        let mut h = HeaderMap::new();
-        assert!(!has_body(&h));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("00"));
-        assert!(!has_body(&h));
-        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
-        assert!(has_body(&h));
-        h.remove(header::CONTENT_LENGTH);
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
-        assert!(has_body(&h));
-    }
-
-    /// The exchange against a raw socket: the request head arrives as
-    /// written, a 101 split over two writes is parsed, and the bytes behind
-    /// it are returned for the hand-off.
-    #[tokio::test]
-    async fn exchange_reads_a_split_101_and_keeps_what_follows() {
-        use tokio::io::AsyncReadExt;
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let backend = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut got = vec![0u8; 18];
-            s.read_exact(&mut got).await.unwrap();
-            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n").await.unwrap();
-            s.write_all(b"Connection: Upgrade\r\n\r\n\x81\x02hi").await.unwrap();
-            got
-        });
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        let (buf, head) = exchange(&mut s, b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
-        assert_eq!(backend.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
-        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
-        assert_eq!(head.headers.get("upgrade").unwrap(), "websocket");
-        assert_eq!(&buf[head.len..], b"\x81\x02hi");
-    }
 }
 
 /// Whether a request announces a body (RFC 9112 §6.3).
@@ -888,5 +889,62 @@ impl tokio::io::AsyncWrite for Replayed {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn websocket_keys() {
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
+            assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn request_heads_and_bodies() {
+        let req = Request::get("http://ignored/ws?room=1")
+            .header("host", "chat.test")
+            .header("sec-websocket-protocol", "a, b")
+            .body(())
+            .unwrap();
+        let want = b"GET /ws?room=1 HTTP/1.1\r\nhost: chat.test\r\nsec-websocket-protocol: a, b\r\n\r\n".to_vec();
+        assert_eq!(String::from_utf8_lossy(&request_head(&req)), String::from_utf8_lossy(&want));
+        let mut h = HeaderMap::new();
+        assert!(!has_body(&h));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("00"));
+        assert!(!has_body(&h));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("10"));
+        assert!(has_body(&h));
+        h.remove(header::CONTENT_LENGTH);
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        assert!(has_body(&h));
+    }
+
+    /// The exchange against a raw socket: the request head arrives as
+    /// written, a 101 split over two writes is parsed, and the bytes behind
+    /// it are returned for the hand-off.
+    #[tokio::test]
+    async fn exchange_reads_a_split_101_and_keeps_what_follows() {
+        use tokio::io::AsyncReadExt;
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let backend = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut got = vec![0u8; 18];
+            s.read_exact(&mut got).await.unwrap();
+            s.write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n").await.unwrap();
+            s.write_all(b"Connection: Upgrade\r\n\r\n\x81\x02hi").await.unwrap();
+            got
+        });
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let (buf, head) = exchange(&mut s, b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        assert_eq!(backend.await.unwrap(), b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(head.status, StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(head.headers.get("upgrade").unwrap(), "websocket");
+        assert_eq!(&buf[head.len..], b"\x81\x02hi");
     }
 }

@@ -305,24 +305,10 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     // backend connection.
     let client = match rt.cfg.tls.as_ref().filter(|_| terminate) {
         None => ClientIo::Plain(client),
-        Some(tls) => {
-            let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
-            let failure = match tokio::time::timeout(tls.handshake_timeout, accept).await {
-                Ok(Ok(s)) => Ok(s),
-                Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                Err(_) => Err(format!("TLS handshake not finished within {:?}", tls.handshake_timeout)),
-            };
-            match failure {
-                Ok(s) => ClientIo::Tls(Box::new(s)),
-                Err(why) => {
-                    // Counted per listener; one debug line each, never a flood at warn.
-                    rt.stats.rejected("tls-handshake");
-                    debug!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "{why}");
-                    retire(flow, None, &CloseCause::Rejected(why), rt, daemon);
-                    return;
-                }
-            }
-        }
+        Some(tls) => match accept_tls(client, tls, flow, rt, daemon).await {
+            Some(s) => ClientIo::Tls(Box::new(s)),
+            None => return,
+        },
     };
     let (backend, idx) = match connect(rt, peer, pool).await {
         Ok(b) => b,
@@ -377,6 +363,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     debug!(flow = flow.id, %cause, "flow task done");
 }
 
+/// The server side of a TLS handshake. A failure is counted per listener
+/// (`tls-handshake`), costs one debug line, never a flood at warn, and
+/// retires the flow.
+pub async fn accept_tls(
+    client: TcpStream,
+    tls: &crate::tls::Tls,
+    flow: &crate::flows::Flow,
+    rt: &ListenerRt,
+    daemon: &Daemon,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
+    let why = match tokio::time::timeout(tls.handshake_timeout, accept).await {
+        Ok(Ok(s)) => return Some(s),
+        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+        Err(_) => format!("TLS handshake not finished within {:?}", tls.handshake_timeout),
+    };
+    rt.stats.rejected("tls-handshake");
+    debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
+    retire(flow, None, &CloseCause::Rejected(why), rt, daemon);
+    None
+}
+
 /// Closes a client before any backend is contacted, counted under `cause`.
 fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt, daemon: &Daemon) {
     rt.stats.rejected(cause);
@@ -396,11 +404,11 @@ enum ClientIo {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-type ReadHalf = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-type WriteHalf = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+pub(crate) type ReadHalf = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
+pub(crate) type WriteHalf = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
 
 /// A stream split for the userspace relay, with the TCP socket under it.
-fn split<S>(s: S, fd: std::os::fd::RawFd) -> (ReadHalf, WriteHalf, std::os::fd::RawFd)
+pub(crate) fn split<S>(s: S, fd: std::os::fd::RawFd) -> (ReadHalf, WriteHalf, std::os::fd::RawFd)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -408,7 +416,7 @@ where
     (Box::new(r), Box::new(w), fd)
 }
 
-fn split_tcp(s: TcpStream) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
+pub(crate) fn split_tcp(s: TcpStream) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
     use std::os::fd::AsRawFd;
     let fd = s.as_raw_fd();
     let (r, w) = s.into_split();

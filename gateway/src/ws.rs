@@ -37,7 +37,11 @@ use crate::{
     flows::{CloseCause, Flow, Side},
 };
 
-type Ws = WebSocketStream<TcpStream>;
+/// Any byte stream a WebSocket runs over (TCP, or TLS terminated here).
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+type Ws = WebSocketStream<Box<dyn Io>>;
 
 /// How long a close handshake may take once started.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -46,7 +50,7 @@ const BRIDGE_CHUNK: usize = 64 << 10;
 
 /// Both sides of an upgraded flow, with the bytes read past the heads.
 pub struct Ends<'a> {
-    pub client: TcpStream,
+    pub client: Box<dyn Io>,
     pub client_early: Bytes,
     pub backend: TcpStream,
     pub backend_early: Bytes,
@@ -134,7 +138,8 @@ impl Liveness {
 pub async fn inspect(e: Ends<'_>) -> CloseCause {
     let cfg = ws_config(e.route);
     let c = Ws::from_partially_read(e.client, e.client_early.to_vec(), Role::Server, Some(cfg)).await;
-    let b = Ws::from_partially_read(e.backend, e.backend_early.to_vec(), Role::Client, Some(cfg)).await;
+    let backend: Box<dyn Io> = Box::new(e.backend);
+    let b = Ws::from_partially_read(backend, e.backend_early.to_vec(), Role::Client, Some(cfg)).await;
     let mut ws = [c, b];
     let (flow, max) = (e.flow, e.route.max_message_size);
     let mut shutdown = e.shutdown;

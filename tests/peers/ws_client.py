@@ -21,12 +21,16 @@
         messages of the given sizes and checks that the bytes that come back,
         however they are split into messages, are the bytes sent.
 
+Every mode takes wss:// URLs too, with --ca FILE (the CA to verify the
+gateway's certificate with) and --sni NAME (the name to verify and send).
+
 Exit status 0 means every check passed; otherwise the JSON has "error".
 """
 import argparse
 import asyncio
 import json
 import os
+import ssl
 import sys
 
 from websockets.asyncio.client import connect
@@ -42,6 +46,10 @@ def opts(a):
         kw["subprotocols"] = [a.protocol]
     if getattr(a, "origin", None):
         kw["origin"] = a.origin
+    if a.url.startswith("wss:"):
+        kw["ssl"] = ssl.create_default_context(cafile=a.ca)
+        if a.sni:
+            kw["server_hostname"] = a.sni
     return kw
 
 
@@ -164,6 +172,8 @@ def main():
     p.add_argument("--protocol")
     p.add_argument("--deflate", action="store_true")
     p.add_argument("--origin")
+    p.add_argument("--ca")
+    p.add_argument("--sni")
     p.add_argument("--close", default="4000:py done")
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--count", type=int, default=1)
