@@ -129,6 +129,9 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { config } => match Config::load(&config) {
             Ok(c) => {
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 println!("{}: ok ({} listener(s))", config.display(), c.listeners.len());
                 ExitCode::SUCCESS
             }
@@ -146,6 +149,9 @@ fn main() -> ExitCode {
                 }
             };
             init_logging(cfg.log.format == config::LogFormat::Json);
+            for w in cfg.warnings() {
+                warn!("{w}");
+            }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
             match rt.block_on(run(cfg, &config)) {
                 Ok(()) => ExitCode::SUCCESS,

@@ -97,6 +97,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> Result<String, String> {
     let _one_at_a_time = daemon.listeners.reloading.lock().await;
     let cfg = Config::load(path).map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
+    for w in cfg.warnings() {
+        warn!("reload: {w}");
+    }
     let old = daemon.config.lock().unwrap().clone();
     for (what, changed) in [
         ("kernel", format!("{:?}", cfg.kernel) != format!("{:?}", old.kernel)),

@@ -29,6 +29,9 @@ pub struct Tls {
     pub handshake_timeout: Duration,
     /// For `gateway status` and the log: each certificate's file and names.
     pub summary: Vec<String>,
+    /// Certificates that load but that clients will refuse today (expired,
+    /// or not valid yet): `gateway check` and the daemon's log warn of them.
+    pub warnings: Vec<String>,
 }
 
 impl fmt::Debug for Tls {
@@ -103,9 +106,29 @@ pub fn build(
 ) -> Result<Tls, Vec<String>> {
     let mut errors = Vec::new();
     let mut loaded = Vec::new();
+    let mut warnings = Vec::new();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
     for spec in certs {
         match load(spec) {
-            Ok(ck) => loaded.push((spec.names.clone(), Arc::new(ck))),
+            Ok(ck) => {
+                for (k, der) in ck.cert.iter().enumerate() {
+                    let which = if k == 0 { "the certificate".to_string() } else { format!("chain certificate {k}") };
+                    let file = spec.cert.display();
+                    match validity(der) {
+                        Some((_, not_after)) if now > not_after => warnings.push(format!(
+                            "{file}: {which} expired on {} (notAfter); clients will refuse it",
+                            utc(not_after)
+                        )),
+                        Some((not_before, _)) if now < not_before => warnings.push(format!(
+                            "{file}: {which} is not valid before {} (notBefore); clients will refuse it until then",
+                            utc(not_before)
+                        )),
+                        Some(_) => {}
+                        None => warnings.push(format!("{file}: {which} has no readable validity period")),
+                    }
+                }
+                loaded.push((spec.names.clone(), Arc::new(ck)))
+            }
             Err(e) => errors.push(e),
         }
     }
@@ -138,7 +161,92 @@ pub fn build(
             format!("{} ({})", c.cert.display(), if names.is_empty() { "default".into() } else { names.join(", ") })
         })
         .collect();
-    Ok(Tls { config: Arc::new(config), handshake_timeout, summary })
+    Ok(Tls { config: Arc::new(config), handshake_timeout, summary, warnings })
+}
+
+/// An X.509 certificate's (notBefore, notAfter), in Unix seconds, read from
+/// its DER: Certificate → tbsCertificate → [version], serial, signature,
+/// issuer, validity.
+fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert, _) = tlv(der)?;
+    let (_, mut tbs, _) = tlv(cert)?;
+    if tlv(tbs)?.0 == 0xa0 {
+        tbs = tlv(tbs)?.2;
+    }
+    for _ in 0..3 {
+        tbs = tlv(tbs)?.2;
+    }
+    let (tag, period, _) = tlv(tbs)?;
+    if tag != 0x30 {
+        return None;
+    }
+    let (t1, not_before, rest) = tlv(period)?;
+    let (t2, not_after, _) = tlv(rest)?;
+    Some((asn1_time(t1, not_before)?, asn1_time(t2, not_after)?))
+}
+
+/// One DER element: (tag, contents, what follows).
+fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let tag = *b.first()?;
+    let first = *b.get(1)?;
+    let (len, hdr) = if first < 0x80 {
+        (usize::from(first), 2)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut len = 0usize;
+        for i in 0..n {
+            len = len << 8 | usize::from(*b.get(2 + i)?);
+        }
+        (len, 2 + n)
+    };
+    let end = hdr.checked_add(len)?;
+    (end <= b.len()).then(|| (tag, &b[hdr..end], &b[end..]))
+}
+
+/// UTCTime (YYMMDDHHMMSSZ) or GeneralizedTime (YYYYMMDDHHMMSSZ), in Unix seconds.
+fn asn1_time(tag: u8, s: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(s).ok()?;
+    let (year, rest) = match tag {
+        0x17 => {
+            let yy: i64 = s.get(0..2)?.parse().ok()?;
+            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, s.get(2..)?)
+        }
+        0x18 => (s.get(0..4)?.parse().ok()?, s.get(4..)?),
+        _ => return None,
+    };
+    let two = |i: usize| -> Option<i64> { rest.get(i..i + 2)?.parse().ok() };
+    let (month, day, h, m, sec) = (two(0)?, two(2)?, two(4)?, two(6)?, two(8)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + h * 3600 + m * 60 + sec)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's method).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
+}
+
+/// Unix seconds as "YYYY-MM-DD HH:MM UTC".
+fn utc(t: i64) -> String {
+    let (days, secs) = (t.div_euclid(86_400), t.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02} UTC", secs / 3600, secs % 3600 / 60)
 }
 
 /// Picks the certificate by SNI: exact names first, then the longest
@@ -348,5 +456,25 @@ impl Origination {
         let name =
             self.server_name.clone().unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
         self.connector.connect(name, stream).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn asn1_times_and_dates() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(asn1_time(0x17, b"200201000000Z"), Some(1_580_515_200));
+        assert_eq!(asn1_time(0x18, b"20200201000000Z"), Some(1_580_515_200));
+        assert_eq!(asn1_time(0x17, b"201301000000Z"), None);
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(951_827_400), "2000-02-29 12:30 UTC");
+        assert_eq!(utc(1_580_515_200), "2020-02-01 00:00 UTC");
+        // A truncated element is refused, not read past its end.
+        assert_eq!(tlv(&[0x30, 0x05, 1, 2]), None);
+        assert_eq!(tlv(&[0x30, 0x02, 1, 2, 3]), Some((0x30, &[1u8, 2][..], &[3u8][..])));
     }
 }

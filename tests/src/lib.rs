@@ -914,6 +914,66 @@ pub fn test_certs(dir: &Path, names: &[&str]) {
     }
 }
 
+/// `name.pem`/`name.key` in `dir`, signed by the CA `test_certs` made
+/// there, valid only from `start` to `end` (`YYYYMMDDHHMMSSZ`): certificates
+/// that are expired, or not valid yet, today (`openssl ca` takes explicit dates).
+pub fn dated_cert(dir: &Path, name: &str, start: &str, end: &str) {
+    let db = dir.join(format!("{name}.db"));
+    fs::create_dir_all(&db).unwrap();
+    fs::write(db.join("index.txt"), "").unwrap();
+    fs::write(db.join("serial"), "1000\n").unwrap();
+    let cnf = dir.join(format!("{name}.cnf"));
+    fs::write(
+        &cnf,
+        format!(
+            "[ca]\ndefault_ca = t\n[t]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\n\
+             default_md = sha256\npolicy = p\nx509_extensions = x\n[p]\ncommonName = supplied\n[x]\nsubjectAltName = DNS:{name}\n",
+            d = db.display()
+        ),
+    )
+    .unwrap();
+    let (key, csr, pem, subj) =
+        (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"), format!("/CN={name}"));
+    for args in [
+        vec![
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &subj,
+        ],
+        vec![
+            "ca",
+            "-batch",
+            "-notext",
+            "-config",
+            cnf.to_str().unwrap(),
+            "-cert",
+            "ca.pem",
+            "-keyfile",
+            "ca.key",
+            "-in",
+            &csr,
+            "-out",
+            &pem,
+            "-startdate",
+            start,
+            "-enddate",
+            end,
+        ],
+    ] {
+        let out = Command::new("openssl").args(&args).current_dir(dir).output().expect("openssl");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
 /// The Python `ssl` client (`tests/peers/tls_client.py`) in the client namespace.
 pub fn tls_client(topo: &Topology, args: &[&str]) -> Value {
     let script = repo_path("tests/peers/tls_client.py");

@@ -1,5 +1,6 @@
-//! TLS termination on tcp listeners, with real clients (Python `ssl`,
-//! `openssl s_client`) and test certificates made by the openssl CLI.
+//! TLS termination on tcp and websocket listeners, with real clients (Python
+//! `ssl` and `websockets`, `openssl s_client`, curl) and test certificates
+//! made by the openssl CLI.
 use std::{fs, io::Write, net::SocketAddr, path::Path, time::Duration};
 
 use gateway_tests::*;
@@ -106,8 +107,12 @@ fn bad_tls_config_names_the_file_and_the_problem() {
         (yaml("junk.pem", "a.gw.test.key", ""), vec!["junk.pem", "no PEM"]),
         (yaml("a.gw.test.pem", "junk.pem", ""), vec!["junk.pem", "no PEM"]),
         (
-            yaml("a.gw.test.pem", "a.gw.test.key", "    protocol: websocket\n"),
-            vec!["listeners[0].tls", "not supported on websocket"],
+            format!(
+                "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    routes:\n\
+                 \x20     - backends: [\"127.0.0.1:9\"]\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n      certificates:\n\
+                 \x20       - cert: {d}/a.gw.test.pem\n          key: {d}/a.gw.test.key\nadmin:\n  socket: /run/gateway/admin.sock\n"
+            ),
+            vec!["listeners[0].tls.alpn[0]", "\"h2\" is not offered", "HTTP/1.1 only"],
         ),
     ];
     for (y, needles) in cases {
@@ -117,6 +122,40 @@ fn bad_tls_config_names_the_file_and_the_problem() {
             assert!(err.contains(n), "{err:?} does not say {n:?}");
         }
     }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// `gateway check` accepts certificates clients will refuse today (the
+/// operator may be about to replace them) but warns, naming the file and the
+/// date; the daemon logs the same.
+#[test]
+fn expired_or_not_yet_valid_certificates_are_warned_of() {
+    let dir = temp_dir("tlsdates");
+    test_certs(&dir, &["a.gw.test"]);
+    dated_cert(&dir, "old.gw.test", "20200101000000Z", "20200201000000Z");
+    dated_cert(&dir, "new.gw.test", "20990101000000Z", "20990201000000Z");
+    let d = dir.display();
+    let yaml = |name: &str| {
+        format!(
+            "listeners:\n  - name: t\n    bind: \"127.0.0.1:0\"\n    backends: [\"127.0.0.1:9\"]\n    tls:\n      certificates:\n\
+             \x20       - cert: {d}/{name}.pem\n          key: {d}/{name}.key\nadmin:\n  socket: /run/gateway/admin.sock\n"
+        )
+    };
+    for (name, needles) in [
+        (
+            "old.gw.test",
+            vec!["warning: listeners[0].tls.certificates (t)", "old.gw.test.pem", "expired on 2020-02-01 00:00 UTC"],
+        ),
+        ("new.gw.test", vec!["new.gw.test.pem", "not valid before 2099-01-01 00:00 UTC"]),
+    ] {
+        let (code, err) = check(&yaml(name));
+        assert_eq!(code, 0, "{name}: a warning is not an error: {err}");
+        for n in needles {
+            assert!(err.contains(n), "{err:?} does not say {n:?}");
+        }
+    }
+    let (code, err) = check(&yaml("a.gw.test"));
+    assert_eq!((code, err.contains("warning")), (0, false), "{err}");
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -325,5 +364,72 @@ fn tls_to_backends_is_verified() {
     assert_eq!(l("good")["userspace_by_reason"]["userspace-tls"], 1, "{v}");
     assert!(l("good")["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 4 << 20, "{v}");
     assert_eq!(l("wrong")["backends"][0]["connect_failures"], 1, "{v}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn wss_is_terminated_on_websocket_listeners() {
+    if !require_root("wss_is_terminated_on_websocket_listeners") {
+        return;
+    }
+    let dir = temp_dir("wss");
+    test_certs(&dir, &["ws.gw.test"]);
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let d = dir.display();
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    offload: auto\n    tls:\n      certificates:\n\
+         \x20       - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
+         \x20     - path_prefix: /ws\n        backends: [\"{n}\"]\n\
+         \x20     - path_prefix: /inspect\n        backends: [\"{n}\"]\n        mode: inspect\n\
+         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
+        n = node.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("w");
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+
+    // Python `websockets` over wss, 1 B to 16 MiB each way, every byte
+    // compared, on a passthrough route and on an inspect route.
+    let sizes = "1,125,65536,1048576,16777216";
+    for path in ["/ws/room", "/inspect/room"] {
+        let url = format!("wss://{addr}{path}");
+        let r = py_client(&topo, &["echo", &url, "--ca", ca, "--sni", "ws.gw.test", "--sizes", sizes]);
+        assert!(r.get("error").is_none(), "{path}: {r}");
+        assert_eq!(r["echoed"], 10, "{path}: {r}");
+        assert_eq!(r["close_code"], 4000, "{path}: {r}");
+    }
+    // A certificate for another name is refused by the client.
+    let url = format!("wss://{addr}/ws/room");
+    let r = py_client(&topo, &["echo", &url, "--ca", ca, "--sni", "other.gw.test", "--sizes", "1"]);
+    assert!(r["error"].as_str().is_some_and(|e| e.contains("CERTIFICATE_VERIFY_FAILED")), "{r}");
+
+    // Plain HTTPS on the same listener, ALPN http/1.1; the backend learns the
+    // client came over TLS.
+    let resolve = format!("ws.gw.test:{}:{}", addr.port(), addr.ip());
+    let base = format!("https://ws.gw.test:{}", addr.port());
+    let (status, head, body) = curl(&topo, &["--cacert", ca, "--resolve", &resolve, &format!("{base}/headers")]);
+    assert_eq!(status, 200, "{head}\n{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{v}");
+    assert!(v["headers"]["forwarded"].as_str().unwrap().contains("proto=https"), "{v}");
+    let (_, _, alpn) = run_peer(
+        &topo.client,
+        "curl",
+        &["-s", "-o", "/dev/null", "-v", "--cacert", ca, "--resolve", &resolve, &format!("{base}/page")],
+        Duration::from_secs(30),
+    );
+    assert!(alpn.contains("ALPN: server accepted http/1.1"), "{alpn}");
+
+    // Every WebSocket stayed in user space, as TLS must here, and says so.
+    gw.wait_idle();
+    let v = gw.stats();
+    let l = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    assert_eq!(l["kernel_flows"], 0, "{l}");
+    assert!(l["userspace_by_reason"]["userspace-tls"].as_u64().unwrap() >= 1, "{l}");
+    assert!(l["userspace_by_reason"]["websocket-inspect"].as_u64().unwrap() >= 1, "{l}");
+    assert!(l["rejected"]["tls-handshake"].as_u64().unwrap() >= 1, "{l}");
+    assert!(l["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 2 * (16 << 20), "{l}");
     fs::remove_dir_all(dir).unwrap();
 }
