@@ -26,7 +26,10 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_ws::{self, WsSample, WsTarget, WS_TARGETS};
+use crate::{
+    bench_tls::{self, TlsSample, TlsTarget, TLS_TARGETS},
+    bench_ws::{self, WsSample, WsTarget, WS_TARGETS},
+};
 
 struct Opts {
     reps: usize,
@@ -66,6 +69,12 @@ struct Ports {
     /// The WebSocket echo server, and where each WebSocket target listens.
     ws_echo: u16,
     ws: Vec<u16>,
+    /// The plaintext sink, the rustls backends (echo, sink), and where each
+    /// TLS target listens: (echo port, sink port).
+    sink: u16,
+    tls_echo: u16,
+    tls_sink: u16,
+    tls: Vec<(u16, u16)>,
 }
 
 impl Ports {
@@ -78,6 +87,13 @@ impl Ports {
 
     fn ws(&self, t: WsTarget) -> u16 {
         self.ws[WS_TARGETS.iter().position(|x| *x == t).unwrap()]
+    }
+
+    fn tls(&self, t: TlsTarget) -> (u16, u16) {
+        if t == TlsTarget::Direct {
+            return (self.tls_echo, self.tls_sink);
+        }
+        self.tls[TLS_TARGETS.iter().position(|x| *x == t).unwrap()]
     }
 }
 
@@ -129,6 +145,10 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         of: TARGETS.iter().map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?,
         ws_echo: free_port()?,
         ws: vec![0; WS_TARGETS.len()],
+        sink: free_port()?,
+        tls_echo: free_port()?,
+        tls_sink: free_port()?,
+        tls: TLS_TARGETS.iter().map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?,
     };
     let mut ports = ports;
     ports.ws = WS_TARGETS
@@ -137,12 +157,17 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         .collect::<Result<_>>()?;
     let ws_echo = TcpListener::bind(("127.0.0.1", ports.ws_echo))?;
     thread::spawn(move || bench_ws::serve_ws_echo(ws_echo));
+    let kit = bench_tls::Kit::make(&work)?;
+    kit.serve(TcpListener::bind(("127.0.0.1", ports.tls_echo))?, false);
+    kit.serve(TcpListener::bind(("127.0.0.1", ports.tls_sink))?, true);
+    let sink = TcpListener::bind(("127.0.0.1", ports.sink))?;
+    thread::spawn(move || bench_tls::serve_sink(sink));
     // Backends: iperf3 for bulk, an echo server (threads in this process) for RR/CRR.
     procs.spawn("iperf3", Command::new("iperf3").args(["-s", "-p", &ports.iperf.to_string()]), &work)?;
     let echo = TcpListener::bind(("127.0.0.1", ports.echo))?;
     thread::spawn(move || serve_echo(echo));
 
-    start_gateway(&bin, &ports, &work, &mut procs)?;
+    start_gateway(&bin, &ports, &work, &kit, &mut procs)?;
     // (label, GATEWAY_EXPERIMENT_SK_SKB, extra YAML, port)
     let variants: Vec<(&str, &str, &str, u16)> = if attach_variants {
         [
@@ -181,7 +206,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         Vec::new()
     };
     start_haproxy(&ports, &work, &mut procs)?;
-    start_nginx(&ports, &work, &mut procs)?;
+    start_nginx(&ports, &work, &kit, &mut procs)?;
     for t in TARGETS {
         let (b, e) = ports.of(t);
         for p in [b, e] {
@@ -197,6 +222,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         bench_ws::ws_rr(ports.ws(t), 0.05).with_context(|| format!("WebSocket: {} does not forward", t.name()))?;
     }
     let mut ws_samples = vec![WsSample::default(); WS_TARGETS.len()];
+    for t in TLS_TARGETS {
+        let (e, b) = ports.tls(t);
+        for p in [e, b] {
+            wait_listening(p).with_context(|| format!("TLS: {} did not start", t.name()))?;
+        }
+        kit.one_handshake(e).with_context(|| format!("TLS: {} does not forward", t.name()))?;
+    }
+    let mut tls_samples = vec![TlsSample::default(); TLS_TARGETS.len()];
 
     let mut samples = vec![Sample::default(); TARGETS.len()];
     // Of the kernel path's bulk bytes, the share relayed in user space while
@@ -230,7 +263,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         }
         // Connection and upgrade rates, interleaved like the latencies: every
         // target gets the same machine (and the same TIME_WAIT backlog).
-        let mut runs: Vec<Box<dyn FnMut() -> Result<()>>> = Vec::new();
+        let mut runs: Vec<Box<dyn FnMut() -> Result<()> + '_>> = Vec::new();
         for t in TARGETS {
             let port = ports.of(t).1;
             runs.push(Box::new(move || one_crr(port)));
@@ -244,8 +277,30 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 Ok(())
             }));
         }
+        let suites: Vec<Rc<RefCell<String>>> = TLS_TARGETS.iter().map(|_| Rc::default()).collect();
+        for (t, suite) in TLS_TARGETS.iter().zip(&suites) {
+            let port = ports.tls(*t).0;
+            let (suite, kit) = (suite.clone(), &kit);
+            runs.push(Box::new(move || {
+                *suite.borrow_mut() = kit.one_handshake(port)?;
+                Ok(())
+            }));
+        }
         let secs = opts.crr_secs * runs.len() as f64 / 2.0;
         let rates = interleaved_rates(&mut runs, secs)?;
+        drop(runs);
+        for (k, t) in TLS_TARGETS.iter().enumerate() {
+            let r = rates[TARGETS.len() + WS_TARGETS.len() + k];
+            eprintln!("  rep {rep} tls {:<32} {r:7.0} handshakes/s", t.name());
+            tls_samples[k].handshakes.push(r);
+            tls_samples[k].suite = suites[k].borrow().clone();
+        }
+        for k in 0..if rates_only { 0 } else { TLS_TARGETS.len() } {
+            let i = (k + rep) % TLS_TARGETS.len();
+            let g = kit.bulk(ports.tls(TLS_TARGETS[i]).1, opts.bulk_secs)?;
+            eprintln!("  rep {rep} tls {:<32} {g:6.2} Gbit/s", TLS_TARGETS[i].name());
+            tls_samples[i].gbps.push(g);
+        }
         for (i, t) in TARGETS.iter().enumerate() {
             eprintln!("  rep {rep} {:<24} {:7.0} conn/s", t.name(), rates[i]);
             samples[i].crr.push(rates[i]);
@@ -315,6 +370,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
 
     let mut report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
     report += &bench_ws::render(&ws_samples);
+    report += &bench_tls::render(&tls_samples, opts.bulk_secs);
     if attach_variants {
         let (d, dp) = (median(&samples[0].rr_p50), median(&samples[0].pinned_rr_p50));
         report += "\n## Kernel path variants (64 B RR p50, interleaved with the targets above)\n\n| variant | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";
@@ -689,7 +745,7 @@ fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
 
 /// Rates (per second) of each of `runs`, called in turns of `TURN_OPS`
 /// round-robin for `secs` in all.
-fn interleaved_rates(runs: &mut [Box<dyn FnMut() -> Result<()>>], secs: f64) -> Result<Vec<f64>> {
+fn interleaved_rates(runs: &mut [Box<dyn FnMut() -> Result<()> + '_>], secs: f64) -> Result<Vec<f64>> {
     const TURN_OPS: usize = 20;
     let mut spent = vec![Duration::ZERO; runs.len()];
     let mut done = vec![0u64; runs.len()];
@@ -810,7 +866,7 @@ fn pin_all(procs: &Procs, cpus: &str) -> Result<()> {
     Ok(())
 }
 
-fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
+fn start_gateway(bin: &Path, ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Procs) -> Result<()> {
     let mut yaml = String::from("listeners:\n");
     for (t, offload) in [(Target::Kernel, "kernel"), (Target::Userspace, "userspace")] {
         let (b, e) = ports.of(t);
@@ -825,6 +881,22 @@ fn start_gateway(bin: &Path, ports: &Ports, work: &Path, procs: &mut Procs) -> R
             "  - name: ws-{mode}\n    bind: \"127.0.0.1:{}\"\n    protocol: websocket\n    routes:\n      - path_prefix: /\n        backends: [\"127.0.0.1:{}\"]\n        mode: {mode}\n",
             ports.ws(t),
             ports.ws_echo
+        );
+    }
+    let certs = format!(
+        "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
+        kit.cert.display(),
+        kit.key.display()
+    );
+    let (te, ts) = ports.tls(TlsTarget::Terminate);
+    for (name, port, to) in [("tls-term-echo", te, ports.echo), ("tls-term-sink", ts, ports.sink)] {
+        yaml += &format!("  - name: {name}\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{to}\"]\n{certs}");
+    }
+    let (pe, ps) = ports.tls(TlsTarget::Passthrough);
+    for (name, port, to) in [("tls-pass-echo", pe, ports.tls_echo), ("tls-pass-sink", ps, ports.tls_sink)] {
+        yaml += &format!(
+            "  - name: {name}\n    bind: \"127.0.0.1:{port}\"\n    offload: kernel\n    routes:\n      - sni: {}\n        mode: passthrough\n        backends: [\"127.0.0.1:{to}\"]\n",
+            bench_tls::NAME
         );
     }
     yaml += &format!("admin:\n  socket: {}\n", work.join("admin.sock").display());
@@ -884,13 +956,22 @@ fn start_haproxy(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
     procs.spawn("haproxy", Command::new("haproxy").arg("-db").arg("-f").arg(&f), work)
 }
 
-fn start_nginx(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
+fn start_nginx(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Procs) -> Result<()> {
     let (b, e) = ports.of(Target::Nginx);
     let w = work.display();
+    let (se, ss) = ports.tls(TlsTarget::Nginx);
+    let ssl = |port: u16, to: u16| {
+        format!(
+            "  server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; proxy_pass 127.0.0.1:{to}; }}\n",
+            kit.cert.display(),
+            kit.key.display()
+        )
+    };
+    let ssl = ssl(se, ports.echo) + &ssl(ss, ports.sink);
     let cfg = format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\npid {w}/nginx.pid;\nerror_log {w}/nginx-error.log;\n\
          events {{ worker_connections 4096; }}\n\
-         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n}}\n\
+         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n{ssl}}}\n\
          http {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{ws};\n    location / {{\n      proxy_pass http://127.0.0.1:{};\n\
          \x20     proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
          \x20     proxy_read_timeout 1h;\n    }}\n  }}\n}}\n",

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_tls;
 mod bench_ws;
 mod study;
 
