@@ -247,21 +247,30 @@ pub async fn run(
 /// bytes the verdict passed instead of redirecting (while the flow was being
 /// enabled, or while it was over its queue bound).
 fn read_passed(end: &mut End<'_>, peer: &Sock) -> (Step, bool) {
-    // Most calls find EOF or nothing: they read into the thread's scratch
-    // buffer, and only bytes that came are copied out. (A fresh 256 KiB per
-    // call, zeroed or not, was most of a short flow's user time.)
+    // Most calls find EOF or nothing: until a flow has passed bytes, they
+    // read into the thread's scratch buffer and only bytes that came are
+    // copied out, into the flow's own chunk buffer, which is then read into
+    // directly and kept (a fresh 256 KiB per call was most of a short flow's
+    // user time).
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(CHUNK));
     }
+    debug_assert!(end.pending.is_empty());
     loop {
-        let read = SCRATCH.with_borrow_mut(|buf| {
-            buf.clear();
-            let r = sys::read_spare(end.sock, buf);
-            if matches!(r, Ok(n) if n > 0) {
-                end.pending = buf.clone();
-            }
-            r
-        });
+        let read = if end.pending.capacity() >= CHUNK {
+            sys::read_spare(end.sock, &mut end.pending)
+        } else {
+            SCRATCH.with_borrow_mut(|buf| {
+                buf.clear();
+                let r = sys::read_spare(end.sock, buf);
+                if matches!(r, Ok(n) if n > 0) {
+                    let mut own = Vec::with_capacity(CHUNK);
+                    own.extend_from_slice(buf);
+                    end.pending = own;
+                }
+                r
+            })
+        };
         match read {
             Ok(0) => {
                 tracing::debug!(side = %end.side, "EOF");

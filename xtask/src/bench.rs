@@ -890,7 +890,8 @@ fn start_gateway(bin: &Path, ports: &Ports, work: &Path, kit: &bench_tls::Kit, p
     );
     let (te, ts) = ports.tls(TlsTarget::Terminate);
     for (name, port, to) in [("tls-term-echo", te, ports.echo), ("tls-term-sink", ts, ports.sink)] {
-        yaml += &format!("  - name: {name}\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{to}\"]\n{certs}");
+        yaml +=
+            &format!("  - name: {name}\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{to}\"]\n{certs}");
     }
     let (pe, ps) = ports.tls(TlsTarget::Passthrough);
     for (name, port, to) in [("tls-pass-echo", pe, ports.tls_echo), ("tls-pass-sink", ps, ports.tls_sink)] {
@@ -962,7 +963,7 @@ fn start_nginx(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
     let (se, ss) = ports.tls(TlsTarget::Nginx);
     let ssl = |port: u16, to: u16| {
         format!(
-            "  server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; proxy_pass 127.0.0.1:{to}; }}\n",
+            "  server {{ listen 127.0.0.1:{port} ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate {}; ssl_certificate_key {}; proxy_pass 127.0.0.1:{to}; }}\n",
             kit.cert.display(),
             kit.key.display()
         )
