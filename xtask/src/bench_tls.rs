@@ -79,8 +79,21 @@ impl Kit {
         run(&with(&["req"], &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=bench.gw.test"]))?;
         std::fs::write(work.join("tls.ext"), format!("subjectAltName=DNS:{NAME}\n"))?;
         run(&[
-            "x509", "-req", "-in", "tls.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "tls.pem",
-            "-days", "2", "-extfile", "tls.ext",
+            "x509",
+            "-req",
+            "-in",
+            "tls.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "tls.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "tls.ext",
         ])?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
@@ -97,7 +110,12 @@ impl Kit {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(chain, PrivateKeyDer::from_pem_file(work.join("tls.key"))?)?;
-        Ok(Kit { cert: work.join("tls.pem"), key: work.join("tls.key"), client: Arc::new(client), server: Arc::new(server) })
+        Ok(Kit {
+            cert: work.join("tls.pem"),
+            key: work.join("tls.key"),
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
     }
 
     fn connect(&self, port: u16) -> Result<StreamOwned<ClientConnection, TcpStream>> {
