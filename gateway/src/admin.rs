@@ -66,15 +66,23 @@ pub struct FlowsReply {
 
 pub struct AdminServer {
     path: PathBuf,
+    /// (device, inode) of the socket file bound: after a hot upgrade the
+    /// path is the new process's, and is left alone.
+    file: Option<(u64, u64)>,
 }
 
 impl AdminServer {
     /// Binds the socket, replacing a stale one, readable by root only.
     /// Binds the socket; with `group` (a gid), members of that group may use
     /// it too (mode 0660), otherwise only its owner (0600).
-    pub fn bind(path: &Path, group: Option<u32>) -> std::io::Result<(Self, UnixListener)> {
+    /// With `take_over` (hot upgrade) a live daemon's socket file is replaced.
+    pub fn bind(path: &Path, group: Option<u32>, take_over: bool) -> std::io::Result<(Self, UnixListener)> {
+        use std::os::unix::fs::MetadataExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
+        }
+        if take_over && path.exists() {
+            std::fs::remove_file(path)?;
         }
         if path.exists() {
             // A live daemon answers; a dead one left a stale file.
@@ -87,7 +95,8 @@ impl AdminServer {
             std::fs::remove_file(path)?;
         }
         let l = UnixListener::bind(path)?;
-        let guard = Self { path: path.to_path_buf() };
+        let file = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
+        let guard = Self { path: path.to_path_buf(), file };
         match group {
             Some(gid) => {
                 std::os::unix::fs::chown(path, None, Some(gid))?;
@@ -101,7 +110,11 @@ impl AdminServer {
 
 impl Drop for AdminServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        use std::os::unix::fs::MetadataExt;
+        let now = std::fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        if now.is_some() && now == self.file {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -134,9 +147,23 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
 
 async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     let listeners = &listener_infos(daemon);
-    let (r, mut w) = conn.into_split();
-    let mut line = String::new();
-    BufReader::new(r.take(4096)).read_line(&mut line).await?;
+    // One request line, read byte by byte so nothing past it is consumed
+    // (a handover goes on over the same connection).
+    let mut line = Vec::new();
+    let mut conn = conn;
+    while line.len() < 4096 {
+        match conn.read_u8().await {
+            Ok(b'\n') => break,
+            Ok(b) => line.push(b),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
+    if line.trim() == crate::upgrade::REQUEST {
+        return crate::upgrade::give(conn, daemon).await;
+    }
+    let (_, mut w) = conn.into_split();
     let body = match line.trim() {
         "flows" => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
         "listeners" => serde_json::to_vec(listeners),

@@ -146,12 +146,18 @@ async fn serve<I: ClientStream>(client: I, flow: Arc<Flow>, rt: Arc<ListenerRt>,
     let served = builder.serve_connection(TokioIo::new(client), svc).with_upgrades();
     tokio::pin!(served);
     let mut shutdown = daemon.shutdown.subscribe();
+    let mut handed_over = daemon.handed_over.subscribe();
     let mut draining = false;
     let result = loop {
         tokio::select! {
             r = served.as_mut() => break r,
+            // The drain, or a hot upgrade (the new process takes the client's
+            // next connection): finish the request in progress, then close.
             () = crate::ws::draining(&mut shutdown), if !draining => {
-                // Finish the request in progress, then close.
+                served.as_mut().graceful_shutdown();
+                draining = true;
+            }
+            () = crate::ws::draining(&mut handed_over), if !draining => {
                 served.as_mut().graceful_shutdown();
                 draining = true;
             }

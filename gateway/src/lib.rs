@@ -21,4 +21,5 @@ pub mod splice;
 pub mod stats;
 pub mod sys;
 pub mod tls;
+pub mod upgrade;
 pub mod ws;

@@ -39,11 +39,16 @@ enum Cmd {
     },
     /// Run the daemon. Needs root (or CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON) for the kernel path.
     #[command(
-        after_help = "Example:\n  gateway run --config examples/gateway.yaml\n\nLog filter: GATEWAY_LOG (e.g. GATEWAY_LOG=debug); format: GATEWAY_LOG_FORMAT=json|plain"
+        after_help = "Examples:\n  gateway run --config examples/gateway.yaml\n  gateway run --config examples/gateway.yaml --takeover   # hot upgrade: take the listeners over\n\nLog filter: GATEWAY_LOG (e.g. GATEWAY_LOG=debug); format: GATEWAY_LOG_FORMAT=json|plain"
     )]
     Run {
         #[arg(short, long, value_name = "FILE")]
         config: PathBuf,
+        /// Hot upgrade: take the listening sockets over from the daemon running
+        /// on the config's admin socket. It stops accepting once this one is
+        /// ready; its open flows finish there, then it exits.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Show the live flows of a running daemon.
     #[command(
@@ -140,7 +145,7 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
-        Cmd::Run { config } => {
+        Cmd::Run { config, takeover } => {
             let cfg = match Config::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -153,7 +158,7 @@ fn main() -> ExitCode {
                 warn!("{w}");
             }
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
-            match rt.block_on(run(cfg, &config)) {
+            match rt.block_on(run(cfg, &config, takeover)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     error!("{e:#}");
@@ -229,7 +234,7 @@ fn init_logging(json: bool) {
     }
 }
 
-async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
+async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Result<()> {
     // Handlers first: a SIGHUP or SIGTERM that arrives once the admin socket
     // answers must find them in place (the default action would kill us).
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -266,11 +271,23 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
         .and_then(|v| v.parse().ok())
         .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
     raise_nofile_limit();
+    // A hot upgrade takes the running daemon's listening sockets first.
+    let mut taken = match takeover {
+        true => {
+            let t = gateway::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
+            info!(from_pid = t.from_pid, "upgrade: listening sockets received");
+            Some(t)
+        }
+        false => None,
+    };
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
     let global = Arc::new(gateway::limits::Global { max: cfg.max_connections, ..Default::default() });
     for l in &cfg.listeners {
-        let sock = reload::bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+        let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
+            Some(s) => tokio::net::TcpListener::from_std(s)?,
+            None => reload::bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?,
+        };
         let local = sock.local_addr()?;
         bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
     }
@@ -280,8 +297,9 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
         ),
         None => None,
     };
-    let (_admin_guard, admin_listener) = AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1))
-        .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
+    let (_admin_guard, admin_listener) =
+        AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1), taken.is_some())
+            .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
     let daemon = Arc::new(Daemon {
         flows: Default::default(),
         listeners: Default::default(),
@@ -293,6 +311,7 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
         kernel_unavailable: unavailable,
         handoff_delay,
         shutdown: tokio::sync::watch::channel(false).0,
+        handed_over: tokio::sync::watch::channel(false).0,
     });
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
@@ -313,7 +332,14 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));
     }
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
+    if let Some(t) = taken {
+        let from = t.from_pid;
+        // Blocking, briefly: one line each way on a local socket.
+        tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
+        info!(from_pid = from, "upgrade: the old daemon stopped accepting; this one serves every listener");
+    }
 
+    let mut handed_over = daemon.handed_over.subscribe();
     let signal = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -322,6 +348,23 @@ async fn run(cfg: Config, config_path: &std::path::Path) -> Result<()> {
                 // The outcome is logged either way; a bad file changes nothing.
                 if let Err(e) = reload::reload(&daemon, config_path, &global).await {
                     error!("{e}");
+                }
+            }
+            _ = handed_over.wait_for(|h| *h) => {
+                // Hot upgrade: the listeners are the new process's now. Open
+                // flows go on here until they end; a signal drains them as usual.
+                let ended = async {
+                    while !daemon.flows.is_empty() {
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                };
+                tokio::select! {
+                    () = ended => {
+                        info!("upgrade: every flow of this process has ended; exiting");
+                        return Ok(());
+                    }
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
                 }
             }
         }

@@ -42,6 +42,8 @@ pub struct Daemon {
     pub handoff_delay: Duration,
     /// Set to true when the drain starts.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Set to true once a new process has taken the listeners over (hot upgrade).
+    pub handed_over: tokio::sync::watch::Sender<bool>,
 }
 
 /// A listener's runtime state.

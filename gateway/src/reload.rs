@@ -33,6 +33,8 @@ pub struct Running {
     pub bind: SocketAddr,
     accept: JoinHandle<()>,
     checks: JoinHandle<()>,
+    /// A duplicate of the listening socket, for a hot upgrade's handover.
+    sock: std::os::fd::OwnedFd,
 }
 
 impl Running {
@@ -56,6 +58,20 @@ impl Listeners {
         self.running.lock().unwrap().values().map(|r| r.slot.lock().unwrap().clone()).collect()
     }
 
+    /// Each listener (name, configured bind, bound address) with a new
+    /// descriptor of its listening socket, for a hot upgrade.
+    pub fn sockets(&self) -> std::io::Result<(Vec<crate::upgrade::Offered>, Vec<std::os::fd::OwnedFd>)> {
+        let run = self.running.lock().unwrap();
+        let mut offered = Vec::new();
+        let mut fds = Vec::new();
+        for (name, r) in run.iter() {
+            fds.push(r.sock.try_clone()?);
+            let local = r.slot.lock().unwrap().local;
+            offered.push(crate::upgrade::Offered { name: name.clone(), bind: r.bind, local });
+        }
+        Ok((offered, fds))
+    }
+
     /// Stops accepting on every listener (for the drain at shutdown).
     pub fn stop_all(&self) {
         for r in self.running.lock().unwrap().values() {
@@ -76,8 +92,16 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
     let bind = rt.cfg.bind;
     let name = rt.cfg.name.clone();
     let slot: Slot = Arc::new(Mutex::new(rt));
+    let dup = match std::os::fd::AsFd::as_fd(&sock).try_clone_to_owned() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(listener = %name, "cannot duplicate the listening socket ({e}); not serving it");
+            checks.abort();
+            return;
+        }
+    };
     let accept = tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone()));
-    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks });
+    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks, sock: dup });
 }
 
 /// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.

@@ -223,3 +223,135 @@ pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
     }
     Ok(kept)
 }
+
+/// Most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
+pub const MAX_FDS_PER_MESSAGE: usize = 253;
+
+/// Sends `data` with `fds` attached (SCM_RIGHTS) on a Unix stream socket.
+/// The receiver gets its own descriptors for the same open files.
+pub fn send_fds(sock: &impl AsRawFd, data: &[u8], fds: &[std::os::fd::RawFd]) -> io::Result<()> {
+    if data.is_empty() || fds.len() > MAX_FDS_PER_MESSAGE {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "send_fds: no data, or too many descriptors"));
+    }
+    let fd_bytes = mem::size_of_val(fds) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space.max(1)];
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    if !fds.is_empty() {
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        // SAFETY: control holds CMSG_SPACE(fd_bytes) bytes, room for one header
+        // and the descriptors; CMSG_FIRSTHDR is non-null for such a buffer.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), fd_bytes as usize);
+        }
+    }
+    // SAFETY: msg describes valid buffers (above).
+    let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if (n as usize) < data.len() {
+        // The descriptors went with the first byte; the rest is plain data.
+        let mut rest = &data[n as usize..];
+        while !rest.is_empty() {
+            // SAFETY: rest is valid for reads of its length.
+            let m = unsafe { libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
+            if m < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            rest = &rest[m as usize..];
+        }
+    }
+    Ok(())
+}
+
+/// Receives one message: up to `buf.len()` bytes and the descriptors that
+/// came with them (close-on-exec).
+pub fn recv_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use std::os::fd::FromRawFd;
+    let fd_bytes = (MAX_FDS_PER_MESSAGE * mem::size_of::<libc::c_int>()) as u32;
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(fd_bytes) } as usize;
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: msg describes valid buffers (above).
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut fds = Vec::new();
+    // SAFETY: the kernel filled msg_control with msg_controllen bytes of
+    // well-formed headers; each SCM_RIGHTS payload is an array of new fds,
+    // which this process now owns.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c);
+                let len = (*c).cmsg_len as usize - (data as usize - c as usize);
+                for k in 0..len / mem::size_of::<libc::c_int>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(k));
+                    fds.push(std::os::fd::OwnedFd::from_raw_fd(fd));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "descriptors were truncated"));
+    }
+    Ok((n as usize, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        io::Read,
+        os::{fd::AsRawFd, unix::net::UnixStream},
+    };
+
+    /// Descriptors sent over a socket pair arrive as new descriptors of the
+    /// same open files, with the data, whatever the message's size.
+    #[test]
+    fn descriptors_pass_with_their_message() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let l1 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let l2 = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let body = vec![b'x'; 100_000];
+        let sender = std::thread::spawn(move || {
+            super::send_fds(&a, &body, &[l1.as_raw_fd(), l2.as_raw_fd()]).unwrap();
+            (l1.local_addr().unwrap(), l2.local_addr().unwrap())
+        });
+        let mut buf = vec![0u8; 200_000];
+        let (mut n, fds) = super::recv_fds(&b, &mut buf).unwrap();
+        while n < 100_000 {
+            n += b.read(&mut buf[n..]).unwrap();
+        }
+        let sent = sender.join().unwrap();
+        assert_eq!(fds.len(), 2);
+        let got: Vec<_> = fds.into_iter().map(|fd| std::net::TcpListener::from(fd).local_addr().unwrap()).collect();
+        assert_eq!((got[0], got[1]), sent);
+        assert!(buf[..n].iter().all(|&c| c == b'x'));
+        assert!(super::send_fds(&b, b"", &[]).is_err());
+    }
+}

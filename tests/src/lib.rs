@@ -318,6 +318,46 @@ impl Gateway {
         }
     }
 
+    /// Hot upgrade: a second daemon on this one's config file, started with
+    /// `--takeover`; returns once it answers on the admin socket as itself.
+    pub fn take_over(&self, topo: &Topology) -> Gateway {
+        let log = self.dir.join(format!("gateway-takeover-{}.log", NS_SEQ.fetch_add(1, Ordering::Relaxed)));
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &topo.gw])
+            .arg(gateway_bin())
+            .args(["run", "--takeover", "--config"])
+            .arg(self.dir.join("gateway.yaml"))
+            .env("GATEWAY_LOG", std::env::var("GATEWAY_LOG").unwrap_or_else(|_| "info".into()))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).unwrap());
+        let child = cmd.spawn().expect("spawn gateway --takeover");
+        let mut gw = Gateway { child, dir: self.dir.clone(), admin: self.admin.clone(), log };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = gw.child.try_wait() {
+                panic!("gateway --takeover exited during start-up ({status}):\n{}", gw.log_text());
+            }
+            // `ip netns exec` execs the daemon: the child's pid is the daemon's.
+            if gw.try_request("status").is_ok_and(|v| v["pid"] == gw.child.id()) {
+                return gw;
+            }
+            assert!(Instant::now() < deadline, "gateway --takeover not serving after 30 s:\n{}", gw.log_text());
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits up to `limit` for the daemon to exit by itself.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -972,6 +1012,55 @@ pub fn dated_cert(dir: &Path, name: &str, start: &str, end: &str) {
         let out = Command::new("openssl").args(&args).current_dir(dir).output().expect("openssl");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
+}
+
+/// What [`rustls_echo`] saw.
+#[derive(Debug)]
+pub struct RustlsEcho {
+    /// Every byte came back, in order.
+    pub intact: bool,
+    /// The server answered our close_notify with its own (a clean TLS close).
+    pub clean_close: bool,
+    pub version: String,
+}
+
+/// A rustls client in this process, from the client host: verifies the
+/// server as `name` against `ca`, sends `size` random-ish bytes in 16 KiB
+/// round trips through an echo, then close_notify, and reads to the end.
+pub fn rustls_echo(topo: &Topology, to: SocketAddr, ca: &Path, name: &str, size: usize) -> RustlsEcho {
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), ServerName::try_from(name.to_string()).unwrap())
+        .unwrap();
+    let sock = topo.connect(to).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    let mut intact = true;
+    let mut sent = 0usize;
+    let mut back = vec![0u8; 16 << 10];
+    while sent < size {
+        let n = (size - sent).min(16 << 10);
+        let chunk: Vec<u8> = (sent..sent + n).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        s.write_all(&chunk).unwrap();
+        s.read_exact(&mut back[..n]).unwrap();
+        intact &= back[..n] == chunk[..];
+        sent += n;
+    }
+    let version = format!("{:?}", s.conn.protocol_version().unwrap());
+    s.conn.send_close_notify();
+    s.flush().unwrap();
+    let mut rest = Vec::new();
+    let clean_close = matches!(s.read_to_end(&mut rest), Ok(0));
+    RustlsEcho { intact, clean_close, version }
 }
 
 /// The Python `ssl` client (`tests/peers/tls_client.py`) in the client namespace.

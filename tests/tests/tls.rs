@@ -39,6 +39,10 @@ fn terminated_flows_are_intact_and_certificates_follow_sni() {
         assert_eq!(r["names"], serde_json::json!(["a.gw.test"]), "{r}");
         assert_eq!((r["version"].as_str(), r["alpn"].as_str()), (Some("TLSv1.3"), Some("echo/1")), "{r}");
     }
+    // A rustls client: the same bytes back, and close_notify answered by
+    // close_notify once the backend has closed.
+    let r = rustls_echo(&topo, addr, &dir.join("ca.pem"), "a.gw.test", 4 << 20);
+    assert!(r.intact && r.clean_close && r.version == "TLSv1_3", "{r:?}");
     let r = tls_client(&topo, &[&host, &port, "--ca", ca, "--sni", "b.gw.test", "--size", "1000"]);
     assert_eq!((r["intact"].as_bool(), &r["names"]), (Some(true), &serde_json::json!(["b.gw.test"])), "{r}");
     // An unknown name gets the first certificate, which the client refuses.
@@ -71,10 +75,10 @@ fn terminated_flows_are_intact_and_certificates_follow_sni() {
     let v = gw.stats();
     let l = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "t").unwrap().clone();
     // Turned away: the client that refused the default certificate, and the
-    // one that spoke HTTP. Terminated: three a, one b, one s_client.
+    // one that spoke HTTP. Terminated: three a, one rustls, one b, one s_client.
     assert_eq!(l["rejected"]["tls-handshake"], 2, "{l}");
     assert_eq!(l["kernel_flows"], 0, "{l}");
-    assert_eq!(l["userspace_by_reason"]["userspace-tls"], 5, "{l}");
+    assert_eq!(l["userspace_by_reason"]["userspace-tls"], 6, "{l}");
     assert!(l["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 16 << 20, "{l}");
     fs::remove_dir_all(dir).unwrap();
 }
