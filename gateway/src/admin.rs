@@ -42,6 +42,9 @@ pub struct Status {
     pub kernel_sockets: usize,
     pub kernel_index_entries: usize,
     pub kernel_slots_in_use: usize,
+    /// `kernel.pin_path`, while the maps and the verdict are pinned there.
+    #[serde(default)]
+    pub pinned_at: Option<String>,
     pub listeners: Vec<ListenerInfo>,
 }
 
@@ -192,6 +195,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_sockets: s,
                 kernel_index_entries: i,
                 kernel_slots_in_use: u,
+                pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()
                     .map(|l| ListenerInfo { name: l.name.clone(), local: l.local.clone(), offload: l.offload.clone() })

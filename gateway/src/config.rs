@@ -768,6 +768,8 @@ struct RawKernel {
     trim_overlaps: Option<bool>,
     max_queued_per_flow: Option<Value>,
     max_queued_total: Option<Value>,
+    pin_path: Option<PathBuf>,
+    keep_pinned: Option<bool>,
 }
 
 /// A validated configuration.
@@ -966,6 +968,11 @@ pub struct Kernel {
     pub max_queued_per_flow: u64,
     /// Bound on the sum over all kernel flows; flows share it.
     pub max_queued_total: u64,
+    /// A directory on a BPF filesystem where the maps and the verdict are
+    /// pinned while the daemon runs (for bpftool and other tools).
+    pub pin_path: Option<PathBuf>,
+    /// Leave the pins in place when the daemon exits.
+    pub keep_pinned: bool,
 }
 
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/gateway/admin.sock";
@@ -1261,6 +1268,14 @@ impl RawConfig {
             .flow_interval
             .as_ref()
             .map_or(Some(DEFAULT_FLOW_LOG_INTERVAL), |v| e.duration("log.flow_interval", v));
+        if let Some(path) = &self.kernel.pin_path {
+            if path.as_os_str().is_empty() || !path.is_absolute() {
+                e.push("kernel.pin_path", format_args!("{:?} must be an absolute path", path.display().to_string()));
+            }
+        }
+        if self.kernel.keep_pinned == Some(true) && self.kernel.pin_path.is_none() {
+            e.push("kernel.keep_pinned", "needs kernel.pin_path (there is nothing to keep)");
+        }
         if let Some(path) = &self.admin.socket {
             if path.as_os_str().is_empty() || !path.is_absolute() {
                 e.push("admin.socket", format_args!("{:?} must be an absolute path", path.display().to_string()));
@@ -1277,6 +1292,8 @@ impl RawConfig {
                 trim_overlaps: self.kernel.trim_overlaps.unwrap_or(true),
                 max_queued_per_flow: per_flow.unwrap_or_else(default_max_queued_per_flow),
                 max_queued_total: total.unwrap_or(DEFAULT_MAX_QUEUED_TOTAL),
+                pin_path: self.kernel.pin_path,
+                keep_pinned: self.kernel.keep_pinned.unwrap_or(false),
             },
             max_connections,
             drain_timeout: drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
@@ -1393,6 +1410,19 @@ admin:
         assert_rejected(&GOOD.replace("round_robin", "random"), &["listeners[0].balance", "random"]);
         assert_rejected(&GOOD.replace("offload: auto", "offload: fast"), &["listeners[0].offload", "fast"]);
         assert_rejected(&GOOD.replace("protocol: tcp", "protocol: udp"), &["listeners[0].protocol", "udp"]);
+        assert_rejected(
+            &format!("{GOOD}kernel:\n  pin_path: gw\n"),
+            &["kernel.pin_path", "\"gw\" must be an absolute path"],
+        );
+        assert_rejected(
+            &format!("{GOOD}kernel:\n  keep_pinned: true\n"),
+            &["kernel.keep_pinned", "needs kernel.pin_path"],
+        );
+        let c = parse(&format!("{GOOD}kernel:\n  pin_path: /sys/fs/bpf/gateway\n")).unwrap();
+        assert_eq!(
+            (c.kernel.pin_path.as_deref(), c.kernel.keep_pinned),
+            (Some(Path::new("/sys/fs/bpf/gateway")), false)
+        );
     }
 
     #[test]

@@ -134,6 +134,8 @@ pub fn run(cfg: Option<&config::Config>) -> Report {
         trim_overlaps: true,
         max_queued_per_flow: config::default_max_queued_per_flow(),
         max_queued_total: config::DEFAULT_MAX_QUEUED_TOTAL,
+        pin_path: None,
+        keep_pinned: false,
     });
     let (kernel_ok, kernel_reason) = match &kernel {
         Ok(k) => {

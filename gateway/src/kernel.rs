@@ -191,6 +191,8 @@ struct Maps {
 }
 
 pub struct KernelPath {
+    /// `kernel.pin_path`: what is pinned, removed at exit unless kept.
+    pins: Mutex<Option<Pins>>,
     // Keeps the program (and its attachment to SOCKS) alive.
     _ebpf: Ebpf,
     // Maps the program uses that no other field owns.
@@ -299,14 +301,25 @@ impl KernelPath {
             ebpf.take_map(name).ok_or_else(|| Unavailable::LoadFailed(format!("object has no map {name}")))
         };
         let load_err = |e: &dyn std::fmt::Display| Unavailable::LoadFailed(e.to_string());
+        let mut pins = match &settings.pin_path {
+            Some(dir) => Some(Pins::prepare(dir, settings.keep_pinned).map_err(Unavailable::LoadFailed)?),
+            None => None,
+        };
+        let mut take = |ebpf: &mut Ebpf, name: &str, file: &str| -> Result<Map, Unavailable> {
+            let map = take(ebpf, name)?;
+            if let Some(p) = pins.as_mut() {
+                p.pin(file, |path| map.pin(path).map_err(|e| format!("{e:#}"))).map_err(Unavailable::LoadFailed)?;
+            }
+            Ok(map)
+        };
         let mut config: Array<MapData, KernelConfig> =
-            Array::try_from(take(&mut ebpf, MAP_CONFIG)?).map_err(|e| load_err(&e))?;
+            Array::try_from(take(&mut ebpf, MAP_CONFIG, "config")?).map_err(|e| load_err(&e))?;
         config.set(0, cfg, 0).map_err(|e| load_err(&e))?;
         let socks: SockHash<MapData, u64> =
-            SockHash::try_from(take(&mut ebpf, MAP_SOCKS)?).map_err(|e| load_err(&e))?;
+            SockHash::try_from(take(&mut ebpf, MAP_SOCKS, "socks")?).map_err(|e| load_err(&e))?;
         let index: HashMap<MapData, u64, u32> =
-            HashMap::try_from(take(&mut ebpf, MAP_SLOT_INDEX)?).map_err(|e| load_err(&e))?;
-        let Map::Array(slots_data) = take(&mut ebpf, MAP_SLOTS)? else {
+            HashMap::try_from(take(&mut ebpf, MAP_SLOT_INDEX, "slot_index")?).map_err(|e| load_err(&e))?;
+        let Map::Array(slots_data) = take(&mut ebpf, MAP_SLOTS, "slots")? else {
             return Err(Unavailable::LoadFailed("SLOTS is not an array".into()));
         };
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| load_err(&format!("mmap SLOTS: {e}")))?;
@@ -318,6 +331,9 @@ impl KernelPath {
             .try_into()
             .map_err(|e| load_err(&e))?;
         prog.load().map_err(|e| load_err(&format!("{e:#}")))?;
+        if let Some(p) = pins.as_mut() {
+            p.pin("verdict", |path| prog.pin(path).map_err(|e| format!("{e:#}"))).map_err(Unavailable::LoadFailed)?;
+        }
         match attach {
             Attach::StreamVerdict => {
                 prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
@@ -351,7 +367,11 @@ impl KernelPath {
             max_queued_total = flow_control.map_or(0, |f| f.total),
             "kernel path ready: sk_skb verdict attached to SOCKHASH"
         );
+        if let Some(p) = &pins {
+            info!(dir = %p.dir.display(), keep_pinned = p.keep, "maps and verdict pinned");
+        }
         Ok(Self {
+            pins: Mutex::new(pins),
             _ebpf: ebpf,
             _kept: (config, slots_data),
             maps: Mutex::new(Maps {
@@ -368,6 +388,19 @@ impl KernelPath {
             flow_control,
             settings_bounded: settings.max_queued_per_flow > 0,
         })
+    }
+
+    /// Removes the pins this daemon made (unless `kernel.keep_pinned`); a pin
+    /// another daemon has since replaced (hot upgrade) is left alone.
+    pub fn unpin(&self) {
+        if let Some(p) = self.pins.lock().unwrap().take() {
+            p.remove();
+        }
+    }
+
+    /// Where the maps are pinned, if they are.
+    pub fn pinned_at(&self) -> Option<std::path::PathBuf> {
+        self.pins.lock().unwrap().as_ref().map(|p| p.dir.clone())
     }
 
     /// Puts both sockets in the SOCKHASH. From here on the verdict forwards
@@ -575,4 +608,73 @@ fn spawn_ebpf_logger(ebpf: &mut Ebpf) {
         },
         Err(e) => warn!("kernel program log not forwarded: {e}"),
     }
+}
+
+/// The BPF filesystem's magic number (statfs f_type).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Pinned objects of `kernel.pin_path`, each with the (device, inode) it got.
+pub struct Pins {
+    dir: std::path::PathBuf,
+    keep: bool,
+    made: Vec<(std::path::PathBuf, (u64, u64))>,
+}
+
+impl Pins {
+    /// Checks that `dir` is on a BPF filesystem (mounting one on
+    /// /sys/fs/bpf when `dir` is under it and nothing is mounted there, as
+    /// the boot here does not), and creates it.
+    fn prepare(dir: &std::path::Path, keep: bool) -> Result<Self, String> {
+        let default = std::path::Path::new("/sys/fs/bpf");
+        if dir.starts_with(default) && !on_bpffs(default) {
+            sys::mount_bpffs(default).map_err(|e| {
+                format!("kernel.pin_path: /sys/fs/bpf is not a BPF filesystem and mounting one failed ({e}); run `mount -t bpf bpf /sys/fs/bpf`")
+            })?;
+            info!("mounted a BPF filesystem on /sys/fs/bpf for kernel.pin_path");
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("kernel.pin_path: cannot create {}: {e}", dir.display()))?;
+        if !on_bpffs(dir) {
+            return Err(format!(
+                "kernel.pin_path: {} is not on a BPF filesystem; mount one (mount -t bpf bpf DIR) or use /sys/fs/bpf/...",
+                dir.display()
+            ));
+        }
+        Ok(Pins { dir: dir.to_path_buf(), keep, made: Vec::new() })
+    }
+
+    /// Pins one object as `dir/name`, replacing a pin left by an earlier
+    /// daemon (kept pins, or a hot upgrade's predecessor).
+    fn pin(&mut self, name: &str, pin: impl FnOnce(&std::path::Path) -> Result<(), String>) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self.dir.join(name);
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .map_err(|e| format!("kernel.pin_path: cannot replace {}: {e}", path.display()))?;
+        }
+        pin(&path).map_err(|e| format!("kernel.pin_path: pinning {}: {e}", path.display()))?;
+        let id = std::fs::metadata(&path).map(|m| (m.dev(), m.ino())).map_err(|e| e.to_string())?;
+        self.made.push((path, id));
+        Ok(())
+    }
+
+    fn remove(self) {
+        use std::os::unix::fs::MetadataExt;
+        if self.keep {
+            info!(dir = %self.dir.display(), "kernel.keep_pinned: maps and verdict stay pinned");
+            return;
+        }
+        for (path, id) in &self.made {
+            if std::fs::metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == *id) {
+                if let Err(e) = std::fs::remove_file(path) {
+                    warn!(path = %path.display(), "cannot remove a pin: {e}");
+                }
+            }
+        }
+        // Only if empty: another daemon may pin there too.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn on_bpffs(path: &std::path::Path) -> bool {
+    sys::fs_type(path).is_ok_and(|t| t == BPF_FS_MAGIC)
 }

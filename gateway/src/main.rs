@@ -361,6 +361,9 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
                 tokio::select! {
                     () = ended => {
                         info!("upgrade: every flow of this process has ended; exiting");
+                        if let Some(k) = &daemon.kernel {
+                            k.unpin();
+                        }
                         return Ok(());
                     }
                     _ = term.recv() => break "SIGTERM",
@@ -389,8 +392,12 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         _ = term.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
         _ = int.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
     }
-    // Returning drops the runtime: every flow's sockets close, which also
-    // takes them out of the sockmap, and the programs go with the process.
+    // Pins go first (unless kept): with them gone, the programs and maps go
+    // with the process. Returning drops the runtime: every flow's sockets
+    // close, which also takes them out of the sockmap.
+    if let Some(k) = &daemon.kernel {
+        k.unpin();
+    }
     Ok(())
 }
 

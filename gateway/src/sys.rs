@@ -224,6 +224,33 @@ pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
     Ok(kept)
 }
 
+/// `statfs(2)` f_type of the filesystem holding `path`.
+pub fn fs_type(path: &std::path::Path) -> io::Result<i64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statfs is plain data, all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated path, st is valid for writes.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_type as i64)
+}
+
+/// Mounts a BPF filesystem on `dir` (needs CAP_SYS_ADMIN).
+pub fn mount_bpffs(dir: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let target = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: every argument is a valid NUL-terminated string, data is null.
+    let r = unsafe { libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null()) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Most descriptors one SCM_RIGHTS message carries (the kernel's SCM_MAX_FD).
 pub const MAX_FDS_PER_MESSAGE: usize = 253;
 

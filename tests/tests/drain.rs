@@ -102,3 +102,63 @@ fn drain_timeout_and_second_signal_end_the_wait() {
     wait_exit(&mut gw, Duration::from_secs(10));
     assert!(gw.log_text().contains("second signal"), "{}", gw.log_text());
 }
+
+/// A BPF filesystem mounted on a directory of the test's own, unmounted
+/// (which also drops what is pinned in it) on drop.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn mount() -> Self {
+        let dir = temp_dir("bpffs");
+        let st = std::process::Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&dir).status().unwrap();
+        assert!(st.success(), "mount -t bpf bpf {}", dir.display());
+        Bpffs(dir)
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `kernel.pin_path` pins the maps and the verdict while the daemon runs;
+/// the exit removes them, unless `keep_pinned`. A path off a BPF filesystem
+/// stops the start with the fix in the message.
+#[test]
+fn pinned_maps_go_at_exit_unless_kept() {
+    if !require_root("pinned_maps_go_at_exit_unless_kept") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let fs = Bpffs::mount();
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    offload: kernel\n",
+        be.addr
+    );
+    let names = ["config", "slot_index", "slots", "socks", "verdict"];
+    for keep in [false, true] {
+        let pin = fs.0.join(format!("gw-{keep}"));
+        let extra = format!("kernel:\n  pin_path: {}\n  keep_pinned: {keep}\n", pin.display());
+        let mut gw = Gateway::start(&topo, &GatewayConfig { listeners: listeners.clone(), extra });
+        assert_eq!(gw.status()["pinned_at"], pin.display().to_string());
+        for n in names {
+            assert!(pin.join(n).exists(), "{n} is not pinned in {}", pin.display());
+        }
+        // Flows ride the kernel path as usual.
+        let s = topo.connect(gw.listener("t")).unwrap();
+        echo_roundtrip(&s, Pattern(5), 1 << 20).unwrap();
+        signal(&gw, libc::SIGTERM);
+        assert!(wait_exit(&mut gw, Duration::from_secs(30)).success());
+        for n in names {
+            assert_eq!(pin.join(n).exists(), keep, "{n} after exit with keep_pinned: {keep}");
+        }
+    }
+    let extra = format!("kernel:\n  pin_path: {}\n", temp_dir("notbpffs").display());
+    let mut gw = Gateway::spawn(&topo, &GatewayConfig { listeners, extra }, &[], &[]);
+    assert!(!wait_exit(&mut gw, Duration::from_secs(30)).success());
+    let log = gw.log_text();
+    assert!(log.contains("is not on a BPF filesystem") && log.contains("mount -t bpf bpf"), "{log}");
+}
