@@ -8,9 +8,10 @@
         byte for byte, then closes. Prints one JSON line.
     ws_client.py big URL --size N
         Sends one binary message of N bytes; prints how the connection closed.
-    ws_client.py hold URL --count N
+    ws_client.py hold URL --count N [--again]
         Opens N connections, echoes one message on each, prints "OPEN N", waits
-        for a line on stdin, closes them all, prints "CLOSED N".
+        for a line on stdin, (with --again, echoes one more message on each,)
+        closes them all, prints "CLOSED N".
     ws_client.py expect-first URL
         Prints the first message the server sends, then closes.
     ws_client.py wait-close URL
@@ -115,6 +116,12 @@ async def hold(a):
     await asyncio.gather(*(one(i) for i in range(a.count)))
     print(f"OPEN {len(conns)}", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if a.again:
+        async def again(i, ws):
+            await ws.send(f"again {i}")
+            if await asyncio.wait_for(ws.recv(), 30) != f"again {i}":
+                fail(f"echo mismatch on connection {i} after the wait")
+        await asyncio.gather(*(again(i, ws) for i, ws in enumerate(conns)))
     await asyncio.gather(*(ws.close(1000, "done") for ws in conns))
     print(f"CLOSED {len(conns)}", flush=True)
 
@@ -177,6 +184,7 @@ def main():
     p.add_argument("--close", default="4000:py done")
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--count", type=int, default=1)
+    p.add_argument("--again", action="store_true")
     a = p.parse_args()
     try:
         modes = {"echo": echo, "big": big, "hold": hold, "expect-first": expect_first,

@@ -1,8 +1,8 @@
 //! Hot upgrade end to end: a second daemon takes the listening sockets over
 //! (`gateway run --takeover`). Flows established on the first, on the kernel
 //! path and in user space, keep moving bytes and are never reset; no
-//! connection attempt during the switch is refused; the first daemon exits
-//! once its flows have ended.
+//! connection attempt during the switch is refused; WebSockets held open
+//! across it keep working; the first daemon exits once its flows have ended.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -47,13 +47,22 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     }
     let topo = Arc::new(Topology::new());
     let be = Backend::echo(&topo);
+    let ws = Peer::python_server(&topo);
     let listeners = format!(
         "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n\
-         \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n",
-        b = be.addr
+         \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n\
+         \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
+         \x20     - path_prefix: /\n        backends: [\"{w}\"]\n",
+        b = be.addr,
+        w = ws.addr
     );
     let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let (k, u) = (old.listener("k"), old.listener("u"));
+
+    // Long-lived WebSockets (Python `websockets`) open across the switch.
+    let url = format!("ws://{}/chat", old.listener("w"));
+    let mut held = Held::py_client(&topo, &["hold", &url, "--count", "20", "--again"]);
+    assert_eq!(held.line(Duration::from_secs(60)), "OPEN 20");
 
     // One flow on each path, 1 MiB echoed before the switch.
     const MIB: u64 = 1 << 20;
@@ -108,9 +117,12 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     assert!(mine.iter().any(|f| f["listener"] == "k" && f["path"] == "kernel"), "{mine:?}");
     assert!(!mine.iter().any(|f| f["listener"] == "u"), "the old flow moved to the new daemon: {mine:?}");
 
-    // The old flows go on, intact, after the switch: 1 MiB more each.
+    // The old flows go on, intact, after the switch: 1 MiB more each, and a
+    // message on every WebSocket, which then closes cleanly.
     echo_more(&mut ck, pk, MIB, MIB);
     echo_more(&mut cu, pu, MIB, MIB);
+    held.go_on();
+    assert_eq!(held.line(Duration::from_secs(60)), "CLOSED 20");
     assert!(old.wait_exit(Duration::from_millis(200)).is_none(), "the old daemon left while its flows were open");
 
     // Closing them lets the old daemon finish: no reset, and the kernel
