@@ -38,6 +38,8 @@ pub enum CloseCause {
     IdleTimeout,
     /// Ended by the daemon's drain (inspect-mode WebSockets get close 1001).
     Shutdown,
+    /// Handed to a new daemon (hot upgrade), which goes on with it.
+    HandedOver,
     NoBackend,
     Rejected(String),
     Error(String),
@@ -68,6 +70,7 @@ impl CloseCause {
             CloseCause::Reset { by: Side::Backend } => "backend-reset",
             CloseCause::IdleTimeout => "idle-timeout",
             CloseCause::Shutdown => "shutdown",
+            CloseCause::HandedOver => "handed-over",
             CloseCause::NoBackend => "no-backend",
             CloseCause::Rejected(_) => "rejected",
             CloseCause::Error(_) => "error",
@@ -82,6 +85,7 @@ impl fmt::Display for CloseCause {
             CloseCause::Reset { by } => write!(f, "{by}-reset"),
             CloseCause::IdleTimeout => f.write_str("idle-timeout"),
             CloseCause::Shutdown => f.write_str("shutdown"),
+            CloseCause::HandedOver => f.write_str("handed-over"),
             CloseCause::NoBackend => f.write_str("no-backend"),
             CloseCause::Rejected(why) => write!(f, "rejected: {why}"),
             CloseCause::Error(e) => write!(f, "error: {e}"),
@@ -221,6 +225,36 @@ impl FlowTable {
         });
         self.flows.lock().unwrap().insert(id, flow.clone());
         FlowGuard { table: self, flow }
+    }
+
+    /// A flow handed over by the previous daemon: a new id here, its start
+    /// time, backend, route and user byte counts carried over.
+    pub fn adopt(&self, m: &crate::upgrade::MigrantInfo) -> Arc<Flow> {
+        let id = self.next_id.fetch_add(1, Relaxed) + 1;
+        let now = sys::monotonic_ns();
+        let age = std::time::Duration::from_millis(m.age_ms);
+        let f = Arc::new(Flow {
+            id,
+            listener: m.listener.clone(),
+            client: m.client,
+            backend: Mutex::new(m.backend),
+            started: SystemTime::now() - age,
+            started_ns: now.saturating_sub(age.as_nanos() as u64),
+            path: Mutex::new(FlowPath::Kernel {
+                client_slot: m.splice.client_slot,
+                backend_slot: m.splice.backend_slot,
+            }),
+            user_c2b: AtomicU64::new(m.user_c2b),
+            user_b2c: AtomicU64::new(m.user_b2c),
+            user_last_ns: AtomicU64::new(now),
+            route: Mutex::new(m.route.clone()),
+            http_requests: AtomicU64::new(0),
+            msgs_c2b: AtomicU64::new(0),
+            msgs_b2c: AtomicU64::new(0),
+        });
+        // In the table until `retire`.
+        self.flows.lock().unwrap().insert(id, f.clone());
+        f
     }
 
     pub fn len(&self) -> usize {

@@ -182,6 +182,9 @@ struct Maps {
     socks: SockHash<MapData, u64>,
     index: HashMap<MapData, u64, u32>,
     free: Vec<u32>,
+    /// Handed over (hot upgrade): the free slots are the next daemon's now,
+    /// and no flow is spliced here any more.
+    sealed: bool,
     /// Slots of live flows (both of each flow), with their socket's fd.
     active: std::collections::BTreeMap<u32, i32>,
     /// The bound currently written into every active slot.
@@ -193,10 +196,13 @@ struct Maps {
 pub struct KernelPath {
     /// `kernel.pin_path`: what is pinned, removed at exit unless kept.
     pins: Mutex<Option<Pins>>,
-    // Keeps the program (and its attachment to SOCKS) alive.
-    _ebpf: Ebpf,
+    // The loaded object (None when the maps were adopted from a predecessor,
+    // whose program stays attached to SOCKS).
+    _ebpf: Option<Ebpf>,
     // Maps the program uses that no other field owns.
-    _kept: (Array<MapData, KernelConfig>, MapData),
+    _kept: (Option<Array<MapData, KernelConfig>>, MapData),
+    /// Descriptors of SOCKS, SLOT_INDEX and SLOTS, for a hot upgrade.
+    handover_fds: [std::os::fd::OwnedFd; 3],
     maps: Mutex<Maps>,
     slots: SlotTable,
     max_flows: u32,
@@ -229,7 +235,7 @@ impl FlowControl {
 
 /// A socket pair spliced in the kernel. Dropping it does not release the
 /// slots: call [`KernelPath::release`].
-#[derive(Debug)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Splice {
     pub client_cookie: u64,
     pub backend_cookie: u64,
@@ -317,8 +323,12 @@ impl KernelPath {
         config.set(0, cfg, 0).map_err(|e| load_err(&e))?;
         let socks: SockHash<MapData, u64> =
             SockHash::try_from(take(&mut ebpf, MAP_SOCKS, "socks")?).map_err(|e| load_err(&e))?;
-        let index: HashMap<MapData, u64, u32> =
-            HashMap::try_from(take(&mut ebpf, MAP_SLOT_INDEX, "slot_index")?).map_err(|e| load_err(&e))?;
+        let index_map = take(&mut ebpf, MAP_SLOT_INDEX, "slot_index")?;
+        let Map::HashMap(index_data) = &index_map else {
+            return Err(Unavailable::LoadFailed("SLOT_INDEX is not a hash map".into()));
+        };
+        let index_fd = index_data.fd().as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
+        let index: HashMap<MapData, u64, u32> = HashMap::try_from(index_map).map_err(|e| load_err(&e))?;
         let Map::Array(slots_data) = take(&mut ebpf, MAP_SLOTS, "slots")? else {
             return Err(Unavailable::LoadFailed("SLOTS is not an array".into()));
         };
@@ -336,7 +346,8 @@ impl KernelPath {
         }
         match attach {
             Attach::StreamVerdict => {
-                prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                let link = prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                keep_attached(prog, link)?;
             }
             Attach::SkbVerdict => {
                 let fd = prog.fd().map_err(|e| load_err(&e))?;
@@ -344,14 +355,16 @@ impl KernelPath {
                     .map_err(|e| load_err(&format!("BPF_PROG_ATTACH(BPF_SK_SKB_VERDICT): {e}")))?;
             }
             Attach::Parser => {
-                prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                let link = prog.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                keep_attached(prog, link)?;
                 let parser: &mut SkSkb = ebpf
                     .program_mut(PROG_PARSER)
                     .ok_or_else(|| load_err(&"object has no parser program"))?
                     .try_into()
                     .map_err(|e| load_err(&e))?;
                 parser.load().map_err(|e| load_err(&format!("{e:#}")))?;
-                parser.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                let link = parser.attach(socks.fd()).map_err(|e| load_err(&format!("{e:#}")))?;
+                keep_attached(parser, link)?;
             }
         }
         if attach != Attach::StreamVerdict {
@@ -370,14 +383,18 @@ impl KernelPath {
         if let Some(p) = &pins {
             info!(dir = %p.dir.display(), keep_pinned = p.keep, "maps and verdict pinned");
         }
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| load_err(&e));
+        let handover_fds = [dup(socks.fd().as_fd())?, dup(index_fd.as_fd())?, dup(slots_data.fd().as_fd())?];
         Ok(Self {
             pins: Mutex::new(pins),
-            _ebpf: ebpf,
-            _kept: (config, slots_data),
+            _ebpf: Some(ebpf),
+            _kept: (Some(config), slots_data),
+            handover_fds,
             maps: Mutex::new(Maps {
                 socks,
                 index,
                 free: (0..sockets).rev().collect(),
+                sealed: false,
                 active: Default::default(),
                 high_water: 0,
                 buffers_for: 0,
@@ -435,7 +452,7 @@ impl KernelPath {
             return Err(Unavailable::NoFlowControl);
         }
         let mut maps = self.maps.lock().unwrap();
-        if maps.free.len() < 2 {
+        if maps.free.len() < 2 || maps.sealed {
             return Err(Unavailable::MapFull(self.max_flows));
         }
         let high_water = match self.flow_control {
@@ -677,4 +694,104 @@ impl Pins {
 
 fn on_bpffs(path: &std::path::Path) -> bool {
     sys::fs_type(path).is_ok_and(|t| t == BPF_FS_MAGIC)
+}
+
+/// Drops aya's handle on an attachment without detaching: the verdict stays
+/// attached to SOCKS for as long as SOCKS lives, also past this process when
+/// a hot upgrade has handed the map on. (Without user references the kernel
+/// frees the map and releases the program with it.)
+fn keep_attached(prog: &mut SkSkb, link: aya::programs::sk_skb::SkSkbLinkId) -> Result<(), Unavailable> {
+    let link = prog.take_link(link).map_err(|e| Unavailable::LoadFailed(e.to_string()))?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// What a new daemon needs to adopt this one's kernel maps (hot upgrade).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Handover {
+    pub max_flows: u32,
+    pub trim: bool,
+    pub flow_control: Option<(u64, u64)>,
+    pub settings_bounded: bool,
+    /// Slots the next daemon may use.
+    pub free: Vec<u32>,
+}
+
+impl KernelPath {
+    /// The maps' descriptors (SOCKS, SLOT_INDEX, SLOTS) and what goes with
+    /// them, with half of the free slots: the next daemon's, from now on.
+    pub fn handover(&self) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
+        use std::os::fd::AsFd;
+        let mut maps = self.maps.lock().unwrap();
+        let keep = maps.free.len() / 2;
+        let given = maps.free.split_off(keep);
+        let info = Handover {
+            max_flows: self.max_flows,
+            trim: self.trim,
+            flow_control: self.flow_control.map(|f| (f.per_flow, f.total)),
+            settings_bounded: self.settings_bounded,
+            free: given,
+        };
+        (info, self.handover_fds.iter().map(AsFd::as_fd).collect())
+    }
+
+    /// Takes over a predecessor's maps (its verdict stays attached to
+    /// SOCKS): flows it hands over keep their slots, new flows take the
+    /// slots it did not use.
+    pub fn adopt(info: &Handover, fds: [std::os::fd::OwnedFd; 3]) -> Result<Self, String> {
+        use std::os::fd::AsFd;
+        let dup = |fd: &std::os::fd::OwnedFd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string());
+        let handover_fds = [dup(&fds[0])?, dup(&fds[1])?, dup(&fds[2])?];
+        let [socks, index, slots] = fds;
+        let socks = MapData::from_fd(socks).map_err(|e| format!("SOCKS: {e}"))?;
+        let index = MapData::from_fd(index).map_err(|e| format!("SLOT_INDEX: {e}"))?;
+        let slots_data = MapData::from_fd(slots).map_err(|e| format!("SLOTS: {e}"))?;
+        let socks: SockHash<MapData, u64> = SockHash::try_from(Map::SockHash(socks)).map_err(|e| e.to_string())?;
+        let index: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(index)).map_err(|e| e.to_string())?;
+        let sockets = info.max_flows.saturating_mul(2);
+        let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
+        let free = info.free.clone();
+        info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");
+        Ok(Self {
+            pins: Mutex::new(None),
+            _ebpf: None,
+            _kept: (None, slots_data),
+            handover_fds,
+            maps: Mutex::new(Maps {
+                socks,
+                index,
+                free,
+                sealed: false,
+                active: Default::default(),
+                high_water: 0,
+                buffers_for: 0,
+            }),
+            slots,
+            max_flows: info.max_flows,
+            trim: info.trim,
+            flow_control: info.flow_control.map(|(per_flow, total)| FlowControl { per_flow, total }),
+            settings_bounded: info.settings_bounded,
+        })
+    }
+
+    /// Stops splicing here and gives up the remaining free slots (to the
+    /// next daemon, with the flows handed over).
+    pub fn seal(&self) -> Vec<u32> {
+        let mut maps = self.maps.lock().unwrap();
+        maps.sealed = true;
+        std::mem::take(&mut maps.free)
+    }
+
+    /// Slots the previous daemon gave up, usable here now.
+    pub fn add_free(&self, slots: &[u32]) {
+        self.maps.lock().unwrap().free.extend_from_slice(slots);
+    }
+
+    /// Counts a flow handed over by the predecessor as live (its slots were
+    /// never in this daemon's free list).
+    pub fn adopt_flow(&self, s: &Splice, client_fd: i32, backend_fd: i32) {
+        let mut maps = self.maps.lock().unwrap();
+        maps.active.extend([(s.client_slot, client_fd), (s.backend_slot, backend_fd)]);
+        self.rebalance(&mut maps);
+    }
 }

@@ -240,15 +240,34 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    // The kernel path is loaded once for all listeners that may use it.
+    // A hot upgrade takes the running daemon's listening sockets, and its
+    // kernel maps, first.
+    let mut taken = match takeover {
+        true => {
+            let t = gateway::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
+            info!(from_pid = t.from_pid, kernel_maps = t.kernel.is_some(), "upgrade: listening sockets received");
+            Some(t)
+        }
+        false => None,
+    };
+    // The kernel path is loaded once for all listeners that may use it (or
+    // adopted from the daemon taken over, whose verdict stays attached).
     let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
-    let (kernel, unavailable) = if wants_kernel {
-        match KernelPath::load(&cfg.kernel) {
+    let (kernel, unavailable) = match taken.as_mut().and_then(|t| t.kernel.take()) {
+        Some((info, fds)) => {
+            if cfg.kernel.pin_path.is_some() {
+                warn!("upgrade: the adopted kernel maps are not pinned again; kernel.pin_path applies at the next cold start");
+            }
+            match KernelPath::adopt(&info, fds) {
+                Ok(k) => (Some(k), None),
+                Err(e) => return Err(anyhow!("--takeover: cannot adopt the kernel maps: {e}")),
+            }
+        }
+        None if wants_kernel => match KernelPath::load(&cfg.kernel) {
             Ok(k) => (Some(k), None),
             Err(e) => (None, Some(e)),
-        }
-    } else {
-        (None, None)
+        },
+        None => (None, None),
     };
     if let Some(why) = &unavailable {
         for l in &cfg.listeners {
@@ -271,15 +290,6 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         .and_then(|v| v.parse().ok())
         .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
     raise_nofile_limit();
-    // A hot upgrade takes the running daemon's listening sockets first.
-    let mut taken = match takeover {
-        true => {
-            let t = gateway::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
-            info!(from_pid = t.from_pid, "upgrade: listening sockets received");
-            Some(t)
-        }
-        false => None,
-    };
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
     let global = Arc::new(gateway::limits::Global { max: cfg.max_connections, ..Default::default() });
@@ -312,6 +322,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         handoff_delay,
         shutdown: tokio::sync::watch::channel(false).0,
         handed_over: tokio::sync::watch::channel(false).0,
+        migrants: Default::default(),
     });
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
@@ -334,9 +345,20 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
     if let Some(t) = taken {
         let from = t.from_pid;
-        // Blocking, briefly: one line each way on a local socket.
-        tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
-        info!(from_pid = from, "upgrade: the old daemon stopped accepting; this one serves every listener");
+        // Blocking, briefly: a line each way, then the flows, on a local socket.
+        let (moved, free) =
+            tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
+        if let Some(k) = &daemon.kernel {
+            k.add_free(&free);
+        }
+        info!(
+            from_pid = from,
+            moved_flows = moved.len(),
+            "upgrade: the old daemon stopped accepting; this one serves every listener"
+        );
+        for m in moved {
+            tokio::spawn(gateway::proxy::adopt(daemon.clone(), m));
+        }
     }
 
     let mut handed_over = daemon.handed_over.subscribe();

@@ -44,6 +44,8 @@ pub struct Daemon {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Set to true once a new process has taken the listeners over (hot upgrade).
     pub handed_over: tokio::sync::watch::Sender<bool>,
+    /// Kernel flows detached for the new process; Some while it takes them.
+    pub migrants: std::sync::Mutex<Option<Vec<crate::upgrade::Migrant>>>,
 }
 
 /// A listener's runtime state.
@@ -496,7 +498,34 @@ pub async fn forward(
                     return cause;
                 }
             };
-            let cause = splice::run(k, &s, &client, &backend, flow, rt.cfg.idle_timeout).await;
+            let idle = rt.cfg.idle_timeout;
+            let mut socks = Some((client, backend));
+            let (c, b) = socks.as_ref().unwrap();
+            let mut outcome = splice::run(k, &s, c, b, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
+            if let splice::Outcome::Detached(resume) = outcome {
+                // To the new daemon, while it still takes flows.
+                let handed = match daemon.migrants.lock().unwrap().as_mut() {
+                    Some(list) => {
+                        let (client, backend) = socks.take().unwrap();
+                        let info = crate::upgrade::MigrantInfo::of(flow, &s, resume.clone());
+                        list.push(crate::upgrade::Migrant {
+                            info,
+                            client: client.into_inner(),
+                            backend: backend.into_inner(),
+                        });
+                        true
+                    }
+                    None => false,
+                };
+                if handed {
+                    debug!(flow = flow.id, "handed to the new daemon");
+                    return CloseCause::HandedOver;
+                }
+                // Too late: the flows have gone; this one ends here.
+                let (c, b) = socks.as_ref().unwrap();
+                outcome = splice::run(k, &s, c, b, flow, idle, None, Some(&resume)).await;
+            }
+            let splice::Outcome::Closed(cause) = outcome else { unreachable!("no detach without a receiver") };
             // Final counters before the slots are reused.
             retire(flow, Some(idx), &cause, rt, daemon);
             k.release(&s);
@@ -511,6 +540,45 @@ pub async fn forward(
             cause
         }
     }
+}
+
+/// Goes on with a kernel flow the previous daemon handed over (hot
+/// upgrade): supervised here from where it stopped, then retired here.
+pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
+    use std::os::fd::AsRawFd;
+    let Some(k) = daemon.kernel.as_ref() else { return };
+    let flow = daemon.flows.adopt(&m.info);
+    let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.listener);
+    let idx = rt.as_ref().and_then(|r| m.info.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
+    k.adopt_flow(&m.info.splice, m.client.as_raw_fd(), m.backend.as_raw_fd());
+    crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, Some(k)));
+    let watch = |s: std::net::TcpStream| {
+        // SAFETY: as in `splice::register`: the AsyncFd owns the socket.
+        unsafe { splice::Sock::register_with_interest(s, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
+    };
+    let (client, backend) = match (watch(m.client), watch(m.backend)) {
+        (Ok(c), Ok(b)) => (c, b),
+        (c, b) => {
+            let e = c.err().or(b.err()).unwrap();
+            warn!(flow = flow.id, "cannot watch a handed-over flow's sockets: {e}; closing it");
+            daemon.flows.retire(&flow, Some(k), |_| {});
+            k.release(&m.info.splice);
+            return;
+        }
+    };
+    let idle = rt.as_ref().map_or(crate::config::DEFAULT_IDLE_TIMEOUT, |r| r.cfg.idle_timeout);
+    let _active = rt.as_ref().zip(idx).map(|(r, i)| r.activate(i));
+    let outcome = splice::run(k, &m.info.splice, &client, &backend, &flow, idle, None, Some(&m.info.resume)).await;
+    let splice::Outcome::Closed(cause) = outcome else { unreachable!("no detach without a receiver") };
+    match &rt {
+        Some(rt) => retire(&flow, idx, &cause, rt, &daemon),
+        None => {
+            // Its listener is gone from the config: no totals to add it to.
+            let s = daemon.flows.retire(&flow, Some(k), |_| {});
+            crate::flowlog::record("close", &s, Some(cause.code()));
+        }
+    }
+    k.release(&m.info.splice);
 }
 
 /// Logs the flow's close record and moves its counters into the totals.

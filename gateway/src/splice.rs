@@ -83,6 +83,27 @@ pub fn register(s: tokio::net::TcpStream) -> io::Result<Sock> {
     unsafe { AsyncFd::register_with_interest(std, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
+/// What a supervisor hands to the next daemon with a flow (hot upgrade),
+/// besides the [`Splice`]: what user space wrote into each socket's peer,
+/// and the send buffers it set.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Resume {
+    pub client_user_written: u64,
+    pub backend_user_written: u64,
+    pub client_sndbuf: u64,
+    pub backend_sndbuf: u64,
+}
+
+pub enum Outcome {
+    Closed(CloseCause),
+    /// Handed over: stopped at a quiet moment (nothing held here, no EOF,
+    /// not over a bound), the sockets untouched.
+    Detached(Resume),
+}
+
+/// Supervises the flow until it ends or, once `detach` turns true, until a
+/// quiet moment to hand it over. `resume` continues a handed-over flow.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     kernel: &KernelPath,
     splice: &Splice,
@@ -90,9 +111,33 @@ pub async fn run(
     backend: &Sock,
     flow: &Flow,
     idle: Duration,
-) -> CloseCause {
+    mut detach: Option<tokio::sync::watch::Receiver<bool>>,
+    resume: Option<&Resume>,
+) -> Outcome {
+    match supervise(kernel, splice, client, backend, flow, idle, &mut detach, resume).await {
+        Ok(cause) => Outcome::Closed(cause),
+        Err(r) => Outcome::Detached(r),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn supervise(
+    kernel: &KernelPath,
+    splice: &Splice,
+    client: &Sock,
+    backend: &Sock,
+    flow: &Flow,
+    idle: Duration,
+    detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    resume: Option<&Resume>,
+) -> Result<CloseCause, Resume> {
     let mut c = End::new(Side::Client, client, splice.client_slot, splice.backend_sent_base);
     let mut b = End::new(Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
+    if let Some(r) = resume {
+        (c.user_written, b.user_written, c.sndbuf, b.sndbuf) =
+            (r.client_user_written, r.backend_user_written, r.client_sndbuf, r.backend_sndbuf);
+    }
+    let mut detach_asked = false;
     let spliced_ns = sys::monotonic_ns();
     let mut first_eof: Option<Side> = None;
     let idle_tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(20));
@@ -104,7 +149,7 @@ pub async fn run(
     // is read; this read makes the kernel run the verdict on them.
     for (end, peer) in [(&mut c, backend), (&mut b, client)] {
         if let (Step::Done(cause), _) = read_passed(end, peer) {
-            return cause;
+            return Ok(cause);
         }
     }
 
@@ -156,7 +201,7 @@ pub async fn run(
         for (end, peer) in [(&mut c, backend), (&mut b, client)] {
             if !end.pending.is_empty() && drained(kernel, end, peer) {
                 if let Step::Done(cause) = flush(kernel, end, peer, flow) {
-                    return cause;
+                    return Ok(cause);
                 }
                 progress = true;
             }
@@ -165,22 +210,33 @@ pub async fn run(
             }
             if end.eof && !end.fin_forwarded && end.pending.is_empty() && drained(kernel, end, peer) {
                 if let Err(e) = sys::shutdown_write(peer) {
-                    return reset(client, backend, end.side, &e);
+                    return Ok(reset(client, backend, end.side, &e));
                 }
                 end.fin_forwarded = true;
                 progress = true;
                 tracing::debug!(side = %end.side, "FIN forwarded");
             }
         }
+        if detach_asked {
+            let quiet = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && !e.eof && !passing(s);
+            if !congested && quiet(&c, &kernel.slot(c.slot)) && quiet(&b, &kernel.slot(b.slot)) {
+                return Err(Resume {
+                    client_user_written: c.user_written,
+                    backend_user_written: b.user_written,
+                    client_sndbuf: c.sndbuf,
+                    backend_sndbuf: b.sndbuf,
+                });
+            }
+        }
         if c.fin_forwarded && b.fin_forwarded {
-            return CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) };
+            return Ok(CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) });
         }
         // A socket at EOF is always readable, so it is not polled any more;
         // notice a later RST from its state instead, when the timer wakes us.
         for (end, fin_sent_into_it) in [(&c, b.fin_forwarded), (&b, c.fin_forwarded)] {
             if end.eof && timer_woke {
                 if let Some(e) = broken(end.sock, fin_sent_into_it) {
-                    return reset(client, backend, end.side, &e);
+                    return Ok(reset(client, backend, end.side, &e));
                 }
             }
         }
@@ -191,7 +247,7 @@ pub async fn run(
             .max(spliced_ns)
             .max(flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed));
         if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
-            return CloseCause::IdleTimeout;
+            return Ok(CloseCause::IdleTimeout);
         }
 
         // Waiting on the kernel (a drain before a FIN or before passed bytes)
@@ -236,9 +292,13 @@ pub async fn run(
                 timer_woke = true;
                 Step::Continue
             }
+            () = asked_to_detach(detach), if !detach_asked => {
+                detach_asked = true;
+                Step::Continue
+            }
         };
         if let Step::Done(cause) = step {
-            return cause;
+            return Ok(cause);
         }
     }
 }
@@ -370,4 +430,16 @@ fn reset(a: &Sock, b: &Sock, by: Side, why: &io::Error) -> CloseCause {
     sys::set_linger_zero(a.as_raw_fd());
     sys::set_linger_zero(b.as_raw_fd());
     CloseCause::Reset { by }
+}
+
+/// Resolves once `detach` turns true (never without one).
+async fn asked_to_detach(detach: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match detach {
+        Some(rx) => {
+            if rx.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
 }

@@ -11,13 +11,21 @@
 //!    binds the others, loads its own kernel programs, takes over the admin
 //!    socket's path, and sends `ready`.
 //! 3. The old process stops accepting (its copies close; the sockets live on
-//!    in the new process) and answers `ok`. Its established flows, kernel
-//!    and userspace, carry on there untouched until they end; then it exits.
-//!    A signal during that wait starts its normal drain.
+//!    in the new process) and answers `ok`.
+//! 4. Kernel flows move: the offer also carried the kernel maps (SOCKS,
+//!    SLOT_INDEX, SLOTS) and half of the free slots, so the new process
+//!    splices into the same maps, under the verdict the old one attached. At
+//!    a quiet moment (nothing held in user space, no EOF, not over its
+//!    bound) each kernel flow's supervisor stops; its sockets, slots and
+//!    counters go to the new process, which supervises the flow from there.
+//!    The bytes never stop: the kernel moves them throughout.
+//! 5. Flows that can't move within a few seconds (half-closed, congested,
+//!    and every userspace flow: TLS, inspect, HTTP) finish in the old
+//!    process, which exits when they have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::SocketAddr,
     os::{
         fd::{AsRawFd, OwnedFd},
@@ -45,7 +53,60 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 pub struct Offer {
     pub pid: u32,
     pub listeners: Vec<Offered>,
+    /// With the kernel path: its maps' descriptors follow the listeners'.
+    pub kernel: Option<crate::kernel::Handover>,
 }
+
+/// A kernel flow moving to the new process; its two sockets travel with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrantInfo {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    pub route: Option<String>,
+    pub age_ms: u64,
+    pub user_c2b: u64,
+    pub user_b2c: u64,
+    pub splice: crate::kernel::Splice,
+    pub resume: crate::splice::Resume,
+}
+
+impl MigrantInfo {
+    pub fn of(flow: &crate::flows::Flow, splice: &crate::kernel::Splice, resume: crate::splice::Resume) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        MigrantInfo {
+            listener: flow.listener.clone(),
+            client: flow.client,
+            backend: *flow.backend.lock().unwrap(),
+            route: flow.route.lock().unwrap().clone(),
+            age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
+            user_c2b: flow.user_c2b.load(Relaxed),
+            user_b2c: flow.user_b2c.load(Relaxed),
+            splice: splice.clone(),
+            resume,
+        }
+    }
+}
+
+pub struct Migrant {
+    pub info: MigrantInfo,
+    pub client: std::net::TcpStream,
+    pub backend: std::net::TcpStream,
+}
+
+/// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
+#[derive(Debug, Serialize, Deserialize)]
+struct Moving {
+    flows: Vec<MigrantInfo>,
+    /// The old daemon's last free slots (in the final message).
+    free: Vec<u32>,
+    more: bool,
+}
+
+const FLOWS_PER_MESSAGE: usize = sys::MAX_FDS_PER_MESSAGE / 2;
+
+/// How long the old daemon waits for its kernel flows to reach a quiet moment.
+const MOVE_WITHIN: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Offered {
@@ -59,16 +120,23 @@ pub struct Offered {
 /// Old side: answers `handover` on an admin connection.
 pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     let (listeners, socks) = daemon.listeners.sockets()?;
-    if socks.len() > sys::MAX_FDS_PER_MESSAGE {
+    if socks.len() + 3 > sys::MAX_FDS_PER_MESSAGE {
         let why =
             format!("{} listeners are more than one handover carries ({})", socks.len(), sys::MAX_FDS_PER_MESSAGE);
         warn!("upgrade refused: {why}");
         let mut conn = conn;
         return conn.write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes()).await;
     }
-    let mut body = serde_json::to_vec(&Offer { pid: std::process::id(), listeners })?;
+    let (kernel, kernel_fds) = match &daemon.kernel {
+        Some(k) => {
+            let (info, fds) = k.handover();
+            (Some(info), fds.iter().map(AsRawFd::as_raw_fd).collect())
+        }
+        None => (None, Vec::new()),
+    };
+    let mut body = serde_json::to_vec(&Offer { pid: std::process::id(), listeners, kernel })?;
     body.push(b'\n');
-    let fds: Vec<i32> = socks.iter().map(AsRawFd::as_raw_fd).collect();
+    let fds: Vec<i32> = socks.iter().map(AsRawFd::as_raw_fd).chain(kernel_fds).collect();
     loop {
         conn.writable().await?;
         match conn.try_io(tokio::io::Interest::WRITABLE, || sys::send_fds(&conn, &body, &fds)) {
@@ -90,16 +158,61 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         return Ok(());
     }
     daemon.listeners.stop_all();
+    *daemon.migrants.lock().unwrap() = Some(Vec::new());
     daemon.handed_over.send_replace(true);
     conn.get_mut().write_all(b"ok\n").await?;
-    info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; established flows finish here");
+    info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the kernel flows");
+    // Kernel flows detach at their next quiet moment.
+    let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
+    let kernel_flows = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| f.path == "kernel").count();
+    while kernel_flows() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let moving = daemon.migrants.lock().unwrap().take().unwrap_or_default();
+    let free = daemon.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
+    let stayed = kernel_flows();
+    let conn = conn.into_inner();
+    let total = moving.len();
+    let mut batches = moving.chunks(FLOWS_PER_MESSAGE).peekable();
+    if batches.peek().is_none() {
+        send(&conn, &Moving { flows: Vec::new(), free: free.clone(), more: false }, &[]).await?;
+    }
+    while let Some(batch) = batches.next() {
+        let more = batches.peek().is_some();
+        let fds: Vec<i32> = batch.iter().flat_map(|m| [m.client.as_raw_fd(), m.backend.as_raw_fd()]).collect();
+        let msg = Moving {
+            flows: batch.iter().map(|m| m.info.clone()).collect(),
+            free: if more { Vec::new() } else { free.clone() },
+            more,
+        };
+        send(&conn, &msg, &fds).await?;
+    }
+    // Our copies of the moved sockets close here; the new process holds them.
+    drop(moving);
+    info!(moved = total, stayed, open_flows = daemon.flows.len(), "upgrade: kernel flows moved; the rest finish here");
     Ok(())
+}
+
+/// One JSON line with descriptors attached.
+async fn send(conn: &tokio::net::UnixStream, msg: &impl Serialize, fds: &[i32]) -> std::io::Result<()> {
+    let mut body = serde_json::to_vec(msg)?;
+    body.push(b'\n');
+    loop {
+        conn.writable().await?;
+        match conn.try_io(tokio::io::Interest::WRITABLE, || sys::send_fds(conn, &body, fds)) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// New side: the listening sockets received from the running daemon.
 pub struct Taken {
     pub from_pid: u32,
     listeners: Vec<(Offered, Option<OwnedFd>)>,
+    /// The old daemon's kernel maps, to adopt instead of loading new ones.
+    pub kernel: Option<(crate::kernel::Handover, [OwnedFd; 3])>,
     conn: UnixStream,
 }
 
@@ -127,11 +240,20 @@ pub fn take(admin: &Path) -> Result<Taken, String> {
     let offer: Offer = serde_json::from_slice(line).map_err(|e| {
         format!("{at}: not a handover answer ({e}); is the running daemon a version without hot upgrade?")
     })?;
-    if offer.listeners.len() != fds.len() {
-        return Err(format!("{at}: {} listeners offered with {} sockets", offer.listeners.len(), fds.len()));
+    let want = offer.listeners.len() + if offer.kernel.is_some() { 3 } else { 0 };
+    if want != fds.len() {
+        return Err(format!("{at}: {want} descriptors announced, {} received", fds.len()));
     }
-    let listeners = offer.listeners.into_iter().zip(fds.into_iter().map(Some)).collect();
-    Ok(Taken { from_pid: offer.pid, listeners, conn })
+    let mut fds = fds.into_iter();
+    let listeners = offer.listeners.into_iter().zip(fds.by_ref().map(Some)).collect();
+    let kernel = match offer.kernel {
+        Some(info) => {
+            let (a, b, c) = (fds.next().unwrap(), fds.next().unwrap(), fds.next().unwrap());
+            Some((info, [a, b, c]))
+        }
+        None => None,
+    };
+    Ok(Taken { from_pid: offer.pid, listeners, kernel, conn })
 }
 
 impl Taken {
@@ -146,18 +268,57 @@ impl Taken {
     /// Tells the old daemon to stop accepting. Offered sockets no listener
     /// claimed close here: connections waiting in them are lost, so they
     /// are named.
-    pub fn confirm(mut self) -> Result<(), String> {
+    /// Returns the kernel flows the old daemon then hands over, and its last
+    /// free slots.
+    pub fn confirm(mut self) -> Result<(Vec<Migrant>, Vec<u32>), String> {
         for (o, fd) in &self.listeners {
             if fd.is_some() {
                 warn!(listener = %o.name, local = %o.local, "upgrade: listener not in the new config; its socket closes");
             }
         }
         self.conn.write_all(b"ready\n").map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        BufReader::new(&self.conn).read_line(&mut line).map_err(|e| e.to_string())?;
-        if line.trim() != "ok" {
-            return Err(format!("the old daemon (pid {}) did not acknowledge: {line:?}", self.from_pid));
+        // Byte by byte up to the newline: what follows carries descriptors.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() < 64 {
+            match (&self.conn).read(&mut b) {
+                Ok(1) if b[0] == b'\n' => break,
+                Ok(1) => line.push(b[0]),
+                Ok(_) => break,
+                Err(e) => return Err(e.to_string()),
+            }
         }
-        Ok(())
+        if line != b"ok" {
+            return Err(format!(
+                "the old daemon (pid {}) did not acknowledge: {:?}",
+                self.from_pid,
+                String::from_utf8_lossy(&line)
+            ));
+        }
+        self.conn.set_read_timeout(Some(MOVE_WITHIN + Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        let mut moved = Vec::new();
+        loop {
+            let mut buf = vec![0u8; 1 << 20];
+            let (mut n, fds) = sys::recv_fds(&self.conn, &mut buf).map_err(|e| format!("receiving flows: {e}"))?;
+            while n > 0 && buf[n - 1] != b'\n' && n < buf.len() {
+                match (&self.conn).read(&mut buf[n..]) {
+                    Ok(0) => break,
+                    Ok(m) => n += m,
+                    Err(e) => return Err(format!("receiving flows: {e}")),
+                }
+            }
+            let msg: Moving = serde_json::from_slice(&buf[..n]).map_err(|e| format!("receiving flows: {e}"))?;
+            if fds.len() != 2 * msg.flows.len() {
+                return Err(format!("{} flows announced with {} sockets", msg.flows.len(), fds.len()));
+            }
+            let mut fds = fds.into_iter();
+            for info in msg.flows {
+                let (c, b) = (fds.next().unwrap(), fds.next().unwrap());
+                moved.push(Migrant { info, client: c.into(), backend: b.into() });
+            }
+            if !msg.more {
+                return Ok((moved, msg.free));
+            }
+        }
     }
 }

@@ -1,6 +1,7 @@
-//! Hot upgrade end to end: a second daemon takes the listening sockets over
-//! (`gateway run --takeover`). Flows established on the first, on the kernel
-//! path and in user space, keep moving bytes and are never reset; no
+//! Hot upgrade end to end: a second daemon takes the listening sockets and
+//! the kernel maps over (`gateway run --takeover`). A kernel flow moves to
+//! it; a userspace flow finishes on the first; both keep moving bytes and
+//! are never reset; no
 //! connection attempt during the switch is refused; WebSockets held open
 //! across it keep working; the first daemon exits once its flows have ended.
 use std::{
@@ -113,20 +114,37 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     assert_eq!((new.listener("k"), new.listener("u")), (k, u));
     let mut ck2 = topo.connect(k).unwrap();
     echo_more(&mut ck2, Pattern(13), 0, MIB);
-    let mine: Vec<Value> = new.flows();
-    assert!(mine.iter().any(|f| f["listener"] == "k" && f["path"] == "kernel"), "{mine:?}");
-    assert!(!mine.iter().any(|f| f["listener"] == "u"), "the old flow moved to the new daemon: {mine:?}");
 
-    // The old flows go on, intact, after the switch: 1 MiB more each, and a
-    // message on every WebSocket, which then closes cleanly.
+    // The kernel flow moved to the new daemon with its counters; the
+    // userspace one stayed with the old daemon.
+    new.wait_for("the moved kernel flow", Duration::from_secs(20), |g| {
+        g.flows().iter().any(|f| {
+            f["listener"] == "k" && f["path"] == "kernel" && f["bytes_client_to_backend"].as_u64() >= Some(MIB)
+        })
+    });
+    assert!(!new.flows().iter().any(|f| f["listener"] == "u"), "a userspace flow moved: {:?}", new.flows());
+    let log = old.log_text();
+    let moved = log
+        .lines()
+        .find(|l| l.contains("upgrade: kernel flows moved"))
+        .and_then(|l| l.split("moved=").nth(1))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no count of moved flows:\n{log}"));
+    assert!(moved >= 1, "{log}");
+    assert!(new.log_text().contains(&format!("moved_flows={moved}")), "{}", new.log_text());
+
+    // Every flow goes on, intact, after the switch: 1 MiB more each way on
+    // both (the moved one now supervised by the new daemon, its bytes still
+    // carried by the kernel), and a message on every WebSocket, which then
+    // closes cleanly.
     echo_more(&mut ck, pk, MIB, MIB);
     echo_more(&mut cu, pu, MIB, MIB);
     held.go_on();
     assert_eq!(held.line(Duration::from_secs(60)), "CLOSED 20");
     assert!(old.wait_exit(Duration::from_millis(200)).is_none(), "the old daemon left while its flows were open");
 
-    // Closing them lets the old daemon finish: no reset, and the kernel
-    // carried its flow's bytes before and after the switch.
+    // Closing them ends them where they live: no reset anywhere.
     for s in [&ck, &cu] {
         s.shutdown(std::net::Shutdown::Write).unwrap();
     }
@@ -135,10 +153,8 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     }
     let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows ended");
     assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
-    let log = old.log_text();
-    assert!(log.contains("every flow of this process has ended"), "{log}");
     let both_ways = format!("bytes_c2b={} bytes_b2c={}", 2 * MIB, 2 * MIB);
-    for (listener, path) in [("k", "kernel"), ("u", "userspace")] {
+    let closed = |log: &str, listener: &str, path: &str| {
         let close = log
             .lines()
             .find(|l| {
@@ -146,7 +162,14 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             })
             .unwrap_or_else(|| panic!("no close record of the {path} flow with 2 MiB each way:\n{log}"));
         assert!(close.contains(&format!("path={path} ")) && close.contains("cause=\"client-closed\""), "{close}");
-    }
+    };
+    let log = old.log_text();
+    assert!(log.contains("every flow of this process has ended"), "{log}");
+    closed(&log, "u", "userspace");
+    new.wait_for("the moved flow's close", Duration::from_secs(20), |g| {
+        !g.flows().iter().any(|f| f["listener"] == "k" && f["bytes_client_to_backend"].as_u64() >= Some(2 * MIB))
+    });
+    closed(&new.log_text(), "k", "kernel");
 
     // And the new one still serves once the old one is gone.
     one_conn(&topo, k).unwrap();
