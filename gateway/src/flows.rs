@@ -240,9 +240,13 @@ impl FlowTable {
             backend: Mutex::new(m.backend),
             started: SystemTime::now() - age,
             started_ns: now.saturating_sub(age.as_nanos() as u64),
-            path: Mutex::new(FlowPath::Kernel {
-                client_slot: m.splice.client_slot,
-                backend_slot: m.splice.backend_slot,
+            path: Mutex::new(match &m.moved {
+                crate::upgrade::Moved::Kernel { splice, .. } => {
+                    FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
+                }
+                crate::upgrade::Moved::Userspace { reason, code } => {
+                    FlowPath::Userspace { reason: reason.clone(), code: crate::upgrade::static_code(code) }
+                }
             }),
             user_c2b: AtomicU64::new(m.user_c2b),
             user_b2c: AtomicU64::new(m.user_b2c),

@@ -499,6 +499,14 @@ impl KernelPath {
         if let Err(e) = result {
             Self::unlink(&mut maps, &splice);
             maps.free.extend([cs, bs]);
+            // A peer's FIN between the state check above and the insert
+            // (the sockmap takes established sockets only): the flow is not
+            // broken, just no longer a candidate for the kernel path.
+            for (fd, side) in [(client.as_raw_fd(), "client"), (backend.as_raw_fd(), "backend")] {
+                if sys::tcp_info(&fd).is_ok_and(|i| i.state != sys::TCP_ESTABLISHED) {
+                    return Err(Unavailable::NotEstablished(side));
+                }
+            }
             return Err(e);
         }
         maps.active.extend([(cs, client.as_raw_fd()), (bs, backend.as_raw_fd())]);

@@ -507,7 +507,8 @@ pub async fn forward(
                 let handed = match daemon.migrants.lock().unwrap().as_mut() {
                     Some(list) => {
                         let (client, backend) = socks.take().unwrap();
-                        let info = crate::upgrade::MigrantInfo::of(flow, &s, resume.clone());
+                        let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: resume.clone() };
+                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
                         list.push(crate::upgrade::Migrant {
                             info,
                             client: client.into_inner(),
@@ -535,50 +536,96 @@ pub async fn forward(
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
-            let cause = relay::relay(client, backend, flow, rt.cfg.idle_timeout).await;
+            let idle = rt.cfg.idle_timeout;
+            let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
+            if let relay::Relayed::Detached(client, backend) = relayed {
+                let (client, backend) = (client.into_std(), backend.into_std());
+                // To the new daemon while it still takes flows; else back here.
+                let left = match (daemon.migrants.lock().unwrap().as_mut(), client, backend) {
+                    (Some(list), Ok(client), Ok(backend)) => {
+                        let moved = crate::upgrade::Moved::Userspace { reason, code: code.to_string() };
+                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                        list.push(crate::upgrade::Migrant { info, client, backend });
+                        None
+                    }
+                    (_, client, backend) => Some((client, backend)),
+                };
+                let Some((client, backend)) = left else {
+                    debug!(flow = flow.id, "handed to the new daemon");
+                    return CloseCause::HandedOver;
+                };
+                let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
+                relayed = match (back(client), back(backend)) {
+                    (Ok(c), Ok(b)) => relay::relay(c, b, flow, idle, None).await,
+                    _ => relay::Relayed::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
+                };
+            }
+            let relay::Relayed::Closed(cause) = relayed else { unreachable!("no detach without a receiver") };
             retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
     }
 }
 
-/// Goes on with a kernel flow the previous daemon handed over (hot
-/// upgrade): supervised here from where it stopped, then retired here.
+/// Goes on with a flow the previous daemon handed over (hot upgrade):
+/// supervised (kernel) or relayed (user space) here from where it stopped,
+/// then retired here.
 pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     use std::os::fd::AsRawFd;
-    let Some(k) = daemon.kernel.as_ref() else { return };
     let flow = daemon.flows.adopt(&m.info);
     let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.listener);
     let idx = rt.as_ref().and_then(|r| m.info.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
-    k.adopt_flow(&m.info.splice, m.client.as_raw_fd(), m.backend.as_raw_fd());
-    crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, Some(k)));
-    let watch = |s: std::net::TcpStream| {
-        // SAFETY: as in `splice::register`: the AsyncFd owns the socket.
-        unsafe { splice::Sock::register_with_interest(s, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
-    };
-    let (client, backend) = match (watch(m.client), watch(m.backend)) {
-        (Ok(c), Ok(b)) => (c, b),
-        (c, b) => {
-            let e = c.err().or(b.err()).unwrap();
-            warn!(flow = flow.id, "cannot watch a handed-over flow's sockets: {e}; closing it");
-            daemon.flows.retire(&flow, Some(k), |_| {});
-            k.release(&m.info.splice);
-            return;
-        }
-    };
+    let k = daemon.kernel.as_ref();
+    crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, k));
     let idle = rt.as_ref().map_or(crate::config::DEFAULT_IDLE_TIMEOUT, |r| r.cfg.idle_timeout);
     let _active = rt.as_ref().zip(idx).map(|(r, i)| r.activate(i));
-    let outcome = splice::run(k, &m.info.splice, &client, &backend, &flow, idle, None, Some(&m.info.resume)).await;
-    let splice::Outcome::Closed(cause) = outcome else { unreachable!("no detach without a receiver") };
-    match &rt {
-        Some(rt) => retire(&flow, idx, &cause, rt, &daemon),
+    let cause = match (&m.info.moved, k) {
+        (crate::upgrade::Moved::Kernel { splice: s, resume }, Some(k)) => {
+            k.adopt_flow(s, m.client.as_raw_fd(), m.backend.as_raw_fd());
+            let watch = |s: std::net::TcpStream| {
+                // SAFETY: as in `splice::register`: the AsyncFd owns the socket.
+                unsafe { splice::Sock::register_with_interest(s, tokio::io::Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+            };
+            let cause = match (watch(m.client), watch(m.backend)) {
+                (Ok(client), Ok(backend)) => {
+                    match splice::run(k, s, &client, &backend, &flow, idle, None, Some(resume)).await {
+                        splice::Outcome::Closed(cause) => cause,
+                        splice::Outcome::Detached(_) => unreachable!("no detach without a receiver"),
+                    }
+                }
+                (c, b) => CloseCause::Error(format!("cannot watch the sockets: {}", c.err().or(b.err()).unwrap())),
+            };
+            finish(&daemon, &flow, rt.as_deref(), idx, &cause);
+            k.release(s);
+            return;
+        }
+        (crate::upgrade::Moved::Userspace { .. }, _) => {
+            match (TcpStream::from_std(m.client), TcpStream::from_std(m.backend)) {
+                (Ok(c), Ok(b)) => match relay::relay(c, b, &flow, idle, None).await {
+                    relay::Relayed::Closed(cause) => cause,
+                    relay::Relayed::Detached(..) => unreachable!("no detach without a receiver"),
+                },
+                (c, b) => CloseCause::Error(format!("cannot register the sockets: {}", c.err().or(b.err()).unwrap())),
+            }
+        }
+        (crate::upgrade::Moved::Kernel { .. }, None) => {
+            CloseCause::Error("a kernel flow came without the kernel maps".into())
+        }
+    };
+    finish(&daemon, &flow, rt.as_deref(), idx, &cause);
+}
+
+/// Retires an adopted flow: into its listener's totals when the listener is
+/// still configured.
+fn finish(daemon: &Daemon, flow: &crate::flows::Flow, rt: Option<&ListenerRt>, idx: Option<usize>, cause: &CloseCause) {
+    match rt {
+        Some(rt) => retire(flow, idx, cause, rt, daemon),
         None => {
-            // Its listener is gone from the config: no totals to add it to.
-            let s = daemon.flows.retire(&flow, Some(k), |_| {});
+            let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |_| {});
             crate::flowlog::record("close", &s, Some(cause.code()));
         }
     }
-    k.release(&m.info.splice);
 }
 
 /// Logs the flow's close record and moves its counters into the totals.

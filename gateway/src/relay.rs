@@ -3,6 +3,7 @@
 //! on one side resets the other, and `idle_timeout` closes quiet flows.
 use std::{
     os::fd::{AsRawFd, RawFd},
+    sync::atomic::{AtomicBool, Ordering::Relaxed},
     time::Duration,
 };
 
@@ -22,7 +23,18 @@ pub const BUF_SIZE: usize = 256 * 1024;
 
 /// Copies one direction until EOF, then forwards the half-close. An error
 /// names the side at fault: the reading side for a read, the other for a write.
-async fn pump<R, W>(mut from: R, mut to: W, flow: &Flow, side: Side) -> Result<(), Side>
+async fn pump<R, W>(from: R, to: W, flow: &Flow, side: Side) -> Result<(), Side>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    pump_marked(from, to, flow, side, &AtomicBool::new(false)).await
+}
+
+/// `pump`, with `reading` true while it waits for bytes holding none: a
+/// moment when dropping it loses nothing (a read not yet completed leaves
+/// the bytes in the socket).
+async fn pump_marked<R, W>(mut from: R, mut to: W, flow: &Flow, side: Side, reading: &AtomicBool) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -32,7 +44,10 @@ where
     let mut buf = Vec::with_capacity(BUF_SIZE);
     loop {
         buf.clear();
-        let n = from.read_buf(&mut buf).await.map_err(|_| side)?;
+        reading.store(true, Relaxed);
+        let n = from.read_buf(&mut buf).await;
+        reading.store(false, Relaxed);
+        let n = n.map_err(|_| side)?;
         if n == 0 {
             // Forward the half-close (close_notify on TLS); the other
             // direction keeps going.
@@ -46,13 +61,41 @@ where
     }
 }
 
-/// Relays until both directions are closed, one side resets, or the flow is
-/// idle for `idle`.
-pub async fn relay(client: TcpStream, backend: TcpStream, flow: &Flow, idle: Duration) -> CloseCause {
+pub enum Relayed {
+    Closed(CloseCause),
+    /// Stopped for a hot upgrade at a moment when neither direction held a
+    /// byte or had seen EOF: the sockets, to go on elsewhere.
+    Detached(TcpStream, TcpStream),
+}
+
+/// Relays two TCP sockets until both directions are closed, one side
+/// resets, or the flow is idle for `idle`; once `detach` turns true, stops
+/// at the first moment both directions wait for bytes holding none.
+pub async fn relay(
+    client: TcpStream,
+    backend: TcpStream,
+    flow: &Flow,
+    idle: Duration,
+    mut detach: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Relayed {
     let (cfd, bfd) = (client.as_raw_fd(), backend.as_raw_fd());
-    let (cr, cw) = client.into_split();
-    let (br, bw) = backend.into_split();
-    relay_halves((cr, cw, cfd), (br, bw, bfd), flow, idle).await
+    let (mut cr, mut cw) = client.into_split();
+    let (mut br, mut bw) = backend.into_split();
+    let (c_reading, b_reading) = (AtomicBool::new(false), AtomicBool::new(false));
+    let stopped = {
+        let c2b = pump_marked(&mut cr, &mut bw, flow, Side::Client, &c_reading);
+        let b2c = pump_marked(&mut br, &mut cw, flow, Side::Backend, &b_reading);
+        let quiet = || c_reading.load(Relaxed) && b_reading.load(Relaxed);
+        drive(c2b, b2c, (cfd, bfd), flow, idle, &mut detach, quiet).await
+    };
+    match stopped {
+        Some(cause) => Relayed::Closed(cause),
+        // Both pumps were waiting to read, with nothing in hand.
+        None => match (cr.reunite(cw), br.reunite(bw)) {
+            (Ok(c), Ok(b)) => Relayed::Detached(c, b),
+            _ => unreachable!("halves of the same sockets"),
+        },
+    }
 }
 
 /// The relay over any pair of split streams (TLS ones included): each side's
@@ -71,8 +114,23 @@ where
 {
     let c2b = pump(cr, bw, flow, Side::Client);
     let b2c = pump(br, cw, flow, Side::Backend);
+    drive(c2b, b2c, (cfd, bfd), flow, idle, &mut None, || false).await.expect("no detach without a receiver")
+}
+
+/// Runs both directions to the end (`Some`), or until `detach` turns true
+/// and `quiet` holds while neither direction has ended (`None`).
+async fn drive(
+    c2b: impl std::future::Future<Output = Result<(), Side>>,
+    b2c: impl std::future::Future<Output = Result<(), Side>>,
+    (cfd, bfd): (RawFd, RawFd),
+    flow: &Flow,
+    idle: Duration,
+    detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    quiet: impl Fn() -> bool,
+) -> Option<CloseCause> {
     tokio::pin!(c2b, b2c);
     let (mut c2b_done, mut b2c_done) = (false, false);
+    let mut detach_asked = false;
     let mut first_closed = None;
     let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(50));
     let abort = |by: Side| {
@@ -87,25 +145,30 @@ where
                 c2b_done = true;
                 match r {
                     Ok(()) => { first_closed.get_or_insert(Side::Client); }
-                    Err(by) => return abort(by),
+                    Err(by) => return Some(abort(by)),
                 }
             }
             r = &mut b2c, if !b2c_done => {
                 b2c_done = true;
                 match r {
                     Ok(()) => { first_closed.get_or_insert(Side::Backend); }
-                    Err(by) => return abort(by),
+                    Err(by) => return Some(abort(by)),
                 }
             }
             () = tokio::time::sleep(tick) => {
-                let last = flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed);
+                let last = flow.user_last_ns.load(Relaxed);
                 if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
-                    return CloseCause::IdleTimeout;
+                    return Some(CloseCause::IdleTimeout);
                 }
             }
+            () = crate::splice::asked_to_detach(detach), if !detach_asked => detach_asked = true,
+            () = tokio::time::sleep(Duration::from_millis(5)), if detach_asked => {}
         }
         if c2b_done && b2c_done {
-            return CloseCause::Closed { first: first_closed.unwrap_or(Side::Client) };
+            return Some(CloseCause::Closed { first: first_closed.unwrap_or(Side::Client) });
+        }
+        if detach_asked && !c2b_done && !b2c_done && quiet() {
+            return None;
         }
     }
 }

@@ -433,7 +433,7 @@ fn reset(a: &Sock, b: &Sock, by: Side, why: &io::Error) -> CloseCause {
 }
 
 /// Resolves once `detach` turns true (never without one).
-async fn asked_to_detach(detach: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+pub(crate) async fn asked_to_detach(detach: &mut Option<tokio::sync::watch::Receiver<bool>>) {
     match detach {
         Some(rx) => {
             if rx.wait_for(|d| *d).await.is_err() {

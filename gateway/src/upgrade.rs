@@ -8,20 +8,21 @@
 //!    sockets: the same accept queues, so whichever accepts a connection
 //!    serves it.
 //! 2. The new process uses them for the listeners of the same name and bind,
-//!    binds the others, loads its own kernel programs, takes over the admin
+//!    binds the others, adopts the kernel maps (step 4), takes over the admin
 //!    socket's path, and sends `ready`.
 //! 3. The old process stops accepting (its copies close; the sockets live on
 //!    in the new process) and answers `ok`.
-//! 4. Kernel flows move: the offer also carried the kernel maps (SOCKS,
+//! 4. Flows move: the offer also carried the kernel maps (SOCKS,
 //!    SLOT_INDEX, SLOTS) and half of the free slots, so the new process
 //!    splices into the same maps, under the verdict the old one attached. At
-//!    a quiet moment (nothing held in user space, no EOF, not over its
-//!    bound) each kernel flow's supervisor stops; its sockets, slots and
-//!    counters go to the new process, which supervises the flow from there.
-//!    The bytes never stop: the kernel moves them throughout.
-//! 5. Flows that can't move within a few seconds (half-closed, congested,
-//!    and every userspace flow: TLS, inspect, HTTP) finish in the old
-//!    process, which exits when they have. A signal starts its normal drain.
+//!    a quiet moment (nothing held in user space, no EOF, not over a bound)
+//!    each kernel flow's supervisor, and each TCP relay, stops; the flow's
+//!    sockets, slots and counters go to the new process, which carries it on.
+//!    A kernel flow's bytes never stop: the kernel moves them throughout.
+//! 5. Flows that can't move within a few seconds (half-closed, congested),
+//!    and those whose state lives in this process (TLS, inspect and bridge
+//!    WebSockets, HTTP), finish in the old process, which exits when they
+//!    have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
 use std::{
@@ -67,12 +68,45 @@ pub struct MigrantInfo {
     pub age_ms: u64,
     pub user_c2b: u64,
     pub user_b2c: u64,
-    pub splice: crate::kernel::Splice,
-    pub resume: crate::splice::Resume,
+    pub moved: Moved,
+}
+
+/// Where a moving flow's bytes go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Moved {
+    /// Still in the (shared) kernel maps: its slots and supervisor state.
+    Kernel { splice: crate::kernel::Splice, resume: crate::splice::Resume },
+    /// Relayed in user space, for this reason (nothing was held in hand).
+    Userspace { reason: String, code: String },
+}
+
+/// Fallback codes a moved userspace flow may carry (they are `&'static`).
+const USERSPACE_CODES: &[&str] = &[
+    "configured-userspace",
+    "not-privileged",
+    "load-failed",
+    "no-ebpf-object",
+    "map-full",
+    "insert-failed",
+    "closed-before-handoff",
+    "no-flow-control",
+    "global-queue-cap",
+    "unavailable",
+];
+
+pub fn static_code(code: &str) -> &'static str {
+    USERSPACE_CODES.iter().find(|c| **c == code).copied().unwrap_or("moved")
+}
+
+/// Whether a live flow can move to a new daemon: kernel flows, and TCP
+/// flows relayed in user space; TLS, WebSocket and HTTP state lives here.
+pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
+    f.path == "kernel"
+        || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
 }
 
 impl MigrantInfo {
-    pub fn of(flow: &crate::flows::Flow, splice: &crate::kernel::Splice, resume: crate::splice::Resume) -> Self {
+    pub fn of(flow: &crate::flows::Flow, moved: Moved) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         MigrantInfo {
             listener: flow.listener.clone(),
@@ -82,8 +116,7 @@ impl MigrantInfo {
             age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
             user_c2b: flow.user_c2b.load(Relaxed),
             user_b2c: flow.user_b2c.load(Relaxed),
-            splice: splice.clone(),
-            resume,
+            moved,
         }
     }
 }
@@ -161,10 +194,10 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     *daemon.migrants.lock().unwrap() = Some(Vec::new());
     daemon.handed_over.send_replace(true);
     conn.get_mut().write_all(b"ok\n").await?;
-    info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the kernel flows");
-    // Kernel flows detach at their next quiet moment.
+    info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the flows");
+    // Kernel and TCP userspace flows detach at their next quiet moment.
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
-    let kernel_flows = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| f.path == "kernel").count();
+    let kernel_flows = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count();
     while kernel_flows() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -189,7 +222,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     }
     // Our copies of the moved sockets close here; the new process holds them.
     drop(moving);
-    info!(moved = total, stayed, open_flows = daemon.flows.len(), "upgrade: kernel flows moved; the rest finish here");
+    info!(moved = total, stayed, open_flows = daemon.flows.len(), "upgrade: flows moved; the rest finish here");
     Ok(())
 }
 

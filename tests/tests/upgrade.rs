@@ -1,7 +1,7 @@
-//! Hot upgrade end to end: a second daemon takes the listening sockets and
-//! the kernel maps over (`gateway run --takeover`). A kernel flow moves to
-//! it; a userspace flow finishes on the first; both keep moving bytes and
-//! are never reset; no
+//! Hot upgrade end to end: a second daemon takes the listening sockets, the
+//! kernel maps and the flows over (`gateway run --takeover`). TCP flows
+//! (kernel and userspace) and passthrough WebSockets move to it; inspect
+//! WebSockets finish on the first; all keep moving bytes, none is reset; no
 //! connection attempt during the switch is refused; WebSockets held open
 //! across it keep working; the first daemon exits once its flows have ended.
 use std::{
@@ -53,17 +53,25 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
         "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n\
          \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n\
          \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
-         \x20     - path_prefix: /\n        backends: [\"{w}\"]\n",
+         \x20     - path_prefix: /pass\n        backends: [\"{w}\"]\n\
+         \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n",
         b = be.addr,
         w = ws.addr
     );
     let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let (k, u) = (old.listener("k"), old.listener("u"));
 
-    // Long-lived WebSockets (Python `websockets`) open across the switch.
-    let url = format!("ws://{}/chat", old.listener("w"));
-    let mut held = Held::py_client(&topo, &["hold", &url, "--count", "20", "--again"]);
-    assert_eq!(held.line(Duration::from_secs(60)), "OPEN 20");
+    // Long-lived WebSockets (Python `websockets`) open across the switch:
+    // passthrough ones (kernel path, they move) and inspect ones (their
+    // frames are parsed here: they stay and finish on the old daemon).
+    let w = old.listener("w");
+    let mut held: Vec<Held> = ["pass", "inspect"]
+        .iter()
+        .map(|route| Held::py_client(&topo, &["hold", &format!("ws://{w}/{route}"), "--count", "10", "--again"]))
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(60)), "OPEN 10");
+    }
 
     // One flow on each path, 1 MiB echoed before the switch.
     const MIB: u64 = 1 << 20;
@@ -115,46 +123,67 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let mut ck2 = topo.connect(k).unwrap();
     echo_more(&mut ck2, Pattern(13), 0, MIB);
 
-    // The kernel flow moved to the new daemon with its counters; the
-    // userspace one stayed with the old daemon.
-    new.wait_for("the moved kernel flow", Duration::from_secs(20), |g| {
-        g.flows().iter().any(|f| {
-            f["listener"] == "k" && f["path"] == "kernel" && f["bytes_client_to_backend"].as_u64() >= Some(MIB)
-        })
+    // The TCP flows (kernel and userspace) and the passthrough WebSockets
+    // moved to the new daemon with their counters; the inspect WebSockets
+    // stayed with the old daemon.
+    new.wait_for("the moved flows", Duration::from_secs(20), |g| {
+        let f = g.flows();
+        let has = |l: &str, path: &str| {
+            f.iter()
+                .any(|f| f["listener"] == l && f["path"] == path && f["bytes_client_to_backend"].as_u64() >= Some(MIB))
+        };
+        has("k", "kernel") && has("u", "userspace") && f.iter().filter(|f| f["listener"] == "w").count() == 10
     });
-    assert!(!new.flows().iter().any(|f| f["listener"] == "u"), "a userspace flow moved: {:?}", new.flows());
+    assert!(new.flows().iter().filter(|f| f["listener"] == "w").all(|f| f["path"] == "kernel"), "{:?}", new.flows());
     let log = old.log_text();
-    let moved = log
-        .lines()
-        .find(|l| l.contains("upgrade: kernel flows moved"))
-        .and_then(|l| l.split("moved=").nth(1))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no count of moved flows:\n{log}"));
-    assert!(moved >= 1, "{log}");
-    assert!(new.log_text().contains(&format!("moved_flows={moved}")), "{}", new.log_text());
+    let count = |log: &str, line: &str, key: &str| {
+        log.lines()
+            .find(|l| l.contains(line))
+            .and_then(|l| l.split(key).nth(1))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line:?}:\n{log}"))
+    };
+    let moved = count(&log, "upgrade: flows moved", "moved=");
+    // The two TCP flows, the ten passthrough WebSockets, and perhaps some of
+    // the connections made during the switch.
+    assert!(moved >= 12, "{log}");
+    assert_eq!(count(&new.log_text(), "this one serves every listener", "moved_flows="), moved);
 
     // Every flow goes on, intact, after the switch: 1 MiB more each way on
-    // both (the moved one now supervised by the new daemon, its bytes still
-    // carried by the kernel), and a message on every WebSocket, which then
-    // closes cleanly.
+    // the TCP flows, now served by the new daemon (the kernel flow's bytes
+    // still carried by the kernel), and a message on every WebSocket, which
+    // then closes cleanly.
     echo_more(&mut ck, pk, MIB, MIB);
     echo_more(&mut cu, pu, MIB, MIB);
-    held.go_on();
-    assert_eq!(held.line(Duration::from_secs(60)), "CLOSED 20");
+    let (mut pass, mut inspect) = (held.remove(0), held.remove(0));
+    pass.go_on();
+    assert_eq!(pass.line(Duration::from_secs(60)), "CLOSED 10");
     assert!(old.wait_exit(Duration::from_millis(200)).is_none(), "the old daemon left while its flows were open");
+    inspect.go_on();
+    assert_eq!(inspect.line(Duration::from_secs(60)), "CLOSED 10");
 
-    // Closing them ends them where they live: no reset anywhere.
+    // The old daemon leaves once its inspect flows have ended.
+    let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows ended");
+    assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
+    let log = old.log_text();
+    assert!(log.contains("every flow of this process has ended"), "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=w ")).count(), 10, "{log}");
+
+    // Closing the TCP flows ends them on the new daemon: no reset, every
+    // byte counted there, history included.
     for s in [&ck, &cu] {
         s.shutdown(std::net::Shutdown::Write).unwrap();
     }
     for s in [&mut ck, &mut cu] {
         assert_eq!(read_until_closed(s, Duration::from_secs(20)).unwrap(), 0);
     }
-    let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows ended");
-    assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
+    new.wait_for("the moved flows' close", Duration::from_secs(20), |g| {
+        !g.flows().iter().any(|f| f["bytes_client_to_backend"].as_u64() >= Some(2 * MIB))
+    });
+    let log = new.log_text();
     let both_ways = format!("bytes_c2b={} bytes_b2c={}", 2 * MIB, 2 * MIB);
-    let closed = |log: &str, listener: &str, path: &str| {
+    for (listener, path) in [("k", "kernel"), ("u", "userspace")] {
         let close = log
             .lines()
             .find(|l| {
@@ -162,14 +191,7 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             })
             .unwrap_or_else(|| panic!("no close record of the {path} flow with 2 MiB each way:\n{log}"));
         assert!(close.contains(&format!("path={path} ")) && close.contains("cause=\"client-closed\""), "{close}");
-    };
-    let log = old.log_text();
-    assert!(log.contains("every flow of this process has ended"), "{log}");
-    closed(&log, "u", "userspace");
-    new.wait_for("the moved flow's close", Duration::from_secs(20), |g| {
-        !g.flows().iter().any(|f| f["listener"] == "k" && f["bytes_client_to_backend"].as_u64() >= Some(2 * MIB))
-    });
-    closed(&new.log_text(), "k", "kernel");
+    }
 
     // And the new one still serves once the old one is gone.
     one_conn(&topo, k).unwrap();
