@@ -183,6 +183,12 @@ pub struct FlowSnapshot {
     pub messages_client_to_backend: u64,
     #[serde(default)]
     pub messages_backend_to_client: u64,
+    /// Bytes per second each way between two samples (`gateway flows
+    /// --sort rate` or `--watch`); the daemon itself leaves them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_client_to_backend: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_backend_to_client: Option<u64>,
 }
 
 #[derive(Default)]
@@ -349,5 +355,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         http_requests: f.http_requests.load(Relaxed),
         messages_client_to_backend: f.msgs_c2b.load(Relaxed),
         messages_backend_to_client: f.msgs_b2c.load(Relaxed),
+        rate_client_to_backend: None,
+        rate_backend_to_client: None,
     }
 }

@@ -52,7 +52,7 @@ enum Cmd {
     },
     /// Show the live flows of a running daemon.
     #[command(
-        after_help = "Examples:\n  gateway flows\n  gateway flows --config /etc/gateway/gateway.yaml --sort bytes\n  gateway flows --json --listener pg"
+        after_help = "Examples:\n  gateway flows\n  gateway flows --config /etc/gateway/gateway.yaml --sort bytes\n  gateway flows --json --listener pg\n  gateway flows --sort rate            # two samples --interval apart\n  gateway flows --watch --interval 2   # a live table, with rates, until Ctrl-C"
     )]
     Flows {
         /// Admin socket of the daemon (default: from --config, else /run/gateway/admin.sock).
@@ -72,6 +72,12 @@ enum Cmd {
         backend: Option<String>,
         #[arg(long, value_enum, default_value_t = SortKey::Age)]
         sort: SortKey,
+        /// Redraw the table every --interval, with each flow's rate, until interrupted.
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between samples (rates, --watch).
+        #[arg(long, default_value_t = 1.0, value_parser = positive_secs)]
+        interval: f64,
     },
     /// Per-listener and per-backend totals: connections, active flows, closes by cause, bytes by path.
     #[command(after_help = "Examples:\n  gateway stats\n  gateway stats --json")]
@@ -125,8 +131,17 @@ enum Cmd {
 #[derive(Clone, Copy, ValueEnum)]
 enum SortKey {
     Bytes,
+    /// Bytes per second, both ways, between two samples.
+    Rate,
     Age,
     Idle,
+}
+
+fn positive_secs(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 3600.0 => Ok(v),
+        _ => Err(format!("{s:?} is not a number of seconds in (0, 3600]")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -167,8 +182,9 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Flows { socket, config, json, listener, backend, sort } => {
-            exit(flows_cmd(socket, config, json, listener, backend, sort))
+        Cmd::Flows { socket, config, json, listener, backend, sort, watch, interval } => {
+            let view = FlowsView { json, listener, backend, sort, watch, interval };
+            exit(flows_cmd(socket, config, view))
         }
         Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
         Cmd::Stats { socket, config, json } => exit(stats_cmd(socket, config, json)),
@@ -448,44 +464,95 @@ fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<Path
     Ok(config::DEFAULT_ADMIN_SOCKET.into())
 }
 
-fn flows_cmd(
-    socket: Option<PathBuf>,
-    config: Option<PathBuf>,
+struct FlowsView {
     json: bool,
     listener: Option<String>,
     backend: Option<String>,
     sort: SortKey,
-) -> Result<()> {
-    let path = admin_socket(socket, config)?;
-    let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
-    let mut reply: FlowsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
-    reply.flows.retain(|f| {
-        listener.as_ref().is_none_or(|l| &f.listener == l)
-            && backend.as_ref().is_none_or(|b| f.backend.as_ref() == Some(b))
-    });
-    match sort {
-        SortKey::Bytes => {
-            reply.flows.sort_by_key(|f| std::cmp::Reverse(f.bytes_client_to_backend + f.bytes_backend_to_client))
-        }
-        SortKey::Age => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.age_ms)),
-        SortKey::Idle => reply.flows.sort_by_key(|f| std::cmp::Reverse(f.idle_ms)),
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&reply)?);
-    } else {
-        print_table(&reply.flows);
-    }
-    Ok(())
+    watch: bool,
+    interval: f64,
 }
 
-fn print_table(flows: &[FlowSnapshot]) {
+fn flows_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, view: FlowsView) -> Result<()> {
+    let path = admin_socket(socket, config)?;
+    let fetch = || -> Result<(Vec<FlowSnapshot>, std::time::Instant)> {
+        let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
+        let reply: FlowsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
+        Ok((reply.flows, std::time::Instant::now()))
+    };
+    let interval = std::time::Duration::from_secs_f64(view.interval);
+    let rates = view.watch || matches!(view.sort, SortKey::Rate);
+    let mut prev = if rates {
+        let first = fetch()?;
+        std::thread::sleep(interval);
+        Some(first)
+    } else {
+        None
+    };
+    loop {
+        let (mut flows, at) = fetch()?;
+        if let Some((before, then)) = &prev {
+            let secs = at.duration_since(*then).as_secs_f64().max(1e-3);
+            let was: std::collections::HashMap<u64, &FlowSnapshot> = before.iter().map(|f| (f.id, f)).collect();
+            for f in &mut flows {
+                if let Some(p) = was.get(&f.id) {
+                    let per = |now: u64, then: u64| Some((now.saturating_sub(then) as f64 / secs) as u64);
+                    f.rate_client_to_backend = per(f.bytes_client_to_backend, p.bytes_client_to_backend);
+                    f.rate_backend_to_client = per(f.bytes_backend_to_client, p.bytes_backend_to_client);
+                }
+            }
+        }
+        let shown = view_flows(&view, flows.clone());
+        if view.watch && !view.json {
+            // Clear the screen, cursor home.
+            print!("\x1b[2J\x1b[H");
+        }
+        if view.json {
+            println!("{}", serde_json::to_string_pretty(&FlowsReply { flows: shown })?);
+        } else {
+            print_table(&shown, rates);
+        }
+        if !view.watch {
+            return Ok(());
+        }
+        prev = Some((flows, at));
+        std::thread::sleep(interval);
+    }
+}
+
+/// The flows `view` asks for, in its order.
+fn view_flows(view: &FlowsView, mut flows: Vec<FlowSnapshot>) -> Vec<FlowSnapshot> {
+    flows.retain(|f| {
+        view.listener.as_ref().is_none_or(|l| &f.listener == l)
+            && view.backend.as_ref().is_none_or(|b| f.backend.as_ref() == Some(b))
+    });
+    match view.sort {
+        SortKey::Bytes => {
+            flows.sort_by_key(|f| std::cmp::Reverse(f.bytes_client_to_backend + f.bytes_backend_to_client))
+        }
+        SortKey::Rate => flows.sort_by_key(|f| {
+            std::cmp::Reverse(f.rate_client_to_backend.unwrap_or(0) + f.rate_backend_to_client.unwrap_or(0))
+        }),
+        SortKey::Age => flows.sort_by_key(|f| std::cmp::Reverse(f.age_ms)),
+        SortKey::Idle => flows.sort_by_key(|f| std::cmp::Reverse(f.idle_ms)),
+    }
+    flows
+}
+
+fn print_table(flows: &[FlowSnapshot], rates: bool) {
+    let rate = |f: &FlowSnapshot| match (f.rate_client_to_backend, f.rate_backend_to_client) {
+        (Some(a), Some(b)) => format!("{}/s", human_bytes(a + b)),
+        _ => "-".into(),
+    };
+    let rate_head = if rates { format!(" {:>11}", "RATE") } else { String::new() };
     println!(
-        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  FALLBACK",
+        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_head} {:>8} {:>8} {:>9} {:>6}  FALLBACK",
         "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES"
     );
     for f in flows {
+        let rate_col = if rates { format!(" {:>11}", rate(f)) } else { String::new() };
         println!(
-            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10} {:>8} {:>8} {:>9} {:>6}  {}",
+            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_col} {:>8} {:>8} {:>9} {:>6}  {}",
             f.id,
             f.listener,
             f.client,

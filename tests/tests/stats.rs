@@ -174,3 +174,72 @@ fn admin_socket_is_owner_only_unless_a_group_is_named() {
     let gid: u32 = String::from_utf8_lossy(&nogroup.stdout).split(':').nth(2).unwrap().parse().unwrap();
     assert_eq!(m.gid(), gid);
 }
+
+/// `gateway flows --sort rate` samples twice and puts the busy flow first
+/// with its rate; an idle flow shows a rate of 0. `--watch` redraws.
+#[test]
+fn flows_sort_by_rate_between_two_samples() {
+    if !require_root("flows_sort_by_rate_between_two_samples") {
+        return;
+    }
+    use std::{
+        io::{Read, Write},
+        sync::{
+            atomic::{AtomicBool, Ordering},
+            Arc,
+        },
+    };
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let listeners = format!(
+        "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    offload: kernel\n",
+        be.addr
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let k = gw.listener("k");
+    let mut idle = topo.connect(k).unwrap();
+    idle.write_all(b"hello").unwrap();
+    let mut b = [0u8; 5];
+    idle.read_exact(&mut b).unwrap();
+    // A busy flow: 64 KiB round trips until told to stop (at most 60 s).
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = {
+        let (stop, mut s) = (stop.clone(), topo.connect(k).unwrap());
+        std::thread::spawn(move || {
+            let (chunk, mut back) = (vec![7u8; 64 << 10], vec![0u8; 64 << 10]);
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                s.write_all(&chunk).unwrap();
+                s.read_exact(&mut back).unwrap();
+            }
+        })
+    };
+    gw.wait_for("two flows", Duration::from_secs(10), |g| g.flows().len() == 2);
+    let flows = |args: &[&str]| {
+        let out = std::process::Command::new(gateway_bin())
+            .args(["flows", "--socket"])
+            .arg(&gw.admin)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let v: Value = serde_json::from_str(&flows(&["--json", "--sort", "rate", "--interval", "0.5"])).unwrap();
+    let f = v["flows"].as_array().unwrap();
+    assert_eq!(f.len(), 2, "{v}");
+    let rate =
+        |f: &Value| f["rate_client_to_backend"].as_u64().unwrap() + f["rate_backend_to_client"].as_u64().unwrap();
+    assert!(rate(&f[0]) > 0 && f[0]["bytes_client_to_backend"].as_u64() > Some(5), "busy flow first: {v}");
+    assert_eq!(rate(&f[1]), 0, "{v}");
+    // The table has the column; a bad interval is refused by name.
+    assert!(flows(&["--sort", "rate", "--interval", "0.2"]).contains("RATE"));
+    let out = std::process::Command::new(gateway_bin())
+        .args(["flows", "--interval", "0", "--socket"])
+        .arg(&gw.admin)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--interval"));
+    stop.store(true, Ordering::Relaxed);
+    busy.join().unwrap();
+}
