@@ -295,10 +295,20 @@ pub fn send_fds(sock: &impl AsRawFd, data: &[u8], fds: &[std::os::fd::RawFd]) ->
             let m = unsafe { libc::send(sock.as_raw_fd(), rest.as_ptr().cast(), rest.len(), libc::MSG_NOSIGNAL) };
             if m < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    // The descriptors are gone with the first part: wait for
+                    // room rather than have the caller send it all again.
+                    io::ErrorKind::WouldBlock => {
+                        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+                        // SAFETY: p is one valid pollfd.
+                        if unsafe { libc::poll(&mut p, 1, 10_000) } <= 0 {
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, "send_fds: the peer stopped reading"));
+                        }
+                        continue;
+                    }
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
             rest = &rest[m as usize..];
         }

@@ -167,16 +167,19 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         }
         None => (None, Vec::new()),
     };
+    // The slots offered come back if the new process never confirms.
+    let offered: Vec<u32> = kernel.as_ref().map(|k| k.free.clone()).unwrap_or_default();
     let mut body = serde_json::to_vec(&Offer { pid: std::process::id(), listeners, kernel })?;
     body.push(b'\n');
     let fds: Vec<i32> = socks.iter().map(AsRawFd::as_raw_fd).chain(kernel_fds).collect();
-    loop {
-        conn.writable().await?;
-        match conn.try_io(tokio::io::Interest::WRITABLE, || sys::send_fds(&conn, &body, &fds)) {
-            Ok(()) => break,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
+    let give_back = || {
+        if let Some(k) = &daemon.kernel {
+            k.add_free(&offered);
         }
+    };
+    if let Err(e) = send_line(&conn, &body, &fds).await {
+        give_back();
+        return Err(e);
     }
     drop(socks);
     info!(listeners = fds.len(), "upgrade: listening sockets sent to a new process; waiting for it to be ready");
@@ -187,6 +190,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         Ok(Ok(_)) if line.trim() == "ready"
     );
     if !confirmed {
+        give_back();
         warn!("upgrade: the new process did not confirm within {READY_WITHIN:?}; this one keeps accepting");
         return Ok(());
     }
@@ -230,9 +234,13 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
 async fn send(conn: &tokio::net::UnixStream, msg: &impl Serialize, fds: &[i32]) -> std::io::Result<()> {
     let mut body = serde_json::to_vec(msg)?;
     body.push(b'\n');
+    send_line(conn, &body, fds).await
+}
+
+async fn send_line(conn: &tokio::net::UnixStream, body: &[u8], fds: &[i32]) -> std::io::Result<()> {
     loop {
         conn.writable().await?;
-        match conn.try_io(tokio::io::Interest::WRITABLE, || sys::send_fds(conn, &body, fds)) {
+        match conn.try_io(tokio::io::Interest::WRITABLE, || sys::send_fds(conn, body, fds)) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
