@@ -339,6 +339,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         shutdown: tokio::sync::watch::channel(false).0,
         handed_over: tokio::sync::watch::channel(false).0,
         migrants: Default::default(),
+        handover_done: Default::default(),
     });
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
@@ -392,7 +393,9 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
                 // Hot upgrade: the listeners are the new process's now. Open
                 // flows go on here until they end; a signal drains them as usual.
                 let ended = async {
-                    while !daemon.flows.is_empty() {
+                    // Until the moving flows are on their way, and the rest have ended.
+                    let sent = || daemon.handover_done.load(std::sync::atomic::Ordering::Acquire);
+                    while !(sent() && daemon.flows.is_empty()) {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 };

@@ -46,6 +46,9 @@ pub struct Daemon {
     pub handed_over: tokio::sync::watch::Sender<bool>,
     /// Kernel flows detached for the new process; Some while it takes them.
     pub migrants: std::sync::Mutex<Option<Vec<crate::upgrade::Migrant>>>,
+    /// The flows have been sent (or the sending failed): once the table is
+    /// empty too, the old daemon may exit.
+    pub handover_done: std::sync::atomic::AtomicBool,
 }
 
 /// A listener's runtime state.
@@ -498,35 +501,9 @@ pub async fn forward(
                     return cause;
                 }
             };
-            let idle = rt.cfg.idle_timeout;
-            let mut socks = Some((client, backend));
-            let (c, b) = socks.as_ref().unwrap();
-            let mut outcome = splice::run(k, &s, c, b, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
-            if let splice::Outcome::Detached(resume) = outcome {
-                // To the new daemon, while it still takes flows.
-                let handed = match daemon.migrants.lock().unwrap().as_mut() {
-                    Some(list) => {
-                        let (client, backend) = socks.take().unwrap();
-                        let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: resume.clone() };
-                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                        list.push(crate::upgrade::Migrant {
-                            info,
-                            client: client.into_inner(),
-                            backend: backend.into_inner(),
-                        });
-                        true
-                    }
-                    None => false,
-                };
-                if handed {
-                    debug!(flow = flow.id, "handed to the new daemon");
-                    return CloseCause::HandedOver;
-                }
-                // Too late: the flows have gone; this one ends here.
-                let (c, b) = socks.as_ref().unwrap();
-                outcome = splice::run(k, &s, c, b, flow, idle, None, Some(&resume)).await;
-            }
-            let splice::Outcome::Closed(cause) = outcome else { unreachable!("no detach without a receiver") };
+            let Some(cause) = supervise(daemon, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None).await else {
+                return CloseCause::HandedOver;
+            };
             // Final counters before the slots are reused.
             retire(flow, Some(idx), &cause, rt, daemon);
             k.release(&s);
@@ -536,34 +513,91 @@ pub async fn forward(
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
-            let idle = rt.cfg.idle_timeout;
-            let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
-            if let relay::Relayed::Detached(client, backend) = relayed {
-                let (client, backend) = (client.into_std(), backend.into_std());
-                // To the new daemon while it still takes flows; else back here.
-                let left = match (daemon.migrants.lock().unwrap().as_mut(), client, backend) {
-                    (Some(list), Ok(client), Ok(backend)) => {
-                        let moved = crate::upgrade::Moved::Userspace { reason, code: code.to_string() };
-                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                        list.push(crate::upgrade::Migrant { info, client, backend });
-                        None
-                    }
-                    (_, client, backend) => Some((client, backend)),
-                };
-                let Some((client, backend)) = left else {
-                    debug!(flow = flow.id, "handed to the new daemon");
-                    return CloseCause::HandedOver;
-                };
-                let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
-                relayed = match (back(client), back(backend)) {
-                    (Ok(c), Ok(b)) => relay::relay(c, b, flow, idle, None).await,
-                    _ => relay::Relayed::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
-                };
-            }
-            let relay::Relayed::Closed(cause) = relayed else { unreachable!("no detach without a receiver") };
+            let moved = crate::upgrade::Moved::Userspace { reason, code: code.to_string() };
+            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout, moved).await else {
+                return CloseCause::HandedOver;
+            };
             retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
+    }
+}
+
+/// Supervises a spliced flow until it closes (`Some`), or until it is
+/// handed to a new daemon at a quiet moment of a hot upgrade (`None`).
+async fn supervise(
+    daemon: &Daemon,
+    k: &KernelPath,
+    s: &crate::kernel::Splice,
+    (client, backend): (splice::Sock, splice::Sock),
+    flow: &crate::flows::Flow,
+    idle: Duration,
+    resume: Option<&splice::Resume>,
+) -> Option<CloseCause> {
+    let mut socks = Some((client, backend));
+    let (c, b) = socks.as_ref().unwrap();
+    let mut outcome = splice::run(k, s, c, b, flow, idle, Some(daemon.handed_over.subscribe()), resume).await;
+    if let splice::Outcome::Detached(resume) = outcome {
+        // To the new daemon, while it still takes flows.
+        let handed = match daemon.migrants.lock().unwrap().as_mut() {
+            Some(list) => {
+                let (client, backend) = socks.take().unwrap();
+                let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: resume.clone() };
+                let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                list.push(crate::upgrade::Migrant { info, client: client.into_inner(), backend: backend.into_inner() });
+                true
+            }
+            None => false,
+        };
+        if handed {
+            debug!(flow = flow.id, "handed to the new daemon");
+            return None;
+        }
+        // Too late: the flows have gone; this one ends here.
+        let (c, b) = socks.as_ref().unwrap();
+        outcome = splice::run(k, s, c, b, flow, idle, None, Some(&resume)).await;
+    }
+    match outcome {
+        splice::Outcome::Closed(cause) => Some(cause),
+        splice::Outcome::Detached(_) => unreachable!("no detach without a receiver"),
+    }
+}
+
+/// Relays a TCP flow in user space until it closes (`Some`), or until it is
+/// handed to a new daemon at a quiet moment of a hot upgrade (`None`).
+async fn relay_movable(
+    daemon: &Daemon,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: &crate::flows::Flow,
+    idle: Duration,
+    moved: crate::upgrade::Moved,
+) -> Option<CloseCause> {
+    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
+    if let relay::Relayed::Detached(client, backend) = relayed {
+        let (client, backend) = (client.into_std(), backend.into_std());
+        // To the new daemon while it still takes flows; else back here.
+        let left = match (daemon.migrants.lock().unwrap().as_mut(), client, backend) {
+            (Some(list), Ok(client), Ok(backend)) => {
+                let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                list.push(crate::upgrade::Migrant { info, client, backend });
+                None
+            }
+            (_, client, backend) => Some((client, backend)),
+        };
+        let Some((client, backend)) = left else {
+            debug!(flow = flow.id, "handed to the new daemon");
+            return None;
+        };
+        let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
+        relayed = match (back(client), back(backend)) {
+            (Ok(c), Ok(b)) => relay::relay(c, b, flow, idle, None).await,
+            _ => relay::Relayed::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
+        };
+    }
+    match relayed {
+        relay::Relayed::Closed(cause) => Some(cause),
+        relay::Relayed::Detached(..) => unreachable!("no detach without a receiver"),
     }
 }
 
@@ -588,10 +622,15 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                     .map_err(|e| e.into_parts().1)
             };
             let cause = match (watch(m.client), watch(m.backend)) {
+                // It may move on again, at the next upgrade.
                 (Ok(client), Ok(backend)) => {
-                    match splice::run(k, s, &client, &backend, &flow, idle, None, Some(resume)).await {
-                        splice::Outcome::Closed(cause) => cause,
-                        splice::Outcome::Detached(_) => unreachable!("no detach without a receiver"),
+                    match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume)).await {
+                        Some(cause) => cause,
+                        None => {
+                            // Moved on: out of this daemon's table, no totals.
+                            daemon.flows.retire(&flow, Some(k), |_| {});
+                            return;
+                        }
                     }
                 }
                 (c, b) => CloseCause::Error(format!("cannot watch the sockets: {}", c.err().or(b.err()).unwrap())),
@@ -600,11 +639,14 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             k.release(s);
             return;
         }
-        (crate::upgrade::Moved::Userspace { .. }, _) => {
+        (moved @ crate::upgrade::Moved::Userspace { .. }, _) => {
             match (TcpStream::from_std(m.client), TcpStream::from_std(m.backend)) {
-                (Ok(c), Ok(b)) => match relay::relay(c, b, &flow, idle, None).await {
-                    relay::Relayed::Closed(cause) => cause,
-                    relay::Relayed::Detached(..) => unreachable!("no detach without a receiver"),
+                (Ok(c), Ok(b)) => match relay_movable(&daemon, c, b, &flow, idle, moved.clone()).await {
+                    Some(cause) => cause,
+                    None => {
+                        daemon.flows.retire(&flow, k, |_| {});
+                        return;
+                    }
                 },
                 (c, b) => CloseCause::Error(format!("cannot register the sockets: {}", c.err().or(b.err()).unwrap())),
             }

@@ -197,6 +197,14 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     daemon.listeners.stop_all();
     *daemon.migrants.lock().unwrap() = Some(Vec::new());
     daemon.handed_over.send_replace(true);
+    // However the rest goes, the main loop may then wait for the flows left.
+    struct Done<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let _done = Done(&daemon.handover_done);
     conn.get_mut().write_all(b"ok\n").await?;
     info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the flows");
     // Kernel and TCP userspace flows detach at their next quiet moment.

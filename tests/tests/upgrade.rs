@@ -170,7 +170,23 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     assert!(log.contains("every flow of this process has ended"), "{log}");
     assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=w ")).count(), 10, "{log}");
 
-    // Closing the TCP flows ends them on the new daemon: no reset, every
+    // A second upgrade: the flows the first moved move again, with their
+    // history, and the middle daemon leaves once it holds none.
+    let mut new = new;
+    let newer = new.take_over(&topo);
+    newer.wait_for("the twice-moved flows", Duration::from_secs(20), |g| {
+        let f = g.flows();
+        let has =
+            |l: &str| f.iter().any(|f| f["listener"] == l && f["bytes_client_to_backend"].as_u64() >= Some(2 * MIB));
+        has("k") && has("u")
+    });
+    let status = new.wait_exit(Duration::from_secs(30)).expect("the middle daemon did not exit once its flows moved");
+    assert!(status.success(), "middle daemon: {status}\n{}", new.log_text());
+    echo_more(&mut ck, pk, 2 * MIB, MIB);
+    echo_more(&mut cu, pu, 2 * MIB, MIB);
+    echo_more(&mut ck2, Pattern(13), MIB, MIB);
+
+    // Closing the TCP flows ends them on the last daemon: no reset, every
     // byte counted there, history included.
     for s in [&ck, &cu] {
         s.shutdown(std::net::Shutdown::Write).unwrap();
@@ -178,22 +194,22 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     for s in [&mut ck, &mut cu] {
         assert_eq!(read_until_closed(s, Duration::from_secs(20)).unwrap(), 0);
     }
-    new.wait_for("the moved flows' close", Duration::from_secs(20), |g| {
-        !g.flows().iter().any(|f| f["bytes_client_to_backend"].as_u64() >= Some(2 * MIB))
+    newer.wait_for("the moved flows' close", Duration::from_secs(20), |g| {
+        !g.flows().iter().any(|f| f["bytes_client_to_backend"].as_u64() >= Some(3 * MIB))
     });
-    let log = new.log_text();
-    let both_ways = format!("bytes_c2b={} bytes_b2c={}", 2 * MIB, 2 * MIB);
+    let log = newer.log_text();
+    let both_ways = format!("bytes_c2b={} bytes_b2c={}", 3 * MIB, 3 * MIB);
     for (listener, path) in [("k", "kernel"), ("u", "userspace")] {
         let close = log
             .lines()
             .find(|l| {
                 l.contains("flow close") && l.contains(&format!("listener={listener} ")) && l.contains(&both_ways)
             })
-            .unwrap_or_else(|| panic!("no close record of the {path} flow with 2 MiB each way:\n{log}"));
+            .unwrap_or_else(|| panic!("no close record of the {path} flow with 3 MiB each way:\n{log}"));
         assert!(close.contains(&format!("path={path} ")) && close.contains("cause=\"client-closed\""), "{close}");
     }
 
-    // And the new one still serves once the old one is gone.
+    // And the last one serves on.
     one_conn(&topo, k).unwrap();
     one_conn(&topo, u).unwrap();
     drop(ck2);
