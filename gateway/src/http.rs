@@ -463,12 +463,8 @@ impl Conn {
         let backend = hyper::upgrade::on(&mut resp);
         *self.upgrade.lock().unwrap() =
             Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend, conn) });
-        let (mut parts, _) = resp.into_parts();
-        let upgrade = parts.headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
-        Response::from_parts(parts, empty())
+        let (parts, _) = resp.into_parts();
+        switched(parts.status, parts.headers)
     }
 
     /// The upgrade forwarded by `exchange`; a 101 keeps the backend socket
@@ -526,15 +522,7 @@ impl Conn {
         let early = Bytes::copy_from_slice(&buf[parsed.len..]);
         *self.upgrade.lock().unwrap() =
             Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Exchanged(stream, early) });
-        let mut resp = Response::new(empty());
-        *resp.status_mut() = parsed.status;
-        let mut headers = parsed.headers;
-        let upgrade = headers.get(header::UPGRADE).cloned();
-        strip_hop_by_hop(&mut headers);
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
-        *resp.headers_mut() = headers;
-        resp
+        switched(parsed.status, parsed.headers)
     }
 
     /// A plain request, reverse-proxied.
@@ -758,6 +746,19 @@ fn accept_bridge(h: &HeaderMap) -> Response<Body> {
         hs.insert(SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("binary"));
     }
     r
+}
+
+/// The backend's 101 as the client gets it: its end-to-end headers, and the
+/// upgrade it agreed to.
+fn switched(status: StatusCode, mut headers: HeaderMap) -> Response<Body> {
+    let upgrade = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, upgrade.unwrap_or(HeaderValue::from_static("websocket")));
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// Whether a request announces a body (RFC 9112 §6.3).

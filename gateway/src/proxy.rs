@@ -616,12 +616,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     let cause = match (&m.info.moved, k) {
         (crate::upgrade::Moved::Kernel { splice: s, resume }, Some(k)) => {
             k.adopt_flow(s, m.client.as_raw_fd(), m.backend.as_raw_fd());
-            let watch = |s: std::net::TcpStream| {
-                // SAFETY: as in `splice::register`: the AsyncFd owns the socket.
-                unsafe { splice::Sock::register_with_interest(s, tokio::io::Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)
-            };
-            let cause = match (watch(m.client), watch(m.backend)) {
+            let cause = match (splice::register_std(m.client), splice::register_std(m.backend)) {
                 // It may move on again, at the next upgrade.
                 (Ok(client), Ok(backend)) => {
                     match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume)).await {

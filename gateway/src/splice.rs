@@ -78,9 +78,13 @@ const CHUNK: usize = 256 * 1024;
 
 /// Moves a connected socket from tokio's registration to a read-only one.
 pub fn register(s: tokio::net::TcpStream) -> io::Result<Sock> {
-    let std = s.into_std()?;
+    register_std(s.into_std()?)
+}
+
+/// The same for a socket not yet known to the runtime (a hot upgrade's).
+pub fn register_std(s: std::net::TcpStream) -> io::Result<Sock> {
     // SAFETY: the AsyncFd owns the socket and keeps its fd for its whole life.
-    unsafe { AsyncFd::register_with_interest(std, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
+    unsafe { AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }
 
 /// What a supervisor hands to the next daemon with a flow (hot upgrade),
@@ -114,23 +118,7 @@ pub async fn run(
     mut detach: Option<tokio::sync::watch::Receiver<bool>>,
     resume: Option<&Resume>,
 ) -> Outcome {
-    match supervise(kernel, splice, client, backend, flow, idle, &mut detach, resume).await {
-        Ok(cause) => Outcome::Closed(cause),
-        Err(r) => Outcome::Detached(r),
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn supervise(
-    kernel: &KernelPath,
-    splice: &Splice,
-    client: &Sock,
-    backend: &Sock,
-    flow: &Flow,
-    idle: Duration,
-    detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
-    resume: Option<&Resume>,
-) -> Result<CloseCause, Resume> {
+    let detach = &mut detach;
     let mut c = End::new(Side::Client, client, splice.client_slot, splice.backend_sent_base);
     let mut b = End::new(Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
     if let Some(r) = resume {
@@ -149,7 +137,7 @@ async fn supervise(
     // is read; this read makes the kernel run the verdict on them.
     for (end, peer) in [(&mut c, backend), (&mut b, client)] {
         if let (Step::Done(cause), _) = read_passed(end, peer) {
-            return Ok(cause);
+            return Outcome::Closed(cause);
         }
     }
 
@@ -201,7 +189,7 @@ async fn supervise(
         for (end, peer) in [(&mut c, backend), (&mut b, client)] {
             if !end.pending.is_empty() && drained(kernel, end, peer) {
                 if let Step::Done(cause) = flush(kernel, end, peer, flow) {
-                    return Ok(cause);
+                    return Outcome::Closed(cause);
                 }
                 progress = true;
             }
@@ -210,7 +198,7 @@ async fn supervise(
             }
             if end.eof && !end.fin_forwarded && end.pending.is_empty() && drained(kernel, end, peer) {
                 if let Err(e) = sys::shutdown_write(peer) {
-                    return Ok(reset(client, backend, end.side, &e));
+                    return Outcome::Closed(reset(client, backend, end.side, &e));
                 }
                 end.fin_forwarded = true;
                 progress = true;
@@ -220,7 +208,7 @@ async fn supervise(
         if detach_asked {
             let quiet = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && !e.eof && !passing(s);
             if !congested && quiet(&c, &kernel.slot(c.slot)) && quiet(&b, &kernel.slot(b.slot)) {
-                return Err(Resume {
+                return Outcome::Detached(Resume {
                     client_user_written: c.user_written,
                     backend_user_written: b.user_written,
                     client_sndbuf: c.sndbuf,
@@ -229,14 +217,14 @@ async fn supervise(
             }
         }
         if c.fin_forwarded && b.fin_forwarded {
-            return Ok(CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) });
+            return Outcome::Closed(CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) });
         }
         // A socket at EOF is always readable, so it is not polled any more;
         // notice a later RST from its state instead, when the timer wakes us.
         for (end, fin_sent_into_it) in [(&c, b.fin_forwarded), (&b, c.fin_forwarded)] {
             if end.eof && timer_woke {
                 if let Some(e) = broken(end.sock, fin_sent_into_it) {
-                    return Ok(reset(client, backend, end.side, &e));
+                    return Outcome::Closed(reset(client, backend, end.side, &e));
                 }
             }
         }
@@ -247,7 +235,7 @@ async fn supervise(
             .max(spliced_ns)
             .max(flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed));
         if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
-            return Ok(CloseCause::IdleTimeout);
+            return Outcome::Closed(CloseCause::IdleTimeout);
         }
 
         // Waiting on the kernel (a drain before a FIN or before passed bytes)
@@ -298,7 +286,7 @@ async fn supervise(
             }
         };
         if let Step::Done(cause) = step {
-            return Ok(cause);
+            return Outcome::Closed(cause);
         }
     }
 }

@@ -209,13 +209,13 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the flows");
     // Kernel and TCP userspace flows detach at their next quiet moment.
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
-    let kernel_flows = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count();
-    while kernel_flows() > 0 && tokio::time::Instant::now() < deadline {
+    let movable_left = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count();
+    while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let moving = daemon.migrants.lock().unwrap().take().unwrap_or_default();
     let free = daemon.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
-    let stayed = kernel_flows();
+    let stayed = movable_left();
     let conn = conn.into_inner();
     let total = moving.len();
     let mut batches = moving.chunks(FLOWS_PER_MESSAGE).peekable();
