@@ -235,6 +235,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     // Of the kernel path's bulk bytes, the share relayed in user space while
     // over the queue bound.
     let mut kernel_user_share = Vec::new();
+    let mut pinned_user_share = Vec::new();
     eprintln!("bench: {} repetition(s), rotating target order", opts.reps);
     for rep in 0..opts.reps {
         for k in 0..TARGETS.len() {
@@ -330,7 +331,15 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         for k in 0..TARGETS.len() {
             let i = (k + rep) % TARGETS.len();
             let (bulk_port, _) = ports.of(TARGETS[i]);
-            let (gbps, _, _) = bulk(bulk_port, opts.bulk_secs, Some("0"))?;
+            let sampler = (TARGETS[i] == Target::Kernel).then(|| FlowSample {
+                bin: &bin,
+                admin: work.join("admin.sock"),
+                listener: "bulk-kernel",
+            });
+            let Bulk { gbps, flow, .. } = bulk_sampled(bulk_port, opts.bulk_secs, Some("0"), sampler.as_ref())?;
+            if let Some((moved, user)) = flow {
+                pinned_user_share.push(user as f64 / moved.max(1) as f64);
+            }
             eprintln!("  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s", TARGETS[i].name());
             samples[i].pinned_gbps.push(gbps);
         }
@@ -387,12 +396,14 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             report += &format!("| {label} | {} | {} |\n", v.first().unwrap_or(&"?"), v.get(1).unwrap_or(&"?"));
         }
     }
-    if !kernel_user_share.is_empty() {
-        report += &format!(
-            "\nKernel-path bulk: {:.0}% of the bytes (median of {}) were relayed in user space while over the queue bound.\n",
-            100.0 * median(&kernel_user_share),
-            kernel_user_share.len()
-        );
+    for (label, shares) in [("Kernel-path bulk", &kernel_user_share), ("Pinned kernel-path bulk", &pinned_user_share)] {
+        if !shares.is_empty() {
+            report += &format!(
+                "\n{label}: {:.0}% of the bytes (median of {}) were relayed in user space while over the queue bound.\n",
+                100.0 * median(shares),
+                shares.len()
+            );
+        }
     }
     println!("{report}");
     let out = root.join("target/bench");
@@ -520,11 +531,8 @@ struct Bulk {
     flow: Option<(u64, u64)>,
 }
 
-fn bulk(port: u16, secs: u32, pin: Option<&str>) -> Result<(f64, f64, f64)> {
-    bulk_sampled(port, secs, pin, None).map(|b| (b.gbps, b.cpu_per_gb, b.queued_mb))
-}
-
-/// Like [`bulk`], also sampling the gateway's flow just before the end.
+/// One iperf3 run (`pin`: the CPU list for taskset), optionally sampling the
+/// gateway's flow just before the end.
 fn bulk_sampled(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample<'_>>) -> Result<Bulk> {
     // iperf3's server takes one test at a time and can still be tearing the
     // last one down (through a proxy, its control connection closes late):
