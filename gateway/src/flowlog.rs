@@ -40,6 +40,8 @@ pub fn record(event: &'static str, s: &FlowSnapshot, cause: Option<&str>) {
         user_bytes = s.user_bytes_client_to_backend + s.user_bytes_backend_to_client,
         trimmed_bytes = s.trimmed_bytes,
         pauses = s.pauses_client_to_backend + s.pauses_backend_to_client,
+        msgs_c2b = s.messages_client_to_backend,
+        msgs_b2c = s.messages_backend_to_client,
         duration_ms = s.age_ms,
         cause = cause.unwrap_or("-"),
         "flow {event}"

@@ -4,7 +4,7 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::SystemTime,
@@ -113,6 +113,8 @@ pub struct Flow {
     pub http_requests: AtomicU64,
     pub msgs_c2b: AtomicU64,
     pub msgs_b2c: AtomicU64,
+    /// A terminated WebSocket that a hot upgrade would move (plain TCP).
+    pub ws_movable: AtomicBool,
 }
 
 impl Flow {
@@ -228,6 +230,7 @@ impl FlowTable {
             http_requests: AtomicU64::new(0),
             msgs_c2b: AtomicU64::new(0),
             msgs_b2c: AtomicU64::new(0),
+            ws_movable: AtomicBool::new(false),
         });
         self.flows.lock().unwrap().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -250,7 +253,8 @@ impl FlowTable {
                 crate::upgrade::Moved::Kernel { splice, .. } => {
                     FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
                 }
-                crate::upgrade::Moved::Userspace { reason, code } => {
+                crate::upgrade::Moved::Userspace { reason, code }
+                | crate::upgrade::Moved::WebSocket { reason, code, .. } => {
                     FlowPath::Userspace { reason: reason.clone(), code: crate::upgrade::static_code(code) }
                 }
             }),
@@ -259,8 +263,9 @@ impl FlowTable {
             user_last_ns: AtomicU64::new(now),
             route: Mutex::new(m.route.clone()),
             http_requests: AtomicU64::new(0),
-            msgs_c2b: AtomicU64::new(0),
-            msgs_b2c: AtomicU64::new(0),
+            msgs_c2b: AtomicU64::new(m.msgs_c2b),
+            msgs_b2c: AtomicU64::new(m.msgs_b2c),
+            ws_movable: AtomicBool::new(false),
         });
         // In the table until `retire`.
         self.flows.lock().unwrap().insert(id, f.clone());
@@ -273,6 +278,11 @@ impl FlowTable {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many live flows `pred` holds for.
+    pub fn count(&self, pred: impl Fn(&Flow) -> bool) -> usize {
+        self.flows.lock().unwrap().values().filter(|f| pred(f)).count()
     }
 
     pub fn snapshot(&self, kernel: Option<&KernelPath>) -> Vec<FlowSnapshot> {

@@ -251,20 +251,25 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
             let reason = format!("mode {}: messages are relayed in user space", route.mode);
             flow.set_path(FlowPath::Userspace { reason, code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+            // Over plain TCP the flow can move at a hot upgrade; a TLS
+            // session can't leave this process.
+            let (client, movable): (Box<dyn crate::ws::Io>, bool) = match client.into_tcp() {
+                Ok(tcp) => (Box::new(tcp), true),
+                Err(tls) => (Box::new(tls), false),
+            };
             let ends = crate::ws::Ends {
-                client: Box::new(client),
+                client,
                 client_early,
                 backend,
                 backend_early,
                 flow,
-                route,
+                limits: crate::ws::Limits::of(route),
                 idle: rt.cfg.idle_timeout,
                 shutdown: daemon.shutdown.subscribe(),
             };
-            if route.mode == WsMode::Inspect {
-                crate::ws::inspect(ends).await
-            } else {
-                crate::ws::bridge(ends).await
+            match proxy::ws_movable(daemon, ends, movable).await {
+                Some(cause) => cause,
+                None => return,
             }
         }
     };

@@ -601,6 +601,71 @@ async fn relay_movable(
     }
 }
 
+/// Runs a terminated WebSocket flow (inspect, bridge_tcp) until it closes
+/// (`Some`), or until it is handed to a new daemon between messages at a hot
+/// upgrade (`None`). Only a plain TCP client's (`movable`) can go.
+pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>, movable: bool) -> Option<CloseCause> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let flow = ends.flow;
+    let (limits, idle) = (ends.limits, ends.idle);
+    flow.ws_movable.store(movable, Relaxed);
+    let detach = movable.then(|| daemon.handed_over.subscribe());
+    let mut ended = crate::ws::run(ends, detach).await;
+    loop {
+        let p = match ended {
+            crate::ws::Ended::Closed(cause) => {
+                flow.ws_movable.store(false, Relaxed);
+                return Some(cause);
+            }
+            crate::ws::Ended::Detached(p) => p,
+        };
+        // To the new daemon while it still takes flows; else on here.
+        let (c, b) = (p.client.into_std(), p.backend.into_std());
+        let left = match (daemon.migrants.lock().unwrap().as_mut(), c, b) {
+            (Some(list), Ok(client), Ok(backend)) => {
+                let path = flow.path.lock().unwrap().clone();
+                let (reason, code) = match path {
+                    FlowPath::Userspace { reason, code } => (reason, code.to_string()),
+                    _ => (String::new(), "websocket-inspect".to_string()),
+                };
+                let moved = crate::upgrade::Moved::WebSocket {
+                    reason,
+                    code,
+                    limits,
+                    client_early: crate::upgrade::to_hex(&p.client_early),
+                    backend_early: crate::upgrade::to_hex(&p.backend_early),
+                };
+                let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                list.push(crate::upgrade::Migrant { info, client, backend });
+                None
+            }
+            (_, c, b) => Some((c, b)),
+        };
+        let Some((c, b)) = left else {
+            flow.ws_movable.store(false, Relaxed);
+            debug!(flow = flow.id, "handed to the new daemon");
+            return None;
+        };
+        let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
+        ended = match (back(c), back(b)) {
+            (Ok(client), Ok(backend)) => {
+                let ends = crate::ws::Ends {
+                    client: Box::new(client),
+                    client_early: p.client_early.into(),
+                    backend,
+                    backend_early: p.backend_early.into(),
+                    flow,
+                    limits,
+                    idle,
+                    shutdown: daemon.shutdown.subscribe(),
+                };
+                crate::ws::run(ends, None).await
+            }
+            _ => crate::ws::Ended::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
+        };
+    }
+}
+
 /// Goes on with a flow the previous daemon handed over (hot upgrade):
 /// supervised (kernel) or relayed (user space) here from where it stopped,
 /// then retired here.
@@ -644,6 +709,33 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                     }
                 },
                 (c, b) => CloseCause::Error(format!("cannot register the sockets: {}", c.err().or(b.err()).unwrap())),
+            }
+        }
+        (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, .. }, _) => {
+            let early =
+                crate::upgrade::from_hex(client_early).and_then(|c| Ok((c, crate::upgrade::from_hex(backend_early)?)));
+            match (TcpStream::from_std(m.client), TcpStream::from_std(m.backend), early) {
+                (Ok(client), Ok(backend), Ok((client_early, backend_early))) => {
+                    let ends = crate::ws::Ends {
+                        client: Box::new(client),
+                        client_early: client_early.into(),
+                        backend,
+                        backend_early: backend_early.into(),
+                        flow: &flow,
+                        limits: *limits,
+                        idle,
+                        shutdown: daemon.shutdown.subscribe(),
+                    };
+                    match ws_movable(&daemon, ends, true).await {
+                        Some(cause) => cause,
+                        None => {
+                            daemon.flows.retire(&flow, k, |_| {});
+                            return;
+                        }
+                    }
+                }
+                (Err(e), _, _) | (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
+                (_, _, Err(e)) => CloseCause::Error(format!("the moved WebSocket's bytes: {e}")),
             }
         }
         (crate::upgrade::Moved::Kernel { .. }, None) => {

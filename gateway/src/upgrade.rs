@@ -19,9 +19,11 @@
 //!    each kernel flow's supervisor, and each TCP relay, stops; the flow's
 //!    sockets, slots and counters go to the new process, which carries it on.
 //!    A kernel flow's bytes never stop: the kernel moves them throughout.
-//! 5. Flows that can't move within a few seconds (half-closed, congested),
-//!    and those whose state lives in this process (TLS, inspect and bridge
-//!    WebSockets, HTTP), finish in the old process, which exits when they
+//!    inspect and bridge WebSockets over plain TCP move between two whole
+//!    messages (see `ws.rs`), with the bytes read past the last one.
+//! 5. Flows that can't move within a few seconds (half-closed, congested,
+//!    mid-message), and those whose state lives in this process (TLS
+//!    sessions, HTTP), finish in the old process, which exits when they
 //!    have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
@@ -68,6 +70,10 @@ pub struct MigrantInfo {
     pub age_ms: u64,
     pub user_c2b: u64,
     pub user_b2c: u64,
+    #[serde(default)]
+    pub msgs_c2b: u64,
+    #[serde(default)]
+    pub msgs_b2c: u64,
     pub moved: Moved,
 }
 
@@ -78,6 +84,9 @@ pub enum Moved {
     Kernel { splice: crate::kernel::Splice, resume: crate::splice::Resume },
     /// Relayed in user space, for this reason (nothing was held in hand).
     Userspace { reason: String, code: String },
+    /// A terminated WebSocket (inspect, bridge_tcp) between messages: its
+    /// route's limits, and the bytes read past the last message (hex).
+    WebSocket { reason: String, code: String, limits: crate::ws::Limits, client_early: String, backend_early: String },
 }
 
 /// Fallback codes a moved userspace flow may carry (they are `&'static`).
@@ -94,12 +103,30 @@ const USERSPACE_CODES: &[&str] = &[
     "unavailable",
 ];
 
+/// Those of a moved terminated WebSocket.
+const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge"];
+
 pub fn static_code(code: &str) -> &'static str {
-    USERSPACE_CODES.iter().find(|c| **c == code).copied().unwrap_or("moved")
+    USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
+}
+
+pub fn to_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
+    if !s.len().is_multiple_of(2) {
+        return Err(format!("odd-length hex ({} digits)", s.len()));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("bad hex at {i}: {e}")))
+        .collect()
 }
 
 /// Whether a live flow can move to a new daemon: kernel flows, and TCP
-/// flows relayed in user space; TLS, WebSocket and HTTP state lives here.
+/// flows relayed in user space (terminated WebSockets are marked on the
+/// flow, `Flow::ws_movable`); TLS and HTTP state lives here.
 pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
     f.path == "kernel"
         || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
@@ -116,6 +143,8 @@ impl MigrantInfo {
             age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
             user_c2b: flow.user_c2b.load(Relaxed),
             user_b2c: flow.user_b2c.load(Relaxed),
+            msgs_c2b: flow.msgs_c2b.load(Relaxed),
+            msgs_b2c: flow.msgs_b2c.load(Relaxed),
             moved,
         }
     }
@@ -137,6 +166,9 @@ struct Moving {
 }
 
 const FLOWS_PER_MESSAGE: usize = sys::MAX_FDS_PER_MESSAGE / 2;
+
+/// The largest message of moving flows a new daemon reads.
+const MAX_MOVING_MESSAGE: usize = 64 << 20;
 
 /// How long the old daemon waits for its kernel flows to reach a quiet moment.
 const MOVE_WITHIN: Duration = Duration::from_secs(3);
@@ -207,9 +239,13 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     let _done = Done(&daemon.handover_done);
     conn.get_mut().write_all(b"ok\n").await?;
     info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the flows");
-    // Kernel and TCP userspace flows detach at their next quiet moment.
+    // Kernel flows, TCP relays and terminated WebSockets over TCP detach at
+    // their next quiet moment.
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
-    let movable_left = || daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count();
+    let movable_left = || {
+        daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count()
+            + daemon.flows.count(|f| f.ws_movable.load(std::sync::atomic::Ordering::Relaxed))
+    };
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -349,7 +385,15 @@ impl Taken {
         loop {
             let mut buf = vec![0u8; 1 << 20];
             let (mut n, fds) = sys::recv_fds(&self.conn, &mut buf).map_err(|e| format!("receiving flows: {e}"))?;
-            while n > 0 && buf[n - 1] != b'\n' && n < buf.len() {
+            while n > 0 && buf[n - 1] != b'\n' {
+                // A message's WebSockets may carry bytes read past their
+                // last message (up to 16 KiB a side, in hex).
+                if n == buf.len() {
+                    if buf.len() >= MAX_MOVING_MESSAGE {
+                        return Err(format!("receiving flows: a message over {MAX_MOVING_MESSAGE} bytes"));
+                    }
+                    buf.resize(buf.len() * 2, 0);
+                }
                 match (&self.conn).read(&mut buf[n..]) {
                     Ok(0) => break,
                     Ok(m) => n += m,

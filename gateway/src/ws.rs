@@ -13,12 +13,23 @@
 //! In both: `ping_interval` pings each WebSocket side, and a side that has
 //! sent nothing by the next ping is dropped; `idle_timeout` and the daemon's
 //! drain end the flow with close 1001 (going away).
-use std::time::Duration;
+//!
+//! A hot upgrade moves these flows too (over plain TCP; a TLS session stays).
+//! tungstenite keeps what it has read in a buffer of its own, so each
+//! WebSocket reads through a [`Gate`], which hands it one frame at a time and
+//! keeps the bytes after that frame itself. Between two whole messages,
+//! tungstenite then holds nothing: the sockets, the gates' bytes and the
+//! route's limits are all the flow is, and another process can go on with it.
+use std::{
+    pin::Pin,
+    task::{ready, Context, Poll},
+    time::Duration,
+};
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
     sync::watch,
     time::{sleep_until, Instant},
@@ -33,15 +44,41 @@ use tokio_tungstenite::{
 use tracing::{debug, info};
 
 use crate::{
-    config::Route,
+    config::{Route, WsMode},
     flows::{CloseCause, Flow, Side},
 };
 
 /// Any byte stream a WebSocket runs over (TCP, or TLS terminated here).
-pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The concrete stream back (a hot upgrade moves plain TCP ones).
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
+}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
+        self
+    }
+}
 
-type Ws = WebSocketStream<Box<dyn Io>>;
+type Ws = WebSocketStream<Gate>;
+
+/// What a terminated WebSocket flow keeps of its route: a flow goes on with
+/// the settings it started with, through reloads and upgrades.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct Limits {
+    pub bridge: bool,
+    pub max_message_size: usize,
+    pub ping_interval: Option<Duration>,
+}
+
+impl Limits {
+    pub fn of(route: &Route) -> Self {
+        Limits {
+            bridge: route.mode == WsMode::BridgeTcp,
+            max_message_size: route.max_message_size,
+            ping_interval: route.ping_interval,
+        }
+    }
+}
 
 /// How long a close handshake may take once started.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -55,9 +92,193 @@ pub struct Ends<'a> {
     pub backend: TcpStream,
     pub backend_early: Bytes,
     pub flow: &'a Flow,
-    pub route: &'a Route,
+    pub limits: Limits,
     pub idle: Duration,
     pub shutdown: watch::Receiver<bool>,
+}
+
+/// How a terminated WebSocket flow ended here.
+pub enum Ended {
+    Closed(CloseCause),
+    /// Stopped between whole messages for a hot upgrade: the sockets and the
+    /// bytes read past the last message, nothing else.
+    Detached(Parked),
+}
+
+/// A terminated WebSocket flow between messages, as [`Ends`] takes it again.
+pub struct Parked {
+    pub client: TcpStream,
+    pub client_early: Vec<u8>,
+    pub backend: TcpStream,
+    pub backend_early: Vec<u8>,
+}
+
+/// Runs the flow in its mode until it closes or, once `detach` turns true,
+/// until it is between whole messages on both sides.
+pub async fn run(e: Ends<'_>, detach: Option<watch::Receiver<bool>>) -> Ended {
+    if e.limits.bridge {
+        bridge(e, detach).await
+    } else {
+        inspect(e, detach).await
+    }
+}
+
+/// Bytes a [`Gate`] reads from its stream at once.
+const GATE_READ: usize = 16 << 10;
+
+/// The stream under a terminated WebSocket, read through a buffer of its own
+/// and handed to tungstenite at most up to the end of the current frame.
+pub struct Gate {
+    inner: Box<dyn Io>,
+    /// Read from `inner`; `start..end` not handed on yet.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+    frames: Frames,
+}
+
+impl Gate {
+    /// A gate whose first bytes are `early` (read past the HTTP head).
+    pub fn new(inner: Box<dyn Io>, early: &[u8]) -> Self {
+        let mut buf = early.to_vec();
+        let end = buf.len();
+        buf.resize(end.max(GATE_READ), 0);
+        Gate { inner, buf, start: 0, end, frames: Frames::default() }
+    }
+
+    /// Between whole messages: tungstenite has been handed whole frames
+    /// only, and the last data frame ended its message.
+    pub fn between_messages(&self) -> bool {
+        self.frames.at_boundary() && !self.frames.fragmented
+    }
+
+    /// The stream and the bytes read from it that were not handed on.
+    fn into_parts(self) -> (Box<dyn Io>, Vec<u8>) {
+        let left = self.buf[self.start..self.end].to_vec();
+        (self.inner, left)
+    }
+}
+
+/// Where the bytes handed to tungstenite stand in the frame sequence
+/// (RFC 6455 section 5.2): in a header (`have` of `need` bytes), or in a
+/// payload (`left` bytes to go).
+#[derive(Default)]
+struct Frames {
+    head: [u8; 14],
+    have: usize,
+    need: usize,
+    left: u64,
+    /// The current frame carries data (text, binary, continuation).
+    data: bool,
+    fin: bool,
+    /// A message's first frames have passed and its final one has not.
+    fragmented: bool,
+}
+
+impl Frames {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+
+    /// How many of the next bytes belong to the current frame's header or
+    /// payload.
+    fn allowed(&self) -> u64 {
+        if self.left > 0 {
+            self.left
+        } else if self.have < 2 {
+            (2 - self.have) as u64
+        } else {
+            (self.need - self.have) as u64
+        }
+    }
+
+    /// Takes note of bytes handed on (no more than [`Frames::allowed`]).
+    fn pass(&mut self, bytes: &[u8]) {
+        if self.left > 0 {
+            self.left -= bytes.len() as u64;
+            if self.left == 0 {
+                self.frame_done();
+            }
+            return;
+        }
+        self.head[self.have..self.have + bytes.len()].copy_from_slice(bytes);
+        self.have += bytes.len();
+        if self.have == 2 {
+            let ext = match self.head[1] & 0x7f {
+                126 => 2,
+                127 => 8,
+                _ => 0,
+            };
+            let mask = if self.head[1] & 0x80 != 0 { 4 } else { 0 };
+            self.need = 2 + ext + mask;
+        }
+        if self.have >= 2 && self.have == self.need {
+            let len = match self.head[1] & 0x7f {
+                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
+                127 => u64::from_be_bytes(self.head[2..10].try_into().unwrap()),
+                n => u64::from(n),
+            };
+            self.fin = self.head[0] & 0x80 != 0;
+            self.data = self.head[0] & 0x0f < 8;
+            self.have = 0;
+            self.left = len;
+            if len == 0 {
+                self.frame_done();
+            }
+        }
+    }
+
+    fn frame_done(&mut self) {
+        if self.data {
+            self.fragmented = !self.fin;
+        }
+    }
+}
+
+impl AsyncRead for Gate {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let g = &mut *self;
+        if g.start == g.end {
+            g.start = 0;
+            g.end = 0;
+            g.buf.resize(GATE_READ, 0);
+            let mut rb = ReadBuf::new(&mut g.buf);
+            ready!(Pin::new(&mut g.inner).poll_read(cx, &mut rb))?;
+            g.end = rb.filled().len();
+            if g.end == 0 {
+                return Poll::Ready(Ok(())); // EOF
+            }
+        }
+        let n = (g.end - g.start).min(out.remaining()).min(g.frames.allowed().min(usize::MAX as u64) as usize);
+        let bytes = &g.buf[g.start..g.start + n];
+        out.put_slice(bytes);
+        g.frames.pass(bytes);
+        g.start += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Gate {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The plain TCP socket under a gate's stream, with the gate's bytes.
+fn park(ws: Ws) -> Result<(TcpStream, Vec<u8>), CloseCause> {
+    let (io, left) = ws.into_inner().into_parts();
+    match io.into_any().downcast::<TcpStream>() {
+        Ok(s) => Ok((*s, left)),
+        Err(_) => Err(CloseCause::Error("only a plain TCP WebSocket can move".into())),
+    }
 }
 
 /// Resolves once the daemon's drain has started.
@@ -65,10 +286,10 @@ pub async fn draining(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn ws_config(route: &Route) -> WebSocketConfig {
+fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
-        .max_message_size(Some(route.max_message_size))
-        .max_frame_size(Some(route.max_message_size))
+        .max_message_size(Some(limits.max_message_size))
+        .max_frame_size(Some(limits.max_message_size))
 }
 
 fn close(code: CloseCode, reason: &str) -> Message {
@@ -135,16 +356,16 @@ impl Liveness {
 }
 
 /// Relays messages between two WebSockets.
-pub async fn inspect(e: Ends<'_>) -> CloseCause {
-    let cfg = ws_config(e.route);
-    let c = Ws::from_partially_read(e.client, e.client_early.to_vec(), Role::Server, Some(cfg)).await;
-    let backend: Box<dyn Io> = Box::new(e.backend);
-    let b = Ws::from_partially_read(backend, e.backend_early.to_vec(), Role::Client, Some(cfg)).await;
+async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended {
+    let cfg = ws_config(&e.limits);
+    let c = Ws::from_raw_socket(Gate::new(e.client, &e.client_early), Role::Server, Some(cfg)).await;
+    let b = Ws::from_raw_socket(Gate::new(Box::new(e.backend), &e.backend_early), Role::Client, Some(cfg)).await;
     let mut ws = [c, b];
-    let (flow, max) = (e.flow, e.route.max_message_size);
+    let (flow, max) = (e.flow, e.limits.max_message_size);
     let mut shutdown = e.shutdown;
     let mut open = [true, true];
-    let mut live = Liveness::new(e.route.ping_interval);
+    let mut detach_asked = false;
+    let mut live = Liveness::new(e.limits.ping_interval);
     let mut idle_at = Instant::now() + e.idle;
     let mut closing: Option<Instant> = None;
     let mut cause: Option<CloseCause> = None;
@@ -163,6 +384,26 @@ pub async fn inspect(e: Ends<'_>) -> CloseCause {
         };
     }
     while open[0] || open[1] {
+        if detach_asked
+            && closing.is_none()
+            && open == [true, true]
+            && ws.iter().all(|w| w.get_ref().between_messages())
+        {
+            // A pong tungstenite owes goes out before the sockets leave.
+            let mut flushed = true;
+            for w in &mut ws {
+                flushed &= w.flush().await.is_ok();
+            }
+            if flushed {
+                let [c, b] = ws;
+                return match (park(c), park(b)) {
+                    (Ok((client, client_early)), Ok((backend, backend_early))) => {
+                        Ended::Detached(Parked { client, client_early, backend, backend_early })
+                    }
+                    (Err(why), _) | (_, Err(why)) => Ended::Closed(why),
+                };
+            }
+        }
         let [c, b] = &mut ws;
         let (side, m) = tokio::select! {
             m = c.next(), if open[0] => (Side::Client, m),
@@ -198,6 +439,10 @@ pub async fn inspect(e: Ends<'_>) -> CloseCause {
                 continue;
             }
             () = sleep_until(closing.unwrap_or_else(far_future)), if closing.is_some() => break,
+            () = crate::splice::asked_to_detach(&mut detach), if !detach_asked => {
+                detach_asked = true;
+                continue;
+            }
         };
         let (x, y) = (side as usize, other(side) as usize);
         live.heard(side);
@@ -249,25 +494,41 @@ pub async fn inspect(e: Ends<'_>) -> CloseCause {
             }
         }
     }
-    cause.unwrap_or(CloseCause::Closed { first: Side::Client })
+    Ended::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }))
 }
 
 /// Bridges the client's WebSocket to a raw TCP backend.
-pub async fn bridge(e: Ends<'_>) -> CloseCause {
-    let cfg = ws_config(e.route);
-    let mut ws = Ws::from_partially_read(e.client, e.client_early.to_vec(), Role::Server, Some(cfg)).await;
+async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended {
+    let cfg = ws_config(&e.limits);
+    let mut ws = Ws::from_raw_socket(Gate::new(e.client, &e.client_early), Role::Server, Some(cfg)).await;
     let mut tcp = e.backend;
-    let (mut tr, mut tw) = tcp.split();
-    let (flow, max) = (e.flow, e.route.max_message_size);
+    // Bytes read from the backend before the upgrade's 101 came back.
+    if !e.backend_early.is_empty() {
+        let n = e.backend_early.len();
+        if ws.send(Message::Binary(e.backend_early)).await.is_err() {
+            return Ended::Closed(CloseCause::Reset { by: Side::Client });
+        }
+        e.flow.add_message(Side::Backend, n as u64);
+    }
+    let (flow, max) = (e.flow, e.limits.max_message_size);
     let mut shutdown = e.shutdown;
     let mut buf = vec![0u8; BRIDGE_CHUNK];
     let (mut ws_open, mut tcp_reading) = (true, true);
-    let mut live = Liveness::new(e.route.ping_interval);
+    let mut detach_asked = false;
+    let mut live = Liveness::new(e.limits.ping_interval);
     live.heard(Side::Backend); // TCP has no pings
     let mut idle_at = Instant::now() + e.idle;
     let mut closing: Option<Instant> = None;
     let mut cause: Option<CloseCause> = None;
+    let (mut tr, mut tw) = tcp.split();
     while ws_open {
+        if detach_asked && closing.is_none() && tcp_reading && ws.get_ref().between_messages() {
+            // Nothing is held for the backend: each message is written before
+            // the next is read. A pong tungstenite owes goes out first.
+            if ws.flush().await.is_ok() {
+                break;
+            }
+        }
         tokio::select! {
             m = ws.next() => match m {
                 Some(Ok(msg @ (Message::Binary(_) | Message::Text(_)))) => {
@@ -356,7 +617,83 @@ pub async fn bridge(e: Ends<'_>) -> CloseCause {
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
             () = sleep_until(closing.unwrap_or_else(far_future)), if closing.is_some() => break,
+            () = crate::splice::asked_to_detach(&mut detach), if !detach_asked => detach_asked = true,
         }
     }
-    cause.unwrap_or(CloseCause::Closed { first: Side::Client })
+    let parked = ws_open && detach_asked && closing.is_none() && tcp_reading && cause.is_none();
+    if !parked {
+        return Ended::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }));
+    }
+    match park(ws) {
+        Ok((client, client_early)) => {
+            Ended::Detached(Parked { client, client_early, backend: tcp, backend_early: Vec::new() })
+        }
+        Err(why) => Ended::Closed(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frames;
+
+    /// A frame's bytes: FIN, opcode, mask bit (key 0), length encoding.
+    fn frame(fin: bool, opcode: u8, masked: bool, len: usize) -> Vec<u8> {
+        let mut f = vec![(u8::from(fin) << 7) | opcode];
+        let m = if masked { 0x80 } else { 0 };
+        match len {
+            0..=125 => f.push(m | len as u8),
+            126..=65535 => {
+                f.push(m | 126);
+                f.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            _ => {
+                f.push(m | 127);
+                f.extend_from_slice(&(len as u64).to_be_bytes());
+            }
+        }
+        if masked {
+            f.extend_from_slice(&[1, 2, 3, 4]);
+        }
+        f.extend(std::iter::repeat_n(0x5a, len));
+        f
+    }
+
+    /// Passes `bytes` in pieces of at most `piece`, as the gate would.
+    fn pass_all(fr: &mut Frames, bytes: &[u8], piece: usize) {
+        let mut at = 0;
+        while at < bytes.len() {
+            let n = (bytes.len() - at).min(piece).min(fr.allowed() as usize);
+            fr.pass(&bytes[at..at + n]);
+            at += n;
+        }
+    }
+
+    #[test]
+    fn frames_end_where_their_headers_say() {
+        for piece in [1, 3, 7, 4096] {
+            for (len, masked) in [(0, false), (5, true), (125, true), (126, false), (70_000, true)] {
+                let mut fr = Frames::default();
+                let f = frame(true, 2, masked, len);
+                // Never more than the rest of the frame.
+                pass_all(&mut fr, &f[..f.len() - 1], piece);
+                assert!(!fr.at_boundary() && fr.allowed() == 1, "len {len} piece {piece}");
+                fr.pass(&f[f.len() - 1..]);
+                assert!(fr.at_boundary() && !fr.fragmented, "len {len} piece {piece}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_fragmented_message_is_not_between_messages_until_its_last_frame() {
+        let mut fr = Frames::default();
+        pass_all(&mut fr, &frame(false, 1, true, 10), 4096);
+        assert!(fr.at_boundary() && fr.fragmented);
+        // A ping in the middle does not end the message.
+        pass_all(&mut fr, &frame(true, 9, true, 4), 4096);
+        assert!(fr.fragmented);
+        pass_all(&mut fr, &frame(false, 0, true, 300), 4096);
+        assert!(fr.fragmented);
+        pass_all(&mut fr, &frame(true, 0, true, 0), 4096);
+        assert!(fr.at_boundary() && !fr.fragmented);
+    }
 }

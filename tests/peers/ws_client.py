@@ -8,7 +8,7 @@
         byte for byte, then closes. Prints one JSON line.
     ws_client.py big URL --size N
         Sends one binary message of N bytes; prints how the connection closed.
-    ws_client.py hold URL --count N [--again]
+    ws_client.py hold URL --count N [--again] [--binary]
         Opens N connections, echoes one message on each, prints "OPEN N", waits
         for a line on stdin, (with --again, echoes one more message on each,)
         closes them all, prints "CLOSED N".
@@ -104,12 +104,21 @@ async def hold(a):
     conns = []
     sem = asyncio.Semaphore(100)
 
+    async def echo(ws, text):
+        if not a.binary:
+            await ws.send(text)
+            return await asyncio.wait_for(ws.recv(), 30)
+        # A bridge_tcp route returns the bytes as the TCP stream cut them.
+        await ws.send(text.encode())
+        got = b""
+        while len(got) < len(text):
+            got += await asyncio.wait_for(ws.recv(), 30)
+        return got.decode()
+
     async def one(i):
         async with sem:
             ws = await connect(a.url, **opts(a))
-            await ws.send(f"hello {i}")
-            got = await asyncio.wait_for(ws.recv(), 30)
-            if got != f"hello {i}":
+            if await echo(ws, f"hello {i}") != f"hello {i}":
                 fail(f"echo mismatch on connection {i}")
             conns.append(ws)
 
@@ -118,8 +127,7 @@ async def hold(a):
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     if a.again:
         async def again(i, ws):
-            await ws.send(f"again {i}")
-            if await asyncio.wait_for(ws.recv(), 30) != f"again {i}":
+            if await echo(ws, f"again {i}") != f"again {i}":
                 fail(f"echo mismatch on connection {i} after the wait")
         await asyncio.gather(*(again(i, ws) for i, ws in enumerate(conns)))
     await asyncio.gather(*(ws.close(1000, "done") for ws in conns))
@@ -185,6 +193,7 @@ def main():
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--count", type=int, default=1)
     p.add_argument("--again", action="store_true")
+    p.add_argument("--binary", action="store_true")
     a = p.parse_args()
     try:
         modes = {"echo": echo, "big": big, "hold": hold, "expect-first": expect_first,

@@ -1,7 +1,7 @@
 //! Hot upgrade end to end: a second daemon takes the listening sockets, the
 //! kernel maps and the flows over (`gateway run --takeover`). TCP flows
-//! (kernel and userspace) and passthrough WebSockets move to it; inspect
-//! WebSockets finish on the first; all keep moving bytes, none is reset; no
+//! (kernel and userspace), passthrough and inspect WebSockets move to it;
+//! wss ones (a TLS session) finish on the first; all keep moving bytes, none is reset; no
 //! connection attempt during the switch is refused; WebSockets held open
 //! across it keep working; the first daemon exits once its flows have ended.
 use std::{
@@ -49,11 +49,18 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let topo = Arc::new(Topology::new());
     let be = Backend::echo(&topo);
     let ws = Peer::python_server(&topo);
+    let dir = temp_dir("upgrade");
+    test_certs(&dir, &["ws.gw.test"]);
+    let d = dir.display();
     let listeners = format!(
         "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n\
          \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n\
          \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
          \x20     - path_prefix: /pass\n        backends: [\"{w}\"]\n\
+         \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n\
+         \x20     - path_prefix: /bridge\n        bridge_tcp: [\"{b}\"]\n\
+         \x20 - name: s\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      certificates:\n\
+         \x20       - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
          \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n",
         b = be.addr,
         w = ws.addr
@@ -62,13 +69,28 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let (k, u) = (old.listener("k"), old.listener("u"));
 
     // Long-lived WebSockets (Python `websockets`) open across the switch:
-    // passthrough ones (kernel path, they move) and inspect ones (their
-    // frames are parsed here: they stay and finish on the old daemon).
-    let w = old.listener("w");
-    let mut held: Vec<Held> = ["pass", "inspect"]
-        .iter()
-        .map(|route| Held::py_client(&topo, &["hold", &format!("ws://{w}/{route}"), "--count", "10", "--again"]))
-        .collect();
+    // passthrough ones (kernel path), inspect ones (relayed message by
+    // message) and bridge_tcp ones (to the TCP echo backend) move; wss
+    // inspect ones (a TLS session lives in the process) stay and finish on
+    // the old daemon.
+    let (w, s) = (old.listener("w"), old.listener("s"));
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let mut held: Vec<Held> = [
+        format!("ws://{w}/pass"),
+        format!("ws://{w}/inspect"),
+        format!("wss://{s}/inspect"),
+        format!("ws://{w}/bridge"),
+    ]
+    .iter()
+    .map(|url| {
+        let mut args = vec!["hold", url, "--count", "10", "--again", "--ca", ca, "--sni", "ws.gw.test"];
+        if url.ends_with("bridge") {
+            args.push("--binary");
+        }
+        Held::py_client(&topo, &args)
+    })
+    .collect();
     for h in &mut held {
         assert_eq!(h.line(Duration::from_secs(60)), "OPEN 10");
     }
@@ -123,18 +145,31 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let mut ck2 = topo.connect(k).unwrap();
     echo_more(&mut ck2, Pattern(13), 0, MIB);
 
-    // The TCP flows (kernel and userspace) and the passthrough WebSockets
-    // moved to the new daemon with their counters; the inspect WebSockets
-    // stayed with the old daemon.
+    // The TCP flows (kernel and userspace) and the plain WebSockets moved to
+    // the new daemon with their counters (the inspect ones with the message
+    // each relayed before); the wss ones stayed with the old daemon.
     new.wait_for("the moved flows", Duration::from_secs(20), |g| {
         let f = g.flows();
         let has = |l: &str, path: &str| {
             f.iter()
                 .any(|f| f["listener"] == l && f["path"] == path && f["bytes_client_to_backend"].as_u64() >= Some(MIB))
         };
-        has("k", "kernel") && has("u", "userspace") && f.iter().filter(|f| f["listener"] == "w").count() == 10
+        has("k", "kernel") && has("u", "userspace") && f.iter().filter(|f| f["listener"] == "w").count() == 30
     });
-    assert!(new.flows().iter().filter(|f| f["listener"] == "w").all(|f| f["path"] == "kernel"), "{:?}", new.flows());
+    let flows = new.flows();
+    let on = |path: &str| flows.iter().filter(|f| f["listener"] == "w" && f["path"] == path).collect::<Vec<_>>();
+    assert_eq!(on("kernel").len(), 10, "{flows:?}");
+    let terminated = on("userspace");
+    assert_eq!(terminated.len(), 20, "{flows:?}");
+    for code in ["websocket-inspect", "websocket-bridge"] {
+        let of_code: Vec<_> = terminated.iter().filter(|f| f["fallback_code"] == code).collect();
+        assert_eq!(of_code.len(), 10, "{code}: {flows:?}");
+        for f in of_code {
+            let msgs = (f["messages_client_to_backend"].as_u64(), f["messages_backend_to_client"].as_u64());
+            assert_eq!(msgs, (Some(1), Some(1)), "{f}");
+        }
+    }
+    assert!(!flows.iter().any(|f| f["listener"] == "s"), "{flows:?}");
     let log = old.log_text();
     let count = |log: &str, line: &str, key: &str| {
         log.lines()
@@ -145,9 +180,9 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             .unwrap_or_else(|| panic!("no {key} in {line:?}:\n{log}"))
     };
     let moved = count(&log, "upgrade: flows moved", "moved=");
-    // The two TCP flows, the ten passthrough WebSockets, and perhaps some of
+    // The two TCP flows, the thirty plain WebSockets, and perhaps some of
     // the connections made during the switch.
-    assert!(moved >= 12, "{log}");
+    assert!(moved >= 32, "{log}");
     assert_eq!(count(&new.log_text(), "this one serves every listener", "moved_flows="), moved);
 
     // Every flow goes on, intact, after the switch: 1 MiB more each way on
@@ -156,19 +191,31 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     // then closes cleanly.
     echo_more(&mut ck, pk, MIB, MIB);
     echo_more(&mut cu, pu, MIB, MIB);
-    let (mut pass, mut inspect) = (held.remove(0), held.remove(0));
-    pass.go_on();
-    assert_eq!(pass.line(Duration::from_secs(60)), "CLOSED 10");
+    let mut wss = held.remove(2);
+    for h in &mut held {
+        h.go_on();
+        assert_eq!(h.line(Duration::from_secs(60)), "CLOSED 10");
+    }
+    // The moved terminated flows closed on the new daemon, each with the
+    // messages of both daemons counted.
+    new.wait_for("the terminated flows' close", Duration::from_secs(20), |g| {
+        let log = g.log_text();
+        ["websocket-inspect", "websocket-bridge"].iter().all(|code| {
+            let closed = |l: &&str| l.contains("flow close") && l.contains(&format!("fallback=\"{code}\""));
+            log.lines().filter(closed).filter(|l| l.contains("msgs_c2b=2 msgs_b2c=2")).count() == 10
+        })
+    });
     assert!(old.wait_exit(Duration::from_millis(200)).is_none(), "the old daemon left while its flows were open");
-    inspect.go_on();
-    assert_eq!(inspect.line(Duration::from_secs(60)), "CLOSED 10");
+    wss.go_on();
+    assert_eq!(wss.line(Duration::from_secs(60)), "CLOSED 10");
 
-    // The old daemon leaves once its inspect flows have ended.
+    // The old daemon leaves once its wss flows have ended.
     let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows ended");
     assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
     let log = old.log_text();
     assert!(log.contains("every flow of this process has ended"), "{log}");
-    assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=w ")).count(), 10, "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=s ")).count(), 10, "{log}");
+    assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=w ")).count(), 0, "{log}");
 
     // A second upgrade: the flows the first moved move again, with their
     // history, and the middle daemon leaves once it holds none.
