@@ -113,7 +113,7 @@ pub struct Flow {
     pub http_requests: AtomicU64,
     pub msgs_c2b: AtomicU64,
     pub msgs_b2c: AtomicU64,
-    /// A terminated WebSocket that a hot upgrade would move (plain TCP).
+    /// A terminated WebSocket, which a hot upgrade moves between messages.
     pub ws_movable: AtomicBool,
 }
 
@@ -254,7 +254,8 @@ impl FlowTable {
                     FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
                 }
                 crate::upgrade::Moved::Userspace { reason, code }
-                | crate::upgrade::Moved::WebSocket { reason, code, .. } => {
+                | crate::upgrade::Moved::WebSocket { reason, code, .. }
+                | crate::upgrade::Moved::Tls { reason, code, .. } => {
                     FlowPath::Userspace { reason: reason.clone(), code: crate::upgrade::static_code(code) }
                 }
             }),

@@ -36,6 +36,7 @@ use crate::{
     config::{HttpListener, Route, WsMode},
     flows::{CloseCause, Flow, FlowPath, Side},
     proxy::{self, Daemon, ListenerRt},
+    session,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -80,28 +81,20 @@ struct Conn {
 
 /// A client connection as hyper serves it: plain TCP, or TLS terminated here.
 pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
-    /// The TCP socket itself, for the kernel path; a TLS stream stays as it is.
-    fn into_tcp(self) -> Result<TcpStream, Self>
-    where
-        Self: Sized;
-    fn fd(&self) -> std::os::fd::RawFd;
+    /// As the relays take it (a plain one may go to the kernel path).
+    fn into_conn(self) -> session::Conn;
 }
 
 impl ClientStream for TcpStream {
-    fn into_tcp(self) -> Result<TcpStream, Self> {
-        Ok(self)
-    }
-    fn fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(self)
+    fn into_conn(self) -> session::Conn {
+        session::Conn::Plain(self)
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
-    fn into_tcp(self) -> Result<TcpStream, Self> {
-        Err(self)
-    }
-    fn fd(&self) -> std::os::fd::RawFd {
-        std::os::fd::AsRawFd::as_raw_fd(self.get_ref().0)
+impl ClientStream for crate::session::ServerTls {
+    fn into_conn(self) -> session::Conn {
+        let fd = self.get_ref().0.tcp_fd().unwrap_or(-1);
+        session::Conn::server(self, fd)
     }
 }
 
@@ -220,8 +213,8 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
                 Ok(Ok(())) => {
                     flow.add_user(Side::Client, client_early.len() as u64);
                     flow.add_user(Side::Backend, backend_early.len() as u64);
-                    match client.into_tcp() {
-                        Ok(client) => {
+                    match client.into_conn() {
+                        session::Conn::Plain(client) => {
                             if !daemon.handoff_delay.is_zero() {
                                 tokio::time::sleep(daemon.handoff_delay).await;
                             }
@@ -229,16 +222,17 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
                             return;
                         }
                         // wss: the client's bytes are ciphertext, relayed here.
-                        Err(tls) => {
+                        tls => {
                             flow.set_path(FlowPath::Userspace {
                                 reason: "TLS is terminated in user space (no kTLS on this host)".into(),
                                 code: "userspace-tls",
                             });
                             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-                            let fd = tls.fd();
-                            let client = proxy::split(tls, fd);
-                            crate::relay::relay_halves(client, proxy::split_tcp(backend), flow, rt.cfg.idle_timeout)
-                                .await
+                            let idle = rt.cfg.idle_timeout;
+                            match proxy::tls_movable(daemon, tls, session::Conn::Plain(backend), flow, idle).await {
+                                Some(cause) => cause,
+                                None => return,
+                            }
                         }
                     }
                 }
@@ -251,14 +245,8 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
             let reason = format!("mode {}: messages are relayed in user space", route.mode);
             flow.set_path(FlowPath::Userspace { reason, code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            // Over plain TCP the flow can move at a hot upgrade; a TLS
-            // session can't leave this process.
-            let (client, movable): (Box<dyn crate::ws::Io>, bool) = match client.into_tcp() {
-                Ok(tcp) => (Box::new(tcp), true),
-                Err(tls) => (Box::new(tls), false),
-            };
             let ends = crate::ws::Ends {
-                client,
+                client: client.into_conn(),
                 client_early,
                 backend,
                 backend_early,
@@ -267,7 +255,7 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
                 idle: rt.cfg.idle_timeout,
                 shutdown: daemon.shutdown.subscribe(),
             };
-            match proxy::ws_movable(daemon, ends, movable).await {
+            match proxy::ws_movable(daemon, ends).await {
                 Some(cause) => cause,
                 None => return,
             }

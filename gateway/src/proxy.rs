@@ -19,7 +19,9 @@ use crate::{
     health::Health,
     kernel::{KernelPath, Unavailable},
     limits::Admission,
-    relay, splice,
+    relay,
+    session::Conn,
+    splice,
     stats::ListenerStats,
 };
 
@@ -311,11 +313,14 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     // TLS first: a client that can't finish its handshake never costs a
     // backend connection.
     let client = match rt.cfg.tls.as_ref().filter(|_| terminate) {
-        None => ClientIo::Plain(client),
-        Some(tls) => match accept_tls(client, tls, flow, rt, daemon).await {
-            Some(s) => ClientIo::Tls(Box::new(s)),
-            None => return,
-        },
+        None => Conn::Plain(client),
+        Some(tls) => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+            match accept_tls(client, tls, flow, rt, daemon).await {
+                Some(s) => Conn::server(s, fd),
+                None => return,
+            }
+        }
     };
     let (backend, idx) = match connect(rt, peer, pool).await {
         Ok(b) => b,
@@ -330,11 +335,11 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     // TLS to the backend: verified as configured; a failure counts against
     // the backend like a failed connect.
     let backend = match &rt.cfg.backend_tls {
-        None => BackendIo::Plain(backend),
+        None => Conn::Plain(backend),
         Some(o) => {
             let addr = rt.cfg.backends[idx];
             match tokio::time::timeout(rt.cfg.connect_timeout, o.connect(addr, backend)).await {
-                Ok(Ok(s)) => BackendIo::Tls(Box::new(s)),
+                Ok(Ok(s)) => s,
                 failed => {
                     let why = match failed {
                         Ok(Err(e)) => e.to_string(),
@@ -350,7 +355,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         }
     };
     let cause = match (client, backend) {
-        (ClientIo::Plain(client), BackendIo::Plain(backend)) => {
+        (Conn::Plain(client), Conn::Plain(backend)) => {
             if !daemon.handoff_delay.is_zero() {
                 tokio::time::sleep(daemon.handoff_delay).await;
             }
@@ -362,7 +367,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                 code: "userspace-tls",
             });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            let cause = relay::relay_halves(client.split(), backend.split(), flow, rt.cfg.idle_timeout).await;
+            let Some(cause) = tls_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
+                return;
+            };
             retire(flow, Some(idx), &cause, rt, daemon);
             cause
         }
@@ -379,7 +386,9 @@ pub async fn accept_tls(
     flow: &crate::flows::Flow,
     rt: &ListenerRt,
     daemon: &Daemon,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<crate::session::ServerTls> {
+    // Read a record at a time, so that the session can move (`session.rs`).
+    let client = crate::gate::Gate::new(Box::new(client), &[]);
     let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
     let why = match tokio::time::timeout(tls.handshake_timeout, accept).await {
         Ok(Ok(s)) => return Some(s),
@@ -397,63 +406,6 @@ fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt,
     rt.stats.rejected(cause);
     debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
     retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, daemon);
-}
-
-/// The backend side: as connected, or after a TLS handshake (`backend_tls`).
-enum BackendIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-/// The client side of a TCP flow: as accepted, or after a TLS handshake.
-enum ClientIo {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
-}
-
-pub(crate) type ReadHalf = Box<dyn tokio::io::AsyncRead + Unpin + Send>;
-pub(crate) type WriteHalf = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
-
-/// A stream split for the userspace relay, with the TCP socket under it.
-pub(crate) fn split<S>(s: S, fd: std::os::fd::RawFd) -> (ReadHalf, WriteHalf, std::os::fd::RawFd)
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (r, w) = tokio::io::split(s);
-    (Box::new(r), Box::new(w), fd)
-}
-
-pub(crate) fn split_tcp(s: TcpStream) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
-    use std::os::fd::AsRawFd;
-    let fd = s.as_raw_fd();
-    let (r, w) = s.into_split();
-    (Box::new(r), Box::new(w), fd)
-}
-
-impl ClientIo {
-    fn split(self) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
-        use std::os::fd::AsRawFd;
-        match self {
-            ClientIo::Plain(s) => split_tcp(s),
-            ClientIo::Tls(s) => {
-                let fd = s.get_ref().0.as_raw_fd();
-                split(*s, fd)
-            }
-        }
-    }
-}
-
-impl BackendIo {
-    fn split(self) -> (ReadHalf, WriteHalf, std::os::fd::RawFd) {
-        use std::os::fd::AsRawFd;
-        match self {
-            BackendIo::Plain(s) => split_tcp(s),
-            BackendIo::Tls(s) => {
-                let fd = s.get_ref().0.as_raw_fd();
-                split(*s, fd)
-            }
-        }
-    }
 }
 
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its
@@ -601,16 +553,23 @@ async fn relay_movable(
     }
 }
 
+/// The flow's fallback reason and code, as a moved flow carries them.
+fn path_reason(flow: &crate::flows::Flow, default: &str) -> (String, String) {
+    match flow.path.lock().unwrap().clone() {
+        FlowPath::Userspace { reason, code } => (reason, code.to_string()),
+        _ => (String::new(), default.to_string()),
+    }
+}
+
 /// Runs a terminated WebSocket flow (inspect, bridge_tcp) until it closes
 /// (`Some`), or until it is handed to a new daemon between messages at a hot
-/// upgrade (`None`). Only a plain TCP client's (`movable`) can go.
-pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>, movable: bool) -> Option<CloseCause> {
+/// upgrade (`None`).
+pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<CloseCause> {
     use std::sync::atomic::Ordering::Relaxed;
     let flow = ends.flow;
     let (limits, idle) = (ends.limits, ends.idle);
-    flow.ws_movable.store(movable, Relaxed);
-    let detach = movable.then(|| daemon.handed_over.subscribe());
-    let mut ended = crate::ws::run(ends, detach).await;
+    flow.ws_movable.store(true, Relaxed);
+    let mut ended = crate::ws::run(ends, Some(daemon.handed_over.subscribe())).await;
     loop {
         let p = match ended {
             crate::ws::Ended::Closed(cause) => {
@@ -620,37 +579,31 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>, movable: boo
             crate::ws::Ended::Detached(p) => p,
         };
         // To the new daemon while it still takes flows; else on here.
-        let (c, b) = (p.client.into_std(), p.backend.into_std());
-        let left = match (daemon.migrants.lock().unwrap().as_mut(), c, b) {
-            (Some(list), Ok(client), Ok(backend)) => {
-                let path = flow.path.lock().unwrap().clone();
-                let (reason, code) = match path {
-                    FlowPath::Userspace { reason, code } => (reason, code.to_string()),
-                    _ => (String::new(), "websocket-inspect".to_string()),
-                };
-                let moved = crate::upgrade::Moved::WebSocket {
-                    reason,
-                    code,
-                    limits,
-                    client_early: crate::upgrade::to_hex(&p.client_early),
-                    backend_early: crate::upgrade::to_hex(&p.backend_early),
-                };
-                let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                list.push(crate::upgrade::Migrant { info, client, backend });
-                None
-            }
-            (_, c, b) => Some((c, b)),
-        };
-        let Some((c, b)) = left else {
+        let mut left = Some(p);
+        if let Some(list) = daemon.migrants.lock().unwrap().as_mut() {
+            let p = left.take().unwrap();
+            let (reason, code) = path_reason(flow, "websocket-inspect");
+            let moved = crate::upgrade::Moved::WebSocket {
+                reason,
+                code,
+                limits,
+                client_early: crate::upgrade::to_hex(&p.client_early),
+                backend_early: crate::upgrade::to_hex(&p.backend_early),
+                client_tls: p.client.tls,
+            };
+            let info = crate::upgrade::MigrantInfo::of(flow, moved);
+            list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: p.backend });
+        }
+        let Some(p) = left else {
             flow.ws_movable.store(false, Relaxed);
             debug!(flow = flow.id, "handed to the new daemon");
             return None;
         };
-        let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
-        ended = match (back(c), back(b)) {
+        let client = Conn::resume(p.client);
+        ended = match (client, TcpStream::from_std(p.backend)) {
             (Ok(client), Ok(backend)) => {
                 let ends = crate::ws::Ends {
-                    client: Box::new(client),
+                    client,
                     client_early: p.client_early.into(),
                     backend,
                     backend_early: p.backend_early.into(),
@@ -663,6 +616,50 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>, movable: boo
             }
             _ => crate::ws::Ended::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
         };
+    }
+}
+
+/// Relays a flow with TLS on either side until it closes (`Some`), or until
+/// it is handed to a new daemon at a hot upgrade (`None`), its sessions'
+/// keys along (`session.rs`).
+pub async fn tls_movable(
+    daemon: &Daemon,
+    client: Conn,
+    backend: Conn,
+    flow: &crate::flows::Flow,
+    idle: Duration,
+) -> Option<CloseCause> {
+    let mut relayed = relay::relay_conns(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
+    loop {
+        let (mut c, mut b) = match relayed {
+            relay::RelayedConns::Closed(cause) => return Some(cause),
+            relay::RelayedConns::Detached(c, b) => (c, b),
+        };
+        // Between records; a session may still owe the peer a record.
+        use tokio::io::AsyncWriteExt;
+        let flushed = c.flush().await.is_ok() && b.flush().await.is_ok();
+        let taken = flushed && c.quiet() && b.quiet() && daemon.migrants.lock().unwrap().is_some();
+        if !taken {
+            // Too late, or not at rest after all: it ends here.
+            relayed = relay::relay_conns(c, b, flow, idle, None).await;
+            continue;
+        }
+        let (reason, code) = path_reason(flow, "userspace-tls");
+        let parked = c.park().and_then(|c| Ok((c, b.park()?)));
+        let (c, b) = match parked {
+            Ok(p) => p,
+            Err(why) => return Some(CloseCause::Error(format!("could not hand the TLS flow over: {why}"))),
+        };
+        let moved = crate::upgrade::Moved::Tls { reason, code, client: c.tls, backend: b.tls };
+        let info = crate::upgrade::MigrantInfo::of(flow, moved);
+        let migrant = crate::upgrade::Migrant { info, client: c.tcp, backend: b.tcp };
+        match daemon.migrants.lock().unwrap().as_mut() {
+            Some(list) => list.push(migrant),
+            // The hand-over ended between the check and now: the sockets close.
+            None => return Some(CloseCause::Error("the hot upgrade ended while the TLS flow was moving".into())),
+        }
+        debug!(flow = flow.id, "handed to the new daemon");
+        return None;
     }
 }
 
@@ -711,13 +708,14 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                 (c, b) => CloseCause::Error(format!("cannot register the sockets: {}", c.err().or(b.err()).unwrap())),
             }
         }
-        (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, .. }, _) => {
+        (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, client_tls, .. }, _) => {
             let early =
                 crate::upgrade::from_hex(client_early).and_then(|c| Ok((c, crate::upgrade::from_hex(backend_early)?)));
-            match (TcpStream::from_std(m.client), TcpStream::from_std(m.backend), early) {
+            let client = Conn::resume(crate::session::Parked { tcp: m.client, tls: client_tls.clone() });
+            match (client, TcpStream::from_std(m.backend), early) {
                 (Ok(client), Ok(backend), Ok((client_early, backend_early))) => {
                     let ends = crate::ws::Ends {
-                        client: Box::new(client),
+                        client,
                         client_early: client_early.into(),
                         backend,
                         backend_early: backend_early.into(),
@@ -726,7 +724,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                         idle,
                         shutdown: daemon.shutdown.subscribe(),
                     };
-                    match ws_movable(&daemon, ends, true).await {
+                    match ws_movable(&daemon, ends).await {
                         Some(cause) => cause,
                         None => {
                             daemon.flows.retire(&flow, k, |_| {});
@@ -734,8 +732,22 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                         }
                     }
                 }
-                (Err(e), _, _) | (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
-                (_, _, Err(e)) => CloseCause::Error(format!("the moved WebSocket's bytes: {e}")),
+                (Err(e), _, _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved WebSocket: {e}")),
+                (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
+            }
+        }
+        (crate::upgrade::Moved::Tls { client, backend, .. }, _) => {
+            let c = Conn::resume(crate::session::Parked { tcp: m.client, tls: client.clone() });
+            let b = Conn::resume(crate::session::Parked { tcp: m.backend, tls: backend.clone() });
+            match (c, b) {
+                (Ok(c), Ok(b)) => match tls_movable(&daemon, c, b, &flow, idle).await {
+                    Some(cause) => cause,
+                    None => {
+                        daemon.flows.retire(&flow, k, |_| {});
+                        return;
+                    }
+                },
+                (Err(e), _) | (_, Err(e)) => CloseCause::Error(format!("the moved TLS flow: {e}")),
             }
         }
         (crate::upgrade::Moved::Kernel { .. }, None) => {

@@ -14,6 +14,7 @@ use tokio::{
 
 use crate::{
     flows::{CloseCause, Flow, Side},
+    session::Conn,
     sys,
 };
 
@@ -22,18 +23,10 @@ use crate::{
 pub const BUF_SIZE: usize = 256 * 1024;
 
 /// Copies one direction until EOF, then forwards the half-close. An error
-/// names the side at fault: the reading side for a read, the other for a write.
-async fn pump<R, W>(from: R, to: W, flow: &Flow, side: Side) -> Result<(), Side>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    pump_marked(from, to, flow, side, &AtomicBool::new(false)).await
-}
-
-/// `pump`, with `reading` true while it waits for bytes holding none: a
-/// moment when dropping it loses nothing (a read not yet completed leaves
-/// the bytes in the socket).
+/// names the side at fault: the reading side for a read, the other for a
+/// write. `reading` is true while it waits for bytes holding none: a moment
+/// when dropping it loses nothing (a read not yet completed leaves the bytes
+/// in the socket, or in a TLS session).
 async fn pump_marked<R, W>(mut from: R, mut to: W, flow: &Flow, side: Side, reading: &AtomicBool) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
@@ -98,23 +91,38 @@ pub async fn relay(
     }
 }
 
-/// The relay over any pair of split streams (TLS ones included): each side's
-/// read half, write half and the TCP socket under it, which an error resets.
-pub async fn relay_halves<CR, CW, BR, BW>(
-    (cr, cw, cfd): (CR, CW, RawFd),
-    (br, bw, bfd): (BR, BW, RawFd),
+/// How [`relay_conns`] ended.
+pub enum RelayedConns {
+    Closed(CloseCause),
+    /// Stopped for a hot upgrade with neither direction holding a byte or
+    /// past EOF, and every TLS session between records.
+    Detached(Conn, Conn),
+}
+
+/// The relay over any two sides (TLS ones included). With `detach`, stops
+/// like [`relay`], once TLS sessions are also between records too.
+pub async fn relay_conns(
+    client: Conn,
+    backend: Conn,
     flow: &Flow,
     idle: Duration,
-) -> CloseCause
-where
-    CR: AsyncRead + Unpin,
-    CW: AsyncWrite + Unpin,
-    BR: AsyncRead + Unpin,
-    BW: AsyncWrite + Unpin,
-{
-    let c2b = pump(cr, bw, flow, Side::Client);
-    let b2c = pump(br, cw, flow, Side::Backend);
-    drive(c2b, b2c, (cfd, bfd), flow, idle, &mut None, || false).await.expect("no detach without a receiver")
+    mut detach: Option<tokio::sync::watch::Receiver<bool>>,
+) -> RelayedConns {
+    let (cfd, bfd) = (client.fd(), backend.fd());
+    let resting: Vec<_> = [client.resting_flag(), backend.resting_flag()].into_iter().flatten().collect();
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut br, mut bw) = tokio::io::split(backend);
+    let (c_reading, b_reading) = (AtomicBool::new(false), AtomicBool::new(false));
+    let stopped = {
+        let c2b = pump_marked(&mut cr, &mut bw, flow, Side::Client, &c_reading);
+        let b2c = pump_marked(&mut br, &mut cw, flow, Side::Backend, &b_reading);
+        let quiet = || c_reading.load(Relaxed) && b_reading.load(Relaxed) && resting.iter().all(|r| r.load(Relaxed));
+        drive(c2b, b2c, (cfd, bfd), flow, idle, &mut detach, quiet).await
+    };
+    match stopped {
+        Some(cause) => RelayedConns::Closed(cause),
+        None => RelayedConns::Detached(cr.unsplit(cw), br.unsplit(bw)),
+    }
 }
 
 /// Runs both directions to the end (`Some`), or until `detach` turns true

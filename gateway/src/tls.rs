@@ -6,9 +6,11 @@
 //! - The certificate is chosen by SNI among each certificate's `names`
 //!   (exact or `*.suffix`); no match, or no SNI, gets the first one.
 //! - A terminated flow stays in user space (this host has no kTLS, and
-//!   sockmap sockets can't use it anyway): `relay::relay_halves` copies
+//!   sockmap sockets can't use it anyway): `relay::relay_conns` copies
 //!   between the TLS stream and the backend, close_notify standing for the
-//!   half-close.
+//!   half-close. rustls reads through a record gate and may hand its
+//!   traffic keys out, so that a hot upgrade can move the session
+//!   (`session.rs`).
 use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use rustls::{
@@ -153,6 +155,8 @@ pub fn build(
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(BySni { certs: loaded }));
+    // A hot upgrade takes the traffic keys along (`session.rs`).
+    config.enable_secret_extraction = true;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let summary = certs
         .iter()
@@ -436,6 +440,8 @@ pub fn origination(ca: Option<&Path>, sni: Option<&str>) -> Result<Origination, 
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    let mut config = config;
+    config.enable_secret_extraction = true;
     let server_name = match sni {
         None => None,
         Some(n) => Some(
@@ -452,10 +458,13 @@ impl Origination {
         &self,
         addr: std::net::SocketAddr,
         stream: TcpStream,
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    ) -> std::io::Result<crate::session::Conn> {
+        use std::os::fd::AsRawFd;
         let name =
             self.server_name.clone().unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
-        self.connector.connect(name, stream).await
+        let fd = stream.as_raw_fd();
+        let s = self.connector.connect(name, crate::gate::Gate::new(Box::new(stream), &[])).await?;
+        Ok(crate::session::Conn::client(s, fd))
     }
 }
 

@@ -19,12 +19,13 @@
 //!    each kernel flow's supervisor, and each TCP relay, stops; the flow's
 //!    sockets, slots and counters go to the new process, which carries it on.
 //!    A kernel flow's bytes never stop: the kernel moves them throughout.
-//!    inspect and bridge WebSockets over plain TCP move between two whole
-//!    messages (see `ws.rs`), with the bytes read past the last one.
+//!    Inspect and bridge WebSockets move between two whole messages (see
+//!    `ws.rs`), with the bytes read past the last one; TLS sessions between
+//!    two records, with their traffic keys (see `session.rs`).
 //! 5. Flows that can't move within a few seconds (half-closed, congested,
-//!    mid-message), and those whose state lives in this process (TLS
-//!    sessions, HTTP), finish in the old process, which exits when they
-//!    have. A signal starts its normal drain.
+//!    mid-message, mid-record) finish in the old process, and HTTP
+//!    keep-alive connections close gracefully; the old process exits when
+//!    they have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
 use std::{
@@ -86,7 +87,24 @@ pub enum Moved {
     Userspace { reason: String, code: String },
     /// A terminated WebSocket (inspect, bridge_tcp) between messages: its
     /// route's limits, and the bytes read past the last message (hex).
-    WebSocket { reason: String, code: String, limits: crate::ws::Limits, client_early: String, backend_early: String },
+    WebSocket {
+        reason: String,
+        code: String,
+        limits: crate::ws::Limits,
+        client_early: String,
+        backend_early: String,
+        /// wss: the client's TLS session.
+        #[serde(default)]
+        client_tls: Option<crate::session::ParkedTls>,
+    },
+    /// Relayed with TLS on one side or both: each session's keys and the
+    /// ciphertext read past its last record.
+    Tls {
+        reason: String,
+        code: String,
+        client: Option<crate::session::ParkedTls>,
+        backend: Option<crate::session::ParkedTls>,
+    },
 }
 
 /// Fallback codes a moved userspace flow may carry (they are `&'static`).
@@ -101,6 +119,7 @@ const USERSPACE_CODES: &[&str] = &[
     "no-flow-control",
     "global-queue-cap",
     "unavailable",
+    "userspace-tls",
 ];
 
 /// Those of a moved terminated WebSocket.
@@ -124,9 +143,9 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
         .collect()
 }
 
-/// Whether a live flow can move to a new daemon: kernel flows, and TCP
-/// flows relayed in user space (terminated WebSockets are marked on the
-/// flow, `Flow::ws_movable`); TLS and HTTP state lives here.
+/// Whether a live flow can move to a new daemon: kernel flows, and flows
+/// relayed in user space, TLS ones included (terminated WebSockets are
+/// marked on the flow, `Flow::ws_movable`); HTTP connections are not.
 pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
     f.path == "kernel"
         || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))

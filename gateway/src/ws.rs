@@ -14,22 +14,18 @@
 //! sent nothing by the next ping is dropped; `idle_timeout` and the daemon's
 //! drain end the flow with close 1001 (going away).
 //!
-//! A hot upgrade moves these flows too (over plain TCP; a TLS session stays).
-//! tungstenite keeps what it has read in a buffer of its own, so each
-//! WebSocket reads through a [`Gate`], which hands it one frame at a time and
-//! keeps the bytes after that frame itself. Between two whole messages,
-//! tungstenite then holds nothing: the sockets, the gates' bytes and the
+//! A hot upgrade moves these flows too. tungstenite keeps what it has read in
+//! a buffer of its own, so each WebSocket reads through a [`Gate`], which
+//! hands it one frame at a time and keeps the bytes after that frame itself.
+//! Between two whole messages, tungstenite then holds nothing: the sockets,
+//! the gates' bytes, a wss client's TLS session (`session.rs`) and the
 //! route's limits are all the flow is, and another process can go on with it.
-use std::{
-    pin::Pin,
-    task::{ready, Context, Poll},
-    time::Duration,
-};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
     sync::watch,
     time::{sleep_until, Instant},
@@ -48,18 +44,12 @@ use crate::{
     flows::{CloseCause, Flow, Side},
 };
 
-/// Any byte stream a WebSocket runs over (TCP, or TLS terminated here).
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {
-    /// The concrete stream back (a hot upgrade moves plain TCP ones).
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
-}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {
-    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
-        self
-    }
-}
+use crate::{
+    gate::{Framing, Gate},
+    session::Conn,
+};
 
-type Ws = WebSocketStream<Gate>;
+type Ws = WebSocketStream<Gate<Frames>>;
 
 /// What a terminated WebSocket flow keeps of its route: a flow goes on with
 /// the settings it started with, through reloads and upgrades.
@@ -87,7 +77,7 @@ const BRIDGE_CHUNK: usize = 64 << 10;
 
 /// Both sides of an upgraded flow, with the bytes read past the heads.
 pub struct Ends<'a> {
-    pub client: Box<dyn Io>,
+    pub client: Conn,
     pub client_early: Bytes,
     pub backend: TcpStream,
     pub backend_early: Bytes,
@@ -107,9 +97,10 @@ pub enum Ended {
 
 /// A terminated WebSocket flow between messages, as [`Ends`] takes it again.
 pub struct Parked {
-    pub client: TcpStream,
+    /// The client's socket and, over wss, its TLS session.
+    pub client: crate::session::Parked,
     pub client_early: Vec<u8>,
-    pub backend: TcpStream,
+    pub backend: std::net::TcpStream,
     pub backend_early: Vec<u8>,
 }
 
@@ -120,42 +111,6 @@ pub async fn run(e: Ends<'_>, detach: Option<watch::Receiver<bool>>) -> Ended {
         bridge(e, detach).await
     } else {
         inspect(e, detach).await
-    }
-}
-
-/// Bytes a [`Gate`] reads from its stream at once.
-const GATE_READ: usize = 16 << 10;
-
-/// The stream under a terminated WebSocket, read through a buffer of its own
-/// and handed to tungstenite at most up to the end of the current frame.
-pub struct Gate {
-    inner: Box<dyn Io>,
-    /// Read from `inner`; `start..end` not handed on yet.
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-    frames: Frames,
-}
-
-impl Gate {
-    /// A gate whose first bytes are `early` (read past the HTTP head).
-    pub fn new(inner: Box<dyn Io>, early: &[u8]) -> Self {
-        let mut buf = early.to_vec();
-        let end = buf.len();
-        buf.resize(end.max(GATE_READ), 0);
-        Gate { inner, buf, start: 0, end, frames: Frames::default() }
-    }
-
-    /// Between whole messages: tungstenite has been handed whole frames
-    /// only, and the last data frame ended its message.
-    pub fn between_messages(&self) -> bool {
-        self.frames.at_boundary() && !self.frames.fragmented
-    }
-
-    /// The stream and the bytes read from it that were not handed on.
-    fn into_parts(self) -> (Box<dyn Io>, Vec<u8>) {
-        let left = self.buf[self.start..self.end].to_vec();
-        (self.inner, left)
     }
 }
 
@@ -175,9 +130,11 @@ struct Frames {
     fragmented: bool,
 }
 
-impl Frames {
-    fn at_boundary(&self) -> bool {
-        self.have == 0 && self.left == 0
+impl Framing for Frames {
+    /// Between whole messages: whole frames only, and the last data frame
+    /// ended its message.
+    fn resting(&self) -> bool {
+        self.at_boundary() && !self.fragmented
     }
 
     /// How many of the next bytes belong to the current frame's header or
@@ -227,6 +184,12 @@ impl Frames {
             }
         }
     }
+}
+
+impl Frames {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
 
     fn frame_done(&mut self) {
         if self.data {
@@ -235,50 +198,24 @@ impl Frames {
     }
 }
 
-impl AsyncRead for Gate {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let g = &mut *self;
-        if g.start == g.end {
-            g.start = 0;
-            g.end = 0;
-            g.buf.resize(GATE_READ, 0);
-            let mut rb = ReadBuf::new(&mut g.buf);
-            ready!(Pin::new(&mut g.inner).poll_read(cx, &mut rb))?;
-            g.end = rb.filled().len();
-            if g.end == 0 {
-                return Poll::Ready(Ok(())); // EOF
-            }
-        }
-        let n = (g.end - g.start).min(out.remaining()).min(g.frames.allowed().min(usize::MAX as u64) as usize);
-        let bytes = &g.buf[g.start..g.start + n];
-        out.put_slice(bytes);
-        g.frames.pass(bytes);
-        g.start += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl AsyncWrite for Gate {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-/// The plain TCP socket under a gate's stream, with the gate's bytes.
-fn park(ws: Ws) -> Result<(TcpStream, Vec<u8>), CloseCause> {
+/// The socket (and TLS session) under a gate's stream, with the gate's bytes.
+fn park(ws: Ws) -> Result<(crate::session::Parked, Vec<u8>), CloseCause> {
     let (io, left) = ws.into_inner().into_parts();
-    match io.into_any().downcast::<TcpStream>() {
-        Ok(s) => Ok((*s, left)),
-        Err(_) => Err(CloseCause::Error("only a plain TCP WebSocket can move".into())),
+    let lost = |why: String| CloseCause::Error(format!("could not hand the WebSocket over: {why}"));
+    let io = match io.into_any().downcast::<Conn>() {
+        Ok(conn) => return conn.park().map(|p| (p, left)).map_err(lost),
+        Err(io) => io,
+    };
+    match io.downcast::<TcpStream>() {
+        Ok(s) => Ok((crate::session::Parked { tcp: s.into_std().map_err(|e| lost(e.to_string()))?, tls: None }, left)),
+        Err(_) => Err(lost("an unknown stream".into())),
     }
+}
+
+/// Whether the client's stream under a WebSocket holds nothing (a TLS
+/// session: no plaintext waiting, nothing to send).
+fn client_quiet(ws: &mut Ws) -> bool {
+    ws.get_mut().inner_mut().as_any_mut().downcast_mut::<Conn>().is_some_and(Conn::quiet)
 }
 
 /// Resolves once the daemon's drain has started.
@@ -358,7 +295,7 @@ impl Liveness {
 /// Relays messages between two WebSockets.
 async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended {
     let cfg = ws_config(&e.limits);
-    let c = Ws::from_raw_socket(Gate::new(e.client, &e.client_early), Role::Server, Some(cfg)).await;
+    let c = Ws::from_raw_socket(Gate::new(Box::new(e.client), &e.client_early), Role::Server, Some(cfg)).await;
     let b = Ws::from_raw_socket(Gate::new(Box::new(e.backend), &e.backend_early), Role::Client, Some(cfg)).await;
     let mut ws = [c, b];
     let (flow, max) = (e.flow, e.limits.max_message_size);
@@ -384,23 +321,20 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
         };
     }
     while open[0] || open[1] {
-        if detach_asked
-            && closing.is_none()
-            && open == [true, true]
-            && ws.iter().all(|w| w.get_ref().between_messages())
-        {
+        if detach_asked && closing.is_none() && open == [true, true] && ws.iter().all(|w| w.get_ref().resting()) {
             // A pong tungstenite owes goes out before the sockets leave.
             let mut flushed = true;
             for w in &mut ws {
                 flushed &= w.flush().await.is_ok();
             }
-            if flushed {
+            if flushed && client_quiet(&mut ws[0]) {
                 let [c, b] = ws;
                 return match (park(c), park(b)) {
-                    (Ok((client, client_early)), Ok((backend, backend_early))) => {
-                        Ended::Detached(Parked { client, client_early, backend, backend_early })
+                    (Ok((client, client_early)), Ok((backend, backend_early))) if backend.tls.is_none() => {
+                        Ended::Detached(Parked { client, client_early, backend: backend.tcp, backend_early })
                     }
                     (Err(why), _) | (_, Err(why)) => Ended::Closed(why),
+                    _ => Ended::Closed(CloseCause::Error("a WebSocket backend over TLS".into())),
                 };
             }
         }
@@ -500,7 +434,7 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
 /// Bridges the client's WebSocket to a raw TCP backend.
 async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended {
     let cfg = ws_config(&e.limits);
-    let mut ws = Ws::from_raw_socket(Gate::new(e.client, &e.client_early), Role::Server, Some(cfg)).await;
+    let mut ws = Ws::from_raw_socket(Gate::new(Box::new(e.client), &e.client_early), Role::Server, Some(cfg)).await;
     let mut tcp = e.backend;
     // Bytes read from the backend before the upgrade's 101 came back.
     if !e.backend_early.is_empty() {
@@ -522,10 +456,10 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     let mut cause: Option<CloseCause> = None;
     let (mut tr, mut tw) = tcp.split();
     while ws_open {
-        if detach_asked && closing.is_none() && tcp_reading && ws.get_ref().between_messages() {
+        if detach_asked && closing.is_none() && tcp_reading && ws.get_ref().resting() {
             // Nothing is held for the backend: each message is written before
             // the next is read. A pong tungstenite owes goes out first.
-            if ws.flush().await.is_ok() {
+            if ws.flush().await.is_ok() && client_quiet(&mut ws) {
                 break;
             }
         }
@@ -624,17 +558,19 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     if !parked {
         return Ended::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }));
     }
-    match park(ws) {
-        Ok((client, client_early)) => {
-            Ended::Detached(Parked { client, client_early, backend: tcp, backend_early: Vec::new() })
+    match (park(ws), tcp.into_std()) {
+        (Ok((client, client_early)), Ok(backend)) => {
+            Ended::Detached(Parked { client, client_early, backend, backend_early: Vec::new() })
         }
-        Err(why) => Ended::Closed(why),
+        (Err(why), _) => Ended::Closed(why),
+        (_, Err(e)) => Ended::Closed(CloseCause::Error(format!("could not hand the WebSocket over: {e}"))),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::Frames;
+    use crate::gate::Framing;
 
     /// A frame's bytes: FIN, opcode, mask bit (key 0), length encoding.
     fn frame(fin: bool, opcode: u8, masked: bool, len: usize) -> Vec<u8> {

@@ -1,9 +1,9 @@
 //! Hot upgrade end to end: a second daemon takes the listening sockets, the
 //! kernel maps and the flows over (`gateway run --takeover`). TCP flows
-//! (kernel and userspace), passthrough and inspect WebSockets move to it;
-//! wss ones (a TLS session) finish on the first; all keep moving bytes, none is reset; no
-//! connection attempt during the switch is refused; WebSockets held open
-//! across it keep working; the first daemon exits once its flows have ended.
+//! (kernel and userspace), WebSockets (passthrough, inspect, bridge_tcp)
+//! and TLS sessions (terminated, originated, wss) move to it; all keep
+//! moving bytes, none is reset; no connection attempt during the switch is
+//! refused; the first daemon exits once its flows have moved.
 use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
@@ -49,19 +49,13 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let topo = Arc::new(Topology::new());
     let be = Backend::echo(&topo);
     let ws = Peer::python_server(&topo);
-    let dir = temp_dir("upgrade");
-    test_certs(&dir, &["ws.gw.test"]);
-    let d = dir.display();
     let listeners = format!(
         "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n\
          \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n\
          \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
          \x20     - path_prefix: /pass\n        backends: [\"{w}\"]\n\
          \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n\
-         \x20     - path_prefix: /bridge\n        bridge_tcp: [\"{b}\"]\n\
-         \x20 - name: s\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      certificates:\n\
-         \x20       - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
-         \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n",
+         \x20     - path_prefix: /bridge\n        bridge_tcp: [\"{b}\"]\n",
         b = be.addr,
         w = ws.addr
     );
@@ -70,27 +64,19 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
 
     // Long-lived WebSockets (Python `websockets`) open across the switch:
     // passthrough ones (kernel path), inspect ones (relayed message by
-    // message) and bridge_tcp ones (to the TCP echo backend) move; wss
-    // inspect ones (a TLS session lives in the process) stay and finish on
-    // the old daemon.
-    let (w, s) = (old.listener("w"), old.listener("s"));
-    let ca = dir.join("ca.pem");
-    let ca = ca.to_str().unwrap();
-    let mut held: Vec<Held> = [
-        format!("ws://{w}/pass"),
-        format!("ws://{w}/inspect"),
-        format!("wss://{s}/inspect"),
-        format!("ws://{w}/bridge"),
-    ]
-    .iter()
-    .map(|url| {
-        let mut args = vec!["hold", url, "--count", "10", "--again", "--ca", ca, "--sni", "ws.gw.test"];
-        if url.ends_with("bridge") {
-            args.push("--binary");
-        }
-        Held::py_client(&topo, &args)
-    })
-    .collect();
+    // message) and bridge_tcp ones (to the TCP echo backend).
+    let w = old.listener("w");
+    let mut held: Vec<Held> = ["pass", "inspect", "bridge"]
+        .iter()
+        .map(|route| {
+            let url = format!("ws://{w}/{route}");
+            let mut args = vec!["hold", &url, "--count", "10", "--again"];
+            if *route == "bridge" {
+                args.push("--binary");
+            }
+            Held::py_client(&topo, &args)
+        })
+        .collect();
     for h in &mut held {
         assert_eq!(h.line(Duration::from_secs(60)), "OPEN 10");
     }
@@ -145,9 +131,9 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let mut ck2 = topo.connect(k).unwrap();
     echo_more(&mut ck2, Pattern(13), 0, MIB);
 
-    // The TCP flows (kernel and userspace) and the plain WebSockets moved to
-    // the new daemon with their counters (the inspect ones with the message
-    // each relayed before); the wss ones stayed with the old daemon.
+    // The TCP flows (kernel and userspace) and the WebSockets moved to the
+    // new daemon with their counters (the inspect and bridge ones with the
+    // message each relayed before).
     new.wait_for("the moved flows", Duration::from_secs(20), |g| {
         let f = g.flows();
         let has = |l: &str, path: &str| {
@@ -169,7 +155,6 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             assert_eq!(msgs, (Some(1), Some(1)), "{f}");
         }
     }
-    assert!(!flows.iter().any(|f| f["listener"] == "s"), "{flows:?}");
     let log = old.log_text();
     let count = |log: &str, line: &str, key: &str| {
         log.lines()
@@ -180,7 +165,7 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             .unwrap_or_else(|| panic!("no {key} in {line:?}:\n{log}"))
     };
     let moved = count(&log, "upgrade: flows moved", "moved=");
-    // The two TCP flows, the thirty plain WebSockets, and perhaps some of
+    // The two TCP flows, the thirty WebSockets, and perhaps some of
     // the connections made during the switch.
     assert!(moved >= 32, "{log}");
     assert_eq!(count(&new.log_text(), "this one serves every listener", "moved_flows="), moved);
@@ -191,7 +176,6 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     // then closes cleanly.
     echo_more(&mut ck, pk, MIB, MIB);
     echo_more(&mut cu, pu, MIB, MIB);
-    let mut wss = held.remove(2);
     for h in &mut held {
         h.go_on();
         assert_eq!(h.line(Duration::from_secs(60)), "CLOSED 10");
@@ -205,16 +189,12 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             log.lines().filter(closed).filter(|l| l.contains("msgs_c2b=2 msgs_b2c=2")).count() == 10
         })
     });
-    assert!(old.wait_exit(Duration::from_millis(200)).is_none(), "the old daemon left while its flows were open");
-    wss.go_on();
-    assert_eq!(wss.line(Duration::from_secs(60)), "CLOSED 10");
 
-    // The old daemon leaves once its wss flows have ended.
-    let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows ended");
+    // The old daemon left once its flows had moved; none closed there.
+    let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows moved");
     assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
     let log = old.log_text();
     assert!(log.contains("every flow of this process has ended"), "{log}");
-    assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=s ")).count(), 10, "{log}");
     assert_eq!(log.lines().filter(|l| l.contains("flow close") && l.contains("listener=w ")).count(), 0, "{log}");
 
     // A second upgrade: the flows the first moved move again, with their
@@ -260,4 +240,100 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     one_conn(&topo, k).unwrap();
     one_conn(&topo, u).unwrap();
     drop(ck2);
+}
+
+/// TLS sessions move with their keys: a terminated one (rustls client), an
+/// originated one (Python `ssl` echo server behind `backend_tls`), and wss
+/// WebSockets on a passthrough and an inspect route (Python `websockets`).
+/// Every byte arrives across two upgrades, the sessions close cleanly
+/// (close_notify answered) on the last daemon, and no daemon keeps one.
+#[test]
+fn takeover_moves_tls_sessions() {
+    if !require_root("takeover_moves_tls_sessions") {
+        return;
+    }
+    let topo = Arc::new(Topology::new());
+    let dir = temp_dir("upgrade-tls");
+    test_certs(&dir, &["gw.test", "backend.test"]);
+    let d = dir.display();
+    let be = Backend::echo(&topo);
+    let tls_be = Peer::tls_echo_server(&topo, &dir.join("backend.test.pem"), &dir.join("backend.test.key"));
+    let ws = Peer::python_server(&topo);
+    let certs =
+        format!("    tls:\n      certificates:\n        - cert: {d}/gw.test.pem\n          key: {d}/gw.test.key\n");
+    let listeners = format!(
+        "  - name: t\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n{certs}\
+         \x20 - name: o\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{tb}\"]\n    backend_tls:\n      ca: {d}/ca.pem\n      sni: backend.test\n\
+         \x20 - name: s\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n{certs}    routes:\n\
+         \x20     - path_prefix: /pass\n        backends: [\"{w}\"]\n\
+         \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n",
+        b = be.addr,
+        tb = tls_be.addr,
+        w = ws.addr
+    );
+    let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let ca = dir.join("ca.pem");
+    let mut t = TlsHeld::connect(&topo, old.listener("t"), &ca, "gw.test");
+    let mut o = topo.connect(old.listener("o")).unwrap();
+    const CHUNK: u64 = 256 << 10;
+    assert!(t.echo(0, CHUNK as usize));
+    echo_more(&mut o, Pattern(21), 0, CHUNK);
+    let s = old.listener("s");
+    let mut held: Vec<Held> = ["pass", "inspect"]
+        .iter()
+        .map(|route| {
+            let url = format!("wss://{s}/{route}");
+            Held::py_client(
+                &topo,
+                &["hold", &url, "--count", "10", "--again", "--ca", ca.to_str().unwrap(), "--sni", "gw.test"],
+            )
+        })
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(60)), "OPEN 10");
+    }
+
+    let mut new = old.take_over(&topo);
+    new.wait_for("the moved TLS flows", Duration::from_secs(20), |g| {
+        let f = g.flows();
+        let n = |l: &str, code: &str| f.iter().filter(|f| f["listener"] == l && f["fallback_code"] == code).count();
+        n("t", "userspace-tls") == 1
+            && n("o", "userspace-tls") == 1
+            && n("s", "userspace-tls") == 10
+            && n("s", "websocket-inspect") == 10
+    });
+    let status = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit after its flows moved");
+    assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
+    assert!(t.echo(CHUNK as usize, CHUNK as usize), "terminated session: bytes differ after the upgrade");
+    echo_more(&mut o, Pattern(21), CHUNK, CHUNK);
+
+    // Once more: the sessions the first upgrade resumed move again.
+    let newer = new.take_over(&topo);
+    let status = new.wait_exit(Duration::from_secs(30)).expect("the middle daemon did not exit after its flows moved");
+    assert!(status.success(), "middle daemon: {status}\n{}", new.log_text());
+    assert!(t.echo(2 * CHUNK as usize, CHUNK as usize), "terminated session: bytes differ after the second upgrade");
+    echo_more(&mut o, Pattern(21), 2 * CHUNK, CHUNK);
+    for h in &mut held {
+        h.go_on();
+        assert_eq!(h.line(Duration::from_secs(60)), "CLOSED 10");
+    }
+    assert!(t.close(), "the terminated session did not answer close_notify");
+    o.shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(read_until_closed(&mut o, Duration::from_secs(20)).unwrap(), 0);
+    newer.wait_for("the TLS flows' close", Duration::from_secs(20), |g| {
+        let log = g.log_text();
+        let closed =
+            |l: &str| log.lines().filter(|x| x.contains("flow close") && x.contains(&format!("listener={l} "))).count();
+        closed("t") == 1 && closed("o") == 1 && closed("s") == 20
+    });
+    let log = newer.log_text();
+    let three = format!("bytes_c2b={} bytes_b2c={}", 3 * CHUNK, 3 * CHUNK);
+    for l in ["t", "o"] {
+        let close = log
+            .lines()
+            .find(|x| x.contains("flow close") && x.contains(&format!("listener={l} ")))
+            .unwrap_or_else(|| panic!("no close record for {l}:\n{log}"));
+        assert!(close.contains(&three) && close.contains("cause=\"client-closed\""), "{close}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }
