@@ -113,8 +113,9 @@ pub struct Flow {
     pub http_requests: AtomicU64,
     pub msgs_c2b: AtomicU64,
     pub msgs_b2c: AtomicU64,
-    /// A terminated WebSocket, which a hot upgrade moves between messages.
-    pub ws_movable: AtomicBool,
+    /// A terminated WebSocket or an HTTP connection, which a hot upgrade
+    /// moves at rest (between messages, between requests).
+    pub movable: AtomicBool,
 }
 
 impl Flow {
@@ -230,7 +231,7 @@ impl FlowTable {
             http_requests: AtomicU64::new(0),
             msgs_c2b: AtomicU64::new(0),
             msgs_b2c: AtomicU64::new(0),
-            ws_movable: AtomicBool::new(false),
+            movable: AtomicBool::new(false),
         });
         self.flows.lock().unwrap().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -255,7 +256,8 @@ impl FlowTable {
                 }
                 crate::upgrade::Moved::Userspace { reason, code }
                 | crate::upgrade::Moved::WebSocket { reason, code, .. }
-                | crate::upgrade::Moved::Tls { reason, code, .. } => {
+                | crate::upgrade::Moved::Tls { reason, code, .. }
+                | crate::upgrade::Moved::Http { reason, code, .. } => {
                     FlowPath::Userspace { reason: reason.clone(), code: crate::upgrade::static_code(code) }
                 }
             }),
@@ -263,10 +265,10 @@ impl FlowTable {
             user_b2c: AtomicU64::new(m.user_b2c),
             user_last_ns: AtomicU64::new(now),
             route: Mutex::new(m.route.clone()),
-            http_requests: AtomicU64::new(0),
+            http_requests: AtomicU64::new(m.http_requests),
             msgs_c2b: AtomicU64::new(m.msgs_c2b),
             msgs_b2c: AtomicU64::new(m.msgs_b2c),
-            ws_movable: AtomicBool::new(false),
+            movable: AtomicBool::new(false),
         });
         // In the table until `retire`.
         self.flows.lock().unwrap().insert(id, f.clone());

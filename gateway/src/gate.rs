@@ -41,8 +41,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {
 
 /// Where a stream of frames stands, from the bytes handed on.
 pub trait Framing: Default + Unpin + Send + 'static {
-    /// How many of the next bytes belong to the current frame.
-    fn allowed(&self) -> u64;
+    /// How many of the next bytes belong to the current frame: to its end,
+    /// seen from the bytes `ahead` (those the gate holds) when they hold
+    /// the header of a new one, else to the end of what is known (the
+    /// header, or the payload).
+    fn allowed(&self, ahead: &[u8]) -> u64;
     /// Takes note of bytes handed on (no more than [`Framing::allowed`]).
     fn pass(&mut self, bytes: &[u8]);
     /// Whether the reader above holds nothing once it has processed what
@@ -113,7 +116,7 @@ impl<F: Framing> AsyncRead for Gate<F> {
                 return Poll::Ready(Ok(())); // EOF
             }
         }
-        let allowed = usize::try_from(g.framing.allowed()).unwrap_or(usize::MAX);
+        let allowed = usize::try_from(g.framing.allowed(&g.buf[g.start..g.end])).unwrap_or(usize::MAX);
         let n = (g.end - g.start).min(out.remaining()).min(allowed);
         let bytes = &g.buf[g.start..g.start + n];
         out.put_slice(bytes);

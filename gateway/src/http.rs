@@ -16,7 +16,12 @@
 use std::{
     convert::Infallible,
     net::SocketAddr,
-    sync::{Arc, Mutex},
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    task::{Context, Poll},
 };
 
 use bytes::Bytes;
@@ -77,24 +82,102 @@ struct Conn {
     upgrade: Mutex<Option<Upgrade>>,
     /// The client came over TLS (`X-Forwarded-Proto: https`).
     tls: bool,
+    /// Requests whose response is not yet written whole (its body not yet
+    /// dropped by hyper), and requests taken in all: an idle connection can
+    /// move at a hot upgrade.
+    in_flight: Arc<AtomicUsize>,
+    requests: AtomicU64,
 }
 
-/// A client connection as hyper serves it: plain TCP, or TLS terminated here.
-pub trait ClientStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static {
-    /// As the relays take it (a plain one may go to the kernel path).
-    fn into_conn(self) -> session::Conn;
+/// The client stream as hyper serves it: what a previous daemon handed over
+/// with the connection first; a shutdown hyper asks for can be held back,
+/// when a hot upgrade takes the idle connection instead of closing it.
+pub struct ClientIo {
+    conn: session::Conn,
+    early: Bytes,
+    hold: Arc<AtomicBool>,
 }
 
-impl ClientStream for TcpStream {
-    fn into_conn(self) -> session::Conn {
-        session::Conn::Plain(self)
+impl ClientIo {
+    pub fn new(conn: session::Conn, early: Bytes) -> Self {
+        ClientIo { conn, early, hold: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// The stream, and the bytes handed over but not yet read (after `first`).
+    fn into_parts(self, first: Bytes) -> (session::Conn, Bytes) {
+        if self.early.is_empty() {
+            return (self.conn, first);
+        }
+        let mut all = first.to_vec();
+        all.extend_from_slice(&self.early);
+        (self.conn, all.into())
     }
 }
 
-impl ClientStream for crate::session::ServerTls {
-    fn into_conn(self) -> session::Conn {
-        let fd = self.get_ref().0.tcp_fd().unwrap_or(-1);
-        session::Conn::server(self, fd)
+impl tokio::io::AsyncRead for ClientIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.early.is_empty() {
+            let n = self.early.len().min(buf.remaining());
+            buf.put_slice(&self.early.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.conn).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.conn).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.conn).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.hold.load(Ordering::Relaxed) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.conn).poll_shutdown(cx)
+    }
+}
+
+/// A response body that counts its request as in flight until hyper drops
+/// it (written whole, or the connection gone).
+struct InFlight {
+    inner: Body,
+    _guard: InFlightGuard,
+}
+
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl hyper::body::Body for InFlight {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -104,17 +187,22 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
     let flow = guard.flow.clone();
     crate::flowlog::record_with("open", || crate::flows::snapshot_one(&flow, None));
     let _ = client.set_nodelay(true);
-    match &rt.cfg.tls {
-        None => serve(client, flow, rt.clone(), daemon.clone()).await,
+    let client = match &rt.cfg.tls {
+        None => session::Conn::Plain(client),
         Some(tls) => {
-            if let Some(s) = proxy::accept_tls(client, tls, &flow, &rt, &daemon).await {
-                serve(s, flow, rt.clone(), daemon.clone()).await
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+            match proxy::accept_tls(client, tls, &flow, &rt, &daemon).await {
+                Some(s) => session::Conn::server(s, fd),
+                None => return,
             }
         }
-    }
+    };
+    serve(ClientIo::new(client, Bytes::new()), flow, rt.clone(), daemon.clone()).await;
 }
 
-async fn serve<I: ClientStream>(client: I, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+/// Serves a client connection until it closes or is upgraded. `false`: it
+/// was idle at a hot upgrade and went to the new daemon.
+pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) -> bool {
     let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
     let conn = Arc::new(Conn {
         rt: rt.clone(),
@@ -122,44 +210,77 @@ async fn serve<I: ClientStream>(client: I, flow: Arc<Flow>, rt: Arc<ListenerRt>,
         backend: tokio::sync::Mutex::new(None),
         upgrade: Mutex::new(None),
         tls: rt.cfg.tls.is_some(),
+        in_flight: Arc::new(AtomicUsize::new(0)),
+        requests: AtomicU64::new(0),
     });
     let svc = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| {
             let conn = conn.clone();
-            async move { Ok::<_, Infallible>(conn.serve(req).await) }
+            conn.in_flight.fetch_add(1, Ordering::Relaxed);
+            conn.requests.fetch_add(1, Ordering::Relaxed);
+            async move {
+                // Dropped with the request if it never gets that far.
+                let guard = InFlightGuard(conn.in_flight.clone());
+                let resp = conn.serve(req).await;
+                Ok::<_, Infallible>(resp.map(|inner| InFlight { inner, _guard: guard }))
+            }
         })
     };
+    let hold = client.hold.clone();
+    // Idle, it moves at a hot upgrade (the old daemon waits for it).
+    flow.movable.store(true, Ordering::Relaxed);
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(http.handshake_timeout)
         .max_buf_size(http.max_request_head)
         .keep_alive(true);
-    let served = builder.serve_connection(TokioIo::new(client), svc).with_upgrades();
-    tokio::pin!(served);
+    let mut served = builder.serve_connection(TokioIo::new(client), svc).with_upgrades();
     let mut shutdown = daemon.shutdown.subscribe();
     let mut handed_over = daemon.handed_over.subscribe();
     let mut draining = false;
+    // At a hot upgrade: the requests taken when the idle connection was let go.
+    let mut moving: Option<u64> = None;
     let result = loop {
         tokio::select! {
-            r = served.as_mut() => break r,
-            // The drain, or a hot upgrade (the new process takes the client's
-            // next connection): finish the request in progress, then close.
+            r = &mut served => break r,
+            // The drain: finish the request in progress, then close.
             () = crate::ws::draining(&mut shutdown), if !draining => {
-                served.as_mut().graceful_shutdown();
+                Pin::new(&mut served).graceful_shutdown();
                 draining = true;
             }
+            // A hot upgrade: an idle connection ends here without a close
+            // and moves; a busy one finishes its request, then closes.
             () = crate::ws::draining(&mut handed_over), if !draining => {
-                served.as_mut().graceful_shutdown();
+                if conn.in_flight.load(Ordering::Relaxed) == 0 {
+                    hold.store(true, Ordering::Relaxed);
+                    moving = Some(conn.requests.load(Ordering::Relaxed));
+                }
+                Pin::new(&mut served).graceful_shutdown();
                 draining = true;
             }
         }
     };
     let upgrade = conn.upgrade.lock().unwrap().take();
+    // A request came in while it was being let go: its response said close.
+    let idle = moving.is_some_and(|n| n == conn.requests.load(Ordering::Relaxed));
     drop(conn);
+    if let (Ok(()), None, true) = (&result, &upgrade, idle) {
+        if let Some(parts) = served.into_parts() {
+            let (client, early) = parts.io.into_inner().into_parts(parts.read_buf);
+            let handed = hand_over_idle(client, early, &flow, &daemon).await;
+            flow.movable.store(false, Ordering::Relaxed);
+            if handed {
+                return false;
+            }
+            proxy::retire(&flow, None, &CloseCause::Shutdown, &rt, &daemon);
+            return true;
+        }
+    }
+    flow.movable.store(false, Ordering::Relaxed);
     match (result, upgrade) {
-        (Ok(()), Some(up)) => upgraded::<I>(up, &flow, &rt, &daemon).await,
+        (Ok(()), Some(up)) => upgraded(up, &flow, &rt, &daemon).await,
         (result, _) => {
             let cause = match result {
                 Ok(()) => CloseCause::Closed { first: Side::Client },
@@ -172,15 +293,43 @@ async fn serve<I: ClientStream>(client: I, flow: Arc<Flow>, rt: Arc<ListenerRt>,
             proxy::retire(&flow, None, &cause, &rt, &daemon);
         }
     }
+    true
+}
+
+/// An idle connection at a hot upgrade: to the new daemon (its TLS session
+/// too), with the bytes read past the last request. Not taken (too late, or
+/// a TLS session not at rest), it closes here.
+async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, daemon: &Daemon) -> bool {
+    use tokio::io::AsyncWriteExt;
+    let at_rest = client.flush().await.is_ok() && client.quiet();
+    if !at_rest || daemon.migrants.lock().unwrap().is_none() {
+        let _ = client.shutdown().await;
+        return false;
+    }
+    let Ok(p) = client.park() else { return false };
+    let (reason, code) = match flow.path.lock().unwrap().clone() {
+        FlowPath::Userspace { reason, code } => (reason, code.to_string()),
+        _ => (String::new(), "http".to_string()),
+    };
+    let moved = crate::upgrade::Moved::Http { reason, code, client_tls: p.tls, early: crate::upgrade::to_hex(&early) };
+    let info = crate::upgrade::MigrantInfo::of(flow, moved);
+    match daemon.migrants.lock().unwrap().as_mut() {
+        Some(list) => {
+            list.push(crate::upgrade::Migrant { info, client: p.tcp, backend: None });
+            debug!(flow = flow.id, "idle HTTP connection handed to the new daemon");
+            true
+        }
+        None => false,
+    }
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.
-async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
+async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     let idx = up.backend_idx;
     let route = &rt.cfg.http.as_ref().unwrap().routes[up.route];
-    let client = match up.client.await.map(raw::<I>) {
-        Ok(Some(c)) => c,
-        Ok(None) => unreachable!("the server's connection is TokioIo<I>"),
+    let client = match up.client.await.map(raw::<ClientIo>) {
+        Ok(Some((io, read))) => io.into_parts(read),
+        Ok(None) => unreachable!("the server's connection is TokioIo<ClientIo>"),
         Err(e) => {
             proxy::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
             return;
@@ -213,7 +362,7 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
                 Ok(Ok(())) => {
                     flow.add_user(Side::Client, client_early.len() as u64);
                     flow.add_user(Side::Backend, backend_early.len() as u64);
-                    match client.into_conn() {
+                    match client {
                         session::Conn::Plain(client) => {
                             if !daemon.handoff_delay.is_zero() {
                                 tokio::time::sleep(daemon.handoff_delay).await;
@@ -246,7 +395,7 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
             flow.set_path(FlowPath::Userspace { reason, code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
             let ends = crate::ws::Ends {
-                client: client.into_conn(),
+                client,
                 client_early,
                 backend,
                 backend_early,
@@ -265,7 +414,9 @@ async fn upgraded<I: ClientStream>(up: Upgrade, flow: &Flow, rt: &ListenerRt, da
 }
 
 /// The stream under an upgraded connection and the bytes hyper read past the head.
-fn raw<I: ClientStream>(up: hyper::upgrade::Upgraded) -> Option<(I, Bytes)> {
+fn raw<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(
+    up: hyper::upgrade::Upgraded,
+) -> Option<(I, Bytes)> {
     let parts = up.downcast::<TokioIo<I>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
 }

@@ -496,7 +496,11 @@ async fn supervise(
                 let (client, backend) = socks.take().unwrap();
                 let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: resume.clone() };
                 let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                list.push(crate::upgrade::Migrant { info, client: client.into_inner(), backend: backend.into_inner() });
+                list.push(crate::upgrade::Migrant {
+                    info,
+                    client: client.into_inner(),
+                    backend: Some(backend.into_inner()),
+                });
                 true
             }
             None => false,
@@ -532,7 +536,7 @@ async fn relay_movable(
         let left = match (daemon.migrants.lock().unwrap().as_mut(), client, backend) {
             (Some(list), Ok(client), Ok(backend)) => {
                 let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                list.push(crate::upgrade::Migrant { info, client, backend });
+                list.push(crate::upgrade::Migrant { info, client, backend: Some(backend) });
                 None
             }
             (_, client, backend) => Some((client, backend)),
@@ -568,12 +572,12 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
     use std::sync::atomic::Ordering::Relaxed;
     let flow = ends.flow;
     let (limits, idle) = (ends.limits, ends.idle);
-    flow.ws_movable.store(true, Relaxed);
+    flow.movable.store(true, Relaxed);
     let mut ended = crate::ws::run(ends, Some(daemon.handed_over.subscribe())).await;
     loop {
         let p = match ended {
             crate::ws::Ended::Closed(cause) => {
-                flow.ws_movable.store(false, Relaxed);
+                flow.movable.store(false, Relaxed);
                 return Some(cause);
             }
             crate::ws::Ended::Detached(p) => p,
@@ -592,10 +596,10 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
                 client_tls: p.client.tls,
             };
             let info = crate::upgrade::MigrantInfo::of(flow, moved);
-            list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: p.backend });
+            list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: Some(p.backend) });
         }
         let Some(p) = left else {
-            flow.ws_movable.store(false, Relaxed);
+            flow.movable.store(false, Relaxed);
             debug!(flow = flow.id, "handed to the new daemon");
             return None;
         };
@@ -652,7 +656,7 @@ pub async fn tls_movable(
         };
         let moved = crate::upgrade::Moved::Tls { reason, code, client: c.tls, backend: b.tls };
         let info = crate::upgrade::MigrantInfo::of(flow, moved);
-        let migrant = crate::upgrade::Migrant { info, client: c.tcp, backend: b.tcp };
+        let migrant = crate::upgrade::Migrant { info, client: c.tcp, backend: Some(b.tcp) };
         match daemon.migrants.lock().unwrap().as_mut() {
             Some(list) => list.push(migrant),
             // The hand-over ended between the check and now: the sockets close.
@@ -675,10 +679,34 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, k));
     let idle = rt.as_ref().map_or(crate::config::DEFAULT_IDLE_TIMEOUT, |r| r.cfg.idle_timeout);
     let _active = rt.as_ref().zip(idx).map(|(r, i)| r.activate(i));
-    let cause = match (&m.info.moved, k) {
+    let client = m.client;
+    let backend = match (&m.info.moved, m.backend) {
+        (crate::upgrade::Moved::Http { client_tls, early, .. }, _) => {
+            // An idle HTTP connection: served here from its next request.
+            let early = crate::upgrade::from_hex(early);
+            let conn = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
+            let cause = match (rt.clone(), conn, early) {
+                (Some(rt), Ok(conn), Ok(early)) => {
+                    let io = crate::http::ClientIo::new(conn, early.into());
+                    if !crate::http::serve(io, flow.clone(), rt, daemon.clone()).await {
+                        // Moved on again.
+                        daemon.flows.retire(&flow, k, |_| {});
+                    }
+                    return;
+                }
+                (None, ..) => CloseCause::Error(format!("listener {} is not in this config", m.info.listener)),
+                (_, Err(e), _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
+            };
+            return finish(&daemon, &flow, rt.as_deref(), None, &cause);
+        }
+        (_, Some(b)) => b,
+        (_, None) => return finish(&daemon, &flow, None, None, &CloseCause::Error("no backend socket came".into())),
+    };
+    let info = m.info;
+    let cause = match (&info.moved, k) {
         (crate::upgrade::Moved::Kernel { splice: s, resume }, Some(k)) => {
-            k.adopt_flow(s, m.client.as_raw_fd(), m.backend.as_raw_fd());
-            let cause = match (splice::register_std(m.client), splice::register_std(m.backend)) {
+            k.adopt_flow(s, client.as_raw_fd(), backend.as_raw_fd());
+            let cause = match (splice::register_std(client), splice::register_std(backend)) {
                 // It may move on again, at the next upgrade.
                 (Ok(client), Ok(backend)) => {
                     match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume)).await {
@@ -697,7 +725,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             return;
         }
         (moved @ crate::upgrade::Moved::Userspace { .. }, _) => {
-            match (TcpStream::from_std(m.client), TcpStream::from_std(m.backend)) {
+            match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
                 (Ok(c), Ok(b)) => match relay_movable(&daemon, c, b, &flow, idle, moved.clone()).await {
                     Some(cause) => cause,
                     None => {
@@ -711,8 +739,8 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
         (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, client_tls, .. }, _) => {
             let early =
                 crate::upgrade::from_hex(client_early).and_then(|c| Ok((c, crate::upgrade::from_hex(backend_early)?)));
-            let client = Conn::resume(crate::session::Parked { tcp: m.client, tls: client_tls.clone() });
-            match (client, TcpStream::from_std(m.backend), early) {
+            let client = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
+            match (client, TcpStream::from_std(backend), early) {
                 (Ok(client), Ok(backend), Ok((client_early, backend_early))) => {
                     let ends = crate::ws::Ends {
                         client,
@@ -736,9 +764,9 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                 (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
             }
         }
-        (crate::upgrade::Moved::Tls { client, backend, .. }, _) => {
-            let c = Conn::resume(crate::session::Parked { tcp: m.client, tls: client.clone() });
-            let b = Conn::resume(crate::session::Parked { tcp: m.backend, tls: backend.clone() });
+        (crate::upgrade::Moved::Tls { client: client_tls, backend: backend_tls, .. }, _) => {
+            let c = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
+            let b = Conn::resume(crate::session::Parked { tcp: backend, tls: backend_tls.clone() });
             match (c, b) {
                 (Ok(c), Ok(b)) => match tls_movable(&daemon, c, b, &flow, idle).await {
                     Some(cause) => cause,
@@ -753,6 +781,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
         (crate::upgrade::Moved::Kernel { .. }, None) => {
             CloseCause::Error("a kernel flow came without the kernel maps".into())
         }
+        (crate::upgrade::Moved::Http { .. }, _) => unreachable!("served above"),
     };
     finish(&daemon, &flow, rt.as_deref(), idx, &cause);
 }

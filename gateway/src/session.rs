@@ -44,29 +44,44 @@ pub struct Records {
 }
 
 impl Framing for Records {
-    fn allowed(&self) -> u64 {
-        if self.left > 0 {
-            self.left
-        } else {
-            (5 - self.have) as u64
+    fn allowed(&self, ahead: &[u8]) -> u64 {
+        if self.resting() && ahead.len() >= 5 {
+            return 5 + u64::from(u16::from_be_bytes([ahead[3], ahead[4]]));
         }
+        self.step()
     }
 
-    fn pass(&mut self, bytes: &[u8]) {
-        if self.left > 0 {
-            self.left -= bytes.len() as u64;
-            return;
-        }
-        self.head[self.have..self.have + bytes.len()].copy_from_slice(bytes);
-        self.have += bytes.len();
-        if self.have == 5 {
-            self.have = 0;
-            self.left = u64::from(u16::from_be_bytes([self.head[3], self.head[4]]));
+    fn pass(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(usize::try_from(self.step()).unwrap_or(usize::MAX));
+            let (now, rest) = bytes.split_at(n);
+            if self.left > 0 {
+                self.left -= n as u64;
+            } else {
+                self.head[self.have..self.have + n].copy_from_slice(now);
+                self.have += n;
+                if self.have == 5 {
+                    self.have = 0;
+                    self.left = u64::from(u16::from_be_bytes([self.head[3], self.head[4]]));
+                }
+            }
+            bytes = rest;
         }
     }
 
     fn resting(&self) -> bool {
         self.have == 0 && self.left == 0
+    }
+}
+
+impl Records {
+    /// The bytes up to the end of the header or payload under way.
+    fn step(&self) -> u64 {
+        if self.left > 0 {
+            self.left
+        } else {
+            (5 - self.have) as u64
+        }
     }
 }
 
@@ -729,13 +744,19 @@ mod tests {
         for chunk in rec.chunks(3) {
             let mut at = 0;
             while at < chunk.len() {
-                let n = (chunk.len() - at).min(r.allowed() as usize);
+                let n = (chunk.len() - at).min(r.allowed(&chunk[at..]) as usize);
                 r.pass(&chunk[at..at + n]);
                 at += n;
             }
         }
         assert!(r.resting());
+        // A whole record ahead is handed on at once, and only that record.
+        let mut two = rec.clone();
+        two.extend_from_slice(&rec);
+        assert_eq!(r.allowed(&two), rec.len() as u64);
+        r.pass(&two[..rec.len()]);
+        assert!(r.resting());
         r.pass(&[23, 3]);
-        assert!(!r.resting() && r.allowed() == 3);
+        assert!(!r.resting() && r.allowed(&[]) == 3);
     }
 }

@@ -22,9 +22,11 @@
 //!    Inspect and bridge WebSockets move between two whole messages (see
 //!    `ws.rs`), with the bytes read past the last one; TLS sessions between
 //!    two records, with their traffic keys (see `session.rs`).
+//!    An idle HTTP connection moves too (`http::serve` holds hyper's
+//!    shutdown back and takes the socket); a busy one finishes its request
+//!    with `Connection: close`.
 //! 5. Flows that can't move within a few seconds (half-closed, congested,
-//!    mid-message, mid-record) finish in the old process, and HTTP
-//!    keep-alive connections close gracefully; the old process exits when
+//!    mid-message, mid-record) finish in the old process, which exits when
 //!    they have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
@@ -75,6 +77,8 @@ pub struct MigrantInfo {
     pub msgs_c2b: u64,
     #[serde(default)]
     pub msgs_b2c: u64,
+    #[serde(default)]
+    pub http_requests: u64,
     pub moved: Moved,
 }
 
@@ -97,6 +101,10 @@ pub enum Moved {
         #[serde(default)]
         client_tls: Option<crate::session::ParkedTls>,
     },
+    /// An idle HTTP connection of a websocket listener (no backend socket
+    /// goes along): its TLS session, and the bytes read past its last
+    /// request (hex).
+    Http { reason: String, code: String, client_tls: Option<crate::session::ParkedTls>, early: String },
     /// Relayed with TLS on one side or both: each session's keys and the
     /// ciphertext read past its last record.
     Tls {
@@ -123,7 +131,7 @@ const USERSPACE_CODES: &[&str] = &[
 ];
 
 /// Those of a moved terminated WebSocket.
-const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge"];
+const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge", "http"];
 
 pub fn static_code(code: &str) -> &'static str {
     USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
@@ -145,7 +153,7 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
 
 /// Whether a live flow can move to a new daemon: kernel flows, and flows
 /// relayed in user space, TLS ones included (terminated WebSockets are
-/// marked on the flow, `Flow::ws_movable`); HTTP connections are not.
+/// marked on the flow, `Flow::movable`); HTTP connections are not.
 pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
     f.path == "kernel"
         || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
@@ -164,6 +172,7 @@ impl MigrantInfo {
             user_b2c: flow.user_b2c.load(Relaxed),
             msgs_c2b: flow.msgs_c2b.load(Relaxed),
             msgs_b2c: flow.msgs_b2c.load(Relaxed),
+            http_requests: flow.http_requests.load(Relaxed),
             moved,
         }
     }
@@ -172,7 +181,15 @@ impl MigrantInfo {
 pub struct Migrant {
     pub info: MigrantInfo,
     pub client: std::net::TcpStream,
-    pub backend: std::net::TcpStream,
+    /// None for an HTTP connection (its backend connection stays behind).
+    pub backend: Option<std::net::TcpStream>,
+}
+
+impl MigrantInfo {
+    /// Whether a backend socket travels with the flow.
+    fn with_backend(&self) -> bool {
+        !matches!(self.moved, Moved::Http { .. })
+    }
 }
 
 /// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
@@ -263,7 +280,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
     let movable_left = || {
         daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count()
-            + daemon.flows.count(|f| f.ws_movable.load(std::sync::atomic::Ordering::Relaxed))
+            + daemon.flows.count(|f| f.movable.load(std::sync::atomic::Ordering::Relaxed))
     };
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -279,7 +296,10 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     }
     while let Some(batch) = batches.next() {
         let more = batches.peek().is_some();
-        let fds: Vec<i32> = batch.iter().flat_map(|m| [m.client.as_raw_fd(), m.backend.as_raw_fd()]).collect();
+        let fds: Vec<i32> = batch
+            .iter()
+            .flat_map(|m| std::iter::once(m.client.as_raw_fd()).chain(m.backend.as_ref().map(AsRawFd::as_raw_fd)))
+            .collect();
         let msg = Moving {
             flows: batch.iter().map(|m| m.info.clone()).collect(),
             free: if more { Vec::new() } else { free.clone() },
@@ -420,13 +440,19 @@ impl Taken {
                 }
             }
             let msg: Moving = serde_json::from_slice(&buf[..n]).map_err(|e| format!("receiving flows: {e}"))?;
-            if fds.len() != 2 * msg.flows.len() {
-                return Err(format!("{} flows announced with {} sockets", msg.flows.len(), fds.len()));
+            let want: usize = msg.flows.iter().map(|f| 1 + usize::from(f.with_backend())).sum();
+            if fds.len() != want {
+                return Err(format!(
+                    "{} flows announced with {} sockets ({want} expected)",
+                    msg.flows.len(),
+                    fds.len()
+                ));
             }
             let mut fds = fds.into_iter();
             for info in msg.flows {
-                let (c, b) = (fds.next().unwrap(), fds.next().unwrap());
-                moved.push(Migrant { info, client: c.into(), backend: b.into() });
+                let client = fds.next().unwrap().into();
+                let backend = if info.with_backend() { Some(fds.next().unwrap().into()) } else { None };
+                moved.push(Migrant { info, client, backend });
             }
             if !msg.more {
                 return Ok((moved, msg.free));

@@ -137,9 +137,51 @@ impl Framing for Frames {
         self.at_boundary() && !self.fragmented
     }
 
-    /// How many of the next bytes belong to the current frame's header or
-    /// payload.
-    fn allowed(&self) -> u64 {
+    fn allowed(&self, ahead: &[u8]) -> u64 {
+        if self.at_boundary() {
+            if let Some((head, payload)) = Self::frame_len(ahead) {
+                return head as u64 + payload;
+            }
+        }
+        self.step()
+    }
+
+    fn pass(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let n = bytes.len().min(usize::try_from(self.step()).unwrap_or(usize::MAX));
+            self.pass_step(&bytes[..n]);
+            bytes = &bytes[n..];
+        }
+    }
+}
+
+impl Frames {
+    fn at_boundary(&self) -> bool {
+        self.have == 0 && self.left == 0
+    }
+
+    /// Header and payload length of a frame whose header `bytes` start with.
+    fn frame_len(bytes: &[u8]) -> Option<(usize, u64)> {
+        let b1 = *bytes.get(1)?;
+        let ext = match b1 & 0x7f {
+            126 => 2,
+            127 => 8,
+            _ => 0,
+        };
+        let head = 2 + ext + if b1 & 0x80 != 0 { 4 } else { 0 };
+        if bytes.len() < head {
+            return None;
+        }
+        let len = match b1 & 0x7f {
+            126 => u64::from(u16::from_be_bytes([bytes[2], bytes[3]])),
+            127 => u64::from_be_bytes(bytes[2..10].try_into().unwrap()),
+            n => u64::from(n),
+        };
+        Some((head, len))
+    }
+
+    /// The bytes up to the end of the header or payload under way.
+    fn step(&self) -> u64 {
         if self.left > 0 {
             self.left
         } else if self.have < 2 {
@@ -149,8 +191,8 @@ impl Framing for Frames {
         }
     }
 
-    /// Takes note of bytes handed on (no more than [`Frames::allowed`]).
-    fn pass(&mut self, bytes: &[u8]) {
+    /// Takes note of bytes within one [`Frames::step`].
+    fn pass_step(&mut self, bytes: &[u8]) {
         if self.left > 0 {
             self.left -= bytes.len() as u64;
             if self.left == 0 {
@@ -170,11 +212,7 @@ impl Framing for Frames {
             self.need = 2 + ext + mask;
         }
         if self.have >= 2 && self.have == self.need {
-            let len = match self.head[1] & 0x7f {
-                126 => u64::from(u16::from_be_bytes([self.head[2], self.head[3]])),
-                127 => u64::from_be_bytes(self.head[2..10].try_into().unwrap()),
-                n => u64::from(n),
-            };
+            let (_, len) = Self::frame_len(&self.head[..self.have]).expect("a whole header");
             self.fin = self.head[0] & 0x80 != 0;
             self.data = self.head[0] & 0x0f < 8;
             self.have = 0;
@@ -183,12 +221,6 @@ impl Framing for Frames {
                 self.frame_done();
             }
         }
-    }
-}
-
-impl Frames {
-    fn at_boundary(&self) -> bool {
-        self.have == 0 && self.left == 0
     }
 
     fn frame_done(&mut self) {
@@ -598,7 +630,8 @@ mod tests {
     fn pass_all(fr: &mut Frames, bytes: &[u8], piece: usize) {
         let mut at = 0;
         while at < bytes.len() {
-            let n = (bytes.len() - at).min(piece).min(fr.allowed() as usize);
+            let ahead = &bytes[at..(at + piece).min(bytes.len())];
+            let n = ahead.len().min(fr.allowed(ahead) as usize);
             fr.pass(&bytes[at..at + n]);
             at += n;
         }
@@ -612,7 +645,7 @@ mod tests {
                 let f = frame(true, 2, masked, len);
                 // Never more than the rest of the frame.
                 pass_all(&mut fr, &f[..f.len() - 1], piece);
-                assert!(!fr.at_boundary() && fr.allowed() == 1, "len {len} piece {piece}");
+                assert!(!fr.at_boundary() && fr.allowed(&[]) == 1, "len {len} piece {piece}");
                 fr.pass(&f[f.len() - 1..]);
                 assert!(fr.at_boundary() && !fr.fragmented, "len {len} piece {piece}");
             }

@@ -32,6 +32,25 @@ fn echo_more(s: &mut TcpStream, pattern: Pattern, offset: u64, len: u64) {
 }
 
 /// Connect, 64 B echo, close; the error, if any.
+/// One request on a kept-alive HTTP/1.1 connection: the status and body
+/// (Content-Length or chunked).
+fn keepalive_get(s: &mut TcpStream, path: &str) -> (u16, String) {
+    write!(s, "GET {path} HTTP/1.1\r\nHost: app.test\r\n\r\n").unwrap();
+    let (head, mut body) = read_http_head(s).unwrap();
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let mut chunk = [0u8; 4096];
+    let done = |body: &[u8]| match header_value(&head, "content-length") {
+        Some(n) => body.len() >= n.parse::<usize>().unwrap(),
+        None => body.ends_with(b"0\r\n\r\n"),
+    };
+    while !done(&body) {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the connection closed in the middle of a response: {head}");
+        body.extend_from_slice(&chunk[..n]);
+    }
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
 fn one_conn(topo: &Topology, to: SocketAddr) -> Result<(), String> {
     let mut s = topo.connect(to).map_err(|e| format!("connect: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -49,18 +68,28 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
     let topo = Arc::new(Topology::new());
     let be = Backend::echo(&topo);
     let ws = Peer::python_server(&topo);
+    let app = Peer::node_server(&topo, "app");
     let listeners = format!(
         "  - name: k\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n\
          \x20 - name: u\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: userspace\n\
          \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
          \x20     - path_prefix: /pass\n        backends: [\"{w}\"]\n\
          \x20     - path_prefix: /inspect\n        backends: [\"{w}\"]\n        mode: inspect\n\
-         \x20     - path_prefix: /bridge\n        bridge_tcp: [\"{b}\"]\n",
+         \x20     - path_prefix: /bridge\n        bridge_tcp: [\"{b}\"]\n\
+         \x20     - path_prefix: /page\n        backends: [\"{a}\"]\n",
         b = be.addr,
-        w = ws.addr
+        w = ws.addr,
+        a = app.addr
     );
     let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let (k, u) = (old.listener("k"), old.listener("u"));
+
+    // A kept-alive HTTP connection, idle at the switch: it moves too, and
+    // its next request is served by the new daemon, no close in between.
+    let mut page = topo.connect(old.listener("w")).unwrap();
+    page.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (status, body) = keepalive_get(&mut page, "/page/1");
+    assert!(status == 200 && body.contains("page from app at /page/1"), "{status} {body}");
 
     // Long-lived WebSockets (Python `websockets`) open across the switch:
     // passthrough ones (kernel path), inspect ones (relayed message by
@@ -140,10 +169,13 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             f.iter()
                 .any(|f| f["listener"] == l && f["path"] == path && f["bytes_client_to_backend"].as_u64() >= Some(MIB))
         };
-        has("k", "kernel") && has("u", "userspace") && f.iter().filter(|f| f["listener"] == "w").count() == 30
+        has("k", "kernel") && has("u", "userspace") && f.iter().filter(|f| f["listener"] == "w").count() == 31
     });
     let flows = new.flows();
-    let on = |path: &str| flows.iter().filter(|f| f["listener"] == "w" && f["path"] == path).collect::<Vec<_>>();
+    let on = |path: &str| {
+        let ws = |f: &&Value| f["listener"] == "w" && f["path"] == path && f["fallback_code"] != "http";
+        flows.iter().filter(ws).collect::<Vec<_>>()
+    };
     assert_eq!(on("kernel").len(), 10, "{flows:?}");
     let terminated = on("userspace");
     assert_eq!(terminated.len(), 20, "{flows:?}");
@@ -165,10 +197,15 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
             .unwrap_or_else(|| panic!("no {key} in {line:?}:\n{log}"))
     };
     let moved = count(&log, "upgrade: flows moved", "moved=");
-    // The two TCP flows, the thirty WebSockets, and perhaps some of
-    // the connections made during the switch.
-    assert!(moved >= 32, "{log}");
+    // The two TCP flows, the thirty WebSockets, the HTTP connection, and
+    // perhaps some of the connections made during the switch.
+    assert!(moved >= 33, "{log}");
     assert_eq!(count(&new.log_text(), "this one serves every listener", "moved_flows="), moved);
+
+    let (status, body) = keepalive_get(&mut page, "/page/2");
+    assert!(status == 200 && body.contains("page from app at /page/2"), "{status} {body}");
+    let http: Vec<_> = new.flows().into_iter().filter(|f| f["fallback_code"] == "http").collect();
+    assert!(http.len() == 1 && http[0]["http_requests"] == 2, "{http:?}");
 
     // Every flow goes on, intact, after the switch: 1 MiB more each way on
     // the TCP flows, now served by the new daemon (the kernel flow's bytes
