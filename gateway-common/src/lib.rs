@@ -31,6 +31,12 @@ pub const TRIM_CHUNK: u32 = 4095;
 /// Upper bound on trim calls per skb: 64 * 4095 covers a 256 KiB overlap.
 pub const TRIM_MAX_CALLS: u32 = 64;
 
+/// The version of what the kernel programs and user space share: the maps,
+/// [`SockSlot`], [`KernelConfig`] and what their fields mean. A daemon
+/// adopts another's maps at a hot upgrade only when both have the same.
+/// Bump it with any change to them.
+pub const SHARED_LAYOUT: u32 = 1;
+
 /// Per-socket state of a spliced flow. One slot exists for each of the two
 /// sockets; the slot of socket X describes the bytes *received on X*, which the
 /// verdict redirects to the egress of X's peer P.

@@ -717,6 +717,12 @@ fn keep_attached(prog: &mut SkSkb, link: aya::programs::sk_skb::SkSkbLinkId) -> 
 /// What a new daemon needs to adopt this one's kernel maps (hot upgrade).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Handover {
+    /// `SHARED_LAYOUT` and the size of a slot, of the daemon that offers
+    /// its maps (0: one from before either was sent).
+    #[serde(default)]
+    pub layout: u32,
+    #[serde(default)]
+    pub slot_size: u32,
     pub max_flows: u32,
     pub trim: bool,
     pub flow_control: Option<(u64, u64)>,
@@ -734,6 +740,8 @@ impl KernelPath {
         let keep = maps.free.len() / 2;
         let given = maps.free.split_off(keep);
         let info = Handover {
+            layout: gateway_common::SHARED_LAYOUT,
+            slot_size: std::mem::size_of::<SockSlot>() as u32,
             max_flows: self.max_flows,
             trim: self.trim,
             flow_control: self.flow_control.map(|f| (f.per_flow, f.total)),
@@ -748,6 +756,14 @@ impl KernelPath {
     /// slots it did not use.
     pub fn adopt(info: &Handover, fds: [std::os::fd::OwnedFd; 3]) -> Result<Self, String> {
         use std::os::fd::AsFd;
+        let ours = (gateway_common::SHARED_LAYOUT, std::mem::size_of::<SockSlot>() as u32);
+        if (info.layout, info.slot_size) != ours {
+            return Err(format!(
+                "the running daemon's kernel maps have layout {} (slots of {} bytes), this binary's {} ({} bytes): \
+                 a binary that changes what the kernel programs share needs a cold restart",
+                info.layout, info.slot_size, ours.0, ours.1
+            ));
+        }
         let dup = |fd: &std::os::fd::OwnedFd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string());
         let handover_fds = [dup(&fds[0])?, dup(&fds[1])?, dup(&fds[2])?];
         let [socks, index, slots] = fds;

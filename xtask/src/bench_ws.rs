@@ -268,13 +268,23 @@ pub fn render(samples: &[WsSample]) -> String {
 fn port_arg(args: &[String], i: usize) -> Result<u64> {
     args.get(i)
         .and_then(|a| a.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("usage: ws-echo PORT | ws-upgrades PORT COUNT"))
+        .ok_or_else(|| anyhow::anyhow!("usage: ws-echo PORT | ws-upgrades PORT COUNT | ws-rr PORT SECS"))
 }
 
 /// `cargo xtask ws-echo PORT`: the echo backend alone, on 127.0.0.1.
 pub fn serve_port(args: &[String]) -> Result<()> {
     let port = u16::try_from(port_arg(args, 0)?)?;
     serve_ws_echo(TcpListener::bind(("127.0.0.1", port))?);
+    Ok(())
+}
+
+/// `cargo xtask ws-rr PORT SECS`: 64 B echo round trips on one WebSocket for
+/// SECS seconds; prints the p50 and p99 in µs.
+pub fn round_trips(args: &[String]) -> Result<()> {
+    let port = u16::try_from(port_arg(args, 0)?)?;
+    let secs = port_arg(args, 1)?.clamp(1, 600) as f64;
+    let (p50, p99) = ws_rr(port, secs)?;
+    println!("p50 {p50:.1} p99 {p99:.1}");
     Ok(())
 }
 

@@ -37,9 +37,11 @@ fn main() -> ExitCode {
         Some("study-skmsg") => study::run(&root(), &args[1..]),
         // For work on the upgrade path, outside the full bench:
         // `ws-echo PORT` serves the bench's WebSocket echo backend;
-        // `ws-upgrades PORT COUNT` runs the bench's upgrade loop against PORT.
+        // `ws-upgrades PORT COUNT` runs the bench's upgrade loop against PORT;
+        // `ws-rr PORT SECS` its 64 B echo round trips on one WebSocket.
         Some("ws-echo") => bench_ws::serve_port(&args[1..]),
         Some("ws-upgrades") => bench_ws::upgrades(&args[1..]),
+        Some("ws-rr") => bench_ws::round_trips(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
