@@ -197,6 +197,15 @@ fn tcp_of(gate: Gate<Records>) -> Result<(std::net::TcpStream, Vec<u8>), String>
     Ok((tcp.into_std().map_err(|e| e.to_string())?, early))
 }
 
+/// The socket, the traffic keys and the ciphertext a rustls session's gate
+/// still holds.
+fn take_session(gate: Gate<Records>, conn: rustls::Connection) -> Result<(std::net::TcpStream, Keys, Vec<u8>), String> {
+    let version = conn.protocol_version();
+    let secrets = conn.dangerous_extract_secrets().map_err(|e| e.to_string())?;
+    let (tcp, early) = tcp_of(gate)?;
+    Ok((tcp, keys_of(version, secrets)?, early))
+}
+
 /// One side of a flow relayed in user space.
 pub enum Conn {
     Plain(TcpStream),
@@ -259,17 +268,11 @@ impl Conn {
             Conn::Plain(s) => return Ok(Parked { tcp: s.into_std().map_err(|e| e.to_string())?, tls: None }),
             Conn::Server(s, _) => {
                 let (gate, conn) = s.into_inner();
-                let version = conn.protocol_version();
-                let secrets = conn.dangerous_extract_secrets().map_err(|e| e.to_string())?;
-                let (tcp, early) = tcp_of(gate)?;
-                (tcp, keys_of(version, secrets)?, early)
+                take_session(gate, conn.into())?
             }
             Conn::Client(s, _) => {
                 let (gate, conn) = s.into_inner();
-                let version = conn.protocol_version();
-                let secrets = conn.dangerous_extract_secrets().map_err(|e| e.to_string())?;
-                let (tcp, early) = tcp_of(gate)?;
-                (tcp, keys_of(version, secrets)?, early)
+                take_session(gate, conn.into())?
             }
             Conn::Resumed(r) => {
                 let keys = r.keys();
