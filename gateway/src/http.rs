@@ -87,6 +87,8 @@ struct Conn {
     /// move at a hot upgrade.
     in_flight: Arc<AtomicUsize>,
     requests: AtomicU64,
+    /// `ClientIo::hold` of this connection.
+    hold: Arc<AtomicBool>,
 }
 
 /// The client stream as hyper serves it: what a previous daemon handed over
@@ -200,9 +202,9 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
     serve(ClientIo::new(client, Bytes::new()), flow, rt.clone(), daemon.clone()).await;
 }
 
-/// Serves a client connection until it closes or is upgraded. `false`: it
-/// was idle at a hot upgrade and went to the new daemon.
-pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) -> bool {
+/// Serves a client connection until it closes, is upgraded, or (idle at a
+/// hot upgrade) goes to the new daemon. Retires the flow when it ends here.
+pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
     let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
     let conn = Arc::new(Conn {
         rt: rt.clone(),
@@ -212,6 +214,7 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
         tls: rt.cfg.tls.is_some(),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
+        hold: client.hold.clone(),
     });
     let svc = {
         let conn = conn.clone();
@@ -219,9 +222,12 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
             let conn = conn.clone();
             conn.in_flight.fetch_add(1, Ordering::Relaxed);
             conn.requests.fetch_add(1, Ordering::Relaxed);
+            // A request while the connection is let go at a hot upgrade: its
+            // response says close, and the close must happen.
+            conn.hold.store(false, Ordering::Relaxed);
+            // Dropped with the request if it never gets that far.
+            let guard = InFlightGuard(conn.in_flight.clone());
             async move {
-                // Dropped with the request if it never gets that far.
-                let guard = InFlightGuard(conn.in_flight.clone());
                 let resp = conn.serve(req).await;
                 Ok::<_, Infallible>(resp.map(|inner| InFlight { inner, _guard: guard }))
             }
@@ -271,11 +277,10 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
             let (client, early) = parts.io.into_inner().into_parts(parts.read_buf);
             let handed = hand_over_idle(client, early, &flow, &daemon).await;
             flow.movable.store(false, Ordering::Relaxed);
-            if handed {
-                return false;
+            if !handed {
+                proxy::retire(&flow, None, &CloseCause::Shutdown, &rt, &daemon);
             }
-            proxy::retire(&flow, None, &CloseCause::Shutdown, &rt, &daemon);
-            return true;
+            return;
         }
     }
     flow.movable.store(false, Ordering::Relaxed);
@@ -293,7 +298,6 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
             proxy::retire(&flow, None, &cause, &rt, &daemon);
         }
     }
-    true
 }
 
 /// An idle connection at a hot upgrade: to the new daemon (its TLS session
@@ -302,25 +306,33 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
 async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, daemon: &Daemon) -> bool {
     use tokio::io::AsyncWriteExt;
     let at_rest = client.flush().await.is_ok() && client.quiet();
-    if !at_rest || daemon.migrants.lock().unwrap().is_none() {
-        let _ = client.shutdown().await;
-        return false;
-    }
-    let Ok(p) = client.park() else { return false };
-    let (reason, code) = match flow.path.lock().unwrap().clone() {
-        FlowPath::Userspace { reason, code } => (reason, code.to_string()),
-        _ => (String::new(), "http".to_string()),
-    };
-    let moved = crate::upgrade::Moved::Http { reason, code, client_tls: p.tls, early: crate::upgrade::to_hex(&early) };
-    let info = crate::upgrade::MigrantInfo::of(flow, moved);
-    match daemon.migrants.lock().unwrap().as_mut() {
-        Some(list) => {
-            list.push(crate::upgrade::Migrant { info, client: p.tcp, backend: None });
-            debug!(flow = flow.id, "idle HTTP connection handed to the new daemon");
-            true
+    if at_rest {
+        let (reason, code) = match flow.path.lock().unwrap().clone() {
+            FlowPath::Userspace { reason, code } => (reason, code.to_string()),
+            _ => (String::new(), "http".to_string()),
+        };
+        // Checked, taken out and handed over under one lock: a session's
+        // keys never leave rustls for a hand-over that has ended.
+        let mut migrants = daemon.migrants.lock().unwrap();
+        if let Some(list) = migrants.as_mut() {
+            return match client.park() {
+                Ok(p) => {
+                    let early = crate::upgrade::to_hex(&early);
+                    let moved = crate::upgrade::Moved::Http { reason, code, client_tls: p.tls, early };
+                    let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                    list.push(crate::upgrade::Migrant { info, client: p.tcp, backend: None });
+                    debug!(flow = flow.id, "idle HTTP connection handed to the new daemon");
+                    true
+                }
+                Err(e) => {
+                    debug!(flow = flow.id, "idle HTTP connection not handed over: {e}");
+                    false
+                }
+            };
         }
-        None => false,
     }
+    let _ = client.shutdown().await;
+    false
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.

@@ -598,8 +598,8 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
             let info = crate::upgrade::MigrantInfo::of(flow, moved);
             list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: Some(p.backend) });
         }
+        flow.movable.store(false, Relaxed);
         let Some(p) = left else {
-            flow.movable.store(false, Relaxed);
             debug!(flow = flow.id, "handed to the new daemon");
             return None;
         };
@@ -642,28 +642,26 @@ pub async fn tls_movable(
         // Between records; a session may still owe the peer a record.
         use tokio::io::AsyncWriteExt;
         let flushed = c.flush().await.is_ok() && b.flush().await.is_ok();
-        let taken = flushed && c.quiet() && b.quiet() && daemon.migrants.lock().unwrap().is_some();
-        if !taken {
-            // Too late, or not at rest after all: it ends here.
-            relayed = relay::relay_conns(c, b, flow, idle, None).await;
-            continue;
+        if flushed && c.quiet() && b.quiet() {
+            // Checked, taken out and handed over under one lock: the keys
+            // never leave rustls for a hand-over that has ended.
+            let mut migrants = daemon.migrants.lock().unwrap();
+            if let Some(list) = migrants.as_mut() {
+                let (reason, code) = path_reason(flow, "userspace-tls");
+                return match c.park().and_then(|c| Ok((c, b.park()?))) {
+                    Ok((c, b)) => {
+                        let moved = crate::upgrade::Moved::Tls { reason, code, client: c.tls, backend: b.tls };
+                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                        list.push(crate::upgrade::Migrant { info, client: c.tcp, backend: Some(b.tcp) });
+                        debug!(flow = flow.id, "handed to the new daemon");
+                        None
+                    }
+                    Err(why) => Some(CloseCause::Error(format!("could not hand the TLS flow over: {why}"))),
+                };
+            }
         }
-        let (reason, code) = path_reason(flow, "userspace-tls");
-        let parked = c.park().and_then(|c| Ok((c, b.park()?)));
-        let (c, b) = match parked {
-            Ok(p) => p,
-            Err(why) => return Some(CloseCause::Error(format!("could not hand the TLS flow over: {why}"))),
-        };
-        let moved = crate::upgrade::Moved::Tls { reason, code, client: c.tls, backend: b.tls };
-        let info = crate::upgrade::MigrantInfo::of(flow, moved);
-        let migrant = crate::upgrade::Migrant { info, client: c.tcp, backend: Some(b.tcp) };
-        match daemon.migrants.lock().unwrap().as_mut() {
-            Some(list) => list.push(migrant),
-            // The hand-over ended between the check and now: the sockets close.
-            None => return Some(CloseCause::Error("the hot upgrade ended while the TLS flow was moving".into())),
-        }
-        debug!(flow = flow.id, "handed to the new daemon");
-        return None;
+        // Too late, or not at rest after all: it ends here.
+        relayed = relay::relay_conns(c, b, flow, idle, None).await;
     }
 }
 
@@ -685,16 +683,19 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             // An idle HTTP connection: served here from its next request.
             let early = crate::upgrade::from_hex(early);
             let conn = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
-            let cause = match (rt.clone(), conn, early) {
+            let cause = match (rt.clone().filter(|r| r.cfg.http.is_some()), conn, early) {
                 (Some(rt), Ok(conn), Ok(early)) => {
                     let io = crate::http::ClientIo::new(conn, early.into());
-                    if !crate::http::serve(io, flow.clone(), rt, daemon.clone()).await {
-                        // Moved on again.
-                        daemon.flows.retire(&flow, k, |_| {});
-                    }
+                    crate::http::serve(io, flow.clone(), rt, daemon.clone()).await;
+                    // Out of the table however it ended (closed, upgraded and
+                    // moved on, or moved on idle): no guard holds it here.
+                    daemon.flows.retire(&flow, k, |_| {});
                     return;
                 }
-                (None, ..) => CloseCause::Error(format!("listener {} is not in this config", m.info.listener)),
+                (None, ..) => CloseCause::Error(format!(
+                    "listener {} is not a websocket listener in this config",
+                    m.info.listener
+                )),
                 (_, Err(e), _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
             };
             return finish(&daemon, &flow, rt.as_deref(), None, &cause);

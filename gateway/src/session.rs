@@ -95,6 +95,8 @@ const MAX_FRAGMENT: usize = 16 * 1024;
 /// Largest record payload accepted: fragment, content type, padding, tag.
 const MAX_CIPHERTEXT: usize = MAX_FRAGMENT + 256;
 const TAG: usize = 16;
+/// Records one AES-GCM key may seal (rustls's confidentiality limit).
+const AES_GCM_RECORDS: u64 = 1 << 24;
 
 const APPLICATION_DATA: u8 = 23;
 const ALERT: u8 = 21;
@@ -181,11 +183,12 @@ fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecrets) -> Res
 /// Whether a rustls session holds nothing: whole records handed on and
 /// processed, no plaintext waiting, nothing to send, no close_notify seen.
 fn rustls_quiet<D>(gate: &Gate<Records>, conn: &mut rustls::ConnectionCommon<D>) -> bool {
-    if !gate.resting() || conn.wants_write() {
+    if !gate.resting() {
         return false;
     }
+    // Processing may queue a record to send (an answer): checked after it.
     match conn.process_new_packets() {
-        Ok(io) => io.plaintext_bytes_to_read() == 0 && !io.peer_has_closed(),
+        Ok(io) => io.plaintext_bytes_to_read() == 0 && io.tls_bytes_to_write() == 0 && !io.peer_has_closed(),
         Err(_) => false,
     }
 }
@@ -552,11 +555,10 @@ impl AsyncRead for Resumed {
             r.rbuf.truncate(len + n);
             ready!(polled)?;
             if n == 0 {
-                if r.rbuf.is_empty() {
-                    // The peer closed TCP without close_notify.
-                    return Poll::Ready(Ok(()));
-                }
-                return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "a TLS record cut short")));
+                // A TCP close without close_notify may be a truncation: as
+                // rustls does, an error, never an end.
+                let why = if r.rbuf.is_empty() { "TCP closed without close_notify" } else { "a TLS record cut short" };
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::UnexpectedEof, why)));
             }
         }
     }
@@ -568,6 +570,16 @@ impl AsyncWrite for Resumed {
         ready!(r.poll_write_out(cx))?;
         if r.shut {
             return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        if r.cipher != Cipher::Chacha20Poly1305 && r.tx.seq >= AES_GCM_RECORDS {
+            // A key past its safe use; only a KeyUpdate (which needs the
+            // traffic secret) would renew it. Close, as rustls does.
+            r.seal(ALERT, &[1, 0])?;
+            r.shut = true;
+            let _ = r.poll_write_out(cx);
+            return Poll::Ready(Err(io::Error::other(
+                "the moved TLS session used its key for as many records as is safe",
+            )));
         }
         let n = buf.len().min(MAX_FRAGMENT);
         r.seal(APPLICATION_DATA, &buf[..n])?;
@@ -672,14 +684,16 @@ mod tests {
         }
     }
 
-    /// Parks `conn` (after `quiet`), then resumes it from its parts.
-    fn move_it(mut conn: Conn) -> Conn {
+    /// Parks `conn` (after `quiet`), then resumes it from its parts; with
+    /// the length of the ciphertext its gate still held.
+    fn move_it(mut conn: Conn) -> (Conn, usize) {
         assert!(conn.quiet(), "not quiet after a whole exchange");
         let parked = conn.park().unwrap();
         let tls = parked.tls.clone().unwrap();
+        let held = tls.early.len() / 2;
         // What travels between processes: JSON.
         let tls: ParkedTls = serde_json::from_str(&serde_json::to_string(&tls).unwrap()).unwrap();
-        Conn::resume(Parked { tcp: parked.tcp, tls: Some(tls) }).unwrap()
+        (Conn::resume(Parked { tcp: parked.tcp, tls: Some(tls) }).unwrap(), held)
     }
 
     async fn pair() -> (TcpStream, TcpStream) {
@@ -712,11 +726,32 @@ mod tests {
                 tokio::join!(acceptor.accept(Gate::new(Box::new(s), &[])), connector.connect(sni.clone(), c));
             let (mut ours, peer_ref) = (Conn::server(ours.unwrap(), fd), peer.as_mut().unwrap());
             both_ways(&mut ours, peer_ref, 1, 100_000).await;
-            let mut ours = move_it(ours);
+            // Two records in one TCP segment: the gate reads both and hands
+            // rustls the first; the second moves as ciphertext.
+            let (a, b) = (pattern(6, 100), pattern(7, 200));
+            let wire = {
+                let (_, conn) = peer_ref.get_mut();
+                std::io::Write::write_all(&mut conn.writer(), &a).unwrap();
+                std::io::Write::write_all(&mut conn.writer(), &b).unwrap();
+                let mut wire = Vec::new();
+                while conn.wants_write() {
+                    conn.write_tls(&mut wire).unwrap();
+                }
+                wire
+            };
+            peer_ref.get_mut().0.write_all(&wire).await.unwrap();
+            let mut got = vec![0u8; a.len()];
+            ours.read_exact(&mut got).await.unwrap();
+            assert!(got == a, "{name}");
+            let (mut ours, held) = move_it(ours);
+            assert!(held > b.len(), "{name}: the gate held {held} bytes of ciphertext, not the second record");
             assert!(matches!(ours, Conn::Resumed(_)), "{name}");
+            let mut got = vec![0u8; b.len()];
+            ours.read_exact(&mut got).await.unwrap();
+            assert!(got == b, "{name}: the record carried over differs");
             both_ways(&mut ours, peer_ref, 2, 300_000).await;
             // Moves again, as at a second upgrade.
-            let mut ours = move_it(ours);
+            let (mut ours, _) = move_it(ours);
             both_ways(&mut ours, peer_ref, 3, 1000).await;
             // close_notify each way: EOF on both, no error.
             ours.shutdown().await.unwrap();
@@ -732,7 +767,7 @@ mod tests {
                 tokio::join!(acceptor.accept(s), connector.connect(sni.clone(), Gate::new(Box::new(c), &[])));
             let (mut ours, peer_ref) = (Conn::client(ours.unwrap(), fd), peer.as_mut().unwrap());
             both_ways(&mut ours, peer_ref, 4, 50_000).await;
-            let mut ours = move_it(ours);
+            let (mut ours, _) = move_it(ours);
             both_ways(&mut ours, peer_ref, 5, 200_000).await;
             peer_ref.shutdown().await.unwrap();
             assert_eq!(ours.read(&mut [0u8; 16]).await.unwrap(), 0, "{name}");

@@ -140,7 +140,7 @@ impl Framing for Frames {
     fn allowed(&self, ahead: &[u8]) -> u64 {
         if self.at_boundary() {
             if let Some((head, payload)) = Self::frame_len(ahead) {
-                return head as u64 + payload;
+                return (head as u64).saturating_add(payload);
             }
         }
         self.step()
@@ -650,6 +650,19 @@ mod tests {
                 assert!(fr.at_boundary() && !fr.fragmented, "len {len} piece {piece}");
             }
         }
+    }
+
+    #[test]
+    fn a_whole_frame_ahead_is_handed_on_at_once_and_no_further() {
+        let mut fr = Frames::default();
+        let (first, second) = (frame(true, 2, true, 300), frame(true, 1, true, 5));
+        let mut ahead = first.clone();
+        ahead.extend_from_slice(&second);
+        assert_eq!(fr.allowed(&ahead), first.len() as u64);
+        fr.pass(&first);
+        assert!(fr.resting());
+        // Only part of a header ahead: no more than that part of the frame.
+        assert_eq!(fr.allowed(&second[..1]), 2);
     }
 
     #[test]
