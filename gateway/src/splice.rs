@@ -191,6 +191,9 @@ pub async fn run(
                 if let Step::Done(cause) = flush(kernel, end, peer, flow) {
                     return Outcome::Closed(cause);
                 }
+                if !end.pending.is_empty() {
+                    grow_for_passed(end, peer, bound);
+                }
                 progress = true;
             }
             if end.eof && first_eof.is_none() {
@@ -390,10 +393,27 @@ fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End
     // At most the bound on top of the send buffer set at the splice.
     let cap = bound + bound / 2 + (1 << 20);
     let want = (sys::outq(passing.sock).unwrap_or(0) + stuck + (1 << 20)).min(cap);
-    if want > passing.sndbuf {
+    // Never below what the other direction's passed bytes grew it to.
+    if want > passing.sndbuf && sys::sndbuf(passing.sock).map_or(true, |have| have / 2 < want) {
         passing.sndbuf = want;
         if let Err(e) = sys::set_sndbuf_force(passing.sock, want) {
             tracing::debug!(side = %passing.side, "could not grow the send buffer: {e}");
+        }
+    }
+}
+
+/// Passed bytes wait because the peer's send buffer is full. Under steady
+/// load the passing socket's queue then never empties, so the flow would
+/// never go back to the kernel: grow the peer's send buffer (within the
+/// bound, as for [`make_room_for_passing`]) so that one pass can take the
+/// whole queue.
+fn grow_for_passed(end: &End<'_>, peer: &Sock, bound: u64) {
+    let cap = bound + bound / 2 + (1 << 20);
+    let left = (end.pending.len() - end.pending_off) as u64;
+    let want = (sys::outq(peer).unwrap_or(0) + left + 4 * CHUNK as u64).min(cap);
+    if sys::sndbuf(peer).is_ok_and(|have| have / 2 < want) {
+        if let Err(e) = sys::set_sndbuf_force(peer, want) {
+            tracing::debug!(side = %end.side, "could not grow the peer's send buffer: {e}");
         }
     }
 }

@@ -113,6 +113,12 @@ pub fn shutdown_write(fd: &impl AsRawFd) -> io::Result<()> {
     socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).shutdown(std::net::Shutdown::Write)
 }
 
+/// `SO_SNDBUF` as the kernel reports it (twice what was set: it counts its
+/// bookkeeping).
+pub fn sndbuf(fd: &impl AsRawFd) -> io::Result<u64> {
+    socket2::SockRef::from(&BorrowedRaw(fd.as_raw_fd())).send_buffer_size().map(|n| n as u64)
+}
+
 /// `SO_SNDBUFFORCE`: sets the send buffer past `net.core.wmem_max` (needs
 /// CAP_NET_ADMIN; the kernel doubles the value for bookkeeping overhead).
 pub fn set_sndbuf_force(fd: &impl AsRawFd, bytes: u64) -> io::Result<()> {
