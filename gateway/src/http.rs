@@ -390,7 +390,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                             });
                             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
                             let idle = rt.cfg.idle_timeout;
-                            match proxy::tls_movable(daemon, tls, session::Conn::Plain(backend), flow, idle).await {
+                            match proxy::relay_movable(daemon, tls, session::Conn::Plain(backend), flow, idle).await {
                                 Some(cause) => cause,
                                 None => return,
                             }

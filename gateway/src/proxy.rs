@@ -367,7 +367,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                 code: "userspace-tls",
             });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            let Some(cause) = tls_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
+            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
                 return;
             };
             retire(flow, Some(idx), &cause, rt, daemon);
@@ -465,8 +465,8 @@ pub async fn forward(
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
-            let moved = crate::upgrade::Moved::Userspace { reason, code: code.to_string() };
-            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout, moved).await else {
+            let (client, backend) = (Conn::Plain(client), Conn::Plain(backend));
+            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
                 return CloseCause::HandedOver;
             };
             retire(flow, Some(idx), &cause, rt, daemon);
@@ -516,44 +516,6 @@ async fn supervise(
     match outcome {
         splice::Outcome::Closed(cause) => Some(cause),
         splice::Outcome::Detached(_) => unreachable!("no detach without a receiver"),
-    }
-}
-
-/// Relays a TCP flow in user space until it closes (`Some`), or until it is
-/// handed to a new daemon at a quiet moment of a hot upgrade (`None`).
-async fn relay_movable(
-    daemon: &Daemon,
-    client: TcpStream,
-    backend: TcpStream,
-    flow: &crate::flows::Flow,
-    idle: Duration,
-    moved: crate::upgrade::Moved,
-) -> Option<CloseCause> {
-    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
-    if let relay::Relayed::Detached(client, backend) = relayed {
-        let (client, backend) = (client.into_std(), backend.into_std());
-        // To the new daemon while it still takes flows; else back here.
-        let left = match (daemon.migrants.lock().unwrap().as_mut(), client, backend) {
-            (Some(list), Ok(client), Ok(backend)) => {
-                let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                list.push(crate::upgrade::Migrant { info, client, backend: Some(backend) });
-                None
-            }
-            (_, client, backend) => Some((client, backend)),
-        };
-        let Some((client, backend)) = left else {
-            debug!(flow = flow.id, "handed to the new daemon");
-            return None;
-        };
-        let back = |s: std::io::Result<std::net::TcpStream>| s.and_then(TcpStream::from_std);
-        relayed = match (back(client), back(backend)) {
-            (Ok(c), Ok(b)) => relay::relay(c, b, flow, idle, None).await,
-            _ => relay::Relayed::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
-        };
-    }
-    match relayed {
-        relay::Relayed::Closed(cause) => Some(cause),
-        relay::Relayed::Detached(..) => unreachable!("no detach without a receiver"),
     }
 }
 
@@ -623,21 +585,21 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
     }
 }
 
-/// Relays a flow with TLS on either side until it closes (`Some`), or until
-/// it is handed to a new daemon at a hot upgrade (`None`), its sessions'
-/// keys along (`session.rs`).
-pub async fn tls_movable(
+/// Relays a flow in user space (TLS on either side or none) until it closes
+/// (`Some`), or until it is handed to a new daemon at a quiet moment of a
+/// hot upgrade (`None`), with its sessions' keys (`session.rs`).
+pub async fn relay_movable(
     daemon: &Daemon,
     client: Conn,
     backend: Conn,
     flow: &crate::flows::Flow,
     idle: Duration,
 ) -> Option<CloseCause> {
-    let mut relayed = relay::relay_conns(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
+    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
     loop {
         let (mut c, mut b) = match relayed {
-            relay::RelayedConns::Closed(cause) => return Some(cause),
-            relay::RelayedConns::Detached(c, b) => (c, b),
+            relay::Relayed::Closed(cause) => return Some(cause),
+            relay::Relayed::Detached(c, b) => (c, b),
         };
         // Between records; a session may still owe the peer a record.
         use tokio::io::AsyncWriteExt;
@@ -650,18 +612,21 @@ pub async fn tls_movable(
                 let (reason, code) = path_reason(flow, "userspace-tls");
                 return match c.park().and_then(|c| Ok((c, b.park()?))) {
                     Ok((c, b)) => {
-                        let moved = crate::upgrade::Moved::Tls { reason, code, client: c.tls, backend: b.tls };
+                        let moved = match (c.tls, b.tls) {
+                            (None, None) => crate::upgrade::Moved::Userspace { reason, code },
+                            (client, backend) => crate::upgrade::Moved::Tls { reason, code, client, backend },
+                        };
                         let info = crate::upgrade::MigrantInfo::of(flow, moved);
                         list.push(crate::upgrade::Migrant { info, client: c.tcp, backend: Some(b.tcp) });
                         debug!(flow = flow.id, "handed to the new daemon");
                         None
                     }
-                    Err(why) => Some(CloseCause::Error(format!("could not hand the TLS flow over: {why}"))),
+                    Err(why) => Some(CloseCause::Error(format!("could not hand the flow over: {why}"))),
                 };
             }
         }
         // Too late, or not at rest after all: it ends here.
-        relayed = relay::relay_conns(c, b, flow, idle, None).await;
+        relayed = relay::relay(c, b, flow, idle, None).await;
     }
 }
 
@@ -725,18 +690,6 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             k.release(s);
             return;
         }
-        (moved @ crate::upgrade::Moved::Userspace { .. }, _) => {
-            match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
-                (Ok(c), Ok(b)) => match relay_movable(&daemon, c, b, &flow, idle, moved.clone()).await {
-                    Some(cause) => cause,
-                    None => {
-                        daemon.flows.retire(&flow, k, |_| {});
-                        return;
-                    }
-                },
-                (c, b) => CloseCause::Error(format!("cannot register the sockets: {}", c.err().or(b.err()).unwrap())),
-            }
-        }
         (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, client_tls, .. }, _) => {
             let early =
                 crate::upgrade::from_hex(client_early).and_then(|c| Ok((c, crate::upgrade::from_hex(backend_early)?)));
@@ -765,11 +718,16 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                 (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
             }
         }
-        (crate::upgrade::Moved::Tls { client: client_tls, backend: backend_tls, .. }, _) => {
+        // A relayed flow: plain sockets, or TLS sessions carried on here.
+        (crate::upgrade::Moved::Userspace { .. }, _) | (crate::upgrade::Moved::Tls { .. }, _) => {
+            let (client_tls, backend_tls) = match &info.moved {
+                crate::upgrade::Moved::Tls { client, backend, .. } => (client.clone(), backend.clone()),
+                _ => (None, None),
+            };
             let c = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
             let b = Conn::resume(crate::session::Parked { tcp: backend, tls: backend_tls.clone() });
             match (c, b) {
-                (Ok(c), Ok(b)) => match tls_movable(&daemon, c, b, &flow, idle).await {
+                (Ok(c), Ok(b)) => match relay_movable(&daemon, c, b, &flow, idle).await {
                     Some(cause) => cause,
                     None => {
                         daemon.flows.retire(&flow, k, |_| {});

@@ -2,15 +2,12 @@
 //! kernel. Same semantics as the kernel path: half-close is forwarded, a reset
 //! on one side resets the other, and `idle_timeout` closes quiet flows.
 use std::{
-    os::fd::{AsRawFd, RawFd},
+    os::fd::RawFd,
     sync::atomic::{AtomicBool, Ordering::Relaxed},
     time::Duration,
 };
 
-use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::TcpStream,
-};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
     flows::{CloseCause, Flow, Side},
@@ -56,73 +53,72 @@ where
 
 pub enum Relayed {
     Closed(CloseCause),
-    /// Stopped for a hot upgrade at a moment when neither direction held a
-    /// byte or had seen EOF: the sockets, to go on elsewhere.
-    Detached(TcpStream, TcpStream),
-}
-
-/// Relays two TCP sockets until both directions are closed, one side
-/// resets, or the flow is idle for `idle`; once `detach` turns true, stops
-/// at the first moment both directions wait for bytes holding none.
-pub async fn relay(
-    client: TcpStream,
-    backend: TcpStream,
-    flow: &Flow,
-    idle: Duration,
-    mut detach: Option<tokio::sync::watch::Receiver<bool>>,
-) -> Relayed {
-    let (cfd, bfd) = (client.as_raw_fd(), backend.as_raw_fd());
-    let (mut cr, mut cw) = client.into_split();
-    let (mut br, mut bw) = backend.into_split();
-    let (c_reading, b_reading) = (AtomicBool::new(false), AtomicBool::new(false));
-    let stopped = {
-        let c2b = pump_marked(&mut cr, &mut bw, flow, Side::Client, &c_reading);
-        let b2c = pump_marked(&mut br, &mut cw, flow, Side::Backend, &b_reading);
-        let quiet = || c_reading.load(Relaxed) && b_reading.load(Relaxed);
-        drive(c2b, b2c, (cfd, bfd), flow, idle, &mut detach, quiet).await
-    };
-    match stopped {
-        Some(cause) => Relayed::Closed(cause),
-        // Both pumps were waiting to read, with nothing in hand.
-        None => match (cr.reunite(cw), br.reunite(bw)) {
-            (Ok(c), Ok(b)) => Relayed::Detached(c, b),
-            _ => unreachable!("halves of the same sockets"),
-        },
-    }
-}
-
-/// How [`relay_conns`] ended.
-pub enum RelayedConns {
-    Closed(CloseCause),
     /// Stopped for a hot upgrade with neither direction holding a byte or
-    /// past EOF, and every TLS session between records.
+    /// past EOF, and every rustls session between records: the sides, to go
+    /// on elsewhere.
     Detached(Conn, Conn),
 }
 
-/// The relay over any two sides (TLS ones included). With `detach`, stops
-/// like [`relay`], once TLS sessions are also between records too.
-pub async fn relay_conns(
+/// Relays two sides (TLS ones included) until both directions are closed,
+/// one side resets, or the flow is idle for `idle`; once `detach` turns
+/// true, stops at the first moment both directions wait for bytes holding
+/// none (a read not yet completed leaves the bytes in the socket, or in the
+/// TLS session) with every rustls session between records.
+pub async fn relay(
     client: Conn,
     backend: Conn,
     flow: &Flow,
     idle: Duration,
     mut detach: Option<tokio::sync::watch::Receiver<bool>>,
-) -> RelayedConns {
-    let (cfd, bfd) = (client.fd(), backend.fd());
+) -> Relayed {
+    let fds = (client.fd(), backend.fd());
     let resting: Vec<_> = [client.resting_flag(), backend.resting_flag()].into_iter().flatten().collect();
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut br, mut bw) = tokio::io::split(backend);
+    match (client, backend) {
+        // Plain TCP, the common case: owned halves, no lock between them.
+        (Conn::Plain(c), Conn::Plain(b)) => {
+            let ((cr, cw), (br, bw)) = (c.into_split(), b.into_split());
+            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach).await {
+                Ok(cause) => Relayed::Closed(cause),
+                Err((cr, cw, br, bw)) => match (cr.reunite(cw), br.reunite(bw)) {
+                    (Ok(c), Ok(b)) => Relayed::Detached(Conn::Plain(c), Conn::Plain(b)),
+                    _ => unreachable!("halves of the same sockets"),
+                },
+            }
+        }
+        (c, b) => {
+            let ((cr, cw), (br, bw)) = (tokio::io::split(c), tokio::io::split(b));
+            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach).await {
+                Ok(cause) => Relayed::Closed(cause),
+                Err((cr, cw, br, bw)) => Relayed::Detached(cr.unsplit(cw), br.unsplit(bw)),
+            }
+        }
+    }
+}
+
+/// Both pumps over the halves (client read, client write, backend read,
+/// backend write): the close cause, or the halves back once detached.
+async fn pump_both<CR, CW, BR, BW>(
+    mut h: (CR, CW, BR, BW),
+    fds: (RawFd, RawFd),
+    resting: &[std::sync::Arc<AtomicBool>],
+    flow: &Flow,
+    idle: Duration,
+    detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<CloseCause, (CR, CW, BR, BW)>
+where
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    BR: AsyncRead + Unpin,
+    BW: AsyncWrite + Unpin,
+{
     let (c_reading, b_reading) = (AtomicBool::new(false), AtomicBool::new(false));
     let stopped = {
-        let c2b = pump_marked(&mut cr, &mut bw, flow, Side::Client, &c_reading);
-        let b2c = pump_marked(&mut br, &mut cw, flow, Side::Backend, &b_reading);
+        let c2b = pump_marked(&mut h.0, &mut h.3, flow, Side::Client, &c_reading);
+        let b2c = pump_marked(&mut h.2, &mut h.1, flow, Side::Backend, &b_reading);
         let quiet = || c_reading.load(Relaxed) && b_reading.load(Relaxed) && resting.iter().all(|r| r.load(Relaxed));
-        drive(c2b, b2c, (cfd, bfd), flow, idle, &mut detach, quiet).await
+        drive(c2b, b2c, fds, flow, idle, detach, quiet).await
     };
-    match stopped {
-        Some(cause) => RelayedConns::Closed(cause),
-        None => RelayedConns::Detached(cr.unsplit(cw), br.unsplit(bw)),
-    }
+    stopped.ok_or(h)
 }
 
 /// Runs both directions to the end (`Some`), or until `detach` turns true

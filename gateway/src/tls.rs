@@ -6,7 +6,7 @@
 //! - The certificate is chosen by SNI among each certificate's `names`
 //!   (exact or `*.suffix`); no match, or no SNI, gets the first one.
 //! - A terminated flow stays in user space (this host has no kTLS, and
-//!   sockmap sockets can't use it anyway): `relay::relay_conns` copies
+//!   sockmap sockets can't use it anyway): `relay::relay` copies
 //!   between the TLS stream and the backend, close_notify standing for the
 //!   half-close. rustls reads through a record gate and may hand its
 //!   traffic keys out, so that a hot upgrade can move the session
