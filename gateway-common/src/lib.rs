@@ -14,6 +14,14 @@ pub const MAP_SLOTS: &str = "SLOTS";
 pub const MAP_CONFIG: &str = "CONFIG";
 /// Name of the one-element per-CPU scratch array the verdict uses.
 pub const MAP_SCRATCH: &str = "SCRATCH";
+/// Name of the ring buffer through which the verdict wakes user space when a
+/// socket starts passing bytes (each record: the slot index, a `u32`).
+pub const MAP_WAKE: &str = "WAKE";
+/// Size of `WAKE`: a record takes 16 bytes and a slot has at most one
+/// outstanding (see [`SockSlot::notified`]), so this holds one for each of
+/// 16,384 sockets; a full ring only delays a wake-up until the flow's next
+/// periodic check.
+pub const WAKE_RING_BYTES: u32 = 256 * 1024;
 /// Name of the verdict program.
 pub const PROG_VERDICT: &str = "gateway_verdict";
 
@@ -35,7 +43,7 @@ pub const TRIM_MAX_CALLS: u32 = 64;
 /// [`SockSlot`], [`KernelConfig`] and what their fields mean. A daemon
 /// adopts another's maps at a hot upgrade only when both have the same.
 /// Bump it with any change to them.
-pub const SHARED_LAYOUT: u32 = 1;
+pub const SHARED_LAYOUT: u32 = 2;
 
 /// Per-socket state of a spliced flow. One slot exists for each of the two
 /// sockets; the slot of socket X describes the bytes *received on X*, which the
@@ -91,6 +99,12 @@ pub struct SockSlot {
     pub enabled: u32,
     /// Non-zero while over `high_water`.
     pub paused: u32,
+    /// Non-zero once the verdict has told user space (a `WAKE` record) that
+    /// this socket passes bytes; cleared by the next redirect. User space
+    /// stops watching a socket's readability only while this is zero and
+    /// nothing passed waits, so the next pass always sends a record.
+    pub notified: u32,
+    pub _pad: u32,
 }
 
 /// Settings the daemon hands to the verdict program at load time.
@@ -118,5 +132,5 @@ mod user {
     unsafe impl aya::Pod for super::KernelConfig {}
 }
 
-const _: () = assert!(core::mem::size_of::<SockSlot>() == 128);
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 136);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 24);

@@ -8,7 +8,10 @@
 //!    handled (verdict-only mode hands such segments over whole);
 //! 3. counts the bytes;
 //! 4. redirects the payload to the peer socket's egress, or passes it to user
-//!    space while the flow is still being set up.
+//!    space while the flow is still being set up or over its bound; the first
+//!    pass after a redirect writes the slot's index to `WAKE`, since user
+//!    space does not watch a redirecting socket's readability (every skb
+//!    would wake it).
 #![no_std]
 #![no_main]
 
@@ -21,12 +24,12 @@ use aya_ebpf::{
         bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
     },
     macros::{map, stream_parser, stream_verdict},
-    maps::{Array, HashMap, PerCpuArray, SockHash},
+    maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
 };
 use aya_log_ebpf::warn;
 use gateway_common::{
-    BPF_F_MMAPABLE, DEFAULT_MAX_SOCKETS, KernelConfig, SockSlot, TRIM_CHUNK, TRIM_MAX_CALLS,
+    BPF_F_MMAPABLE, DEFAULT_MAX_SOCKETS, KernelConfig, SockSlot, TRIM_CHUNK, TRIM_MAX_CALLS, WAKE_RING_BYTES,
 };
 
 // ---- Maps -------------------------------------------------------------------
@@ -42,6 +45,9 @@ static SLOTS: Array<SockSlot> = Array::with_max_entries(DEFAULT_MAX_SOCKETS, BPF
 
 #[map(name = "CONFIG")]
 static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+#[map(name = "WAKE")]
+static WAKE: RingBuf = RingBuf::with_byte_size(WAKE_RING_BYTES, 0);
 
 /// Turns the peer's socket pointer into a plain number for
 /// bpf_probe_read_kernel (the verifier forbids arithmetic on socket pointers).
@@ -97,8 +103,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let enabled = unsafe { read_volatile(&slot.enabled) };
     let user_fwd = unsafe { read_volatile(&slot.user_fwd) };
     if enabled == 0 || slot.passed > user_fwd {
-        slot.passed += len;
-        return Ok(SK_PASS);
+        return Ok(pass(slot, *idx, len));
     }
 
     // Flow control: over the bound, pass to user space, which closes this
@@ -116,8 +121,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
                     slot.paused = 1;
                     slot.pauses += 1;
                 }
-                slot.passed += len;
-                return Ok(SK_PASS);
+                return Ok(pass(slot, *idx, len));
             }
             slot.paused = 0;
         }
@@ -127,11 +131,26 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let verdict = SOCKS.redirect_skb(ctx, &mut peer, 0) as u32;
     if verdict == SK_PASS {
         slot.redirected += len;
+        if slot.notified != 0 {
+            slot.notified = 0;
+        }
     } else {
         slot.redirect_errors += 1;
         warn!(ctx, "redirect to peer {} failed; {} bytes dropped", peer, len);
     }
     Ok(verdict)
+}
+
+/// Passes the skb to user space, and wakes user space if this is the first
+/// pass since a redirect. When the ring is full, `notified` stays clear and
+/// the next pass tries again.
+#[inline(always)]
+fn pass(slot: &mut SockSlot, idx: u32, len: u64) -> u32 {
+    slot.passed += len;
+    if slot.notified == 0 && WAKE.output::<u32>(idx, 0).is_ok() {
+        slot.notified = 1;
+    }
+    SK_PASS
 }
 
 /// Bytes that entered the peer's TCP send queue since the hand-off: those its

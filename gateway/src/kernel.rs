@@ -12,11 +12,13 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, SockHash},
+    maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
-use gateway_common::{KernelConfig, SockSlot, MAP_CONFIG, MAP_SLOTS, MAP_SLOT_INDEX, MAP_SOCKS, PROG_VERDICT};
+use gateway_common::{
+    KernelConfig, SockSlot, MAP_CONFIG, MAP_SLOTS, MAP_SLOT_INDEX, MAP_SOCKS, MAP_WAKE, PROG_VERDICT,
+};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
@@ -201,8 +203,10 @@ pub struct KernelPath {
     _ebpf: Option<Ebpf>,
     // Maps the program uses that no other field owns.
     _kept: (Option<Array<MapData, KernelConfig>>, MapData),
-    /// Descriptors of SOCKS, SLOT_INDEX and SLOTS, for a hot upgrade.
-    handover_fds: [std::os::fd::OwnedFd; 3],
+    /// Descriptors of SOCKS, SLOT_INDEX, SLOTS and WAKE, for a hot upgrade.
+    handover_fds: [std::os::fd::OwnedFd; 4],
+    /// Hang-ups, errors and the verdict's wake-ups of spliced sockets.
+    wakeups: std::sync::Arc<crate::wake::Wakeups>,
     maps: Mutex<Maps>,
     slots: SlotTable,
     max_flows: u32,
@@ -333,6 +337,9 @@ impl KernelPath {
             return Err(Unavailable::LoadFailed("SLOTS is not an array".into()));
         };
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| load_err(&format!("mmap SLOTS: {e}")))?;
+        let wake = RingBuf::try_from(take(&mut ebpf, MAP_WAKE, "wake")?).map_err(|e| load_err(&e))?;
+        let wake_fd = wake.as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
+        let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         // The maps taken above must stay open until the program is loaded:
         // its instructions refer to their fds.
         let prog: &mut SkSkb = ebpf
@@ -384,12 +391,13 @@ impl KernelPath {
             info!(dir = %p.dir.display(), keep_pinned = p.keep, "maps and verdict pinned");
         }
         let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(|e| load_err(&e));
-        let handover_fds = [dup(socks.fd().as_fd())?, dup(index_fd.as_fd())?, dup(slots_data.fd().as_fd())?];
+        let handover_fds = [dup(socks.fd().as_fd())?, dup(index_fd.as_fd())?, dup(slots_data.fd().as_fd())?, wake_fd];
         Ok(Self {
             pins: Mutex::new(pins),
             _ebpf: Some(ebpf),
             _kept: (Some(config), slots_data),
             handover_fds,
+            wakeups,
             maps: Mutex::new(Maps {
                 socks,
                 index,
@@ -566,6 +574,12 @@ impl KernelPath {
     }
 
     /// While a slot is not enabled the verdict passes its bytes to user space.
+    /// Watches a spliced flow's sockets for what the supervisor must handle
+    /// while the verdict redirects (see [`crate::wake`]).
+    pub fn watch(&self, s: &Splice, client: i32, backend: i32) -> io::Result<crate::wake::Watch> {
+        self.wakeups.watch([s.client_slot, s.backend_slot], [client, backend])
+    }
+
     pub fn set_enabled(&self, i: u32, on: bool) {
         // SAFETY: `enabled` is a user-space-owned field of a slot this flow owns.
         unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).enabled, u32::from(on)) };
@@ -732,7 +746,7 @@ pub struct Handover {
 }
 
 impl KernelPath {
-    /// The maps' descriptors (SOCKS, SLOT_INDEX, SLOTS) and what goes with
+    /// The maps' descriptors (SOCKS, SLOT_INDEX, SLOTS, WAKE) and what goes with
     /// them, with half of the free slots: the next daemon's, from now on.
     pub fn handover(&self) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
         use std::os::fd::AsFd;
@@ -754,7 +768,7 @@ impl KernelPath {
     /// Takes over a predecessor's maps (its verdict stays attached to
     /// SOCKS): flows it hands over keep their slots, new flows take the
     /// slots it did not use.
-    pub fn adopt(info: &Handover, fds: [std::os::fd::OwnedFd; 3]) -> Result<Self, String> {
+    pub fn adopt(info: &Handover, fds: Vec<std::os::fd::OwnedFd>) -> Result<Self, String> {
         use std::os::fd::AsFd;
         let ours = (gateway_common::SHARED_LAYOUT, std::mem::size_of::<SockSlot>() as u32);
         if (info.layout, info.slot_size) != ours {
@@ -764,9 +778,12 @@ impl KernelPath {
                 info.layout, info.slot_size, ours.0, ours.1
             ));
         }
+        let Ok::<[std::os::fd::OwnedFd; 4], _>(fds) = fds.try_into() else {
+            return Err("the running daemon sent the wrong number of kernel map descriptors".into());
+        };
         let dup = |fd: &std::os::fd::OwnedFd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string());
-        let handover_fds = [dup(&fds[0])?, dup(&fds[1])?, dup(&fds[2])?];
-        let [socks, index, slots] = fds;
+        let handover_fds = [dup(&fds[0])?, dup(&fds[1])?, dup(&fds[2])?, dup(&fds[3])?];
+        let [socks, index, slots, wake] = fds;
         let socks = MapData::from_fd(socks).map_err(|e| format!("SOCKS: {e}"))?;
         let index = MapData::from_fd(index).map_err(|e| format!("SLOT_INDEX: {e}"))?;
         let slots_data = MapData::from_fd(slots).map_err(|e| format!("SLOTS: {e}"))?;
@@ -774,6 +791,9 @@ impl KernelPath {
         let index: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(index)).map_err(|e| e.to_string())?;
         let sockets = info.max_flows.saturating_mul(2);
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
+        let wake = MapData::from_fd(wake).map_err(|e| format!("WAKE: {e}"))?;
+        let wake = RingBuf::try_from(Map::RingBuf(wake)).map_err(|e| e.to_string())?;
+        let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
         let free = info.free.clone();
         info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");
         Ok(Self {
@@ -781,6 +801,7 @@ impl KernelPath {
             _ebpf: None,
             _kept: (None, slots_data),
             handover_fds,
+            wakeups,
             maps: Mutex::new(Maps {
                 socks,
                 index,
@@ -801,6 +822,7 @@ impl KernelPath {
     /// Stops splicing here and gives up the remaining free slots (to the
     /// next daemon, with the flows handed over).
     pub fn seal(&self) -> Vec<u32> {
+        self.wakeups.seal();
         let mut maps = self.maps.lock().unwrap();
         maps.sealed = true;
         std::mem::take(&mut maps.free)

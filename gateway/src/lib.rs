@@ -24,4 +24,5 @@ pub mod stats;
 pub mod sys;
 pub mod tls;
 pub mod upgrade;
+pub mod wake;
 pub mod ws;

@@ -442,7 +442,7 @@ pub async fn forward(
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, Some(k)));
-            let (client, backend) = match (splice::register(client), splice::register(backend)) {
+            let (client, backend) = match (splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
                 (Ok(c), Ok(b)) => (c, b),
                 (c, b) => {
                     let e = c.err().or(b.err()).unwrap();
@@ -672,7 +672,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     let cause = match (&info.moved, k) {
         (crate::upgrade::Moved::Kernel { splice: s, resume }, Some(k)) => {
             k.adopt_flow(s, client.as_raw_fd(), backend.as_raw_fd());
-            let cause = match (splice::register_std(client), splice::register_std(backend)) {
+            let cause = match (splice::Sock::from_std(client), splice::Sock::from_std(backend)) {
                 // It may move on again, at the next upgrade.
                 (Ok(client), Ok(backend)) => {
                     match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume)).await {

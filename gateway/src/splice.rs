@@ -9,15 +9,70 @@
 //!   sent to the peer once every byte before it is in the peer's send queue;
 //! - RST and errors: the peer is reset;
 //! - `idle_timeout`, from the verdict's last-byte timestamps.
-use std::{io, os::fd::AsRawFd, time::Duration};
+//!
+//! While the verdict redirects, nothing here watches the sockets'
+//! readability (each redirected skb would wake it): [`crate::wake`] wakes the
+//! supervisor on a hang-up, an error, or the verdict's first pass. A socket
+//! is watched for readability only while it has bytes for user space.
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+    time::Duration,
+};
 
 use std::io::Write;
 
 use tokio::io::unix::AsyncFd;
 
-/// A spliced socket, registered for readability only: the sockmap's sends
-/// would otherwise wake the runtime on every write-space event.
-pub type Sock = AsyncFd<std::net::TcpStream>;
+/// A spliced socket (non-blocking). It is not registered with the runtime
+/// except while [`run`] reads bytes passed to user space from it.
+pub struct Sock(std::net::TcpStream);
+
+impl Sock {
+    /// Takes a connected socket out of the runtime's registration.
+    pub fn from_tokio(s: tokio::net::TcpStream) -> io::Result<Sock> {
+        Ok(Sock(s.into_std()?))
+    }
+
+    /// The same for a socket not yet known to the runtime (a hot upgrade's).
+    pub fn from_std(s: std::net::TcpStream) -> io::Result<Sock> {
+        s.set_nonblocking(true)?;
+        Ok(Sock(s))
+    }
+
+    pub fn get_ref(&self) -> &std::net::TcpStream {
+        &self.0
+    }
+
+    pub fn into_inner(self) -> std::net::TcpStream {
+        self.0
+    }
+}
+
+impl AsRawFd for Sock {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A [`Sock`]'s descriptor, registered for readability while it passes
+/// bytes. It does not own the descriptor: dropping it only deregisters.
+struct Readable(RawFd);
+
+impl AsRawFd for Readable {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+impl Readable {
+    fn register(sock: &Sock) -> io::Result<AsyncFd<Readable>> {
+        // SAFETY: the socket outlives this registration, which `run` drops
+        // before it returns.
+        unsafe { AsyncFd::register_with_interest(Readable(sock.as_raw_fd()), tokio::io::Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+    }
+}
 
 use crate::{
     flows::{CloseCause, Flow, Side},
@@ -76,17 +131,6 @@ const CONGESTED: u64 = 256 * 1024;
 /// Largest chunk of passed bytes held at once per direction.
 const CHUNK: usize = 256 * 1024;
 
-/// Moves a connected socket from tokio's registration to a read-only one.
-pub fn register(s: tokio::net::TcpStream) -> io::Result<Sock> {
-    register_std(s.into_std()?)
-}
-
-/// The same for a socket not yet known to the runtime (a hot upgrade's).
-pub fn register_std(s: std::net::TcpStream) -> io::Result<Sock> {
-    // SAFETY: the AsyncFd owns the socket and keeps its fd for its whole life.
-    unsafe { AsyncFd::register_with_interest(s, tokio::io::Interest::READABLE) }.map_err(|e| e.into_parts().1)
-}
-
 /// What a supervisor hands to the next daemon with a flow (hot upgrade),
 /// besides the [`Splice`]: what user space wrote into each socket's peer,
 /// and the send buffers it set.
@@ -143,6 +187,18 @@ pub async fn run(
 
     // Both directions relayed in user space (see below).
     let mut congested = false;
+
+    // Hang-ups, errors and the verdict's first pass; without it, both
+    // sockets stay watched for readability, as before it existed.
+    let watch = match kernel.watch(splice, client.as_raw_fd(), backend.as_raw_fd()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(flow = flow.id, "cannot watch the spliced sockets for hang-ups ({e}); polling them");
+            None
+        }
+    };
+    // Each socket's readability registration, while it has bytes for us.
+    let (mut c_read, mut b_read) = (None, None);
 
     loop {
         let mut progress = false;
@@ -241,6 +297,23 @@ pub async fn run(
             return Outcome::Closed(CloseCause::IdleTimeout);
         }
 
+        // Watch a socket's readability only while the verdict passes its
+        // bytes (or has not yet told us, with a WAKE record, that it does) or
+        // some wait here; the rest of the time `watch` wakes us.
+        for (end, read) in [(&c, &mut c_read), (&b, &mut b_read)] {
+            let s = kernel.slot(end.slot);
+            let want =
+                !end.eof && (watch.is_none() || congested || !end.pending.is_empty() || passing(&s) || s.notified != 0);
+            if !want {
+                *read = None;
+            } else if read.is_none() {
+                match Readable::register(end.sock) {
+                    Ok(r) => *read = Some(r),
+                    Err(e) => return Outcome::Closed(reset(client, backend, end.side, &e)),
+                }
+            }
+        }
+
         // Waiting on the kernel (a drain before a FIN or before passed bytes)
         // is polled with a short, growing interval; otherwise sleep until an
         // event or the idle check.
@@ -259,7 +332,7 @@ pub async fn run(
         };
         timer_woke = false;
         let step = tokio::select! {
-            r = client.readable(), if !c.eof && c.pending.is_empty() => match r {
+            r = readable(&c_read), if !c.eof && c.pending.is_empty() => match r {
                 Ok(mut guard) => {
                     let (step, drained) = read_passed(&mut c, backend);
                     if drained {
@@ -269,7 +342,7 @@ pub async fn run(
                 }
                 Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
             },
-            r = backend.readable(), if !b.eof && b.pending.is_empty() => match r {
+            r = readable(&b_read), if !b.eof && b.pending.is_empty() => match r {
                 Ok(mut guard) => {
                     let (step, drained) = read_passed(&mut b, client);
                     if drained {
@@ -279,6 +352,19 @@ pub async fn run(
                 }
                 Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
+            () = woken(&watch) => {
+                // A hang-up, an error or a pass: whatever it was, a read finds it.
+                let mut step = Step::Continue;
+                for (end, peer) in [(&mut c, backend), (&mut b, client)] {
+                    if !end.eof && end.pending.is_empty() {
+                        if let (Step::Done(cause), _) = read_passed(end, peer) {
+                            step = Step::Done(cause);
+                            break;
+                        }
+                    }
+                }
+                step
+            }
             () = tokio::time::sleep(wait) => {
                 timer_woke = true;
                 Step::Continue
@@ -291,6 +377,22 @@ pub async fn run(
         if let Step::Done(cause) = step {
             return Outcome::Closed(cause);
         }
+    }
+}
+
+/// The socket's next readability, while it is registered (never otherwise).
+async fn readable(r: &Option<AsyncFd<Readable>>) -> io::Result<tokio::io::unix::AsyncFdReadyGuard<'_, Readable>> {
+    match r {
+        Some(r) => r.readable().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The flow's next wake-up from [`crate::wake`] (never without a watch).
+async fn woken(w: &Option<crate::wake::Watch>) {
+    match w {
+        Some(w) => w.woken().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -336,7 +336,7 @@ pub struct Taken {
     pub from_pid: u32,
     listeners: Vec<(Offered, Option<OwnedFd>)>,
     /// The old daemon's kernel maps, to adopt instead of loading new ones.
-    pub kernel: Option<(crate::kernel::Handover, [OwnedFd; 3])>,
+    pub kernel: Option<(crate::kernel::Handover, Vec<OwnedFd>)>,
     conn: UnixStream,
 }
 
@@ -364,19 +364,14 @@ pub fn take(admin: &Path) -> Result<Taken, String> {
     let offer: Offer = serde_json::from_slice(line).map_err(|e| {
         format!("{at}: not a handover answer ({e}); is the running daemon a version without hot upgrade?")
     })?;
-    let want = offer.listeners.len() + if offer.kernel.is_some() { 3 } else { 0 };
-    if want != fds.len() {
-        return Err(format!("{at}: {want} descriptors announced, {} received", fds.len()));
+    // The kernel maps' descriptors follow the listeners'; how many there
+    // are depends on the sender's version, which `KernelPath::adopt` checks.
+    if fds.len() < offer.listeners.len() || (offer.kernel.is_none() && fds.len() != offer.listeners.len()) {
+        return Err(format!("{at}: {} listeners announced, {} descriptors received", offer.listeners.len(), fds.len()));
     }
     let mut fds = fds.into_iter();
     let listeners = offer.listeners.into_iter().zip(fds.by_ref().map(Some)).collect();
-    let kernel = match offer.kernel {
-        Some(info) => {
-            let (a, b, c) = (fds.next().unwrap(), fds.next().unwrap(), fds.next().unwrap());
-            Some((info, [a, b, c]))
-        }
-        None => None,
-    };
+    let kernel = offer.kernel.map(|info| (info, fds.collect()));
     Ok(Taken { from_pid: offer.pid, listeners, kernel, conn })
 }
 

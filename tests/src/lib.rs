@@ -424,6 +424,24 @@ impl Gateway {
         io.lines().find_map(|l| l.strip_prefix("rchar: ")).unwrap().trim().parse().unwrap()
     }
 
+    /// Context switches of all the daemon's threads so far (voluntary and
+    /// not): how often it was woken or put aside.
+    pub fn context_switches(&self) -> u64 {
+        let mut total = 0;
+        for task in fs::read_dir(format!("/proc/{}/task", self.pid())).unwrap().flatten() {
+            // A thread may exit between the listing and the read.
+            let Ok(status) = fs::read_to_string(task.path().join("status")) else { continue };
+            for l in status.lines() {
+                if let Some(v) =
+                    l.strip_prefix("voluntary_ctxt_switches:").or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
+                    total += v.trim().parse::<u64>().unwrap();
+                }
+            }
+        }
+        total
+    }
+
     /// CPU time the daemon has used (user + system), in clock ticks.
     pub fn cpu_ticks(&self) -> u64 {
         let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
