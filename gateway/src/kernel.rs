@@ -340,6 +340,7 @@ impl KernelPath {
         let wake = RingBuf::try_from(take(&mut ebpf, MAP_WAKE, "wake")?).map_err(|e| load_err(&e))?;
         let wake_fd = wake.as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
         let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
+        wakeups.read_ring().map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         // The maps taken above must stay open until the program is loaded:
         // its instructions refer to their fds.
         let prog: &mut SkSkb = ebpf
@@ -831,6 +832,15 @@ impl KernelPath {
     /// Slots the previous daemon gave up, usable here now.
     pub fn add_free(&self, slots: &[u32]) {
         self.maps.lock().unwrap().free.extend_from_slice(slots);
+    }
+
+    /// The predecessor has sealed its maps (hot upgrade): the verdict's
+    /// wake-ups are this daemon's to read from now on. Until then, flows
+    /// here notice a pass at their periodic check.
+    pub fn take_wakeups(&self) {
+        if let Err(e) = self.wakeups.read_ring() {
+            warn!("cannot read the verdict's wake-ups ({e}): kernel flows notice passes at their periodic check");
+        }
     }
 
     /// Counts a flow handed over by the predecessor as live (its slots were

@@ -367,6 +367,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
         if let Some(k) = &daemon.kernel {
             k.add_free(&free);
+            k.take_wakeups();
         }
         info!(
             from_pid = from,

@@ -30,6 +30,8 @@ pub struct Wakeups {
     epoll: OwnedFd,
     /// `None` once the ring belongs to a newer daemon (hot upgrade).
     ring: Mutex<Option<RingBuf<MapData>>>,
+    /// The ring is in the epoll set (locked after `ring`).
+    reading: Mutex<bool>,
     /// The flow supervisor waiting on each watched slot.
     waiters: Mutex<HashMap<u32, Arc<Notify>>>,
     started: OnceLock<()>,
@@ -53,6 +55,8 @@ fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: u64) -> io
 }
 
 impl Wakeups {
+    /// Reads `ring` once [`Wakeups::read_ring`] is called: a daemon that
+    /// adopts its predecessor's ring must not read it alongside.
     pub fn new(ring: RingBuf<MapData>) -> io::Result<Arc<Self>> {
         // SAFETY: plain syscall; the fd it returns is ours alone.
         let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
@@ -61,13 +65,30 @@ impl Wakeups {
         }
         // SAFETY: `fd` was just created and is owned by nothing else.
         let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
-        epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, ring.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, RING)?;
         Ok(Arc::new(Self {
             epoll,
             ring: Mutex::new(Some(ring)),
+            reading: Mutex::new(false),
             waiters: Mutex::new(HashMap::new()),
             started: OnceLock::new(),
         }))
+    }
+
+    /// Starts reading the ring (what it already holds is read at once).
+    pub fn read_ring(&self) -> io::Result<()> {
+        let ring = self.ring.lock().unwrap();
+        let mut reading = self.reading.lock().unwrap();
+        if let (Some(ring), false) = (ring.as_ref(), *reading) {
+            epoll_ctl(
+                &self.epoll,
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                (libc::EPOLLIN | libc::EPOLLET) as u32,
+                RING,
+            )?;
+            *reading = true;
+        }
+        Ok(())
     }
 
     /// Watches a flow's two sockets (with their slots) for hang-ups, errors
@@ -95,7 +116,8 @@ impl Wakeups {
     /// Stops reading the ring: from now on it is the next daemon's (a hot
     /// upgrade). Flows that stay here notice passes at their periodic check.
     pub fn seal(&self) {
-        if let Some(ring) = self.ring.lock().unwrap().take() {
+        let ring = self.ring.lock().unwrap().take();
+        if let (Some(ring), true) = (ring, std::mem::take(&mut *self.reading.lock().unwrap())) {
             let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, ring.as_raw_fd(), 0, 0);
         }
     }

@@ -802,8 +802,19 @@ pub(crate) fn serve_echo(l: TcpListener) {
     }
 }
 
+/// A port nothing listens on, never one handed out before in this run: the
+/// probe's socket closes at once, so the kernel may pick the same port again.
 fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..100 {
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        if !given.contains(&port) {
+            given.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no fresh free port in 100 tries")
 }
 
 fn wait_listening(port: u16) -> Result<()> {
