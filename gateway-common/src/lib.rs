@@ -17,10 +17,9 @@ pub const MAP_SCRATCH: &str = "SCRATCH";
 /// Name of the ring buffer through which the verdict wakes user space when a
 /// socket starts passing bytes (each record: the slot index, a `u32`).
 pub const MAP_WAKE: &str = "WAKE";
-/// Size of `WAKE`: a record takes 16 bytes and a slot has at most one
-/// outstanding (see [`SockSlot::notified`]), so this holds one for each of
-/// 16,384 sockets; a full ring only delays a wake-up until the flow's next
-/// periodic check.
+/// Default size of `WAKE` (the daemon sizes it with the slots: several
+/// records of 16 bytes per socket). The daemon reads it as records come; a
+/// full ring only delays a wake-up until the flow's next periodic check.
 pub const WAKE_RING_BYTES: u32 = 256 * 1024;
 /// Name of the verdict program.
 pub const PROG_VERDICT: &str = "gateway_verdict";

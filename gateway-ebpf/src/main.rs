@@ -49,6 +49,9 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 #[map(name = "WAKE")]
 static WAKE: RingBuf = RingBuf::with_byte_size(WAKE_RING_BYTES, 0);
 
+/// `bpf_ringbuf_output` flag: wake the reader whatever its position.
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+
 /// Turns the peer's socket pointer into a plain number for
 /// bpf_probe_read_kernel (the verifier forbids arithmetic on socket pointers).
 #[map(name = "SCRATCH")]
@@ -147,7 +150,9 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
 #[inline(always)]
 fn pass(slot: &mut SockSlot, idx: u32, len: u64) -> u32 {
     slot.passed += len;
-    if slot.notified == 0 && WAKE.output::<u32>(idx, 0).is_ok() {
+    // Always wake the reader (BPF_RB_FORCE_WAKEUP): records are rare, and
+    // the default wakes only a reader that has caught up.
+    if slot.notified == 0 && WAKE.output::<u32>(idx, BPF_RB_FORCE_WAKEUP).is_ok() {
         slot.notified = 1;
     }
     SK_PASS

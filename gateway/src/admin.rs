@@ -42,6 +42,12 @@ pub struct Status {
     pub kernel_sockets: usize,
     pub kernel_index_entries: usize,
     pub kernel_slots_in_use: usize,
+    /// The verdict's wake-ups read (a kernel flow started passing bytes to
+    /// user space), and passes a flow noticed only at its periodic check.
+    #[serde(default)]
+    pub kernel_wakeups: u64,
+    #[serde(default)]
+    pub kernel_late_wakeups: u64,
     /// `kernel.pin_path`, while the maps and the verdict are pinned there.
     #[serde(default)]
     pub pinned_at: Option<String>,
@@ -183,6 +189,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
         }
         "status" => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
+            let (woken, late) = daemon.kernel.as_ref().map_or((0, 0), |k| k.wakeups());
             serde_json::to_vec(&Status {
                 pid: std::process::id(),
                 kernel_path: daemon.kernel.is_some(),
@@ -195,6 +202,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_sockets: s,
                 kernel_index_entries: i,
                 kernel_slots_in_use: u,
+                kernel_wakeups: woken,
+                kernel_late_wakeups: late,
                 pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()

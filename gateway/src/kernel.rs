@@ -12,7 +12,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, RingBuf, SockHash},
+    maps::{Array, HashMap, Map, MapData, SockHash},
     programs::SkSkb,
     Ebpf, EbpfLoader,
 };
@@ -204,7 +204,7 @@ pub struct KernelPath {
     // Maps the program uses that no other field owns.
     _kept: (Option<Array<MapData, KernelConfig>>, MapData),
     /// Descriptors of SOCKS, SLOT_INDEX, SLOTS and WAKE, for a hot upgrade.
-    handover_fds: [std::os::fd::OwnedFd; 4],
+    handover_fds: [std::os::fd::OwnedFd; HANDOVER_FDS],
     /// Hang-ups, errors and the verdict's wake-ups of spliced sockets.
     wakeups: std::sync::Arc<crate::wake::Wakeups>,
     maps: Mutex<Maps>,
@@ -274,6 +274,7 @@ impl KernelPath {
             .map_max_entries(MAP_SOCKS, sockets)
             .map_max_entries(MAP_SLOT_INDEX, sockets)
             .map_max_entries(MAP_SLOTS, sockets)
+            .map_max_entries(MAP_WAKE, wake_ring_bytes(sockets))
             .load(OBJECT)
             .map_err(|e| Unavailable::LoadFailed(format!("{e:#}")))?;
         spawn_ebpf_logger(&mut ebpf);
@@ -337,8 +338,10 @@ impl KernelPath {
             return Err(Unavailable::LoadFailed("SLOTS is not an array".into()));
         };
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| load_err(&format!("mmap SLOTS: {e}")))?;
-        let wake = RingBuf::try_from(take(&mut ebpf, MAP_WAKE, "wake")?).map_err(|e| load_err(&e))?;
-        let wake_fd = wake.as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
+        let Map::RingBuf(wake) = take(&mut ebpf, MAP_WAKE, "wake")? else {
+            return Err(Unavailable::LoadFailed("WAKE is not a ring buffer".into()));
+        };
+        let wake_fd = wake.fd().as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
         let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         wakeups.read_ring().map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         // The maps taken above must stay open until the program is loaded:
@@ -608,6 +611,22 @@ impl KernelPath {
         (socks, index, self.slots.len as usize - maps.free.len())
     }
 
+    /// WAKE records read, and passes noticed only at a periodic check.
+    pub fn wakeups(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.wakeups.delivered.load(Relaxed), self.wakeups.late.load(Relaxed))
+    }
+
+    /// Whether this daemon reads the verdict's wake-ups (see [`crate::wake`]).
+    pub fn wakeups_reading(&self) -> bool {
+        self.wakeups.reading()
+    }
+
+    /// A supervisor found a pass at its periodic check, not woken for it.
+    pub fn late_wakeup(&self) {
+        self.wakeups.late.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub fn max_flows(&self) -> u32 {
         self.max_flows
     }
@@ -729,6 +748,15 @@ fn keep_attached(prog: &mut SkSkb, link: aya::programs::sk_skb::SkSkbLinkId) -> 
     Ok(())
 }
 
+/// Descriptors a hot upgrade hands over: SOCKS, SLOT_INDEX, SLOTS, WAKE.
+pub const HANDOVER_FDS: usize = 4;
+
+/// Size of the WAKE ring for `sockets` slots: room for several records per
+/// socket (a record takes 16 bytes), a power of two, at least the default.
+fn wake_ring_bytes(sockets: u32) -> u32 {
+    (sockets.saturating_mul(64)).next_power_of_two().max(gateway_common::WAKE_RING_BYTES)
+}
+
 /// What a new daemon needs to adopt this one's kernel maps (hot upgrade).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Handover {
@@ -779,7 +807,7 @@ impl KernelPath {
                 info.layout, info.slot_size, ours.0, ours.1
             ));
         }
-        let Ok::<[std::os::fd::OwnedFd; 4], _>(fds) = fds.try_into() else {
+        let Ok::<[std::os::fd::OwnedFd; HANDOVER_FDS], _>(fds) = fds.try_into() else {
             return Err("the running daemon sent the wrong number of kernel map descriptors".into());
         };
         let dup = |fd: &std::os::fd::OwnedFd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string());
@@ -793,7 +821,6 @@ impl KernelPath {
         let sockets = info.max_flows.saturating_mul(2);
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
         let wake = MapData::from_fd(wake).map_err(|e| format!("WAKE: {e}"))?;
-        let wake = RingBuf::try_from(Map::RingBuf(wake)).map_err(|e| e.to_string())?;
         let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
         let free = info.free.clone();
         info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");

@@ -300,18 +300,35 @@ pub async fn run(
         // Watch a socket's readability only while the verdict passes its
         // bytes (or has not yet told us, with a WAKE record, that it does) or
         // some wait here; the rest of the time `watch` wakes us.
-        for (end, read) in [(&c, &mut c_read), (&b, &mut b_read)] {
+        // Sockets to read at the timer: readability wanted, not watched.
+        let mut unwatched = [false; 2];
+        for (i, (end, read)) in [(&c, &mut c_read), (&b, &mut b_read)].into_iter().enumerate() {
             let s = kernel.slot(end.slot);
-            let want =
-                !end.eof && (watch.is_none() || congested || !end.pending.is_empty() || passing(&s) || s.notified != 0);
+            let passes = passing(&s) || s.notified != 0;
+            let woken_by_ring = watch.is_some() && kernel.wakeups_reading();
+            let want = !end.eof && (!woken_by_ring || congested || !end.pending.is_empty() || passes);
+            if passes
+                && !end.eof
+                && read.is_none()
+                && timer_woke
+                && woken_by_ring
+                && !watch.as_ref().is_some_and(|w| w.arrived())
+            {
+                // A pass since the last turn, and no WAKE record came for it
+                // (a full ring): found only now, at the periodic check.
+                kernel.late_wakeup();
+                tracing::debug!(flow = flow.id, side = %end.side, "a pass noticed at the periodic check");
+            }
             if !want {
                 *read = None;
             } else if read.is_none() {
                 match Readable::register(end.sock) {
                     Ok(r) => *read = Some(r),
-                    Err(e) => return Outcome::Closed(reset(client, backend, end.side, &e)),
+                    // The timer (polling, since it waits on a pass) reads it instead.
+                    Err(e) => tracing::debug!(flow = flow.id, side = %end.side, "cannot watch readability: {e}"),
                 }
             }
+            unwatched[i] = want && read.is_none();
         }
 
         // Waiting on the kernel (a drain before a FIN or before passed bytes)
@@ -367,7 +384,18 @@ pub async fn run(
             }
             () = tokio::time::sleep(wait) => {
                 timer_woke = true;
-                Step::Continue
+                // A socket whose readability could not be watched is read
+                // here.
+                let mut step = Step::Continue;
+                for ((end, peer), unwatched) in [(&mut c, backend), (&mut b, client)].into_iter().zip(unwatched) {
+                    if unwatched && !end.eof && end.pending.is_empty() {
+                        if let (Step::Done(cause), _) = read_passed(end, peer) {
+                            step = Step::Done(cause);
+                            break;
+                        }
+                    }
+                }
+                step
             }
             () = asked_to_detach(detach), if !detach_asked => {
                 detach_asked = true;

@@ -221,7 +221,7 @@ pub struct Offered {
 /// Old side: answers `handover` on an admin connection.
 pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     let (listeners, socks) = daemon.listeners.sockets()?;
-    if socks.len() + 3 > sys::MAX_FDS_PER_MESSAGE {
+    if socks.len() + crate::kernel::HANDOVER_FDS > sys::MAX_FDS_PER_MESSAGE {
         let why =
             format!("{} listeners are more than one handover carries ({})", socks.len(), sys::MAX_FDS_PER_MESSAGE);
         warn!("upgrade refused: {why}");
