@@ -12,12 +12,13 @@
 //! - the verdict's `WAKE` ring buffer, where it writes a socket's slot when
 //!   that socket starts passing bytes (see [`gateway_common::SockSlot::notified`]).
 //!
-//! One task drains that set and wakes the flow that owns the slot.
+//! One thread drains that set and wakes the flow that owns the slot.
 //!
 //! A pass found at a flow's periodic check (at most a second later) with no
 //! record read for it is counted (`kernel_late_wakeups` in `gateway status`).
-//! Known and not yet explained: with 200 flows passing at once (the
-//! flow-control test) 0-5 of about 380 passes are found that way.
+//! The dispatcher is a thread of its own: as a task, behind 200 busy flows,
+//! it ran late enough that up to 46 of about 380 passes were found that way;
+//! as a thread, none in ten runs.
 use std::{
     collections::HashMap,
     io,
@@ -32,7 +33,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::Notify};
+use tokio::sync::Notify;
 
 /// The epoll token of the ring buffer (slots are `u32`s).
 const RING: u64 = u64::MAX;
@@ -164,10 +165,14 @@ impl Wakeups {
     }
 
     /// Watches a flow's two sockets (with their slots) for hang-ups, errors
-    /// and the verdict's wake-ups. Call from within the runtime.
+    /// and the verdict's wake-ups.
     pub fn watch(self: &Arc<Self>, slots: [u32; 2], fds: [RawFd; 2]) -> io::Result<Watch> {
         self.started.get_or_init(|| {
-            tokio::spawn(Arc::clone(self).dispatch());
+            let me = Arc::clone(self);
+            if let Err(e) = std::thread::Builder::new().name("gateway-wake".into()).spawn(move || me.dispatch()) {
+                tracing::error!("cannot start the wake-up thread: {e}; spliced sockets are watched for readability");
+                self.stop_reading();
+            }
         });
         let waiter = Arc::new(Waiter { notify: Notify::new(), arrived: AtomicBool::new(false) });
         {
@@ -185,25 +190,15 @@ impl Wakeups {
         Ok(watch)
     }
 
-    async fn dispatch(self: Arc<Self>) {
-        // SAFETY: `self` (so the epoll set) outlives this registration.
-        let epoll = match unsafe { AsyncFd::register(Set(self.epoll.as_raw_fd())) }.map_err(|e| e.into_parts().1) {
-            Ok(e) => e,
-            Err(e) => {
-                tracing::error!("cannot watch spliced sockets for wake-ups: {e}; they are watched for readability");
-                self.stop_reading();
-                return;
-            }
-        };
+    /// The dispatcher's thread: it blocks in epoll_wait, so a wake-up
+    /// reaches its flow however busy the runtime is (a task in the runtime
+    /// waited behind hundreds of busy flows, up to a second).
+    fn dispatch(&self) {
         let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
         let mut slots = Vec::new();
         loop {
-            let Ok(mut guard) = epoll.readable().await else {
-                self.stop_reading();
-                return;
-            };
-            // SAFETY: `events` has room for its length; timeout 0 never blocks.
-            let n = unsafe { libc::epoll_wait(epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, 0) };
+            // SAFETY: `events` has room for its length.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
@@ -213,12 +208,9 @@ impl Wakeups {
                 }
                 continue;
             }
-            if (n as usize) < events.len() {
-                guard.clear_ready();
-            }
             slots.clear();
             slots.extend(events[..n as usize].iter().filter(|ev| ev.u64 != RING).map(|ev| ev.u64 as u32));
-            // The ring is read at every turn, whatever woke this task.
+            // The ring is read at every turn, whatever woke the thread.
             if let Ring::Reading(reader) = &mut *self.ring.lock().unwrap() {
                 while let Some(item) = reader.next() {
                     if let Ok(b) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
@@ -234,15 +226,6 @@ impl Wakeups {
                 }
             }
         }
-    }
-}
-
-/// The epoll set's descriptor, registered with the runtime without owning it.
-struct Set(RawFd);
-
-impl AsRawFd for Set {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
     }
 }
 

@@ -338,13 +338,12 @@ fn two_hundred_flows_stay_under_the_global_cap() {
     assert!(max_sum <= CAP);
     // Every flow went over its bound, and the verdict woke the daemon
     // through its WAKE ring: without it, each pass would be found at the
-    // flow's periodic check. (Under this load a few still are, 0-5 of about
-    // 380 in ten runs: see the note in wake.rs.)
+    // flow's periodic check (a race with that check is allowed).
     let status = gw.status();
     let (woken, late) = (status["kernel_wakeups"].as_u64().unwrap(), status["kernel_late_wakeups"].as_u64().unwrap());
     eprintln!("wake-ups from the verdict: {woken}; passes noticed late: {late}");
     assert!(woken >= N as u64, "only {woken} wake-ups from the verdict for {N} flows over their bounds");
-    assert!(late <= N as u64 / 10, "{late} passes were noticed only at the periodic check");
+    assert!(late <= 2, "{late} passes were noticed only at the periodic check");
     drop(conns);
     gw.wait_idle();
 }
