@@ -5,14 +5,15 @@
 //! left to read: on a bulk flow that is tens of thousands of wake-ups a
 //! second, and a fifth of a CPU spent finding nothing (measured). So a
 //! spliced socket is watched for readability only while it has bytes for
-//! user space. The rest of the time, one epoll set of the daemon's own
-//! watches it for what a redirect never produces:
+//! user space. The rest of the time the supervisor waits for what a
+//! redirect never produces:
 //! - hang-up and error (`EPOLLRDHUP`, `EPOLLHUP`, `EPOLLERR`), for the FIN
-//!   and RST the supervisor forwards;
-//! - the verdict's `WAKE` ring buffer, where it writes a socket's slot when
-//!   that socket starts passing bytes (see [`gateway_common::SockSlot::notified`]).
-//!
-//! One thread drains that set and wakes the flow that owns the slot.
+//!   and RST it forwards: each flow has an epoll set of its own with its two
+//!   sockets, registered with the runtime;
+//! - a record in the verdict's `WAKE` ring buffer, where it writes a socket's
+//!   slot when that socket starts passing bytes (see
+//!   [`gateway_common::SockSlot::notified`]). One thread reads the ring and
+//!   wakes the flow that owns the slot.
 //!
 //! A pass found at a flow's periodic check (at most a second later) with no
 //! record read for it is counted (`kernel_late_wakeups` in `gateway status`).
@@ -33,7 +34,7 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use tokio::sync::Notify;
+use tokio::{io::unix::AsyncFd, sync::Notify};
 
 /// The epoll token of the ring buffer (slots are `u32`s).
 const RING: u64 = u64::MAX;
@@ -80,8 +81,20 @@ impl Waiter {
 pub struct Watch {
     wakeups: Arc<Wakeups>,
     slots: [u32; 2],
-    fds: [RawFd; 2],
     waiter: Arc<Waiter>,
+    /// The flow's own epoll set, with its two sockets, registered with the
+    /// runtime: a FIN or RST reaches the flow's task directly.
+    hangups: Option<AsyncFd<OwnedFd>>,
+}
+
+fn new_epoll() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the fd it returns is ours alone.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn epoll_ctl(epoll: &OwnedFd, op: i32, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
@@ -97,13 +110,7 @@ impl Wakeups {
     /// Reads `ring` once [`Wakeups::read_ring`] is called: a daemon that
     /// adopts its predecessor's ring must not read it alongside.
     pub fn new(ring: MapData) -> io::Result<Arc<Self>> {
-        // SAFETY: plain syscall; the fd it returns is ours alone.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll = new_epoll()?;
         Ok(Arc::new(Self {
             epoll,
             ring: Mutex::new(Ring::Held(ring)),
@@ -181,12 +188,15 @@ impl Wakeups {
                 waiters.insert(s, Arc::clone(&waiter));
             }
         }
-        let mut watch = Watch { wakeups: Arc::clone(self), slots, fds: [-1, -1], waiter };
-        for (i, (fd, slot)) in fds.into_iter().zip(slots).enumerate() {
+        // Dropping the watch (as on an error below) unregisters the waiter.
+        let mut watch = Watch { wakeups: Arc::clone(self), slots, waiter, hangups: None };
+        let set = new_epoll()?;
+        for (fd, slot) in fds.into_iter().zip(slots) {
             // Edge-triggered: one event per hang-up or error, never one per skb.
-            epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, (libc::EPOLLRDHUP | libc::EPOLLET) as u32, slot.into())?;
-            watch.fds[i] = fd;
+            epoll_ctl(&set, libc::EPOLL_CTL_ADD, fd, (libc::EPOLLRDHUP | libc::EPOLLET) as u32, slot.into())?;
         }
+        // SAFETY: the AsyncFd owns the set; closing it drops its registrations.
+        watch.hangups = Some(unsafe { AsyncFd::register(set) }.map_err(|e| e.into_parts().1)?);
         Ok(watch)
     }
 
@@ -233,8 +243,26 @@ impl Watch {
     /// Resolves at the next hang-up, error or wake-up of either socket (or
     /// at once, if one came since the last call).
     pub async fn woken(&self) {
-        self.waiter.notify.notified().await;
-        self.waiter.arrived.store(false, SeqCst);
+        let hangup = async {
+            let Some(set) = &self.hangups else { return std::future::pending().await };
+            match set.readable().await {
+                Ok(mut ready) => {
+                    // Take the (edge-triggered) events; the caller reads the sockets.
+                    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
+                    // SAFETY: `events` has room for its length; timeout 0 never blocks.
+                    let n = unsafe { libc::epoll_wait(set.as_raw_fd(), events.as_mut_ptr(), 2, 0) };
+                    if n < 2 {
+                        ready.clear_ready();
+                    }
+                }
+                // The set can't be polled: the periodic check finds a hang-up.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = self.waiter.notify.notified() => self.waiter.arrived.store(false, SeqCst),
+            () = hangup => {}
+        }
     }
 
     /// A wake-up came that [`Watch::woken`] has not yet taken.
@@ -245,11 +273,6 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        for fd in self.fds {
-            if fd >= 0 {
-                let _ = epoll_ctl(&self.wakeups.epoll, libc::EPOLL_CTL_DEL, fd, 0, 0);
-            }
-        }
         let mut waiters = self.wakeups.waiters.lock().unwrap();
         for s in self.slots {
             if waiters.get(&s).is_some_and(|w| Arc::ptr_eq(w, &self.waiter)) {
