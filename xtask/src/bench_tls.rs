@@ -209,9 +209,7 @@ pub fn render(samples: &[TlsSample], bulk_secs: u32) -> String {
         o += &format!("| {} | {h:.0} ({:.2}) | {g:.2} ({:.2}) | {} |\n", t.name(), h / dh, g / dg, s.suite);
     }
     let (t, n) = (&samples[2], &samples[3]);
-    let line = |what: &str, ok: bool, detail: String| {
-        format!("- {} {what}: {detail}\n", if ok { "[met]" } else { "[NOT met]" })
-    };
+    let line = crate::bench::floor_line;
     o += "\n### Against the floors of issue 5\n\n";
     let (th, nh) = (median(&t.handshakes), median(&n.handshakes));
     o += &line("terminated handshake rate >= nginx's", th >= nh, format!("{th:.0}/s vs nginx {nh:.0}/s"));

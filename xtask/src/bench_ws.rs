@@ -240,9 +240,7 @@ pub fn render(samples: &[WsSample]) -> String {
         );
     }
     let (k, n) = (&samples[1], &samples[3]);
-    let line = |what: &str, ok: bool, detail: String| {
-        format!("- {} {what}: {detail}\n", if ok { "[met]" } else { "[NOT met]" })
-    };
+    let line = crate::bench::floor_line;
     o += "\nWhere an upgrade's time goes (median µs per phase, same runs):\n\n\
            | target | connect to 101 | first echo | close handshake |\n|---|---|---|---|\n";
     for (t, s) in WS_TARGETS.iter().zip(samples) {
