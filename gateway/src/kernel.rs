@@ -862,11 +862,11 @@ impl KernelPath {
     }
 
     /// The predecessor has sealed its maps (hot upgrade): the verdict's
-    /// wake-ups are this daemon's to read from now on. Until then, flows
-    /// here notice a pass at their periodic check.
+    /// wake-ups are this daemon's to read from now on. Until then (or if
+    /// that fails), flows here watch their sockets' readability.
     pub fn take_wakeups(&self) {
         if let Err(e) = self.wakeups.read_ring() {
-            warn!("cannot read the verdict's wake-ups ({e}): kernel flows notice passes at their periodic check");
+            warn!("cannot read the verdict's wake-ups ({e}): kernel flows watch their sockets' readability");
         }
     }
 

@@ -302,10 +302,10 @@ pub async fn run(
         // some wait here; the rest of the time `watch` wakes us.
         // Sockets to read at the timer: readability wanted, not watched.
         let mut unwatched = [false; 2];
+        let woken_by_ring = watch.is_some() && kernel.wakeups_reading();
         for (i, (end, read)) in [(&c, &mut c_read), (&b, &mut b_read)].into_iter().enumerate() {
             let s = kernel.slot(end.slot);
             let passes = passing(&s) || s.notified != 0;
-            let woken_by_ring = watch.is_some() && kernel.wakeups_reading();
             let want = !end.eof && (!woken_by_ring || congested || !end.pending.is_empty() || passes);
             if passes
                 && !end.eof
@@ -369,33 +369,12 @@ pub async fn run(
                 }
                 Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
-            () = woken(&watch) => {
-                // A hang-up, an error or a pass: whatever it was, a read finds it.
-                let mut step = Step::Continue;
-                for (end, peer) in [(&mut c, backend), (&mut b, client)] {
-                    if !end.eof && end.pending.is_empty() {
-                        if let (Step::Done(cause), _) = read_passed(end, peer) {
-                            step = Step::Done(cause);
-                            break;
-                        }
-                    }
-                }
-                step
-            }
+            // A hang-up, an error or a pass: whatever it was, a read finds it.
+            () = woken(&watch) => read_sides([(&mut c, backend, true), (&mut b, client, true)]),
             () = tokio::time::sleep(wait) => {
                 timer_woke = true;
-                // A socket whose readability could not be watched is read
-                // here.
-                let mut step = Step::Continue;
-                for ((end, peer), unwatched) in [(&mut c, backend), (&mut b, client)].into_iter().zip(unwatched) {
-                    if unwatched && !end.eof && end.pending.is_empty() {
-                        if let (Step::Done(cause), _) = read_passed(end, peer) {
-                            step = Step::Done(cause);
-                            break;
-                        }
-                    }
-                }
-                step
+                // A socket whose readability could not be watched is read here.
+                read_sides([(&mut c, backend, unwatched[0]), (&mut b, client, unwatched[1])])
             }
             () = asked_to_detach(detach), if !detach_asked => {
                 detach_asked = true;
@@ -406,6 +385,18 @@ pub async fn run(
             return Outcome::Closed(cause);
         }
     }
+}
+
+/// Reads each chosen socket that is not at EOF and holds no passed bytes.
+fn read_sides(sides: [(&mut End<'_>, &Sock, bool); 2]) -> Step {
+    for (end, peer, chosen) in sides {
+        if chosen && !end.eof && end.pending.is_empty() {
+            if let (Step::Done(cause), _) = read_passed(end, peer) {
+                return Step::Done(cause);
+            }
+        }
+    }
+    Step::Continue
 }
 
 /// The socket's next readability, while it is registered (never otherwise).

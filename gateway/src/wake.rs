@@ -36,9 +36,6 @@ use std::{
 use aya::maps::{Map, MapData, RingBuf};
 use tokio::{io::unix::AsyncFd, sync::Notify};
 
-/// The epoll token of the ring buffer (slots are `u32`s).
-const RING: u64 = u64::MAX;
-
 enum Ring {
     /// Not read yet (a predecessor still reads it: hot upgrade). The reader
     /// is made only when reading starts, since it keeps the consumer
@@ -125,21 +122,19 @@ impl Wakeups {
     /// Starts reading the ring (what it already holds is read at once).
     pub fn read_ring(&self) -> io::Result<()> {
         let mut ring = self.ring.lock().unwrap();
-        if let Ring::Held(_) = &*ring {
-            let Ring::Held(data) = std::mem::replace(&mut *ring, Ring::Gone) else { unreachable!() };
-            let reader = RingBuf::try_from(Map::RingBuf(data)).map_err(io::Error::other)?;
-            epoll_ctl(
-                &self.epoll,
-                libc::EPOLL_CTL_ADD,
-                reader.as_raw_fd(),
-                (libc::EPOLLIN | libc::EPOLLET) as u32,
-                RING,
-            )?;
-            *ring = Ring::Reading(reader);
-            self.reading.store(true, SeqCst);
-            drop(ring);
-            self.wake_all();
-        }
+        let data = match std::mem::replace(&mut *ring, Ring::Gone) {
+            Ring::Held(data) => data,
+            other => {
+                *ring = other;
+                return Ok(());
+            }
+        };
+        let reader = RingBuf::try_from(Map::RingBuf(data)).map_err(io::Error::other)?;
+        epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, reader.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, 0)?;
+        *ring = Ring::Reading(reader);
+        self.reading.store(true, SeqCst);
+        drop(ring);
+        self.wake_all();
         Ok(())
     }
 
@@ -200,27 +195,26 @@ impl Wakeups {
         Ok(watch)
     }
 
-    /// The dispatcher's thread: it blocks in epoll_wait, so a wake-up
-    /// reaches its flow however busy the runtime is (a task in the runtime
-    /// waited behind hundreds of busy flows, up to a second).
+    /// The dispatcher's thread: it blocks in epoll_wait (the set holds only
+    /// the ring), so a wake-up reaches its flow however busy the runtime is
+    /// (a task in the runtime waited behind hundreds of busy flows, up to a
+    /// second).
     fn dispatch(&self) {
-        let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
         let mut slots = Vec::new();
         loop {
-            // SAFETY: `events` has room for its length.
-            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
-            if n < 0 {
+            // SAFETY: `event` has room for the one event asked for.
+            if unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, -1) } < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!("epoll_wait on spliced sockets: {e}; they are watched for readability");
+                    tracing::error!("epoll_wait on the WAKE ring: {e}; spliced sockets are watched for readability");
                     self.stop_reading();
                     return;
                 }
                 continue;
             }
             slots.clear();
-            slots.extend(events[..n as usize].iter().filter(|ev| ev.u64 != RING).map(|ev| ev.u64 as u32));
-            // The ring is read at every turn, whatever woke the thread.
+            // The ring is read to its end at every turn.
             if let Ring::Reading(reader) = &mut *self.ring.lock().unwrap() {
                 while let Some(item) = reader.next() {
                     if let Ok(b) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
