@@ -1121,3 +1121,131 @@ pub fn tls_client(topo: &Topology, args: &[&str]) -> Value {
     serde_json::from_str(line)
         .unwrap_or_else(|_| panic!("tls_client.py {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
 }
+
+/// nginx (Debian's, with the stream module) as a TCP proxy on the gateway
+/// host: the third-party baseline a test compares the daemon with. Stopped
+/// on drop.
+pub struct Nginx {
+    child: Child,
+    dir: PathBuf,
+    pub addr: SocketAddr,
+}
+
+impl Nginx {
+    /// `proxy_pass` from a port on the gateway's client side to `backend`.
+    /// The port is one the kernel picked in the gateway's namespace, which
+    /// only this test uses.
+    pub fn stream(topo: &Topology, backend: SocketAddr) -> Self {
+        let port = Topology::in_ns(&topo.gw, || {
+            TcpListener::bind((GW_CLIENT_SIDE_IP, 0)).unwrap().local_addr().unwrap().port()
+        });
+        let dir = temp_dir("nginx");
+        let d = dir.display();
+        let module = "/usr/lib/nginx/modules/ngx_stream_module.so";
+        assert!(Path::new(module).exists(), "{module} missing: scripts/setup.sh installs libnginx-mod-stream");
+        let conf = format!(
+            "load_module {module};\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             stream {{ server {{ listen {GW_CLIENT_SIDE_IP}:{port}; proxy_pass {backend}; }} }}\n"
+        );
+        fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let child = Topology::cmd_in(&topo.gw, "nginx")
+            .args(["-g", "daemon off;", "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("nginx (scripts/setup.sh installs it)");
+        let addr = SocketAddr::new(GW_CLIENT_SIDE_IP.parse().unwrap(), port);
+        let mut n = Self { child, dir, addr };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while topo.connect(addr).is_err() {
+            if let Ok(Some(st)) = n.child.try_wait() {
+                panic!("nginx exited ({st}): {}", fs::read_to_string(n.dir.join("stderr.log")).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "nginx not listening on {addr} after 10 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        n.child.try_wait().unwrap();
+        n
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child (SIGQUIT: nginx's graceful stop).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What the host holds, read from the host's side: `/proc/net/sockstat`
+/// (TCP memory charged to sockets), `/proc/meminfo` and the page
+/// allocator's per-CPU lists (`/proc/zoneinfo`).
+///
+/// `in_use` is memory neither free nor cached by the page allocator:
+/// MemTotal - MemFree - pages on per-CPU lists. MemAvailable alone counts
+/// the per-CPU lists as used; they are free pages the allocator keeps per
+/// CPU, and on this kernel (6.7+ tunes their size by the free pattern) they
+/// grow by tens of MB when pages are freed on another CPU than the one that
+/// allocated them, as the sockmap's kernel worker does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HostMem {
+    pub tcp: u64,
+    pub available: u64,
+    pub free: u64,
+    pub pcp: u64,
+}
+
+impl HostMem {
+    pub fn now() -> Self {
+        let kib = |text: &str, key: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no {key} in /proc/meminfo"))
+                * 1024
+        };
+        let meminfo = fs::read_to_string("/proc/meminfo").unwrap();
+        let sockstat = fs::read_to_string("/proc/net/sockstat").unwrap();
+        let tcp_pages = sockstat
+            .lines()
+            .find(|l| l.starts_with("TCP:"))
+            .and_then(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)).and_then(|v| v.parse::<u64>().ok())
+            })
+            .expect("TCP mem in /proc/net/sockstat");
+        let zoneinfo = fs::read_to_string("/proc/zoneinfo").unwrap();
+        // Each CPU's pageset of each zone: "count: N" (pages).
+        let pcp_pages: u64 = zoneinfo
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("count:"))
+            .filter_map(|v| v.trim().parse::<u64>().ok())
+            .sum();
+        HostMem {
+            tcp: tcp_pages * 4096,
+            available: kib(&meminfo, "MemAvailable:"),
+            free: kib(&meminfo, "MemFree:"),
+            pcp: pcp_pages * 4096,
+        }
+    }
+
+    /// Growth since `base`, each field saturating at 0: TCP memory, the drop
+    /// of MemAvailable, and the growth of memory in use (free pages and
+    /// per-CPU lists excluded).
+    pub fn growth_since(&self, base: &HostMem) -> (u64, u64, u64) {
+        let used = |m: &HostMem| (u64::MAX / 2).saturating_sub(m.free).saturating_sub(m.pcp);
+        (
+            self.tcp.saturating_sub(base.tcp),
+            base.available.saturating_sub(self.available),
+            used(self).saturating_sub(used(base)),
+        )
+    }
+}
