@@ -632,16 +632,18 @@ impl KernelPath {
     }
 }
 
-/// Sizes the socket buffers of a kernel flow from its share of the cap (the
-/// kernel doubles the value given): bytes passed to user space are charged to
-/// the receive buffer, which then closes the window in time (autotuning would
-/// let it reach tcp_rmem[2]); the send buffer holds what the verdict already
-/// moved toward the slow side.
+/// Sizes the receive buffers of a kernel flow from its share of the cap:
+/// bytes passed to user space are charged to the receive buffer, which then
+/// closes the window (autotuning would let it reach tcp_rmem[2]). Half the
+/// bound (the kernel doubles the value given): the sockmap queue holds at
+/// most the bound, so a direction holds at most 1.5x the bound more than a
+/// plain proxy would. The send buffers keep the kernel's autotuning, as a
+/// plain proxy's do; the supervisor grows one only while its receiver keeps
+/// up (see `splice::grow_for_passed`).
 fn size_buffers(fds: &[i32], high_water: u64) {
-    let buf = (high_water / 2).clamp(64 * 1024, 16 << 20);
+    let buf = (high_water / 4).clamp(32 * 1024, 16 << 20);
     for fd in fds {
         let _ = sys::set_rcvbuf(fd, buf as usize);
-        let _ = sys::set_sndbuf_force(fd, buf);
     }
 }
 

@@ -100,6 +100,11 @@ struct End<'a> {
     pending_off: usize,
     /// Send buffer size set on this socket (0: the kernel's autotuning).
     sndbuf: u64,
+    /// Whether the peer's receiver keeps up, as last judged (see
+    /// [`grow_for_passed`]), and the sample it was judged from: when, and
+    /// the peer's time limited by its receiver's window (TCP_INFO).
+    peer_receiver_slow: bool,
+    peer_rwnd_sample: Option<(u64, u64)>,
 }
 
 impl End<'_> {
@@ -115,6 +120,8 @@ impl End<'_> {
             pending: Vec::new(),
             pending_off: 0,
             sndbuf: 0,
+            peer_receiver_slow: true,
+            peer_rwnd_sample: None,
         }
     }
 }
@@ -523,12 +530,33 @@ fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End
     }
 }
 
-/// Passed bytes wait because the peer's send buffer is full. Under steady
-/// load the passing socket's queue then never empties, so the flow would
-/// never go back to the kernel: grow the peer's send buffer (within the
-/// bound, as for [`make_room_for_passing`]) so that one pass can take the
-/// whole queue.
-fn grow_for_passed(end: &End<'_>, peer: &Sock, bound: u64) {
+/// Passed bytes wait because the peer's send buffer is full. When the
+/// peer's receiver keeps up, the buffer is what holds the flow back: under
+/// steady load the passing socket's queue then never empties, so the flow
+/// would never go back to the kernel, and the kernel's worker, finding the
+/// buffer full, retries only a tick (4 ms here) later. Then grow the peer's
+/// send buffer (within the bound, as for [`make_room_for_passing`]) so that
+/// one pass can take the whole queue. When the receiver is what is slow
+/// (the peer's sending was limited by its window since the last turn), a
+/// bigger buffer would only hold more of the flow's bytes: leave it.
+fn grow_for_passed(end: &mut End<'_>, peer: &Sock, bound: u64) {
+    // The kernel keeps that time in ticks (4 ms here): judge over 20 ms at least.
+    const JUDGE_NS: u64 = 20_000_000;
+    let now = sys::monotonic_ns();
+    let limited = sys::tcp_info(peer).map_or(0, |i| i.rwnd_limited_us);
+    match end.peer_rwnd_sample {
+        Some((at, before)) if now.saturating_sub(at) >= JUDGE_NS => {
+            // Slow: limited by the receiver's window for a quarter of the time or more.
+            let limited_ns = limited.saturating_sub(before) * 1000;
+            end.peer_receiver_slow = limited_ns * 4 >= now - at;
+            end.peer_rwnd_sample = Some((now, limited));
+        }
+        Some(_) => {}
+        None => end.peer_rwnd_sample = Some((now, limited)),
+    }
+    if end.peer_receiver_slow {
+        return;
+    }
     let cap = bound + bound / 2 + (1 << 20);
     let left = (end.pending.len() - end.pending_off) as u64;
     let want = (sys::outq(peer).unwrap_or(0) + left + 4 * CHUNK as u64).min(cap);

@@ -33,6 +33,9 @@ pub struct TcpInfo {
     pub rtt_us: u32,
     pub bytes_acked: u64,
     pub bytes_received: u64,
+    /// Time (µs) the socket's sending was limited by the peer's receive
+    /// window; 0 on kernels before 4.10.
+    pub rwnd_limited_us: u64,
 }
 
 /// TCP states from include/net/tcp_states.h.
@@ -44,6 +47,7 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
     const RTT: usize = 68;
     const BYTES_ACKED: usize = 120;
     const BYTES_RECEIVED: usize = 128;
+    const RWND_LIMITED: usize = 176;
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: buf and len are valid for writes of the sizes given.
@@ -63,6 +67,7 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
         rtt_us: u32_at(RTT),
         bytes_acked: u64_at(BYTES_ACKED),
         bytes_received: u64_at(BYTES_RECEIVED),
+        rwnd_limited_us: if len as usize >= RWND_LIMITED + 8 { u64_at(RWND_LIMITED) } else { 0 },
     })
 }
 

@@ -1188,9 +1188,7 @@ impl Drop for Nginx {
 /// (TCP memory charged to sockets), `/proc/meminfo` and the page
 /// allocator's per-CPU lists (`/proc/zoneinfo`).
 ///
-/// `in_use` is memory neither free nor cached by the page allocator:
-/// MemTotal - MemFree - pages on per-CPU lists. MemAvailable alone counts
-/// the per-CPU lists as used; they are free pages the allocator keeps per
+/// MemAvailable alone counts the page allocator's per-CPU lists as used; they are free pages the allocator keeps per
 /// CPU, and on this kernel (6.7+ tunes their size by the free pattern) they
 /// grow by tens of MB when pages are freed on another CPU than the one that
 /// allocated them, as the sockmap's kernel worker does.
@@ -1238,14 +1236,14 @@ impl HostMem {
     }
 
     /// Growth since `base`, each field saturating at 0: TCP memory, the drop
-    /// of MemAvailable, and the growth of memory in use (free pages and
-    /// per-CPU lists excluded).
+    /// of MemAvailable, and the drop of MemAvailable with the per-CPU lists
+    /// counted as available (memory taken, as opposed to cached by the
+    /// allocator).
     pub fn growth_since(&self, base: &HostMem) -> (u64, u64, u64) {
-        let used = |m: &HostMem| (u64::MAX / 2).saturating_sub(m.free).saturating_sub(m.pcp);
         (
             self.tcp.saturating_sub(base.tcp),
             base.available.saturating_sub(self.available),
-            used(self).saturating_sub(used(base)),
+            (base.available + base.pcp).saturating_sub(self.available + self.pcp),
         )
     }
 }

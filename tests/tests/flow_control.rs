@@ -354,7 +354,7 @@ struct Held {
     /// Growth of TCP memory (sockstat), plus the bytes the gateway's
     /// verdict counted in its sockmap queues, which no socket is charged for.
     tcp_and_queues: u64,
-    /// Growth of memory in use (neither free nor on the allocator's per-CPU lists).
+    /// Drop of MemAvailable, the allocator's per-CPU lists counted as available.
     in_use: u64,
     /// Drop of MemAvailable, and growth of the per-CPU lists, for the report.
     available_drop: u64,
@@ -442,11 +442,11 @@ fn kernel_flow_holds_about_what_nginx_holds() {
         &topo,
         &GatewayConfig { listeners: listener_yaml(be.addr), extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into() },
     );
-    // Twice each, interleaved; the smaller of each pair counts (the host
-    // has other tenants: test threads, the daemon's own start-up).
+    // Three each, interleaved; medians count (what nginx holds for the same
+    // push varies by 2x from run to run with TCP's autotuning).
     let mut n = Vec::new();
     let mut g = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         n.push(push_into_slow_reader(&topo, nginx.addr, None, PUSH, &reader));
         gw.wait_idle();
         g.push(push_into_slow_reader(&topo, gw.listener("t"), Some(&gw), PUSH, &reader));
@@ -456,14 +456,18 @@ fn kernel_flow_holds_about_what_nginx_holds() {
     for (who, runs) in [("nginx", &n), ("gateway", &g)] {
         for h in runs.iter() {
             eprintln!(
-                "{who:8} sent {:6.1} MiB; TCP memory + sockmap queues {:5.1} MiB (queue {:4.1}); in use {:5.1} MiB; MemAvailable drop {:5.1} MiB (per-CPU page lists +{:5.1})",
+                "{who:8} sent {:6.1} MiB; TCP memory + sockmap queues {:5.1} MiB (queue {:4.1}); taken {:5.1} MiB; MemAvailable drop {:5.1} MiB (per-CPU page lists +{:5.1})",
                 mib(h.sent), mib(h.tcp_and_queues), mib(h.queue), mib(h.in_use), mib(h.available_drop), mib(h.pcp)
             );
         }
     }
-    let best = |v: &[Held], f: fn(&Held) -> u64| v.iter().map(f).min().unwrap();
-    let (n_tcp, g_tcp) = (best(&n, |h| h.tcp_and_queues), best(&g, |h| h.tcp_and_queues));
-    let (n_use, g_use) = (best(&n, |h| h.in_use), best(&g, |h| h.in_use));
+    let median = |v: &[Held], f: fn(&Held) -> u64| {
+        let mut x: Vec<u64> = v.iter().map(f).collect();
+        x.sort();
+        x[x.len() / 2]
+    };
+    let (n_tcp, g_tcp) = (median(&n, |h| h.tcp_and_queues), median(&g, |h| h.tcp_and_queues));
+    let (n_use, g_use) = (median(&n, |h| h.in_use), median(&g, |h| h.in_use));
     assert!(g.iter().all(|h| h.queue <= BOUND), "a sockmap queue went over the bound: {g:?}");
     // The line: about 2x the bound over nginx; 1 MiB of slack for sampling.
     assert!(
@@ -473,11 +477,11 @@ fn kernel_flow_holds_about_what_nginx_holds() {
         mib(n_tcp),
         mib(BOUND)
     );
-    // Pages in use are noisier (every process on the host): a wider margin,
+    // Memory taken is noisier (every process on the host): a wider margin,
     // still far below what an unbounded queue takes in 6 s.
     assert!(
         g_use <= n_use + 4 * BOUND,
-        "memory in use grew by {:.1} MiB with the gateway, {:.1} MiB with nginx",
+        "the host's memory taken (MemAvailable with the per-CPU page lists) grew by {:.1} MiB with the gateway, {:.1} MiB with nginx",
         mib(g_use),
         mib(n_use)
     );
