@@ -980,22 +980,25 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const DEFAULT_MAX_FLOWS: u32 = 8192;
 /// Used when the host's largest TCP receive window can't be read.
-pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 16 << 20;
+pub const DEFAULT_MAX_QUEUED_PER_FLOW: u64 = 8 << 20;
 
-/// The default per-flow bound: half the largest receive window TCP itself
-/// lets one socket take on this host (`net.ipv4.tcp_rmem` max), within
-/// 4..16 MiB. A direction of a kernel flow holds at most the bound in the
-/// sockmap queue plus half of it in the client socket's receive buffer, which
-/// is also the window its sender sees: so a plain proxy's window, and at the
-/// end of a bulk run here at most ~15 MB queued (measured; 32 MiB let 50 MB
-/// pile up). A smaller bound makes a fast sender pause the kernel path more
-/// often, and each pause relays bytes in user space (see ARCHITECTURE.md).
+/// The default per-flow bound: a quarter of the largest receive window TCP
+/// itself lets one socket take on this host (`net.ipv4.tcp_rmem` max),
+/// within 4..8 MiB. A direction of a kernel flow holds at most half the
+/// bound in the sockmap queue and half in the client socket's receive
+/// buffer, which is also the window its sender sees, plus a send buffer of
+/// half the bound (see `kernel::size_buffers`): at the end of a bulk run
+/// here that is at most ~17 MB queued (16 MiB let 29 MB pile up, 32 MiB 50
+/// MB). The window is the price: 4 MiB, or ~60 MB/s per flow at 50 ms RTT;
+/// raise the bound for flows from far away. A smaller bound makes a fast
+/// sender pause the kernel path more often, and each pause relays bytes in
+/// user space (see ARCHITECTURE.md).
 pub fn default_max_queued_per_flow() -> u64 {
     std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
         .ok()
         .and_then(|s| s.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .map_or(DEFAULT_MAX_QUEUED_PER_FLOW, |max| max / 2)
-        .clamp(4 << 20, 16 << 20)
+        .map_or(DEFAULT_MAX_QUEUED_PER_FLOW, |max| max / 4)
+        .clamp(4 << 20, 8 << 20)
 }
 pub const DEFAULT_MAX_QUEUED_TOTAL: u64 = 1 << 30;
 

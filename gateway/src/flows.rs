@@ -23,6 +23,10 @@ pub enum FlowPath {
     Kernel { client_slot: u32, backend_slot: u32 },
     /// Relayed by the daemon; `reason` says why it is not in the kernel.
     Userspace { reason: String, code: &'static str },
+    /// Spliced, then moved to the daemon's relay by `offload: auto` (the
+    /// sockets stay in the maps, the verdict passing every byte); the slots
+    /// hold what the kernel moved before.
+    Relayed { client_slot: u32, backend_slot: u32, reason: String, code: &'static str },
 }
 
 /// How a flow ended.
@@ -116,6 +120,10 @@ pub struct Flow {
     /// A terminated WebSocket or an HTTP connection, which a hot upgrade
     /// moves at rest (between messages, between requests).
     pub movable: AtomicBool,
+    /// Times `offload: auto` moved the flow between the kernel path and the
+    /// relay, and the last move (`to-userspace: slow-receiver`, ...).
+    pub path_switches: AtomicU64,
+    pub last_switch: Mutex<Option<String>>,
 }
 
 impl Flow {
@@ -137,6 +145,13 @@ impl Flow {
 
     pub fn set_path(&self, p: FlowPath) {
         *self.path.lock().unwrap() = p;
+    }
+
+    /// Moves the flow to another path (`offload: auto`), counted.
+    pub fn switch_path(&self, p: FlowPath, what: String) {
+        self.set_path(p);
+        self.path_switches.fetch_add(1, Relaxed);
+        *self.last_switch.lock().unwrap() = Some(what);
     }
 }
 
@@ -192,6 +207,13 @@ pub struct FlowSnapshot {
     pub rate_client_to_backend: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_backend_to_client: Option<u64>,
+    /// `offload: auto`: times the flow moved between the kernel path and the
+    /// relay, and the last move (`to-userspace: slow-receiver`,
+    /// `to-userspace: kernel-behind`, `to-kernel: light`).
+    #[serde(default)]
+    pub path_switches: u64,
+    #[serde(default)]
+    pub last_switch: Option<String>,
 }
 
 #[derive(Default)]
@@ -232,6 +254,8 @@ impl FlowTable {
             msgs_c2b: AtomicU64::new(0),
             msgs_b2c: AtomicU64::new(0),
             movable: AtomicBool::new(false),
+            path_switches: AtomicU64::new(0),
+            last_switch: Mutex::new(None),
         });
         self.flows.lock().unwrap().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -269,6 +293,8 @@ impl FlowTable {
             msgs_c2b: AtomicU64::new(m.msgs_c2b),
             msgs_b2c: AtomicU64::new(m.msgs_b2c),
             movable: AtomicBool::new(false),
+            path_switches: AtomicU64::new(0),
+            last_switch: Mutex::new(None),
         });
         // In the table until `retire`.
         self.flows.lock().unwrap().insert(id, f.clone());
@@ -323,7 +349,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
     let path = f.path.lock().unwrap().clone();
     let (path_name, reason, code) = match &path {
         FlowPath::Connecting => ("connecting", None, None),
-        FlowPath::Kernel { client_slot, backend_slot } => {
+        FlowPath::Kernel { client_slot, backend_slot } | FlowPath::Relayed { client_slot, backend_slot, .. } => {
             if let Some(k) = kernel {
                 c = k.slot(*client_slot);
                 b = k.slot(*backend_slot);
@@ -332,10 +358,14 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
                 trimmed = c.trimmed + b.trimmed;
                 last_ns = last_ns.max(c.last_ns).max(b.last_ns);
             }
-            ("kernel", None, None)
+            match &path {
+                FlowPath::Relayed { reason, code, .. } => ("userspace", Some(reason.clone()), Some(code.to_string())),
+                _ => ("kernel", None, None),
+            }
         }
         FlowPath::Userspace { reason, code } => ("userspace", Some(reason.clone()), Some(code.to_string())),
     };
+    let relayed = matches!(path, FlowPath::Relayed { .. });
     let idle = std::time::Duration::from_nanos(now_ns.saturating_sub(last_ns));
     let age = std::time::Duration::from_nanos(now_ns.saturating_sub(f.started_ns));
     FlowSnapshot {
@@ -353,8 +383,10 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         user_bytes_client_to_backend: user_c2b,
         user_bytes_backend_to_client: user_b2c,
         trimmed_bytes: trimmed,
-        queued_client_to_backend: c.backlog,
-        queued_backend_to_client: b.backlog,
+        // A relayed flow's queue drained before the relay took it (the
+        // verdict, passing every byte, no longer updates the figure).
+        queued_client_to_backend: if relayed { 0 } else { c.backlog },
+        queued_backend_to_client: if relayed { 0 } else { b.backlog },
         max_queued_client_to_backend: c.max_backlog,
         max_queued_backend_to_client: b.max_backlog,
         queue_bound: c.high_water,
@@ -370,5 +402,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         messages_backend_to_client: f.msgs_b2c.load(Relaxed),
         rate_client_to_backend: None,
         rate_backend_to_client: None,
+        path_switches: f.path_switches.load(Relaxed),
+        last_switch: f.last_switch.lock().unwrap().clone(),
     }
 }

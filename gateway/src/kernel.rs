@@ -230,11 +230,21 @@ pub struct FlowControl {
 pub const MIN_HIGH_WATER: u64 = 128 * 1024;
 
 impl FlowControl {
-    /// The per-direction bound when `flows` kernel flows share the total.
-    pub fn high_water(&self, flows: usize) -> u64 {
+    /// The per-direction bound when `flows` kernel flows share the total:
+    /// the bytes a direction may take from its sender and not yet have put
+    /// in its receiver's socket.
+    pub fn share(&self, flows: usize) -> u64 {
         let share = self.total / (2 * flows.max(1) as u64);
         self.per_flow.min(share)
     }
+}
+
+/// Of a direction's share, the sockmap's queue in front of the receiver
+/// may hold half (the verdict's `high_water`); the other half is the
+/// sender-side socket's receive buffer, where bytes passed to user space
+/// wait (see [`size_buffers`]).
+fn high_water(share: u64) -> u64 {
+    share / 2
 }
 
 /// A socket pair spliced in the kernel. Dropping it does not release the
@@ -469,13 +479,13 @@ impl KernelPath {
         }
         let high_water = match self.flow_control {
             Some(fc) => {
-                let hw = fc.high_water(maps.active.len() / 2 + 1);
-                if hw < MIN_HIGH_WATER.min(fc.per_flow) {
+                let share = fc.share(maps.active.len() / 2 + 1);
+                if share < MIN_HIGH_WATER.min(fc.per_flow) {
                     return Err(Unavailable::QueueCap(fc.total));
                 }
                 // The flow's share of the cap also sizes its socket buffers.
-                size_buffers(&[client.as_raw_fd(), backend.as_raw_fd()], hw);
-                hw
+                size_buffers(&[client.as_raw_fd(), backend.as_raw_fd()], share);
+                high_water(share)
             }
             None => 0,
         };
@@ -558,7 +568,8 @@ impl KernelPath {
     /// the bound, it is rewritten in every live slot.
     fn rebalance(&self, maps: &mut Maps) {
         let Some(fc) = self.flow_control else { return };
-        let hw = fc.high_water(maps.active.len() / 2);
+        let share = fc.share(maps.active.len() / 2);
+        let hw = high_water(share);
         if hw == maps.high_water {
             return;
         }
@@ -570,10 +581,10 @@ impl KernelPath {
         // Resize the live sockets' buffers too, when the share moved by more
         // than a quarter (each resize is two syscalls per socket).
         let last = maps.buffers_for;
-        if last == 0 || hw * 4 < last * 3 || hw * 3 > last * 4 {
-            maps.buffers_for = hw;
+        if last == 0 || share * 4 < last * 3 || share * 3 > last * 4 {
+            maps.buffers_for = share;
             let fds: Vec<i32> = maps.active.values().copied().collect();
-            size_buffers(&fds, hw);
+            size_buffers(&fds, share);
         }
     }
 
@@ -632,18 +643,25 @@ impl KernelPath {
     }
 }
 
-/// Sizes the receive buffers of a kernel flow from its share of the cap:
-/// bytes passed to user space are charged to the receive buffer, which then
-/// closes the window (autotuning would let it reach tcp_rmem[2]). Half the
-/// bound (the kernel doubles the value given): the sockmap queue holds at
-/// most the bound, so a direction holds at most 1.5x the bound more than a
-/// plain proxy would. The send buffers keep the kernel's autotuning, as a
-/// plain proxy's do; the supervisor grows one only while its receiver keeps
-/// up (see `splice::grow_for_passed`).
-fn size_buffers(fds: &[i32], high_water: u64) {
-    let buf = (high_water / 4).clamp(32 * 1024, 16 << 20);
+/// Sizes the socket buffers of a kernel flow from its share of the cap (the
+/// kernel doubles the values given):
+/// - receive buffers, half the share: bytes passed to user space are charged
+///   there, which then closes the window (autotuning would let it reach
+///   tcp_rmem[2]); the sockmap queue holds the other half ([`high_water`]),
+///   so a direction takes at most its share from its sender beyond what a
+///   plain proxy would;
+/// - send buffers, half the share too, where autotuning would stop at
+///   tcp_wmem[2] (4 MiB here): the kernel's worker, finding the buffer full,
+///   retries only a tick (4 ms here) later, and meanwhile the sockmap queue
+///   fills and the flow pauses (16 MiB WebSocket echoes: 40 MB of 145 MB
+///   relayed with autotuning, 13 MB with this). The supervisor grows one
+///   further only while its receiver keeps up (`splice::grow_for_passed`).
+fn size_buffers(fds: &[i32], share: u64) {
+    let buf = (share / 4).clamp(32 * 1024, 16 << 20);
+    let snd = (share / 4).max(32 * 1024);
     for fd in fds {
         let _ = sys::set_rcvbuf(fd, buf as usize);
+        let _ = sys::set_sndbuf_force(fd, snd);
     }
 }
 

@@ -550,13 +550,13 @@ fn print_table(flows: &[FlowSnapshot], rates: bool) {
     };
     let rate_head = if rates { format!(" {:>11}", "RATE") } else { String::new() };
     println!(
-        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_head} {:>8} {:>8} {:>9} {:>6}  FALLBACK",
-        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES"
+        "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_head} {:>8} {:>8} {:>9} {:>6} {:>5}  FALLBACK",
+        "ID", "LISTENER", "CLIENT", "BACKEND", "PATH", "C->B", "B->C", "AGE", "IDLE", "QUEUED", "PAUSES", "MOVES"
     );
     for f in flows {
         let rate_col = if rates { format!(" {:>11}", rate(f)) } else { String::new() };
         println!(
-            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_col} {:>8} {:>8} {:>9} {:>6}  {}",
+            "{:>6}  {:<12} {:<22} {:<22} {:<10} {:>10} {:>10}{rate_col} {:>8} {:>8} {:>9} {:>6} {:>5}  {}",
             f.id,
             f.listener,
             f.client,
@@ -568,6 +568,7 @@ fn print_table(flows: &[FlowSnapshot], rates: bool) {
             human_ms(f.idle_ms),
             human_bytes(f.queued_client_to_backend + f.queued_backend_to_client),
             f.pauses_client_to_backend + f.pauses_backend_to_client,
+            f.path_switches,
             f.fallback_reason.as_deref().unwrap_or("")
         );
     }

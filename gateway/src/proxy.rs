@@ -453,7 +453,9 @@ pub async fn forward(
                     return cause;
                 }
             };
-            let Some(cause) = supervise(daemon, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None).await else {
+            let auto = (rt.cfg.offload == Offload::Auto).then_some(&*rt.stats);
+            let Some(cause) = supervise(daemon, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None, auto).await
+            else {
                 return CloseCause::HandedOver;
             };
             // Final counters before the slots are reused.
@@ -477,6 +479,10 @@ pub async fn forward(
 
 /// Supervises a spliced flow until it closes (`Some`), or until it is
 /// handed to a new daemon at a quiet moment of a hot upgrade (`None`).
+/// With `offload: auto` (`auto` holds the listener's counters), the flow
+/// may move to the user-space relay and back meanwhile (see [`splice::Demotion`]
+/// and [`relay_demoted`]).
+#[allow(clippy::too_many_arguments)]
 async fn supervise(
     daemon: &Daemon,
     k: &KernelPath,
@@ -485,37 +491,201 @@ async fn supervise(
     flow: &crate::flows::Flow,
     idle: Duration,
     resume: Option<&splice::Resume>,
+    auto: Option<&ListenerStats>,
 ) -> Option<CloseCause> {
     let mut socks = Some((client, backend));
-    let (c, b) = socks.as_ref().unwrap();
-    let mut outcome = splice::run(k, s, c, b, flow, idle, Some(daemon.handed_over.subscribe()), resume).await;
-    if let splice::Outcome::Detached(resume) = outcome {
-        // To the new daemon, while it still takes flows.
-        let handed = match daemon.migrants.lock().unwrap().as_mut() {
-            Some(list) => {
-                let (client, backend) = socks.take().unwrap();
-                let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: resume.clone() };
-                let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                list.push(crate::upgrade::Migrant {
-                    info,
-                    client: client.into_inner(),
-                    backend: Some(backend.into_inner()),
-                });
-                true
-            }
-            None => false,
-        };
-        if handed {
-            debug!(flow = flow.id, "handed to the new daemon");
-            return None;
-        }
-        // Too late: the flows have gone; this one ends here.
+    let mut resume = resume.cloned();
+    // How long a relayed flow must stay light before it goes back to the
+    // kernel; doubled at each return, so a flow that keeps crossing over
+    // settles in the relay.
+    let mut light_for = LIGHT_FOR;
+    loop {
         let (c, b) = socks.as_ref().unwrap();
-        outcome = splice::run(k, s, c, b, flow, idle, None, Some(&resume)).await;
+        let detach = Some(daemon.handed_over.subscribe());
+        let outcome = splice::run(k, s, c, b, flow, idle, detach, resume.as_ref(), auto.is_some()).await;
+        match outcome {
+            splice::Outcome::Closed(cause) => return Some(cause),
+            splice::Outcome::Detached(r) => {
+                // To the new daemon, while it still takes flows.
+                let handed = match daemon.migrants.lock().unwrap().as_mut() {
+                    Some(list) => {
+                        let (client, backend) = socks.take().unwrap();
+                        let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: r.clone() };
+                        let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                        list.push(crate::upgrade::Migrant {
+                            info,
+                            client: client.into_inner(),
+                            backend: Some(backend.into_inner()),
+                        });
+                        true
+                    }
+                    None => false,
+                };
+                if handed {
+                    debug!(flow = flow.id, "handed to the new daemon");
+                    return None;
+                }
+                // Too late: the flows have gone; this one ends here.
+                let (c, b) = socks.as_ref().unwrap();
+                return match splice::run(k, s, c, b, flow, idle, None, Some(&r), false).await {
+                    splice::Outcome::Closed(cause) => Some(cause),
+                    _ => unreachable!("no detach without a receiver, no move without auto"),
+                };
+            }
+            splice::Outcome::ToUserspace(mut r, why) => {
+                let stats = auto.expect("moves only with offload: auto");
+                let (client, backend) = socks.take().unwrap();
+                let path = |relayed: bool| match relayed {
+                    true => crate::flows::FlowPath::Relayed {
+                        client_slot: s.client_slot,
+                        backend_slot: s.backend_slot,
+                        reason: why.reason().to_string(),
+                        code: why.code(),
+                    },
+                    false => crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot },
+                };
+                flow.switch_path(path(true), format!("to-userspace: {}", why.code()));
+                stats.switched("userspace", why.code());
+                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                let client = client.into_inner();
+                let backend = backend.into_inner();
+                let (client, backend) = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
+                    (Ok(c), Ok(b)) => (c, b),
+                    (c, b) => {
+                        let e = c.err().or(b.err()).unwrap();
+                        return Some(CloseCause::Error(format!("cannot relay the flow: {e}")));
+                    }
+                };
+                let user = |f: &crate::flows::Flow| (f.user_c2b.load(Relaxed), f.user_b2c.load(Relaxed));
+                let before = user(flow);
+                let (client, backend, back_why) = match relay_demoted(daemon, k, s, client, backend, flow, idle, light_for).await
+                {
+                    Relayed::Closed(cause) => return Some(cause),
+                    Relayed::Back(c, b, w) => (c, b, w),
+                };
+                // Back to the kernel: what the relay wrote counts as
+                // forwarded passed bytes, so the verdict's bookkeeping (and
+                // the supervisor's) go on from there; bytes passed but not
+                // read yet keep the verdict passing until they are forwarded.
+                let after = user(flow);
+                let (c2b, b2c) = (after.0 - before.0, after.1 - before.1);
+                k.add_user_forwarded(s.client_slot, c2b);
+                k.add_user_forwarded(s.backend_slot, b2c);
+                r.client_user_written += c2b;
+                r.backend_user_written += b2c;
+                k.set_enabled(s.client_slot, true);
+                k.set_enabled(s.backend_slot, true);
+                flow.switch_path(path(false), format!("to-kernel: {back_why}"));
+                stats.switched("kernel", back_why);
+                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                match (splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
+                    (Ok(c), Ok(b)) => socks = Some((c, b)),
+                    (c, b) => {
+                        let e = c.err().or(b.err()).unwrap();
+                        return Some(CloseCause::Error(format!("cannot return the flow to the kernel path: {e}")));
+                    }
+                }
+                resume = Some(r);
+                light_for = (light_for * 2).min(LIGHT_FOR_MAX);
+            }
+        }
     }
-    match outcome {
-        splice::Outcome::Closed(cause) => Some(cause),
-        splice::Outcome::Detached(_) => unreachable!("no detach without a receiver"),
+}
+
+/// A relayed flow goes back to the kernel once it has been light this long
+/// (at first; the wait doubles at each return, up to [`LIGHT_FOR_MAX`]).
+const LIGHT_FOR: Duration = Duration::from_secs(2);
+const LIGHT_FOR_MAX: Duration = Duration::from_secs(64);
+/// Light: under this many bytes a second, with both send queues under
+/// [`LIGHT_QUEUE`] (a receiver that keeps up) at every sample.
+const LIGHT_RATE: u64 = 256 * 1024;
+const LIGHT_QUEUE: u64 = 64 * 1024;
+
+enum Relayed {
+    Closed(CloseCause),
+    /// Stopped at a quiet moment (nothing held, no EOF): the sockets, and why.
+    Back(TcpStream, TcpStream, &'static str),
+}
+
+/// Relays a flow `offload: auto` took off the kernel path until it closes,
+/// or until it has been light for `light_for` (`light`: interactive
+/// again, where the kernel path costs less and answers sooner) or a hot
+/// upgrade starts (`hand-over`: kernel flows move to the new daemon); then
+/// stops at a quiet moment and gives the sockets back.
+#[allow(clippy::too_many_arguments)]
+async fn relay_demoted(
+    daemon: &Daemon,
+    k: &KernelPath,
+    s: &crate::kernel::Splice,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: &crate::flows::Flow,
+    idle: Duration,
+    light_for: Duration,
+) -> Relayed {
+    use std::os::fd::AsRawFd;
+    const SAMPLE: Duration = Duration::from_millis(250);
+    let fds = (client.as_raw_fd(), backend.as_raw_fd());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Bytes read from each socket before the relay: all it forwarded, since
+    // nothing was held when the supervisor stopped.
+    let read_before = (k.slot(s.client_slot).user_fwd, k.slot(s.backend_slot).user_fwd);
+    let eof_ok = |side: crate::flows::Side, read: u64| {
+        let (slot, before) = match side {
+            crate::flows::Side::Client => (s.client_slot, read_before.0),
+            crate::flows::Side::Backend => (s.backend_slot, read_before.1),
+        };
+        before + read >= k.slot(slot).passed
+    };
+    let relay = relay::relay(Conn::Plain(client), Conn::Plain(backend), flow, idle, Some(rx), Some(&eof_ok));
+    tokio::pin!(relay);
+    let mut handed = daemon.handed_over.subscribe();
+    let monitor = async {
+        let moved = || flow.user_c2b.load(Relaxed) + flow.user_b2c.load(Relaxed);
+        let queued = || crate::sys::outq(&fds.0).unwrap_or(0).max(crate::sys::outq(&fds.1).unwrap_or(0));
+        let needed = (light_for.as_millis() / SAMPLE.as_millis()).max(1) as usize;
+        // (bytes moved so far, whether the send queues were short) per sample.
+        let mut window: std::collections::VecDeque<(u64, bool)> = std::collections::VecDeque::new();
+        window.push_back((moved(), queued() < LIGHT_QUEUE));
+        let mut tick = tokio::time::interval(SAMPLE);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                up = async { handed.wait_for(|h| *h).await.is_ok() } => {
+                    if up {
+                        return "hand-over";
+                    }
+                    std::future::pending::<()>().await;
+                }
+            }
+            window.push_back((moved(), queued() < LIGHT_QUEUE));
+            if window.len() > needed + 1 {
+                window.pop_front();
+            }
+            if window.len() == needed + 1 {
+                let bytes = window.back().unwrap().0 - window.front().unwrap().0;
+                let rate = bytes * 1000 / light_for.as_millis().max(1) as u64;
+                if rate < LIGHT_RATE && window.iter().all(|(_, short)| *short) {
+                    return "light";
+                }
+            }
+        }
+    };
+    tokio::pin!(monitor);
+    let mut why = None;
+    loop {
+        tokio::select! {
+            r = &mut relay => return match r {
+                relay::Relayed::Closed(cause) => Relayed::Closed(cause),
+                relay::Relayed::Detached(Conn::Plain(c), Conn::Plain(b)) => Relayed::Back(c, b, why.unwrap_or("light")),
+                relay::Relayed::Detached(..) => unreachable!("plain sockets in, plain sockets out"),
+            },
+            w = &mut monitor, if why.is_none() => {
+                why = Some(w);
+                let _ = tx.send(true);
+            }
+        }
     }
 }
 
@@ -595,7 +765,7 @@ pub async fn relay_movable(
     flow: &crate::flows::Flow,
     idle: Duration,
 ) -> Option<CloseCause> {
-    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe())).await;
+    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
     loop {
         let (mut c, mut b) = match relayed {
             relay::Relayed::Closed(cause) => return Some(cause),
@@ -626,7 +796,7 @@ pub async fn relay_movable(
             }
         }
         // Too late, or not at rest after all: it ends here.
-        relayed = relay::relay(c, b, flow, idle, None).await;
+        relayed = relay::relay(c, b, flow, idle, None, None).await;
     }
 }
 
@@ -675,7 +845,8 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             let cause = match (splice::Sock::from_std(client), splice::Sock::from_std(backend)) {
                 // It may move on again, at the next upgrade.
                 (Ok(client), Ok(backend)) => {
-                    match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume)).await {
+                    let auto = rt.as_ref().filter(|r| r.cfg.offload == Offload::Auto).map(|r| &*r.stats);
+                    match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume), auto).await {
                         Some(cause) => cause,
                         None => {
                             // Moved on: out of this daemon's table, no totals.

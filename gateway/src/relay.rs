@@ -24,7 +24,14 @@ pub const BUF_SIZE: usize = 256 * 1024;
 /// write. `reading` is true while it waits for bytes holding none: a moment
 /// when dropping it loses nothing (a read not yet completed leaves the bytes
 /// in the socket, or in a TLS session).
-async fn pump_marked<R, W>(mut from: R, mut to: W, flow: &Flow, side: Side, reading: &AtomicBool) -> Result<(), Side>
+async fn pump_marked<R, W>(
+    mut from: R,
+    mut to: W,
+    flow: &Flow,
+    side: Side,
+    reading: &AtomicBool,
+    eof_ok: Option<&EofGuard<'_>>,
+) -> Result<(), Side>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -32,12 +39,19 @@ where
     let other = if side == Side::Client { Side::Backend } else { Side::Client };
     // Capacity, not zeroed memory: a short flow never touches most of it.
     let mut buf = Vec::with_capacity(BUF_SIZE);
+    let mut total = 0u64;
     loop {
         buf.clear();
         reading.store(true, Relaxed);
         let n = from.read_buf(&mut buf).await;
-        reading.store(false, Relaxed);
         let n = n.map_err(|_| side)?;
+        if n == 0 && eof_ok.is_some_and(|ok| !ok(side, total)) {
+            // Not the end yet (see `EofGuard`); nothing is held meanwhile.
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            continue;
+        }
+        reading.store(false, Relaxed);
+        total += n as u64;
         if n == 0 {
             // Forward the half-close (close_notify on TLS); the other
             // direction keeps going.
@@ -50,6 +64,12 @@ where
         flow.add_user(side, n as u64);
     }
 }
+
+/// Whether an EOF read on `side` after `n` bytes is the end of that side's
+/// bytes. A socket still in the SOCKHASH reports EOF once the bytes the
+/// kernel handed over are read, while bytes the verdict passed behind the
+/// sockmap's own queue may not have reached it yet (`proxy::relay_demoted`).
+pub type EofGuard<'a> = dyn Fn(Side, u64) -> bool + Sync + 'a;
 
 pub enum Relayed {
     Closed(CloseCause),
@@ -70,6 +90,7 @@ pub async fn relay(
     flow: &Flow,
     idle: Duration,
     mut detach: Option<tokio::sync::watch::Receiver<bool>>,
+    eof_ok: Option<&EofGuard<'_>>,
 ) -> Relayed {
     let fds = (client.fd(), backend.fd());
     let resting: Vec<_> = [client.resting_flag(), backend.resting_flag()].into_iter().flatten().collect();
@@ -77,7 +98,7 @@ pub async fn relay(
         // Plain TCP, the common case: owned halves, no lock between them.
         (Conn::Plain(c), Conn::Plain(b)) => {
             let ((cr, cw), (br, bw)) = (c.into_split(), b.into_split());
-            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach).await {
+            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach, eof_ok).await {
                 Ok(cause) => Relayed::Closed(cause),
                 Err((cr, cw, br, bw)) => match (cr.reunite(cw), br.reunite(bw)) {
                     (Ok(c), Ok(b)) => Relayed::Detached(Conn::Plain(c), Conn::Plain(b)),
@@ -87,7 +108,7 @@ pub async fn relay(
         }
         (c, b) => {
             let ((cr, cw), (br, bw)) = (tokio::io::split(c), tokio::io::split(b));
-            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach).await {
+            match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach, eof_ok).await {
                 Ok(cause) => Relayed::Closed(cause),
                 Err((cr, cw, br, bw)) => Relayed::Detached(cr.unsplit(cw), br.unsplit(bw)),
             }
@@ -104,6 +125,7 @@ async fn pump_both<CR, CW, BR, BW>(
     flow: &Flow,
     idle: Duration,
     detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    eof_ok: Option<&EofGuard<'_>>,
 ) -> Result<CloseCause, (CR, CW, BR, BW)>
 where
     CR: AsyncRead + Unpin,
@@ -113,8 +135,8 @@ where
 {
     let (c_reading, b_reading) = (AtomicBool::new(false), AtomicBool::new(false));
     let stopped = {
-        let c2b = pump_marked(&mut h.0, &mut h.3, flow, Side::Client, &c_reading);
-        let b2c = pump_marked(&mut h.2, &mut h.1, flow, Side::Backend, &b_reading);
+        let c2b = pump_marked(&mut h.0, &mut h.3, flow, Side::Client, &c_reading, eof_ok);
+        let b2c = pump_marked(&mut h.2, &mut h.1, flow, Side::Backend, &b_reading, eof_ok);
         let quiet = || c_reading.load(Relaxed) && b_reading.load(Relaxed) && resting.iter().all(|r| r.load(Relaxed));
         drive(c2b, b2c, fds, flow, idle, detach, quiet).await
     };

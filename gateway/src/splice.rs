@@ -83,6 +83,7 @@ use crate::{
 struct End<'a> {
     side: Side,
     sock: &'a Sock,
+    kernel: &'a KernelPath,
     /// Slot counting the bytes received on this socket.
     slot: u32,
     /// Read EOF on this socket.
@@ -104,14 +105,16 @@ struct End<'a> {
     /// [`grow_for_passed`]), and the sample it was judged from: when, and
     /// the peer's time limited by its receiver's window (TCP_INFO).
     peer_receiver_slow: bool,
+    peer_judged: bool,
     peer_rwnd_sample: Option<(u64, u64)>,
 }
 
 impl End<'_> {
-    fn new<'a>(side: Side, sock: &'a Sock, slot: u32, peer_base: u64) -> End<'a> {
+    fn new<'a>(kernel: &'a KernelPath, side: Side, sock: &'a Sock, slot: u32, peer_base: u64) -> End<'a> {
         End {
             side,
             sock,
+            kernel,
             slot,
             eof: false,
             fin_forwarded: false,
@@ -121,6 +124,7 @@ impl End<'_> {
             pending_off: 0,
             sndbuf: 0,
             peer_receiver_slow: true,
+            peer_judged: false,
             peer_rwnd_sample: None,
         }
     }
@@ -154,7 +158,51 @@ pub enum Outcome {
     /// Handed over: stopped at a quiet moment (nothing held here, no EOF,
     /// not over a bound), the sockets untouched.
     Detached(Resume),
+    /// `offload: auto` found the kernel path the worse one for this flow:
+    /// the verdict now passes every byte (both slots disabled), every byte
+    /// it redirected is in the peer's send queue and nothing is held here,
+    /// so a user-space relay can take the sockets over (what it writes
+    /// must be added to `user_fwd` before the slots are enabled again).
+    ToUserspace(Resume, Demotion),
 }
+
+/// Why `offload: auto` moved a kernel flow to user space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Demotion {
+    /// Over its bound in front of a receiver that does not keep up: relayed,
+    /// the flow holds what a plain proxy holds, not the sockmap's queue too.
+    SlowReceiver,
+    /// Over its bound again and again while the receiver keeps up: the
+    /// kernel's worker, which finishes each redirect on the CPU that
+    /// received the bytes, falls behind the sender (measured on one host:
+    /// it shares the sender's CPU and the other one idles).
+    KernelBehind,
+}
+
+impl Demotion {
+    pub fn code(self) -> &'static str {
+        match self {
+            Demotion::SlowReceiver => "slow-receiver",
+            Demotion::KernelBehind => "kernel-behind",
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Demotion::SlowReceiver => {
+                "offload: auto moved it to user space: over its queue bound in front of a receiver that does not keep up"
+            }
+            Demotion::KernelBehind => {
+                "offload: auto moved it to user space: the kernel's redirect fell behind the sender again and again"
+            }
+        }
+    }
+}
+
+/// Pauses (a direction over its bound) within [`BEHIND_WINDOW`] that make
+/// `offload: auto` relay a flow whose receiver keeps up.
+const BEHIND_PAUSES: u64 = 2;
+const BEHIND_WINDOW: Duration = Duration::from_secs(2);
 
 /// Supervises the flow until it ends or, once `detach` turns true, until a
 /// quiet moment to hand it over. `resume` continues a handed-over flow.
@@ -168,10 +216,11 @@ pub async fn run(
     idle: Duration,
     mut detach: Option<tokio::sync::watch::Receiver<bool>>,
     resume: Option<&Resume>,
+    auto: bool,
 ) -> Outcome {
     let detach = &mut detach;
-    let mut c = End::new(Side::Client, client, splice.client_slot, splice.backend_sent_base);
-    let mut b = End::new(Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
+    let mut c = End::new(kernel, Side::Client, client, splice.client_slot, splice.backend_sent_base);
+    let mut b = End::new(kernel, Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
     if let Some(r) = resume {
         (c.user_written, b.user_written, c.sndbuf, b.sndbuf) =
             (r.client_user_written, r.backend_user_written, r.client_sndbuf, r.backend_sndbuf);
@@ -194,6 +243,10 @@ pub async fn run(
 
     // Both directions relayed in user space (see below).
     let mut congested = false;
+    // offload: auto: the pauses seen (when, how many in all), and the move
+    // to user space once decided.
+    let mut pauses_seen = Pauses { window: None, last: kernel.slot(c.slot).pauses + kernel.slot(b.slot).pauses };
+    let mut demoting: Option<Demotion> = None;
 
     // Hang-ups, errors and the verdict's first pass; without it, both
     // sockets stay watched for readability, as before it existed.
@@ -225,6 +278,7 @@ pub async fn run(
             make_room_for_passing(kernel, &mut b, &c, bound);
         }
         if !congested
+            && demoting.is_none()
             && ((passing(&sc) && backlog_into(kernel, &b, client) > CONGESTED)
                 || (passing(&sb) && backlog_into(kernel, &c, backend) > CONGESTED))
         {
@@ -233,7 +287,7 @@ pub async fn run(
             kernel.set_enabled(b.slot, false);
             tracing::debug!(flow = flow.id, "both directions over their bounds: relaying in user space until drained");
         }
-        if congested {
+        if congested && demoting.is_none() {
             let caught_up = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && s.passed == s.user_fwd;
             let quiet = |sock: &Sock| sys::outq(sock).is_ok_and(|q| q < bound / 2);
             if caught_up(&c, &sc)
@@ -269,6 +323,37 @@ pub async fn run(
                 end.fin_forwarded = true;
                 progress = true;
                 tracing::debug!(side = %end.side, "FIN forwarded");
+            }
+        }
+        if auto && demoting.is_none() && !detach_asked && !c.eof && !b.eof {
+            demoting = judge_auto(&mut c, &sc, backend, &mut b, &sb, client, &mut pauses_seen);
+            if let Some(why) = demoting {
+                kernel.set_enabled(c.slot, false);
+                kernel.set_enabled(b.slot, false);
+                tracing::debug!(flow = flow.id, reason = why.code(), "offload auto: moving the flow to user space");
+            }
+        }
+        if let Some(why) = demoting {
+            // Every redirected byte in its peer's send queue, nothing held
+            // here: the relay takes over (passed bytes still unread stay in
+            // the sockets, in order).
+            if !c.eof && !b.eof && c.pending.is_empty() && b.pending.is_empty() {
+                if drained(kernel, &c, backend) && drained(kernel, &b, client) {
+                    return Outcome::ToUserspace(
+                        Resume {
+                            client_user_written: c.user_written,
+                            backend_user_written: b.user_written,
+                            client_sndbuf: c.sndbuf,
+                            backend_sndbuf: b.sndbuf,
+                        },
+                        why,
+                    );
+                }
+            } else if c.eof || b.eof {
+                // A side closed meanwhile: finish here, in the kernel path's
+                // user-space mode (the slots stay disabled).
+                demoting = None;
+                congested = true;
             }
         }
         if detach_asked {
@@ -313,7 +398,8 @@ pub async fn run(
         for (i, (end, read)) in [(&c, &mut c_read), (&b, &mut b_read)].into_iter().enumerate() {
             let s = kernel.slot(end.slot);
             let passes = passing(&s) || s.notified != 0;
-            let want = !end.eof && (!woken_by_ring || congested || !end.pending.is_empty() || passes);
+            let want =
+                !end.eof && (!woken_by_ring || congested || demoting.is_some() || !end.pending.is_empty() || passes);
             if passes
                 && !end.eof
                 && read.is_none()
@@ -342,6 +428,7 @@ pub async fn run(
         // is polled with a short, growing interval; otherwise sleep until an
         // event or the idle check.
         let waiting_on_drain = congested
+            || demoting.is_some()
             || [&c, &b].iter().any(|e| {
                 let s = kernel.slot(e.slot);
                 !e.pending.is_empty() || (e.eof && !e.fin_forwarded) || s.paused != 0 || s.passed > s.user_fwd
@@ -451,6 +538,14 @@ fn read_passed(end: &mut End<'_>, peer: &Sock) -> (Step, bool) {
             })
         };
         match read {
+            Ok(0) if !all_passed_read(end) => {
+                // The kernel reports EOF once the bytes it has handed over
+                // are read, but bytes it passed while its own queue in
+                // front of this socket held others wait in that queue until
+                // its worker moves them over: they come first.
+                tracing::debug!(side = %end.side, "EOF with passed bytes still in the sockmap's queue");
+                return (Step::Continue, true);
+            }
             Ok(0) => {
                 tracing::debug!(side = %end.side, "EOF");
                 end.eof = true;
@@ -462,6 +557,13 @@ fn read_passed(end: &mut End<'_>, peer: &Sock) -> (Step, bool) {
             Err(e) => return (Step::Done(reset(end.sock, peer, end.side, &e)), false),
         }
     }
+}
+
+/// Whether every byte the verdict passed on this socket has been read: those
+/// user space forwarded (`user_fwd`) and those it holds.
+fn all_passed_read(end: &End<'_>) -> bool {
+    let s = end.kernel.slot(end.slot);
+    s.user_fwd + (end.pending.len() - end.pending_off) as u64 >= s.passed
 }
 
 /// Writes the pending passed bytes to the peer; every byte redirected before
@@ -510,16 +612,20 @@ fn backlog_into(kernel: &KernelPath, end: &End<'_>, peer: &Sock) -> u64 {
 
 /// A socket that passes its bytes to user space must have an empty sockmap
 /// queue in front of its own send path: the kernel queues passed bytes
-/// behind that queue, uncharged, and the receive window would stay open.
-/// The queue is at most the flow's bound, so growing the socket's send
-/// buffer by that much lets the kernel move it into the send queue at once.
+/// behind that queue, uncharged, and the receive window would stay open
+/// (measured: with room for only part of the queue, 640 MB piled up in 10
+/// s behind it). The queue is at most the flow's bound, so growing the
+/// socket's send buffer by the whole share lets the kernel move it into
+/// the send queue at once. This is the one buffer that grows in front of a
+/// slow receiver too: bytes in it are charged and close the window, bytes
+/// behind it are not.
 fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End<'_>, bound: u64) {
     let stuck = backlog_into(kernel, other, passing.sock);
     if stuck == 0 {
         return;
     }
-    // At most the bound on top of the send buffer set at the splice.
-    let cap = bound + bound / 2 + (1 << 20);
+    // `bound` is the sockmap queue's, half the flow's share.
+    let cap = 3 * bound + (1 << 20);
     let want = (sys::outq(passing.sock).unwrap_or(0) + stuck + (1 << 20)).min(cap);
     // Never below what the other direction's passed bytes grew it to.
     if want > passing.sndbuf && sys::sndbuf(passing.sock).map_or(true, |have| have / 2 < want) {
@@ -540,24 +646,10 @@ fn make_room_for_passing(kernel: &KernelPath, passing: &mut End<'_>, other: &End
 /// (the peer's sending was limited by its window since the last turn), a
 /// bigger buffer would only hold more of the flow's bytes: leave it.
 fn grow_for_passed(end: &mut End<'_>, peer: &Sock, bound: u64) {
-    // The kernel keeps that time in ticks (4 ms here): judge over 20 ms at least.
-    const JUDGE_NS: u64 = 20_000_000;
-    let now = sys::monotonic_ns();
-    let limited = sys::tcp_info(peer).map_or(0, |i| i.rwnd_limited_us);
-    match end.peer_rwnd_sample {
-        Some((at, before)) if now.saturating_sub(at) >= JUDGE_NS => {
-            // Slow: limited by the receiver's window for a quarter of the time or more.
-            let limited_ns = limited.saturating_sub(before) * 1000;
-            end.peer_receiver_slow = limited_ns * 4 >= now - at;
-            end.peer_rwnd_sample = Some((now, limited));
-        }
-        Some(_) => {}
-        None => end.peer_rwnd_sample = Some((now, limited)),
-    }
-    if end.peer_receiver_slow {
+    if judge_receiver(end, peer) {
         return;
     }
-    let cap = bound + bound / 2 + (1 << 20);
+    let cap = sndbuf_cap(bound);
     let left = (end.pending.len() - end.pending_off) as u64;
     let want = (sys::outq(peer).unwrap_or(0) + left + 4 * CHUNK as u64).min(cap);
     if sys::sndbuf(peer).is_ok_and(|have| have / 2 < want) {
@@ -565,6 +657,81 @@ fn grow_for_passed(end: &mut End<'_>, peer: &Sock, bound: u64) {
             tracing::debug!(side = %end.side, "could not grow the peer's send buffer: {e}");
         }
     }
+}
+
+/// The most the supervisor grows a send buffer to, as given to
+/// SO_SNDBUFFORCE (the kernel doubles it): room for the sockmap's queue in
+/// front of it (the bound) and a chunk of passed bytes.
+fn sndbuf_cap(bound: u64) -> u64 {
+    (bound + (1 << 20)) / 2
+}
+
+/// Whether the receiver behind `peer` does not keep up: `peer`'s sending
+/// was limited by its receiver's window for a quarter of the time or more,
+/// judged over 20 ms at least (the kernel keeps that time in ticks, 4 ms
+/// here). Until a first judgment, the receiver counts as slow.
+fn judge_receiver(end: &mut End<'_>, peer: &Sock) -> bool {
+    const JUDGE_NS: u64 = 20_000_000;
+    let now = sys::monotonic_ns();
+    let limited = sys::tcp_info(peer).map_or(0, |i| i.rwnd_limited_us);
+    match end.peer_rwnd_sample {
+        Some((at, before)) if now.saturating_sub(at) >= JUDGE_NS => {
+            let limited_ns = limited.saturating_sub(before) * 1000;
+            end.peer_receiver_slow = limited_ns * 4 >= now - at;
+            end.peer_judged = true;
+            end.peer_rwnd_sample = Some((now, limited));
+        }
+        Some(_) => {}
+        None => end.peer_rwnd_sample = Some((now, limited)),
+    }
+    end.peer_receiver_slow
+}
+
+/// The pauses `offload: auto` has seen: the count at the last turn, and the
+/// current window (its start, and the count before it).
+struct Pauses {
+    window: Option<(u64, u64)>,
+    last: u64,
+}
+
+/// `offload: auto`: whether this flow is better relayed in user space, and
+/// why. A direction over its bound in front of a slow receiver would hold
+/// the sockmap's queue on top of what a relay holds; one that goes over its
+/// bound [`BEHIND_PAUSES`] times within [`BEHIND_WINDOW`] while its receiver
+/// keeps up moves faster relayed (the kernel's worker is what lags).
+fn judge_auto<'a>(
+    c: &mut End<'a>,
+    sc: &gateway_common::SockSlot,
+    backend: &Sock,
+    b: &mut End<'a>,
+    sb: &gateway_common::SockSlot,
+    client: &Sock,
+    pauses_seen: &mut Pauses,
+) -> Option<Demotion> {
+    let over = |s: &gateway_common::SockSlot| s.paused != 0 || s.passed > s.user_fwd;
+    for (end, s, peer) in [(c, sc, backend), (b, sb, client)] {
+        if over(s) {
+            let slow = judge_receiver(end, peer);
+            if end.peer_judged && slow {
+                return Some(Demotion::SlowReceiver);
+            }
+        }
+    }
+    let pauses = sc.pauses + sb.pauses;
+    if pauses > pauses_seen.last {
+        let now = sys::monotonic_ns();
+        let (start, base) = match pauses_seen.window {
+            Some((start, base)) if now.saturating_sub(start) <= BEHIND_WINDOW.as_nanos() as u64 => (start, base),
+            // A new window, from the count before these pauses.
+            _ => (now, pauses_seen.last),
+        };
+        pauses_seen.window = Some((start, base));
+        pauses_seen.last = pauses;
+        if pauses - base >= BEHIND_PAUSES {
+            return Some(Demotion::KernelBehind);
+        }
+    }
+    None
 }
 
 /// An RST sets the socket error. A socket that saw FIN both ways also ends up

@@ -66,6 +66,8 @@ pub struct ListenerStats {
     rejected: [AtomicU64; crate::limits::CAUSES.len()],
     connect_failures: Vec<AtomicU64>,
     closed: Mutex<Closed>,
+    /// `offload: auto` moves between the paths, by (to, reason).
+    switches: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// `gateway stats` for one listener.
@@ -86,6 +88,10 @@ pub struct ListenerReport {
     pub userspace_by_reason: BTreeMap<String, u64>,
     /// Flows spliced in the kernel (open and closed).
     pub kernel_flows: u64,
+    /// `offload: auto` moves of flows between the paths, by
+    /// `to-userspace: <reason>` / `to-kernel: <reason>`.
+    #[serde(default)]
+    pub path_switches: BTreeMap<String, u64>,
     pub bytes: Bytes,
     /// Share of the bytes the kernel moved, 0..1.
     pub kernel_share: f64,
@@ -110,7 +116,13 @@ impl ListenerStats {
             rejected: Default::default(),
             connect_failures: (0..backends).map(|_| AtomicU64::new(0)).collect(),
             closed: Mutex::new(Closed { backends: vec![BackendClosed::default(); backends], ..Default::default() }),
+            switches: Mutex::default(),
         }
+    }
+
+    /// A flow moved to `to` (`kernel`, `userspace`) for `reason`.
+    pub fn switched(&self, to: &str, reason: &str) {
+        *self.switches.lock().unwrap().entry((to.to_string(), reason.to_string())).or_default() += 1;
     }
 
     pub fn accepted(&self) {
@@ -197,6 +209,13 @@ impl ListenerStats {
             closed: c.by_cause.clone(),
             userspace_by_reason: userspace,
             kernel_flows,
+            path_switches: self
+                .switches
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|((to, why), n)| (format!("to-{to}: {why}"), *n))
+                .collect(),
             bytes,
             kernel_share: if bytes.total() == 0 { 0.0 } else { kernel_bytes as f64 / bytes.total() as f64 },
             backends: backends
@@ -287,6 +306,20 @@ pub fn prometheus(reports: &[ListenerReport], kernel_path: bool) -> String {
         "counter",
         "Flows spliced in the kernel.",
         reports.iter().map(|r| (l(r), r.kernel_flows)).collect(),
+    );
+    family(
+        "gateway_flow_path_switches_total",
+        "counter",
+        "Flows offload: auto moved between the kernel path and the user-space relay, by destination and reason.",
+        reports
+            .iter()
+            .flat_map(|r| {
+                r.path_switches.iter().map(move |(k, n)| {
+                    let (to, why) = k.strip_prefix("to-").and_then(|k| k.split_once(": ")).unwrap_or((k, ""));
+                    (format!("{},to=\"{}\",reason=\"{}\"", l(r), esc(to), esc(why)), *n)
+                })
+            })
+            .collect(),
     );
     let bytes_rows = |prefix: String, b: &Bytes| {
         vec![

@@ -362,6 +362,8 @@ struct Held {
     /// The gateway's largest sockmap queue (0 for nginx).
     queue: u64,
     sent: u64,
+    /// The flow's last path switch (`offload: auto`), as last sampled.
+    switch: Option<String>,
 }
 
 /// Pushes as fast as the path takes it into a 1 MB/s reader for `push`,
@@ -375,12 +377,14 @@ fn push_into_slow_reader(topo: &Topology, to: SocketAddr, gw: Option<&Gateway>, 
         let sampler = sc.spawn(|| {
             let mut h = Held::default();
             while !stop.load(Ordering::Relaxed) {
-                let queue = gw.map_or(0, |g| {
-                    g.flows()
-                        .iter()
-                        .map(|f| f["queued_client_to_backend"].as_u64().unwrap_or(0) + f["queued_backend_to_client"].as_u64().unwrap_or(0))
-                        .sum()
-                });
+                let flows = gw.map(|g| g.flows()).unwrap_or_default();
+                let queue = flows
+                    .iter()
+                    .map(|f| f["queued_client_to_backend"].as_u64().unwrap_or(0) + f["queued_backend_to_client"].as_u64().unwrap_or(0))
+                    .sum();
+                if let Some(sw) = flows.iter().find_map(|f| f["last_switch"].as_str()) {
+                    h.switch = Some(sw.to_string());
+                }
                 let (tcp, avail, in_use) = HostMem::now().growth_since(&base);
                 h.tcp_and_queues = h.tcp_and_queues.max(tcp + queue);
                 h.in_use = h.in_use.max(in_use);
@@ -415,8 +419,10 @@ struct SlowReader {
 /// The host's side of one kernel flow in front of a slow reader, against
 /// nginx carrying the same flow on the same hosts: with `max_queued_per_flow:
 /// 4MiB`, the gateway holds at most about twice the bound more than nginx.
-/// Measured from the host (sockstat, meminfo, per-CPU page lists), not only
-/// from the daemon's own counters.
+/// With `offload: auto` the flow moves to the relay (`slow-receiver`) and
+/// holds what nginx holds, give or take half the bound. Measured from the
+/// host (sockstat, meminfo, per-CPU page lists), not only from the daemon's
+/// own counters.
 #[test]
 fn kernel_flow_holds_about_what_nginx_holds() {
     if !require_root("kernel_flow_holds_about_what_nginx_holds") {
@@ -438,26 +444,33 @@ fn kernel_flow_holds_about_what_nginx_holds() {
     };
     let reader = SlowReader { slow, done: Mutex::new(rx) };
     let nginx = Nginx::stream(&topo, be.addr);
+    let listeners = format!(
+        "{}  - name: a\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    offload: auto\n",
+        listener_yaml(be.addr),
+        be.addr
+    );
     let gw = Gateway::start(
         &topo,
-        &GatewayConfig { listeners: listener_yaml(be.addr), extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into() },
+        &GatewayConfig { listeners, extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into() },
     );
     // Three each, interleaved; medians count (what nginx holds for the same
     // push varies by 2x from run to run with TCP's autotuning).
-    let mut n = Vec::new();
-    let mut g = Vec::new();
+    let (mut n, mut g, mut a) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
         n.push(push_into_slow_reader(&topo, nginx.addr, None, PUSH, &reader));
         gw.wait_idle();
         g.push(push_into_slow_reader(&topo, gw.listener("t"), Some(&gw), PUSH, &reader));
         gw.wait_idle();
+        a.push(push_into_slow_reader(&topo, gw.listener("a"), Some(&gw), PUSH, &reader));
+        gw.wait_idle();
     }
     let mib = |b: u64| b as f64 / MIB as f64;
-    for (who, runs) in [("nginx", &n), ("gateway", &g)] {
+    for (who, runs) in [("nginx", &n), ("kernel", &g), ("auto", &a)] {
         for h in runs.iter() {
             eprintln!(
-                "{who:8} sent {:6.1} MiB; TCP memory + sockmap queues {:5.1} MiB (queue {:4.1}); taken {:5.1} MiB; MemAvailable drop {:5.1} MiB (per-CPU page lists +{:5.1})",
-                mib(h.sent), mib(h.tcp_and_queues), mib(h.queue), mib(h.in_use), mib(h.available_drop), mib(h.pcp)
+                "{who:6} sent {:6.1} MiB; TCP memory + sockmap queues {:5.1} MiB (queue {:4.1}); taken {:5.1} MiB; MemAvailable drop {:5.1} MiB (per-CPU page lists +{:5.1}); {}",
+                mib(h.sent), mib(h.tcp_and_queues), mib(h.queue), mib(h.in_use), mib(h.available_drop), mib(h.pcp),
+                h.switch.as_deref().unwrap_or("no switch")
             );
         }
     }
@@ -485,5 +498,155 @@ fn kernel_flow_holds_about_what_nginx_holds() {
         mib(g_use),
         mib(n_use)
     );
+    // offload: auto moved every one of its flows to the relay, saying why,
+    // and then held about what nginx holds.
+    for h in &a {
+        assert_eq!(h.switch.as_deref(), Some("to-userspace: slow-receiver"), "{a:?}");
+    }
+    assert!(g.iter().all(|h| h.switch.is_none()), "offload: kernel flows never move: {g:?}");
+    let a_tcp = median(&a, |h| h.tcp_and_queues);
+    assert!(
+        a_tcp <= n_tcp + BOUND + MIB && a_tcp <= g_tcp + MIB,
+        "offload: auto grew the host's TCP memory by {:.1} MiB, nginx {:.1} MiB, offload: kernel {:.1} MiB",
+        mib(a_tcp),
+        mib(n_tcp),
+        mib(g_tcp)
+    );
+    let status = gw.stats();
+    let a_stats = status["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "a").unwrap().clone();
+    assert_eq!(a_stats["path_switches"]["to-userspace: slow-receiver"], 3, "{a_stats}");
     drop(nginx);
+}
+
+/// `offload: auto` both ways, with bytes checked across every move: an echo
+/// flow whose backend reads at 1 MB/s moves to the relay (`slow-receiver`);
+/// once the backend keeps up and the flow is light, it goes back to the
+/// kernel (`light`), where its next bytes are redirected again.
+#[test]
+fn auto_moves_a_flow_to_the_relay_and_back_with_every_byte() {
+    if !require_root("auto_moves_a_flow_to_the_relay_and_back_with_every_byte") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let topo = Topology::new();
+    let slow = Arc::new(AtomicBool::new(true));
+    // An echo backend that reads at 1 MB/s while `slow` is set.
+    let be = {
+        let slow = slow.clone();
+        Backend::spawn(&topo, move |mut s| {
+            let mut buf = vec![0u8; 64 * 1024];
+            let t0 = Instant::now();
+            let mut off = 0u64;
+            loop {
+                let slow_now = slow.load(Ordering::Relaxed);
+                let chunk = if slow_now { (MIB / 50) as usize } else { buf.len() };
+                let n = match s.read(&mut buf[..chunk]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                off += n as u64;
+                if slow_now {
+                    // Pace the reader (the workload, not synchronisation).
+                    let due = t0 + Duration::from_secs_f64(off as f64 / MIB as f64);
+                    if let Some(d) = due.checked_duration_since(Instant::now()) {
+                        thread::sleep(d);
+                    }
+                }
+            }
+            let _ = s.shutdown(Shutdown::Write);
+        })
+    };
+    let gw = Gateway::start(
+        &topo,
+        &GatewayConfig {
+            listeners: format!(
+                "  - name: a\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    idle_timeout: 1m\n",
+                be.addr
+            ),
+            extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into(),
+        },
+    );
+    let s = topo.connect(gw.listener("a")).unwrap();
+    // The client reads the echo, checking it, on a thread of its own.
+    let echoed = Arc::new(AtomicU64::new(0));
+    let reader = {
+        let (r, echoed) = (s.try_clone().unwrap(), echoed.clone());
+        thread::spawn(move || {
+            let mut r = r;
+            r.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let (mut buf, mut want) = (vec![0u8; 64 * 1024], vec![0u8; 64 * 1024]);
+            let mut off = 0u64;
+            loop {
+                let n = r.read(&mut buf).map_err(|e| format!("client read at {off}: {e}"))?;
+                if n == 0 {
+                    return Ok::<u64, String>(off);
+                }
+                Pattern(9).fill(off, &mut want[..n]);
+                if buf[..n] != want[..n] {
+                    return Err(format!("echo differs at byte {}", off + (0..n).find(|&i| buf[i] != want[i]).unwrap() as u64));
+                }
+                off += n as u64;
+                echoed.store(off, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut w = s.try_clone().unwrap();
+    w.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    let mut sent = 0u64;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut push = |w: &mut TcpStream, sent: &mut u64, until: &dyn Fn(&Value) -> bool, limit: Duration| -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            Pattern(9).fill(*sent, &mut chunk);
+            match w.write(&chunk) {
+                Ok(n) => *sent += n as u64,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => panic!("client write failed after {sent} bytes: {e}"),
+            }
+            let f = gw.flows().into_iter().find(|f| f["listener"] == "a");
+            if let Some(f) = f.filter(|f| until(f)) {
+                return f;
+            }
+            assert!(Instant::now() < deadline, "no such flow after {limit:?}: {:?}", gw.flows());
+        }
+    };
+    // 1. Over its bound in front of a slow reader: relayed.
+    let f = push(&mut w, &mut sent, &|f| f["path"] == "userspace", Duration::from_secs(30));
+    assert_eq!(f["fallback_code"], "slow-receiver", "{f}");
+    assert_eq!(f["last_switch"], "to-userspace: slow-receiver", "{f}");
+    let kernel_before = f["kernel_bytes_client_to_backend"].as_u64().unwrap();
+    assert!(kernel_before > 0, "the flow never used the kernel path: {f}");
+    // 2. The reader keeps up and the client pauses: light, so back to the kernel.
+    slow.store(false, Ordering::Relaxed);
+    let f = gw.wait_flow("the flow back on the kernel path", |f| f["listener"] == "a" && f["path"] == "kernel");
+    assert_eq!(f["last_switch"], "to-kernel: light", "{f}");
+    assert_eq!(f["path_switches"], 2, "{f}");
+    // 3. More bytes: redirected by the kernel again, echoed intact.
+    let before = sent;
+    while sent < before + 4 * MIB {
+        Pattern(9).fill(sent, &mut chunk);
+        match w.write(&chunk) {
+            Ok(n) => sent += n as u64,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => panic!("client write failed after {sent} bytes: {e}"),
+        }
+    }
+    w.shutdown(Shutdown::Write).unwrap();
+    let got = reader.join().unwrap().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(got, sent, "echoed {got} of {sent} bytes");
+    let stats = gw.stats();
+    let l = &stats["listeners"][0];
+    eprintln!("switches: {}; bytes: {}", l["path_switches"], l["bytes"]);
+    assert_eq!(l["path_switches"]["to-userspace: slow-receiver"], 1, "{l}");
+    assert_eq!(l["path_switches"]["to-kernel: light"], 1, "{l}");
+    let kernel_after = l["bytes"]["kernel_client_to_backend"].as_u64().unwrap();
+    assert!(
+        kernel_after > kernel_before + MIB / 2,
+        "after the return, the kernel moved only {} bytes",
+        kernel_after - kernel_before
+    );
+    gw.wait_idle();
 }

@@ -72,15 +72,18 @@ fn passthrough_websockets_ride_the_kernel_path() {
     assert_eq!((r["close_code"].as_u64(), r["close_reason"].as_str()), (Some(4000), Some("see you")), "{r}");
     gw.wait_idle();
 
-    // The kernel carried the frames: its counters cover every payload byte
-    // each way, and the daemon itself copied almost nothing (the heads go
-    // through hyper, not through these counters).
+    // The kernel path carried the frames: its counters cover every payload
+    // byte each way, most of them redirected by the verdict; the daemon
+    // copies only what flow control passed it while a 16 MiB message echoed
+    // both ways put a direction over its bound (the heads go through hyper,
+    // not through these counters), never more than the kernel moved.
     let s = listener_stats(&gw, "chat");
     let b = |k: &str| s["bytes"][k].as_u64().unwrap();
     assert_eq!(s["kernel_flows"], 1, "{s}");
     for dir in ["client_to_backend", "backend_to_client"] {
-        assert!(b(&format!("kernel_{dir}")) >= bytes, "kernel bytes {dir} below the {bytes} payload bytes: {s}");
-        assert!(b(&format!("user_{dir}")) < 64 * 1024, "the daemon copied {dir} bytes: {s}");
+        let (kernel, user) = (b(&format!("kernel_{dir}")), b(&format!("user_{dir}")));
+        assert!(kernel + user >= bytes, "{dir}: kernel + user bytes below the {bytes} payload bytes: {s}");
+        assert!(kernel > user, "{dir}: the daemon copied more than the kernel redirected: {s}");
     }
 
     // Node client: subprotocol and permessage-deflate are negotiated by the
