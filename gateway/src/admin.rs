@@ -48,6 +48,10 @@ pub struct Status {
     pub kernel_wakeups: u64,
     #[serde(default)]
     pub kernel_late_wakeups: u64,
+    /// Reads of the wake-up ring that found it nearly full: records may have
+    /// been lost, so every kernel flow re-checked its sockets.
+    #[serde(default)]
+    pub kernel_wake_overflows: u64,
     /// `kernel.pin_path`, while the maps and the verdict are pinned there.
     #[serde(default)]
     pub pinned_at: Option<String>,
@@ -189,7 +193,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
         }
         "status" => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
-            let (woken, late) = daemon.kernel.as_ref().map_or((0, 0), |k| k.wakeups());
+            let (woken, late, overflows) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.wakeups());
             serde_json::to_vec(&Status {
                 pid: std::process::id(),
                 kernel_path: daemon.kernel.is_some(),
@@ -204,6 +208,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_slots_in_use: u,
                 kernel_wakeups: woken,
                 kernel_late_wakeups: late,
+                kernel_wake_overflows: overflows,
                 pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()

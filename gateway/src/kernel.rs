@@ -622,10 +622,12 @@ impl KernelPath {
         (socks, index, self.slots.len as usize - maps.free.len())
     }
 
-    /// WAKE records read, and passes noticed only at a periodic check.
-    pub fn wakeups(&self) -> (u64, u64) {
+    /// WAKE records read, passes noticed only at a periodic check, and reads
+    /// that found the ring nearly full (every flow re-checked).
+    pub fn wakeups(&self) -> (u64, u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.wakeups.delivered.load(Relaxed), self.wakeups.late.load(Relaxed))
+        let w = &self.wakeups;
+        (w.delivered.load(Relaxed), w.late.load(Relaxed), w.overflows.load(Relaxed))
     }
 
     /// Whether this daemon reads the verdict's wake-ups (see [`crate::wake`]).

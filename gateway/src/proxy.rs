@@ -468,7 +468,7 @@ pub async fn forward(
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
             let (client, backend) = (Conn::Plain(client), Conn::Plain(backend));
-            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
+            let Some(cause) = Box::pin(relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout)).await else {
                 return CloseCause::HandedOver;
             };
             retire(flow, Some(idx), &cause, rt, daemon);
@@ -527,7 +527,7 @@ async fn supervise(
                 }
                 // Too late: the flows have gone; this one ends here.
                 let (c, b) = socks.as_ref().unwrap();
-                return match splice::run(k, s, c, b, flow, idle, None, Some(&r), false).await {
+                return match Box::pin(splice::run(k, s, c, b, flow, idle, None, Some(&r), false)).await {
                     splice::Outcome::Closed(cause) => Some(cause),
                     _ => unreachable!("no detach without a receiver, no move without auto"),
                 };
@@ -542,7 +542,9 @@ async fn supervise(
                         reason: why.reason().to_string(),
                         code: why.code(),
                     },
-                    false => crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot },
+                    false => {
+                        crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot }
+                    }
                 };
                 flow.switch_path(path(true), format!("to-userspace: {}", why.code()));
                 stats.switched("userspace", why.code());
@@ -558,8 +560,10 @@ async fn supervise(
                 };
                 let user = |f: &crate::flows::Flow| (f.user_c2b.load(Relaxed), f.user_b2c.load(Relaxed));
                 let before = user(flow);
-                let (client, backend, back_why) = match relay_demoted(daemon, k, s, client, backend, flow, idle, light_for).await
-                {
+                // Boxed, as the other rare turns: a flow on the kernel path
+                // holds only what that path needs.
+                let relayed = Box::pin(relay_demoted(daemon, k, s, client, backend, flow, idle, light_for));
+                let (client, backend, back_why) = match relayed.await {
                     Relayed::Closed(cause) => return Some(cause),
                     Relayed::Back(c, b, w) => (c, b, w),
                 };

@@ -158,7 +158,13 @@ async fn drive(
     let (mut c2b_done, mut b2c_done) = (false, false);
     let mut detach_asked = false;
     let mut first_closed = None;
-    let tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(50));
+    // The idle check sleeps until the flow's idle deadline, not on a fixed
+    // tick: held, quiet flows cost nothing (a one-second tick was 3.5% of a
+    // CPU at 2,000 held WebSockets).
+    let until_idle = || {
+        let deadline = flow.user_last_ns.load(Relaxed).saturating_add(idle.as_nanos() as u64);
+        Duration::from_nanos(deadline.saturating_sub(sys::monotonic_ns())).max(Duration::from_millis(50))
+    };
     let abort = |by: Side| {
         // Reset the other side, as the peer reset us: SO_LINGER 0 then close.
         sys::set_linger_zero(cfd);
@@ -181,7 +187,7 @@ async fn drive(
                     Err(by) => return Some(abort(by)),
                 }
             }
-            () = tokio::time::sleep(tick) => {
+            () = tokio::time::sleep(until_idle()) => {
                 let last = flow.user_last_ns.load(Relaxed);
                 if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
                     return Some(CloseCause::IdleTimeout);

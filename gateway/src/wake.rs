@@ -8,15 +8,20 @@
 //! user space. The rest of the time the supervisor waits for what a
 //! redirect never produces:
 //! - hang-up and error (`EPOLLRDHUP`, `EPOLLHUP`, `EPOLLERR`), for the FIN
-//!   and RST it forwards: each flow has an epoll set of its own with its two
-//!   sockets, registered with the runtime;
+//!   and RST it forwards;
 //! - a record in the verdict's `WAKE` ring buffer, where it writes a socket's
 //!   slot when that socket starts passing bytes (see
-//!   [`gateway_common::SockSlot::notified`]). One thread reads the ring and
-//!   wakes the flow that owns the slot.
+//!   [`gateway_common::SockSlot::notified`]).
 //!
-//! A pass found at a flow's periodic check (at most a second later) with no
-//! record read for it is counted (`kernel_late_wakeups` in `gateway status`).
+//! One thread waits for both in one epoll set (the ring and every watched
+//! socket, edge-triggered, keyed by slot) and wakes the flow that owns the
+//! slot. A flow thus holds no descriptor beyond its two sockets (it had an
+//! epoll set of its own, a third: 6,000 held WebSockets took 18,000 of the
+//! 20,000 a process may open here) and no timer beyond its idle deadline.
+//! When one read of the ring finds it nearly full, records may have been
+//! lost, and every flow re-checks. A pass found at a flow's periodic check
+//! with no record read for it is still counted (`kernel_late_wakeups` in
+//! `gateway status`).
 //! The dispatcher is a thread of its own: as a task, behind 200 busy flows,
 //! it ran late enough that up to 46 of about 380 passes were found that way;
 //! as a thread, none in ten runs.
@@ -34,7 +39,8 @@ use std::{
 };
 
 use aya::maps::{Map, MapData, RingBuf};
-use tokio::{io::unix::AsyncFd, sync::Notify};
+use gateway_common::WAKE_RING_BYTES;
+use tokio::sync::Notify;
 
 enum Ring {
     /// Not read yet (a predecessor still reads it: hot upgrade). The reader
@@ -59,6 +65,10 @@ pub struct Wakeups {
     /// check with no wake-up come for it: `gateway status` shows both.
     pub delivered: AtomicU64,
     pub late: AtomicU64,
+    /// Reads of the ring that found it nearly full (every flow re-checked).
+    pub overflows: AtomicU64,
+    /// The dispatcher stopped: hang-ups are found by polling.
+    hangups_lost: AtomicBool,
 }
 
 struct Waiter {
@@ -79,10 +89,15 @@ pub struct Watch {
     wakeups: Arc<Wakeups>,
     slots: [u32; 2],
     waiter: Arc<Waiter>,
-    /// The flow's own epoll set, with its two sockets, registered with the
-    /// runtime: a FIN or RST reaches the flow's task directly.
-    hangups: Option<AsyncFd<OwnedFd>>,
+    /// The sockets in the dispatcher's set (taken out on drop).
+    fds: Vec<RawFd>,
 }
+
+/// The dispatcher's token for the ring; a socket's is its slot + 1.
+const RING_TOKEN: u64 = 0;
+
+/// One record in the ring: an 8-byte header and the 4-byte slot, padded to 8.
+const RECORD_BYTES: usize = 16;
 
 fn new_epoll() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the fd it returns is ours alone.
@@ -116,6 +131,8 @@ impl Wakeups {
             started: OnceLock::new(),
             delivered: AtomicU64::new(0),
             late: AtomicU64::new(0),
+            overflows: AtomicU64::new(0),
+            hangups_lost: AtomicBool::new(false),
         }))
     }
 
@@ -130,7 +147,13 @@ impl Wakeups {
             }
         };
         let reader = RingBuf::try_from(Map::RingBuf(data)).map_err(io::Error::other)?;
-        epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, reader.as_raw_fd(), (libc::EPOLLIN | libc::EPOLLET) as u32, 0)?;
+        epoll_ctl(
+            &self.epoll,
+            libc::EPOLL_CTL_ADD,
+            reader.as_raw_fd(),
+            (libc::EPOLLIN | libc::EPOLLET) as u32,
+            RING_TOKEN,
+        )?;
         *ring = Ring::Reading(reader);
         self.reading.store(true, SeqCst);
         drop(ring);
@@ -173,6 +196,7 @@ impl Wakeups {
             let me = Arc::clone(self);
             if let Err(e) = std::thread::Builder::new().name("gateway-wake".into()).spawn(move || me.dispatch()) {
                 tracing::error!("cannot start the wake-up thread: {e}; spliced sockets are watched for readability");
+                self.hangups_lost.store(true, SeqCst);
                 self.stop_reading();
             }
         });
@@ -183,45 +207,65 @@ impl Wakeups {
                 waiters.insert(s, Arc::clone(&waiter));
             }
         }
-        // Dropping the watch (as on an error below) unregisters the waiter.
-        let mut watch = Watch { wakeups: Arc::clone(self), slots, waiter, hangups: None };
-        let set = new_epoll()?;
+        // Dropping the watch (as on an error below) unregisters the waiter
+        // and the sockets added so far.
+        let mut watch = Watch { wakeups: Arc::clone(self), slots, waiter, fds: Vec::with_capacity(2) };
         for (fd, slot) in fds.into_iter().zip(slots) {
             // Edge-triggered: one event per hang-up or error, never one per skb.
-            epoll_ctl(&set, libc::EPOLL_CTL_ADD, fd, (libc::EPOLLRDHUP | libc::EPOLLET) as u32, slot.into())?;
+            let events = (libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+            epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, events, u64::from(slot) + 1)?;
+            watch.fds.push(fd);
         }
-        // SAFETY: the AsyncFd owns the set; closing it drops its registrations.
-        watch.hangups = Some(unsafe { AsyncFd::register(set) }.map_err(|e| e.into_parts().1)?);
         Ok(watch)
     }
 
-    /// The dispatcher's thread: it blocks in epoll_wait (the set holds only
-    /// the ring), so a wake-up reaches its flow however busy the runtime is
-    /// (a task in the runtime waited behind hundreds of busy flows, up to a
-    /// second).
+    /// The dispatcher's thread: it blocks in epoll_wait, so a wake-up
+    /// reaches its flow however busy the runtime is (a task in the runtime
+    /// waited behind hundreds of busy flows, up to a second).
     fn dispatch(&self) {
-        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
         let mut slots = Vec::new();
         loop {
-            // SAFETY: `event` has room for the one event asked for.
-            if unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), &mut event, 1, -1) } < 0 {
+            // SAFETY: `events` has room for the number asked for.
+            let n = unsafe { libc::epoll_wait(self.epoll.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, -1) };
+            if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("epoll_wait on the WAKE ring: {e}; spliced sockets are watched for readability");
+                    // Hang-ups are no longer dispatched: every flow polls.
+                    self.hangups_lost.store(true, SeqCst);
                     self.stop_reading();
                     return;
                 }
                 continue;
             }
             slots.clear();
+            let mut ring_ready = false;
+            for ev in &events[..n as usize] {
+                match ev.u64 {
+                    RING_TOKEN => ring_ready = true,
+                    token => slots.push((token - 1) as u32),
+                }
+            }
             // The ring is read to its end at every turn.
-            if let Ring::Reading(reader) = &mut *self.ring.lock().unwrap() {
-                while let Some(item) = reader.next() {
-                    if let Ok(b) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
-                        self.delivered.fetch_add(1, Relaxed);
-                        slots.push(u32::from_ne_bytes(b));
+            let mut records = 0;
+            if ring_ready {
+                if let Ring::Reading(reader) = &mut *self.ring.lock().unwrap() {
+                    while let Some(item) = reader.next() {
+                        if let Ok(b) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
+                            records += 1;
+                            slots.push(u32::from_ne_bytes(b));
+                        }
                     }
                 }
+                self.delivered.fetch_add(records as u64, Relaxed);
+            }
+            // Nearly full: the verdict may have found no room for a record
+            // (it tries again at that socket's next pass, which may not come).
+            if (records + 1) * RECORD_BYTES >= WAKE_RING_BYTES as usize {
+                self.overflows.fetch_add(1, Relaxed);
+                self.wake_all();
+                continue;
             }
             let waiters = self.waiters.lock().unwrap();
             for s in &slots {
@@ -237,26 +281,14 @@ impl Watch {
     /// Resolves at the next hang-up, error or wake-up of either socket (or
     /// at once, if one came since the last call).
     pub async fn woken(&self) {
-        let hangup = async {
-            let Some(set) = &self.hangups else { return std::future::pending().await };
-            match set.readable().await {
-                Ok(mut ready) => {
-                    // Take the (edge-triggered) events; the caller reads the sockets.
-                    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 2];
-                    // SAFETY: `events` has room for its length; timeout 0 never blocks.
-                    let n = unsafe { libc::epoll_wait(set.as_raw_fd(), events.as_mut_ptr(), 2, 0) };
-                    if n < 2 {
-                        ready.clear_ready();
-                    }
-                }
-                // The set can't be polled: the periodic check finds a hang-up.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            () = self.waiter.notify.notified() => self.waiter.arrived.store(false, SeqCst),
-            () = hangup => {}
-        }
+        self.waiter.notify.notified().await;
+        self.waiter.arrived.store(false, SeqCst);
+    }
+
+    /// Whether hang-ups still reach [`Watch::woken`]; if not, the flow's
+    /// periodic check must find them.
+    pub fn dispatched(&self) -> bool {
+        !self.wakeups.hangups_lost.load(SeqCst)
     }
 
     /// A wake-up came that [`Watch::woken`] has not yet taken.
@@ -267,6 +299,9 @@ impl Watch {
 
 impl Drop for Watch {
     fn drop(&mut self) {
+        for fd in &self.fds {
+            let _ = epoll_ctl(&self.wakeups.epoll, libc::EPOLL_CTL_DEL, *fd, 0, 0);
+        }
         let mut waiters = self.wakeups.waiters.lock().unwrap();
         for s in self.slots {
             if waiters.get(&s).is_some_and(|w| Arc::ptr_eq(w, &self.waiter)) {

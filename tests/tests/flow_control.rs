@@ -368,7 +368,13 @@ struct Held {
 
 /// Pushes as fast as the path takes it into a 1 MB/s reader for `push`,
 /// sampling the host's memory; then lets the reader drain and checks every byte.
-fn push_into_slow_reader(topo: &Topology, to: SocketAddr, gw: Option<&Gateway>, push: Duration, reader: &SlowReader) -> Held {
+fn push_into_slow_reader(
+    topo: &Topology,
+    to: SocketAddr,
+    gw: Option<&Gateway>,
+    push: Duration,
+    reader: &SlowReader,
+) -> Held {
     reader.slow.store(true, Ordering::Relaxed);
     let base = HostMem::now();
     let s = topo.connect(to).unwrap();
@@ -380,7 +386,10 @@ fn push_into_slow_reader(topo: &Topology, to: SocketAddr, gw: Option<&Gateway>, 
                 let flows = gw.map(|g| g.flows()).unwrap_or_default();
                 let queue = flows
                     .iter()
-                    .map(|f| f["queued_client_to_backend"].as_u64().unwrap_or(0) + f["queued_backend_to_client"].as_u64().unwrap_or(0))
+                    .map(|f| {
+                        f["queued_client_to_backend"].as_u64().unwrap_or(0)
+                            + f["queued_backend_to_client"].as_u64().unwrap_or(0)
+                    })
                     .sum();
                 if let Some(sw) = flows.iter().find_map(|f| f["last_switch"].as_str()) {
                     h.switch = Some(sw.to_string());
@@ -449,10 +458,8 @@ fn kernel_flow_holds_about_what_nginx_holds() {
         listener_yaml(be.addr),
         be.addr
     );
-    let gw = Gateway::start(
-        &topo,
-        &GatewayConfig { listeners, extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into() },
-    );
+    let gw =
+        Gateway::start(&topo, &GatewayConfig { listeners, extra: "kernel:\n  max_queued_per_flow: 4MiB\n".into() });
     // Three each, interleaved; medians count (what nginx holds for the same
     // push varies by 2x from run to run with TCP's autotuning).
     let (mut n, mut g, mut a) = (Vec::new(), Vec::new(), Vec::new());
@@ -586,7 +593,10 @@ fn auto_moves_a_flow_to_the_relay_and_back_with_every_byte() {
                 }
                 Pattern(9).fill(off, &mut want[..n]);
                 if buf[..n] != want[..n] {
-                    return Err(format!("echo differs at byte {}", off + (0..n).find(|&i| buf[i] != want[i]).unwrap() as u64));
+                    return Err(format!(
+                        "echo differs at byte {}",
+                        off + (0..n).find(|&i| buf[i] != want[i]).unwrap() as u64
+                    ));
                 }
                 off += n as u64;
                 echoed.store(off, Ordering::Relaxed);
