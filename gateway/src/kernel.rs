@@ -226,8 +226,12 @@ pub struct FlowControl {
     pub total: u64,
 }
 
-/// No flow gets a bound below this; past it, new flows stay in user space.
-pub const MIN_HIGH_WATER: u64 = 128 * 1024;
+/// No flow gets a share below this; past it, new flows stay in user space.
+/// The smallest `max_queued_per_flow` allowed, so that the default cap (1
+/// GiB) has room for the default `max_flows` (8,192); at 128 KiB, half the
+/// map could never be used and the 4,097th held WebSocket was relayed (or,
+/// with `offload: kernel`, closed).
+pub const MIN_HIGH_WATER: u64 = 64 * 1024;
 
 impl FlowControl {
     /// The per-direction bound when `flows` kernel flows share the total:
