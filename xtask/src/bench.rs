@@ -175,20 +175,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     } else {
         Opts { reps: 3, bulk_secs: 3, rr_secs: 2.0, crr_secs: 2.0 }
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the benchmark needs root (network namespace, BPF); run it as root");
-    }
-    let status = Command::new(root.join("scripts/setup.sh")).arg("--bench").status()?;
-    if !status.success() {
-        bail!("scripts/setup.sh --bench failed");
-    }
-    let bin = root.join("target/release/gateway");
-    let ns = format!("gwbench{}", std::process::id());
-    let work = std::env::temp_dir().join(format!("gateway-bench-{}", std::process::id()));
-    fs::create_dir_all(&work)?;
-    let _ns = Netns::create(&ns)?;
-    enter_netns(&ns)?;
+    let (bin, work, ns) = prepare(root, "bench")?;
 
     let mut procs = Procs::default();
     let ports = Ports {
@@ -268,7 +255,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     start_nginx(&ports, &work, &kit, &mut procs)?;
     start_envoy(&ports, &work, &kit, &mut procs)?;
     // The three-host placement: client and backend hosts of their own.
-    let mut hosts = bench_place::Hosts::create(&ns)?;
+    let mut hosts = bench_place::Hosts::create(&ns.0)?;
     hosts.serve("tcp-echo", ports.far_backend(), &work)?;
     hosts.serve("ws-echo", ports.far_ws_backend(), &work)?;
     for t in TARGETS {
@@ -1488,6 +1475,27 @@ fn start_envoy(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
         ]),
         work,
     )
+}
+
+/// What every benchmark starts with: root, the peers installed
+/// (`scripts/setup.sh --bench`), a work directory, and this process in a
+/// network namespace of its own (deleted when the returned guard drops).
+/// Returns the release daemon's path too.
+pub(crate) fn prepare(root: &Path, tag: &str) -> Result<(PathBuf, PathBuf, Netns)> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the {tag} benchmark needs root (network namespace, BPF); run it as root");
+    }
+    let status = Command::new(root.join("scripts/setup.sh")).arg("--bench").status()?;
+    if !status.success() {
+        bail!("scripts/setup.sh --bench failed");
+    }
+    let ns = format!("gw{tag}{}", std::process::id());
+    let work = std::env::temp_dir().join(format!("gateway-{tag}-{}", std::process::id()));
+    fs::create_dir_all(&work)?;
+    let guard = Netns::create(&ns)?;
+    enter_netns(&ns)?;
+    Ok((root.join("target/release/gateway"), work, guard))
 }
 
 /// A network namespace, deleted on drop.

@@ -23,7 +23,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 use crate::{
-    bench::{floor_line, median, Netns, Procs},
+    bench::{floor_line, median, Procs},
     bench_ws,
 };
 
@@ -85,20 +85,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     {
         bail!("--conns is 1..9000, --interval > 0, --secs 10..600, --reps 1..5");
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("the density bench needs root (network namespace, BPF); run it as root");
-    }
-    let status = Command::new(root.join("scripts/setup.sh")).arg("--bench").status()?;
-    if !status.success() {
-        bail!("scripts/setup.sh --bench failed");
-    }
-    let bin = root.join("target/release/gateway");
-    let ns = format!("gwdense{}", std::process::id());
-    let work = std::env::temp_dir().join(format!("gateway-density-{}", std::process::id()));
-    fs::create_dir_all(&work)?;
-    let _ns = Netns::create(&ns)?;
-    crate::bench::enter_netns(&ns)?;
+    let (bin, work, _ns) = crate::bench::prepare(root, "density")?;
     raise_nofile();
 
     let me = std::env::current_exe()?;

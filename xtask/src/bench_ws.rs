@@ -268,12 +268,20 @@ pub fn render(samples: &[WsSample]) -> String {
     );
     let spread = |v: &[f64]| {
         let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
-        if v.len() < 2 { format!("{:.1}", median(v)) } else { format!("{:.1} [{lo:.1}-{hi:.1}]", median(v)) }
+        if v.len() < 2 {
+            format!("{:.1}", median(v))
+        } else {
+            format!("{:.1} [{lo:.1}-{hi:.1}]", median(v))
+        }
     };
     let _ = (dp, dpp);
     for (t, s) in WS_TARGETS.iter().zip(samples) {
         let u = median(&s.upgrades);
-        let far = if s.far_p50.is_empty() { "-".to_string() } else { format!("{} / {:.1}", spread(&s.far_p50), median(&s.far_p99)) };
+        let far = if s.far_p50.is_empty() {
+            "-".to_string()
+        } else {
+            format!("{} / {:.1}", spread(&s.far_p50), median(&s.far_p99))
+        };
         o += &format!(
             "| {} | {u:.0} ({:.2}) | {} / {:.1} | {} / {:.1} | {} / {:.1} | {far} |\n",
             t.name(),
