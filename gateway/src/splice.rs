@@ -703,17 +703,28 @@ fn judge_receiver(end: &mut End<'_>, peer: &Sock) -> bool {
 }
 
 /// The pauses `offload: auto` has seen: the count at the last turn, and the
-/// current window (its start, and the count before it).
+/// current window.
 struct Pauses {
-    window: Option<(u64, u64)>,
+    window: Option<Window>,
     last: u64,
+}
+
+/// A window of pauses: when it started, the count before it, and how long
+/// each peer's sending had been limited by its receiver's window (µs) then.
+#[derive(Clone, Copy)]
+struct Window {
+    start: u64,
+    base: u64,
+    limited_us: [u64; 2],
 }
 
 /// `offload: auto`: whether this flow is better relayed in user space, and
 /// why. A direction over its bound in front of a slow receiver would hold
 /// the sockmap's queue on top of what a relay holds; one that goes over its
 /// bound [`BEHIND_PAUSES`] times within [`BEHIND_WINDOW`] while its receiver
-/// keeps up moves faster relayed (the kernel's worker is what lags).
+/// keeps up moves faster relayed (the kernel's worker is what lags). Which of
+/// the two it is gets judged over the whole window at the end: one 20 ms
+/// sample can fall in a moment the slow reader caught up.
 fn judge_auto<'a>(
     c: &mut End<'a>,
     sc: &gateway_common::SockSlot,
@@ -735,15 +746,20 @@ fn judge_auto<'a>(
     let pauses = sc.pauses + sb.pauses;
     if pauses > pauses_seen.last {
         let now = sys::monotonic_ns();
-        let (start, base) = match pauses_seen.window {
-            Some((start, base)) if now.saturating_sub(start) <= BEHIND_WINDOW.as_nanos() as u64 => (start, base),
+        let limited = |s: &Sock| sys::tcp_info(s).map_or(0, |i| i.rwnd_limited_us);
+        let limited_now = [limited(backend), limited(client)];
+        let w = match pauses_seen.window {
+            Some(w) if now.saturating_sub(w.start) <= BEHIND_WINDOW.as_nanos() as u64 => w,
             // A new window, from the count before these pauses.
-            _ => (now, pauses_seen.last),
+            _ => Window { start: now, base: pauses_seen.last, limited_us: limited_now },
         };
-        pauses_seen.window = Some((start, base));
+        pauses_seen.window = Some(w);
         pauses_seen.last = pauses;
-        if pauses - base >= BEHIND_PAUSES {
-            return Some(Demotion::KernelBehind);
+        let span_us = now.saturating_sub(w.start) / 1000;
+        // Under 20 ms says nothing about the receivers: wait for the next pause.
+        if pauses - w.base >= BEHIND_PAUSES && span_us >= 20_000 {
+            let slow = limited_now.iter().zip(w.limited_us).any(|(n, s)| n.saturating_sub(s) * 4 >= span_us);
+            return Some(if slow { Demotion::SlowReceiver } else { Demotion::KernelBehind });
         }
     }
     None
