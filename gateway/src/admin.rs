@@ -52,6 +52,9 @@ pub struct Status {
     /// been lost, so every kernel flow re-checked its sockets.
     #[serde(default)]
     pub kernel_wake_overflows: u64,
+    /// Threads of the user-space event loop (`workers`).
+    #[serde(default)]
+    pub workers: usize,
     /// `kernel.pin_path`, while the maps and the verdict are pinned there.
     #[serde(default)]
     pub pinned_at: Option<String>,
@@ -209,6 +212,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_wakeups: woken,
                 kernel_late_wakeups: late,
                 kernel_wake_overflows: overflows,
+                workers: tokio::runtime::Handle::current().metrics().num_workers(),
                 pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()

@@ -109,6 +109,7 @@ struct RawConfig {
     #[serde(default)]
     limits: RawLimits,
     drain_timeout: Option<Value>,
+    workers: Option<Value>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -783,6 +784,30 @@ pub struct Config {
     pub max_connections: Option<u64>,
     /// After SIGTERM/SIGINT, how long open flows may take to finish.
     pub drain_timeout: Duration,
+    /// Threads of the user-space event loop (`workers`).
+    pub workers: Workers,
+}
+
+/// How many threads run the user-space side (accept, connect, hand-off,
+/// HTTP, TLS, relayed flows). Read at start only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workers {
+    /// One per CPU this process may use, less one (at least one): the
+    /// kernel path's forwarding runs in softirq and the sockmap's kernel
+    /// worker, on CPUs the daemon's threads then leave free, and event loops
+    /// that wake each other across CPUs cost more per connection than they
+    /// add (measured on 2 CPUs; see README `workers`).
+    Auto,
+    Fixed(usize),
+}
+
+impl Workers {
+    pub fn resolve(self) -> usize {
+        match self {
+            Workers::Fixed(n) => n,
+            Workers::Auto => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+        }
+    }
 }
 
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -1267,6 +1292,15 @@ impl RawConfig {
             self.limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
         let drain_timeout =
             self.drain_timeout.as_ref().map_or(Some(DEFAULT_DRAIN_TIMEOUT), |v| e.duration("drain_timeout", v));
+        let workers = match &self.workers {
+            None => Some(Workers::Auto),
+            Some(v) if v.as_str() == Some("auto") => Some(Workers::Auto),
+            Some(v) if v.is_string() => {
+                e.push("workers", format_args!("{:?} is not `auto` or a whole number from 1 to 1024", v.as_str().unwrap()));
+                None
+            }
+            Some(v) => e.uint("workers", v, 1..=1024).map(|n| Workers::Fixed(n as usize)),
+        };
         let log_format = self.log.format.as_ref().map_or(Some(LogFormat::Plain), |v| {
             e.choice("log.format", v, &[("plain", LogFormat::Plain), ("json", LogFormat::Json)])
         });
@@ -1304,6 +1338,7 @@ impl RawConfig {
             },
             max_connections,
             drain_timeout: drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            workers: workers.unwrap_or(Workers::Auto),
             log: Log {
                 format: log_format.unwrap_or(LogFormat::Plain),
                 flow_interval: flow_interval.unwrap_or(DEFAULT_FLOW_LOG_INTERVAL),
@@ -1445,6 +1480,8 @@ admin:
         assert_rejected(&format!("{GOOD}limits:\n  max_connections: -1\n"), &["limits.max_connections"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_conns: 1\n"), &["limits", "unknown field `max_conns`"]);
         assert_rejected(&format!("{GOOD}drain_timeout: soon\n"), &["drain_timeout", "\"soon\""]);
+        assert_rejected(&format!("{GOOD}workers: 0\n"), &["workers", "0 is not a whole number from 1 to 1024"]);
+        assert_rejected(&format!("{GOOD}workers: many\n"), &["workers", "\"many\" is not `auto`"]);
         let c = parse(&with("    health:\n      failures: 2\n      eject_for: 10s\n      interval: 1s\n")).unwrap();
         assert_eq!(c.listeners[0].health.failures, 2);
         assert_eq!(c.listeners[0].health.interval, Some(Duration::from_secs(1)));

@@ -172,7 +172,11 @@ fn main() -> ExitCode {
             for w in cfg.warnings() {
                 warn!("{w}");
             }
-            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.workers.resolve())
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
             match rt.block_on(run(cfg, &config, takeover)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -359,7 +363,12 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));
     }
-    info!(admin = %cfg.admin.socket.display(), kernel_path = daemon.kernel.is_some(), "gateway running");
+    info!(
+        admin = %cfg.admin.socket.display(),
+        kernel_path = daemon.kernel.is_some(),
+        workers = cfg.workers.resolve(),
+        "gateway running"
+    );
     if let Some(t) = taken {
         let from = t.from_pid;
         // Blocking, briefly: a line each way, then the flows, on a local socket.

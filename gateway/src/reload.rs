@@ -131,6 +131,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
         ("log", format!("{:?}", cfg.log) != format!("{:?}", old.log)),
         ("limits", cfg.max_connections != old.max_connections),
         ("drain_timeout", cfg.drain_timeout != old.drain_timeout),
+        ("workers", cfg.workers != old.workers),
     ] {
         if changed {
             warn!("reload: changes to `{what}` take effect at the next restart");
