@@ -425,7 +425,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     };
     // Drain: stop accepting (the listening sockets close), let open flows
     // finish for up to drain_timeout; a second signal ends it at once.
-    daemon.listeners.stop_all();
+    daemon.listeners.stop_all().await;
     // Idle HTTP connections close; inspect-mode WebSockets get close 1001.
     daemon.shutdown.send_replace(true);
     let open = daemon.flows.len();

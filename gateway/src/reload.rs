@@ -31,16 +31,24 @@ pub type Slot = Arc<Mutex<Arc<ListenerRt>>>;
 pub struct Running {
     pub slot: Slot,
     pub bind: SocketAddr,
-    accept: JoinHandle<()>,
+    accept: Option<JoinHandle<()>>,
     checks: JoinHandle<()>,
-    /// A duplicate of the listening socket, for a hot upgrade's handover.
-    sock: std::os::fd::OwnedFd,
+    /// A duplicate of the listening socket, for a hot upgrade's handover;
+    /// gone once the listener stops.
+    sock: Option<std::os::fd::OwnedFd>,
 }
 
 impl Running {
-    fn stop(&self) {
-        self.accept.abort();
+    /// Stops accepting: the accept loop ends, and with it and the duplicate
+    /// this process's last descriptors of the listening socket. Unless a
+    /// successor holds it too, the socket closes and new clients are
+    /// refused. Returns the accept loop, to wait for its end.
+    fn stop(&mut self) -> Option<JoinHandle<()>> {
         self.checks.abort();
+        self.sock = None;
+        let accept = self.accept.take()?;
+        accept.abort();
+        Some(accept)
     }
 }
 
@@ -65,17 +73,24 @@ impl Listeners {
         let mut offered = Vec::new();
         let mut fds = Vec::new();
         for (name, r) in run.iter() {
-            fds.push(r.sock.try_clone()?);
+            let Some(sock) = &r.sock else { continue };
+            fds.push(sock.try_clone()?);
             let local = r.slot.lock().unwrap().local;
             offered.push(crate::upgrade::Offered { name: name.clone(), bind: r.bind, local });
         }
         Ok((offered, fds))
     }
 
-    /// Stops accepting on every listener (for the drain at shutdown).
-    pub fn stop_all(&self) {
-        for r in self.running.lock().unwrap().values() {
-            r.stop();
+    /// Stops accepting on every listener (at shutdown, or once a successor
+    /// accepts), and returns once this process holds none of the listening
+    /// sockets any more: a client that connects after that is refused
+    /// instead of waiting in a backlog nobody reads. The listeners stay
+    /// listed, with their counters.
+    pub async fn stop_all(&self) {
+        let loops: Vec<JoinHandle<()>> = self.running.lock().unwrap().values_mut().filter_map(Running::stop).collect();
+        for l in loops {
+            // Aborted: the loop ends at its next await, dropping its socket.
+            let _ = l.await;
         }
     }
 }
@@ -100,8 +115,8 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
             return;
         }
     };
-    let accept = tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone()));
-    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks, sock: dup });
+    let accept = Some(tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone())));
+    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks, sock: Some(dup) });
 }
 
 /// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.
@@ -171,7 +186,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
             .map(|(n, _)| n.clone())
             .collect();
         for n in gone {
-            if let Some(r) = run.remove(&n) {
+            if let Some(mut r) = run.remove(&n) {
                 r.stop();
                 if !wanted.contains(&n.as_str()) {
                     removed += 1;

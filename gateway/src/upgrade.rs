@@ -262,7 +262,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         warn!("upgrade: the new process did not confirm within {READY_WITHIN:?}; this one keeps accepting");
         return Ok(());
     }
-    daemon.listeners.stop_all();
+    daemon.listeners.stop_all().await;
     *daemon.migrants.lock().unwrap() = Some(Vec::new());
     daemon.handed_over.send_replace(true);
     // However the rest goes, the main loop may then wait for the flows left.

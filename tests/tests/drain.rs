@@ -95,9 +95,27 @@ fn drain_timeout_and_second_signal_end_the_wait() {
 
     // With a long drain, a second signal exits at once.
     let (mut gw, addr) = start(&topo, be.addr, "1h");
-    let _held = held_flow(&topo, &gw, addr);
+    let mut held = held_flow(&topo, &gw, addr);
     signal(&gw, libc::SIGTERM);
     gw.wait_for("the drain to start", Duration::from_secs(10), |g| g.log_text().contains("draining"));
+    // The listening socket closed before the drain was logged: while a flow
+    // is still open, a new client is refused at once (a balancer in front
+    // retries elsewhere) rather than left in a backlog nobody reads...
+    match topo.connect(addr) {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}"),
+        Ok(mut s) => {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            panic!("a client connected during the drain (then read {:?})", s.read(&mut [0u8; 1]));
+        }
+    }
+    assert_eq!(gw.flows().len(), 1, "the held flow is still open");
+    // ...and the open flow goes on.
+    for msg in [b"ping", b"pong"] {
+        held.write_all(msg).unwrap();
+        let mut b = [0u8; 4];
+        held.read_exact(&mut b).unwrap_or_else(|e| panic!("the held flow broke during the drain: {e}"));
+        assert_eq!(&b, msg);
+    }
     signal(&gw, libc::SIGINT);
     wait_exit(&mut gw, Duration::from_secs(10));
     assert!(gw.log_text().contains("second signal"), "{}", gw.log_text());
