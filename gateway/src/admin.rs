@@ -3,9 +3,9 @@
 //!
 //! Requests: `flows`, `listeners`, `status`.
 use std::{
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Arc,
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
@@ -13,7 +13,7 @@ use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
 };
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{flows::FlowSnapshot, proxy::Daemon};
 
@@ -85,49 +85,74 @@ pub struct AdminServer {
     /// (device, inode) of the socket file bound: after a hot upgrade the
     /// path is the new process's, and is left alone.
     file: Option<(u64, u64)>,
+    /// During a hot upgrade: where the socket goes once the old daemon has
+    /// confirmed (see [`AdminServer::publish`]); until then it is bound
+    /// beside it and the old daemon keeps answering on the path.
+    pending: Option<PathBuf>,
 }
 
 impl AdminServer {
-    /// Binds the socket, replacing a stale one, readable by root only.
     /// Binds the socket; with `group` (a gid), members of that group may use
-    /// it too (mode 0660), otherwise only its owner (0600).
-    /// With `take_over` (hot upgrade) a live daemon's socket file is replaced.
+    /// it too (mode 0660, read-only commands), otherwise only its owner
+    /// (0600). The mode comes from the umask at bind, so the socket is never
+    /// reachable with wider permissions, and the group is set without
+    /// following a symlink. With `take_over` (hot upgrade) the socket is bound
+    /// beside a live daemon's, to replace it at [`AdminServer::publish`].
     pub fn bind(path: &Path, group: Option<u32>, take_over: bool) -> std::io::Result<(Self, UnixListener)> {
         use std::os::unix::fs::MetadataExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        if take_over && path.exists() {
-            std::fs::remove_file(path)?;
-        }
-        if path.exists() {
-            // A live daemon answers; a dead one left a stale file.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    format!("{} is in use by a running daemon", path.display()),
-                ));
+        let (at, pending) = if take_over {
+            let mut name = path.file_name().unwrap_or_default().to_os_string();
+            name.push(format!(".new-{}", std::process::id()));
+            let at = path.with_file_name(name);
+            let _ = std::fs::remove_file(&at);
+            (at, Some(path.to_path_buf()))
+        } else {
+            if std::fs::symlink_metadata(path).is_ok() {
+                // A live daemon answers; a dead one left a stale file.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("{} is in use by a running daemon", path.display()),
+                    ));
+                }
+                std::fs::remove_file(path)?;
             }
-            std::fs::remove_file(path)?;
-        }
-        let l = UnixListener::bind(path)?;
-        let file = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
-        let guard = Self { path: path.to_path_buf(), file };
-        match group {
-            Some(gid) => {
-                std::os::unix::fs::chown(path, None, Some(gid))?;
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-            }
-            None => std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?,
+            (path.to_path_buf(), None)
+        };
+        let mask = if group.is_some() { 0o117 } else { 0o177 };
+        // SAFETY: umask has no preconditions; the previous mask is restored
+        // right after the bind.
+        let old = unsafe { libc::umask(mask) };
+        let bound = UnixListener::bind(&at);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let l = bound?;
+        let meta = std::fs::symlink_metadata(&at)?;
+        let guard = Self { path: at.clone(), file: Some((meta.dev(), meta.ino())), pending };
+        if let Some(gid) = group {
+            std::os::unix::fs::lchown(&at, None, Some(gid))?;
         }
         Ok((guard, l))
+    }
+
+    /// Hot upgrade, once the old daemon has confirmed: the socket takes the
+    /// configured path (an atomic rename over the old daemon's, which then
+    /// leaves the path alone).
+    pub fn publish(&mut self) -> std::io::Result<()> {
+        let Some(to) = self.pending.take() else { return Ok(()) };
+        std::fs::rename(&self.path, &to)?;
+        self.path = to;
+        Ok(())
     }
 }
 
 impl Drop for AdminServer {
     fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt;
-        let now = std::fs::metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
+        let now = std::fs::symlink_metadata(&self.path).ok().map(|m| (m.dev(), m.ino()));
         if now.is_some() && now == self.file {
             let _ = std::fs::remove_file(&self.path);
         }
@@ -147,9 +172,56 @@ fn listener_infos(daemon: &Daemon) -> Vec<ListenerInfo> {
         .collect()
 }
 
+/// Admin (and metrics) connections served at once; more are closed at accept.
+const MAX_CONNECTIONS: usize = 32;
+/// The whole request (a line, or an HTTP head) must arrive within this.
+const REQUEST_WITHIN: Duration = Duration::from_secs(5);
+/// The longest request line.
+const MAX_REQUEST: usize = 4096;
+
+/// What a connected peer may ask: the daemon's own uid (or root) may change
+/// it and take its sockets over; anyone else who can open the socket (the
+/// `admin.group`) may only read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Full,
+    ReadOnly,
+}
+
+fn access_of(conn: &UnixStream) -> Access {
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    match conn.peer_cred() {
+        Ok(c) if c.uid() == 0 || c.uid() == me => Access::Full,
+        _ => Access::ReadOnly,
+    }
+}
+
+/// After a failed accept (EMFILE and the like): wait a little instead of
+/// spinning, and say so at most once a minute.
+async fn accept_failed(what: &str, e: std::io::Error, last_warned: &mut Option<tokio::time::Instant>) {
+    let now = tokio::time::Instant::now();
+    if last_warned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+        warn!("{what}: accept failed: {e}; retrying");
+        *last_warned = Some(now);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warned = None;
     loop {
-        let Ok((conn, _)) = listener.accept().await else {
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                accept_failed("admin socket", e, &mut last_warned).await;
+                continue;
+            }
+        };
+        // Over the cap, the newcomer is closed unanswered.
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!("admin socket: {MAX_CONNECTIONS} connections already open; closing a new one");
             continue;
         };
         let daemon = daemon.clone();
@@ -157,25 +229,59 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
             if let Err(e) = answer(conn, &daemon).await {
                 warn!("admin request failed: {e}");
             }
+            drop(permit);
         });
+    }
+}
+
+/// The request line, read byte by byte so nothing past it is consumed (a
+/// handover goes on over the same connection); `Err` says what was wrong.
+async fn read_request(conn: &mut UnixStream) -> Result<String, String> {
+    let mut line = Vec::new();
+    let read = async {
+        loop {
+            match conn.read_u8().await {
+                Ok(b'\n') => return Ok(()),
+                Ok(_) if line.len() >= MAX_REQUEST => return Err(format!("request longer than {MAX_REQUEST} bytes")),
+                Ok(b) => line.push(b),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    match tokio::time::timeout(REQUEST_WITHIN, read).await {
+        Ok(Ok(())) => Ok(String::from_utf8_lossy(&line).into_owned()),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no complete request line within {REQUEST_WITHIN:?}")),
     }
 }
 
 async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     let listeners = &listener_infos(daemon);
-    // One request line, read byte by byte so nothing past it is consumed
-    // (a handover goes on over the same connection).
-    let mut line = Vec::new();
     let mut conn = conn;
-    while line.len() < 4096 {
-        match conn.read_u8().await {
-            Ok(b'\n') => break,
-            Ok(b) => line.push(b),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e),
+    let access = access_of(&conn);
+    let line = match read_request(&mut conn).await {
+        Ok(l) => l,
+        Err(why) => {
+            debug!("admin request dropped: {why}");
+            let _ = conn.write_all(serde_json::json!({ "error": why }).to_string().as_bytes()).await;
+            return Ok(());
         }
+    };
+    let privileged = matches!(line.trim(), crate::upgrade::REQUEST | "reload");
+    if privileged && access != Access::Full {
+        let why = format!(
+            "{:?} is for the daemon's own user (uid {}) or root; members of admin.group may use flows, stats, listeners and status",
+            line.trim(),
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() }
+        );
+        let uid = conn.peer_cred().map(|c| c.uid()).ok();
+        warn!(peer_uid = ?uid, "admin: refused {:?} to a read-only peer", line.trim());
+        let reply = serde_json::json!({ "ok": false, "error": why, "message": why });
+        conn.write_all(format!("{reply}\n").as_bytes()).await?;
+        return conn.shutdown().await;
     }
-    let line = String::from_utf8_lossy(&line).into_owned();
     if line.trim() == crate::upgrade::REQUEST {
         return crate::upgrade::give(conn, daemon).await;
     }
@@ -233,26 +339,45 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
 /// A minimal HTTP/1.1 endpoint for Prometheus: `GET /metrics`, one request
 /// per connection.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warned = None;
     loop {
-        let Ok((conn, _)) = listener.accept().await else { continue };
+        let conn = match listener.accept().await {
+            Ok((conn, _)) => conn,
+            Err(e) => {
+                accept_failed("metrics endpoint", e, &mut last_warned).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!("metrics endpoint: {MAX_CONNECTIONS} connections already open; closing a new one");
+            continue;
+        };
         let daemon = daemon.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let (r, mut w) = conn.into_split();
             let mut head = Vec::new();
             let mut r = BufReader::new(r.take(16 * 1024));
-            // Request line, then headers until the empty line.
-            loop {
-                let mut line = Vec::new();
-                match tokio::time::timeout(std::time::Duration::from_secs(10), r.read_until(b'\n', &mut line)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        let end = line == b"\r\n" || line == b"\n";
-                        head.extend_from_slice(&line);
-                        if end {
-                            break;
+            // Request line, then headers until the empty line, all within
+            // one deadline (a header a second does not keep it open).
+            let read_head = async {
+                loop {
+                    let mut line = Vec::new();
+                    match r.read_until(b'\n', &mut line).await {
+                        Ok(n) if n > 0 => {
+                            let end = line == b"\r\n" || line == b"\n";
+                            head.extend_from_slice(&line);
+                            if end {
+                                return true;
+                            }
                         }
+                        _ => return false,
                     }
-                    _ => return,
                 }
+            };
+            if !matches!(tokio::time::timeout(REQUEST_WITHIN, read_head).await, Ok(true)) {
+                return;
             }
             let request_line =
                 String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default()).to_string();
@@ -288,5 +413,11 @@ pub fn request(socket: &Path, what: &str) -> Result<Vec<u8>, String> {
     s.write_all(format!("{what}\n").as_bytes()).map_err(|e| e.to_string())?;
     let mut out = Vec::new();
     s.read_to_end(&mut out).map_err(|e| e.to_string())?;
+    // A refusal or a bad request: the daemon's own words.
+    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out) {
+        if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
+            return Err(format!("the daemon refused {what:?}: {e}"));
+        }
+    }
     Ok(out)
 }

@@ -327,7 +327,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         ),
         None => None,
     };
-    let (_admin_guard, admin_listener) =
+    let (mut admin_guard, admin_listener) =
         AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1), taken.is_some())
             .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
     let daemon = Arc::new(Daemon {
@@ -378,6 +378,8 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             k.add_free(&free);
             k.take_wakeups();
         }
+        // The old daemon answered on the admin path until now.
+        admin_guard.publish().with_context(|| format!("admin.socket: cannot move to {}", cfg.admin.socket.display()))?;
         info!(
             from_pid = from,
             moved_flows = moved.len(),

@@ -362,7 +362,7 @@ impl Gateway {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn try_request(&self, what: &str) -> Result<Value, String> {
+    pub fn try_request(&self, what: &str) -> Result<Value, String> {
         use std::os::unix::net::UnixStream;
         let mut s = UnixStream::connect(&self.admin).map_err(|e| e.to_string())?;
         s.write_all(format!("{what}\n").as_bytes()).map_err(|e| e.to_string())?;

@@ -173,6 +173,43 @@ fn admin_socket_is_owner_only_unless_a_group_is_named() {
     let nogroup = std::process::Command::new("getent").args(["group", "nogroup"]).output().unwrap();
     let gid: u32 = String::from_utf8_lossy(&nogroup.stdout).split(':').nth(2).unwrap().parse().unwrap();
     assert_eq!(m.gid(), gid);
+
+    // A member of the group, not the daemon's user, reads...
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let sock = gw.admin.to_str().unwrap();
+    let bin = gateway_bin();
+    let bin = bin.to_str().unwrap();
+    for cmd in ["flows", "stats"] {
+        let out = as_nobody(&[bin, cmd, "--json", "--socket", sock]);
+        assert!(out.status.success(), "{cmd} as a group member: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(v.get("flows").is_some() || v.get("listeners").is_some(), "{cmd}: {v}");
+    }
+    // ...and is refused what changes the daemon or hands out its sockets.
+    let out = as_nobody(&[bin, "reload", "--socket", sock]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("daemon's own user"), "reload as a group member: {err}");
+    let ask = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'handover\\n'); \
+               m,a,f,_=s.recvmsg(4096, socket.CMSG_SPACE(64*4)); print(len(a), m.decode())";
+    // Debian's interpreter: root's own (pyenv) is not readable by nobody.
+    let out = as_nobody(&["/usr/bin/python3", "-c", ask, sock]);
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.starts_with("0 ") && reply.contains("daemon's own user"),
+        "handover as a group member: {reply} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(gw.log_text().contains("refused \"handover\" to a read-only peer"), "{}", gw.log_text());
+    // The daemon's own user still may: the refusals changed nothing.
+    assert!(gw.try_request("reload").unwrap()["ok"] == true);
+    let s = topo.connect(gw.listener("t")).unwrap();
+    echo_roundtrip(&s, Pattern(2), 1 << 16).unwrap();
 }
 
 /// `gateway flows --sort rate` samples twice and puts the busy flow first
