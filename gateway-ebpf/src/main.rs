@@ -139,7 +139,11 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         }
     } else {
         slot.redirect_errors += 1;
-        warn!(ctx, "redirect to peer {} failed; {} bytes dropped", peer, len);
+        // Once per flow: the count is in `gateway flows`; a log line per skb
+        // would let a peer flood the log.
+        if slot.redirect_errors == 1 {
+            warn!(ctx, "redirect to peer {} failed; {} bytes dropped (further failures of this socket are only counted)", peer, len);
+        }
     }
     Ok(verdict)
 }
@@ -247,7 +251,9 @@ fn trim_overlap(ctx: &SkBuffContext, slot: &mut SockSlot) -> bool {
     }
     if left != 0 {
         slot.trim_errors += 1;
-        warn!(ctx, "could not trim {} overlapping bytes", left);
+        if slot.trim_errors == 1 {
+            warn!(ctx, "could not trim {} overlapping bytes (further failures of this socket are only counted)", left);
+        }
     }
     slot.trimmed += u64::from(overlap - left);
     slot.next_seq = end;

@@ -187,6 +187,14 @@ pub struct FlowSnapshot {
     pub queue_bound: u64,
     pub pauses_client_to_backend: u64,
     pub pauses_backend_to_client: u64,
+    /// Kernel flows: skbs the verdict could not redirect (the peer left the
+    /// map; their bytes were dropped, and TCP does not resend them) and
+    /// retransmissions it could not trim. Counted here rather than logged
+    /// per skb, so a peer cannot flood the log.
+    #[serde(default)]
+    pub redirect_errors: u64,
+    #[serde(default)]
+    pub trim_errors: u64,
     pub started_at: String,
     pub last_activity_at: String,
     pub age_ms: u64,
@@ -392,6 +400,8 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         queue_bound: c.high_water,
         pauses_client_to_backend: c.pauses,
         pauses_backend_to_client: b.pauses,
+        redirect_errors: c.redirect_errors + b.redirect_errors,
+        trim_errors: c.trim_errors + b.trim_errors,
         started_at: humantime::format_rfc3339_millis(f.started).to_string(),
         last_activity_at: humantime::format_rfc3339_millis(now - idle.min(age)).to_string(),
         age_ms: age.as_millis() as u64,

@@ -117,7 +117,7 @@ impl Bucket {
 }
 
 /// Why a client was turned away.
-pub const CAUSES: [&str; 8] = [
+pub const CAUSES: [&str; 9] = [
     "denied",
     "global-max-connections",
     "max-connections",
@@ -129,6 +129,9 @@ pub const CAUSES: [&str; 8] = [
     "tls-handshake",
     // An SNI route with mode reject, or no route for the name.
     "sni-reject",
+    // The backend connect failed for want of descriptors or memory here
+    // (EMFILE, ENFILE, ENOBUFS, ENOMEM): not counted against the backend.
+    "local-resources",
 ];
 
 /// Beyond this many tracked sources, idle per-source buckets are dropped.

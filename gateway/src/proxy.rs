@@ -237,6 +237,13 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
                 rt.health.succeeded(idx, &rt.cfg.name, addr);
                 return Ok((s, idx));
             }
+            // Out of descriptors or memory here: not the backend's fault,
+            // so it is not counted against its health, and no other
+            // backend would fare better.
+            Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                rt.stats.rejected("local-resources");
+                return Err(format!("no local resources to connect {addr}: {e}"));
+            }
             Ok(Err(e)) => tried.push(format!("{addr} ({e})")),
             Err(_) => tried.push(format!("{addr} (no answer within {:?})", rt.cfg.connect_timeout)),
         }

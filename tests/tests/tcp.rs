@@ -772,3 +772,81 @@ fn offload_kernel_refuses_to_start_without_the_kernel_path() {
     assert!(log.contains("offload: kernel") && log.contains("not privileged"), "{log}");
     assert!(!gw.admin.exists(), "admin socket created by a daemon that refused to start");
 }
+
+/// Out of descriptors, the daemon turns the newcomer away as a local fault
+/// (`rejected: local-resources`): the backend is not charged with a failed
+/// connect, stays up, and the daemon serves again once descriptors free up.
+#[test]
+fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
+    if !require_root("fd_exhaustion_is_local_and_the_backend_stays_healthy") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    let (gw, addr) = start(&topo, &[be.addr], "kernel", "");
+    // The soft limit only: nobody here may raise a hard limit again.
+    let nofile = |limit: usize| {
+        let st = std::process::Command::new("prlimit")
+            .args(["--pid", &gw.pid().to_string(), &format!("--nofile={limit}:")])
+            .status()
+            .unwrap();
+        assert!(st.success(), "prlimit --nofile={limit}");
+    };
+    let echo = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        assert_eq!(&b, b"ping");
+        Ok(())
+    };
+    const K: usize = 4;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
+    let open_files: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap();
+    // K flows, then a limit one above the lowest free descriptor number (a
+    // new descriptor takes the lowest free one, and fails with EMFILE when
+    // none is free below the limit): the next client is accepted with the
+    // last one and its backend connect finds none. Set again until two
+    // looks agree (an admin connection may close meanwhile).
+    let mut held: Vec<_> = (0..K).map(|_| topo.connect(addr).unwrap()).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        echo(s).unwrap_or_else(|e| panic!("flow {i}: {e}"));
+    }
+    gw.wait_for("the flows", Duration::from_secs(10), |g| g.flows().len() == K);
+    let lowest_free = || {
+        let used: std::collections::BTreeSet<usize> = std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        (0..).find(|n| !used.contains(n)).unwrap()
+    };
+    let mut last = None;
+    gw.wait_for("a settled descriptor limit", Duration::from_secs(10), |_| {
+        let limit = lowest_free() + 1;
+        nofile(limit);
+        std::mem::replace(&mut last, Some(limit)) == Some(limit)
+    });
+    let mut over = topo.connect(addr).unwrap();
+    match echo(&mut over) {
+        Err(e) => assert!(
+            matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+            "the client over the limit was not closed: {e}"
+        ),
+        Ok(()) => panic!("a flow over the descriptor limit was served"),
+    }
+    // Descriptors again: the daemon serves, and the backend was never blamed.
+    nofile(open_files);
+    drop(held.pop());
+    let mut again = topo.connect(addr).unwrap();
+    echo(&mut again).unwrap_or_else(|e| panic!("no recovery after the limit was lifted: {e}"));
+    let stats = gw.stats();
+    let t = &stats["listeners"][0];
+    assert_eq!(t["backends"][0]["connect_failures"], 0, "{t}");
+    assert_eq!(t["backends"][0]["up"], true, "{t}");
+    assert!(t["rejected"]["local-resources"].as_u64().is_some_and(|n| n >= 1), "{t}");
+    assert!(gw.log_text().contains("no local resources to connect"), "{}", gw.log_text());
+}
