@@ -199,7 +199,7 @@ fn access_of(conn: &UnixStream) -> Access {
 
 /// After a failed accept (EMFILE and the like): wait a little instead of
 /// spinning, and say so at most once a minute.
-async fn accept_failed(what: &str, e: std::io::Error, last_warned: &mut Option<tokio::time::Instant>) {
+pub(crate) async fn accept_failed(what: &str, e: std::io::Error, last_warned: &mut Option<tokio::time::Instant>) {
     let now = tokio::time::Instant::now();
     if last_warned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
         warn!("{what}: accept failed: {e}; retrying");

@@ -197,6 +197,7 @@ impl Drop for Active<'_> {
 }
 
 pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc<Daemon>) {
+    let mut last_warned = None;
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
@@ -210,9 +211,10 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
                 }
             }
             Err(e) => {
-                // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly.
-                warn!(listener = %slot.lock().unwrap().cfg.name, "accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,
+                // and say so at most once a minute.
+                let what = format!("listener {}", slot.lock().unwrap().cfg.name);
+                crate::admin::accept_failed(&what, e, &mut last_warned).await;
             }
         }
     }
