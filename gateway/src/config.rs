@@ -1296,7 +1296,10 @@ impl RawConfig {
             None => Some(Workers::Auto),
             Some(v) if v.as_str() == Some("auto") => Some(Workers::Auto),
             Some(v) if v.is_string() => {
-                e.push("workers", format_args!("{:?} is not `auto` or a whole number from 1 to 1024", v.as_str().unwrap()));
+                e.push(
+                    "workers",
+                    format_args!("{:?} is not `auto` or a whole number from 1 to 1024", v.as_str().unwrap()),
+                );
                 None
             }
             Some(v) => e.uint("workers", v, 1..=1024).map(|n| Workers::Fixed(n as usize)),

@@ -379,7 +379,9 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             k.take_wakeups();
         }
         // The old daemon answered on the admin path until now.
-        admin_guard.publish().with_context(|| format!("admin.socket: cannot move to {}", cfg.admin.socket.display()))?;
+        admin_guard
+            .publish()
+            .with_context(|| format!("admin.socket: cannot move to {}", cfg.admin.socket.display()))?;
         info!(
             from_pid = from,
             moved_flows = moved.len(),

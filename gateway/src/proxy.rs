@@ -242,7 +242,9 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
             // Out of descriptors or memory here: not the backend's fault,
             // so it is not counted against its health, and no other
             // backend would fare better.
-            Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+            Ok(Err(e))
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) =>
+            {
                 rt.stats.rejected("local-resources");
                 return Err(format!("no local resources to connect {addr}: {e}"));
             }
