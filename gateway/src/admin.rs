@@ -197,33 +197,42 @@ fn access_of(conn: &UnixStream) -> Access {
     }
 }
 
-/// After a failed accept (EMFILE and the like): wait a little instead of
-/// spinning, and say so at most once a minute.
-pub(crate) async fn accept_failed(what: &str, e: std::io::Error, last_warned: &mut Option<tokio::time::Instant>) {
-    let now = tokio::time::Instant::now();
-    if last_warned.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
-        warn!("{what}: accept failed: {e}; retrying");
-        *last_warned = Some(now);
+/// The admission of an accept loop: at most [`MAX_CONNECTIONS`] served at
+/// once (more are closed unanswered), and a failed accept backs off.
+struct Capped {
+    what: &'static str,
+    slots: Arc<tokio::sync::Semaphore>,
+    last_warned: Option<tokio::time::Instant>,
+}
+
+impl Capped {
+    fn new(what: &'static str) -> Self {
+        Capped { what, slots: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)), last_warned: None }
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    /// The next accepted connection with its permit to be served, if any.
+    async fn admit<C>(&mut self, accepted: std::io::Result<C>) -> Option<(C, tokio::sync::OwnedSemaphorePermit)> {
+        let conn = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                crate::sys::accept_failed(self.what, e, &mut self.last_warned).await;
+                return None;
+            }
+        };
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => Some((conn, permit)),
+            Err(_) => {
+                debug!("{}: {MAX_CONNECTIONS} connections already open; closing a new one", self.what);
+                None
+            }
+        }
+    }
 }
 
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut last_warned = None;
+    let mut capped = Capped::new("admin socket");
     loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(e) => {
-                accept_failed("admin socket", e, &mut last_warned).await;
-                continue;
-            }
-        };
-        // Over the cap, the newcomer is closed unanswered.
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!("admin socket: {MAX_CONNECTIONS} connections already open; closing a new one");
-            continue;
-        };
+        let Some((conn, permit)) = capped.admit(listener.accept().await.map(|(c, _)| c)).await else { continue };
         let daemon = daemon.clone();
         tokio::spawn(async move {
             if let Err(e) = answer(conn, &daemon).await {
@@ -339,20 +348,9 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
 /// A minimal HTTP/1.1 endpoint for Prometheus: `GET /metrics`, one request
 /// per connection.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut last_warned = None;
+    let mut capped = Capped::new("metrics endpoint");
     loop {
-        let conn = match listener.accept().await {
-            Ok((conn, _)) => conn,
-            Err(e) => {
-                accept_failed("metrics endpoint", e, &mut last_warned).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!("metrics endpoint: {MAX_CONNECTIONS} connections already open; closing a new one");
-            continue;
-        };
+        let Some((conn, permit)) = capped.admit(listener.accept().await.map(|(c, _)| c)).await else { continue };
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let _permit = permit;

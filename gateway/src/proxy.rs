@@ -214,7 +214,7 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,
                 // and say so at most once a minute.
                 let what = format!("listener {}", slot.lock().unwrap().cfg.name);
-                crate::admin::accept_failed(&what, e, &mut last_warned).await;
+                crate::sys::accept_failed(&what, e, &mut last_warned).await;
             }
         }
     }

@@ -371,6 +371,17 @@ pub fn recv_fds(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<(usize, Vec<s
     Ok((n as usize, fds))
 }
 
+/// After a failed accept (EMFILE and the like): wait a little instead of
+/// spinning, and say so at most once a minute.
+pub async fn accept_failed(what: &str, e: io::Error, last_warned: &mut Option<tokio::time::Instant>) {
+    let now = tokio::time::Instant::now();
+    if last_warned.is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(60)) {
+        tracing::warn!("{what}: accept failed: {e}; retrying");
+        *last_warned = Some(now);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 #[cfg(test)]
 mod tests {
     use std::{

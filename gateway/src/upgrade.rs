@@ -221,26 +221,22 @@ pub struct Offered {
 /// Old side: answers `handover` on an admin connection.
 pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     // One handover at a time: a second would offer the same slots and sockets.
+    async fn refuse(mut conn: tokio::net::UnixStream, why: &str) -> std::io::Result<()> {
+        warn!("upgrade refused: {why}");
+        conn.write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes()).await
+    }
     static GIVING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
     let Ok(_one) = GIVING.try_lock() else {
-        let why = "another handover is in progress";
-        warn!("upgrade refused: {why}");
-        let mut conn = conn;
-        return conn.write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes()).await;
+        return refuse(conn, "another handover is in progress").await;
     };
     if *daemon.handed_over.borrow() {
-        let why = "this daemon has already handed its listeners over";
-        warn!("upgrade refused: {why}");
-        let mut conn = conn;
-        return conn.write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes()).await;
+        return refuse(conn, "this daemon has already handed its listeners over").await;
     }
     let (listeners, socks) = daemon.listeners.sockets()?;
     if socks.len() + crate::kernel::HANDOVER_FDS > sys::MAX_FDS_PER_MESSAGE {
         let why =
             format!("{} listeners are more than one handover carries ({})", socks.len(), sys::MAX_FDS_PER_MESSAGE);
-        warn!("upgrade refused: {why}");
-        let mut conn = conn;
-        return conn.write_all(format!("{}\n", serde_json::json!({ "error": why })).as_bytes()).await;
+        return refuse(conn, &why).await;
     }
     let (kernel, kernel_fds) = match &daemon.kernel {
         Some(k) => {
