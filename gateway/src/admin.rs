@@ -55,6 +55,12 @@ pub struct Status {
     /// Threads of the user-space event loop (`workers`).
     #[serde(default)]
     pub workers: usize,
+    /// The daemon-wide connection cap (`limits.max_connections`, or what
+    /// the open-files limit holds), and the clients holding a place under it.
+    #[serde(default)]
+    pub max_connections: Option<u64>,
+    #[serde(default)]
+    pub connections: u64,
     /// `kernel.pin_path`, while the maps and the verdict are pinned there.
     #[serde(default)]
     pub pinned_at: Option<String>,
@@ -328,6 +334,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_late_wakeups: late,
                 kernel_wake_overflows: overflows,
                 workers: tokio::runtime::Handle::current().metrics().num_workers(),
+                max_connections: daemon.global.max,
+                connections: daemon.global.active.load(std::sync::atomic::Ordering::Relaxed),
                 pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()

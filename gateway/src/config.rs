@@ -144,6 +144,7 @@ struct RawListener {
     max_connections_per_source: Option<Value>,
     connection_rate: Option<Value>,
     connection_rate_per_source: Option<Value>,
+    per_source_ipv6_prefix: Option<Value>,
     health: Option<RawHealth>,
 }
 
@@ -1171,6 +1172,11 @@ impl RawConfig {
                     .connection_rate_per_source
                     .as_ref()
                     .and_then(|v| e.rate(&p("connection_rate_per_source"), v)),
+                per_source_ipv6_prefix: l
+                    .per_source_ipv6_prefix
+                    .as_ref()
+                    .and_then(|v| e.uint(&p("per_source_ipv6_prefix"), v, 1..=128))
+                    .map(|n| n as u8),
             };
             let mut health = crate::health::HealthConfig::default();
             if let Some(h) = &l.health {
@@ -1480,6 +1486,9 @@ admin:
         assert_rejected(&with("    deny: [\"10.0.0.0/33\"]\n"), &["listeners[0].deny[0]", "\"10.0.0.0/33\""]);
         assert_rejected(&with("    connection_rate: 50\n"), &["listeners[0].connection_rate", "\"50\" is not a rate"]);
         assert_rejected(&with("    max_connections_per_source: 0\n"), &["listeners[0].max_connections_per_source"]);
+        assert_rejected(&with("    per_source_ipv6_prefix: 129\n"), &["listeners[0].per_source_ipv6_prefix"]);
+        let c = parse(&with("    per_source_ipv6_prefix: 56\n")).unwrap();
+        assert_eq!(c.listeners[0].limits.per_source_ipv6_prefix, Some(56));
         assert_rejected(&format!("{GOOD}limits:\n  max_connections: -1\n"), &["limits.max_connections"]);
         assert_rejected(&format!("{GOOD}limits:\n  max_conns: 1\n"), &["limits", "unknown field `max_conns`"]);
         assert_rejected(&format!("{GOOD}drain_timeout: soon\n"), &["drain_timeout", "\"soon\""]);

@@ -491,13 +491,17 @@ impl Conn {
 
     /// The request as it goes to a backend: HTTP/1.1, origin-form, without
     /// hop-by-hop headers, with the forwarding headers, its body counted.
-    fn outgoing(&self, req: Request<Incoming>, host: Option<&str>) -> Request<Counted> {
+    /// The Host header is the one the request was routed on.
+    fn outgoing(&self, req: Request<Incoming>, target: &Target) -> Request<Counted> {
         let (parts, body) = req.into_parts();
         let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
         *out.version_mut() = Version::HTTP_11;
         *out.uri_mut() = origin_form(out.uri());
         strip_hop_by_hop(out.headers_mut());
-        add_forwarded(out.headers_mut(), self.flow.client, host, self.tls);
+        if let Some(a) = &target.authority {
+            out.headers_mut().insert(header::HOST, a.clone());
+        }
+        add_forwarded(out.headers_mut(), self.flow.client, target.host.as_deref(), self.tls);
         out
     }
 
@@ -505,10 +509,13 @@ impl Conn {
         self.rt.cfg.http.as_ref().unwrap()
     }
 
-    async fn serve(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn serve(&self, mut req: Request<Incoming>) -> Response<Body> {
         let upgrade = wants_websocket(req.headers());
-        let host = request_host(&req);
-        if req.version() == Version::HTTP_11 && host.is_none() {
+        let target = match request_target(&req) {
+            Ok(t) => t,
+            Err(why) => return reply(StatusCode::BAD_REQUEST, why, upgrade),
+        };
+        if req.version() == Version::HTTP_11 && target.host.is_none() {
             return reply(StatusCode::BAD_REQUEST, "HTTP/1.1 request without a Host header", upgrade);
         }
         if upgrade {
@@ -516,6 +523,23 @@ impl Conn {
                 return *resp;
             }
         }
+        // Routed, and forwarded, on the normalised path: what the backend
+        // sees is what the route's prefix matched.
+        match normalize_path(req.uri().path()) {
+            Ok(None) => {}
+            Ok(Some(path)) => {
+                let pq = match req.uri().query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                match pq.parse() {
+                    Ok(uri) => *req.uri_mut() = uri,
+                    Err(_) => return reply(StatusCode::BAD_REQUEST, "malformed request target", upgrade),
+                }
+            }
+            Err(why) => return reply(StatusCode::BAD_REQUEST, why, upgrade),
+        }
+        let host = &target.host;
         let path = req.uri().path();
         let Some(ri) = pick_route(self.http(), host.as_deref(), path) else {
             let shown = host.as_deref().unwrap_or("(none)");
@@ -533,7 +557,7 @@ impl Conn {
                 r.headers_mut().insert(header::UPGRADE, HeaderValue::from_static("websocket"));
                 return r;
             }
-            return self.proxy(req, ri, host).await;
+            return self.proxy(req, ri, &target).await;
         }
         if let Some(allowed) = &route.allowed_origins {
             let origin = req.headers().get(header::ORIGIN).and_then(|o| o.to_str().ok());
@@ -544,7 +568,7 @@ impl Conn {
                 return reply(StatusCode::FORBIDDEN, format!("{shown} is not allowed on this route"), true);
             }
         }
-        self.upgrade(req, ri, host).await
+        self.upgrade(req, ri, &target).await
     }
 
     /// Connects one of route `ri`'s backends within `deadline`.
@@ -563,7 +587,7 @@ impl Conn {
         }
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>, ri: usize, host: Option<String>) -> Response<Body> {
+    async fn upgrade(&self, mut req: Request<Incoming>, ri: usize, target: &Target) -> Response<Body> {
         let deadline = Instant::now() + self.http().handshake_timeout;
         let route = &self.http().routes[ri];
         let (stream, idx) = match self.connect(ri, deadline).await {
@@ -579,7 +603,7 @@ impl Conn {
         }
         let backend_addr = self.rt.cfg.backends[idx];
         let offered_upgrade = req.headers().get(header::UPGRADE).cloned();
-        let mut out = self.outgoing(req, host.as_deref());
+        let mut out = self.outgoing(req, target);
         out.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         out.headers_mut().insert(header::UPGRADE, offered_upgrade.unwrap_or(HeaderValue::from_static("websocket")));
         if route.mode == WsMode::Inspect {
@@ -699,7 +723,7 @@ impl Conn {
     }
 
     /// A plain request, reverse-proxied.
-    async fn proxy(&self, req: Request<Incoming>, ri: usize, host: Option<String>) -> Response<Body> {
+    async fn proxy(&self, req: Request<Incoming>, ri: usize, target: &Target) -> Response<Body> {
         self.flow.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if matches!(*self.flow.path.lock().unwrap(), FlowPath::Connecting) {
             self.flow.set_path(FlowPath::Userspace {
@@ -734,7 +758,7 @@ impl Conn {
         };
         let backend_addr = self.rt.cfg.backends[idx];
         *self.flow.backend.lock().unwrap() = Some(backend_addr);
-        let out = self.outgoing(req, host.as_deref());
+        let out = self.outgoing(req, target);
         match sender.send_request(out).await {
             Ok(mut resp) => {
                 *cached = Some((idx, sender));
@@ -827,18 +851,105 @@ fn is_websocket_key(k: &[u8]) -> bool {
         && b"AQgw".contains(&k[21])
 }
 
-/// Lower-case host without port, from `Host` or an absolute-form target.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
-    let raw = match req.uri().authority() {
-        Some(a) => a.host().to_string(),
-        None => {
-            let h = req.headers().get(header::HOST)?.to_str().ok()?.trim();
-            let a: hyper::http::uri::Authority = h.parse().ok()?;
-            a.host().to_string()
+/// What a request is routed on: the host, and the authority forwarded as
+/// its `Host`.
+struct Target {
+    /// Lower case, without port or trailing dot.
+    host: Option<String>,
+    authority: Option<HeaderValue>,
+}
+
+/// The request's host, from its one `Host` header or an absolute-form
+/// target (RFC 9112 §3.2.2: the target's authority wins, so a `Host` that
+/// names another host is refused rather than forwarded beside it).
+fn request_target<B>(req: &Request<B>) -> Result<Target, &'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let parse = |raw: &str| -> Result<Option<String>, &'static str> {
+        let raw = raw.trim();
+        if raw.is_empty() {
+            return Ok(None);
         }
+        let a: hyper::http::uri::Authority = raw.parse().map_err(|_| "malformed Host header")?;
+        if raw.contains('@') {
+            return Err("malformed Host header (userinfo)");
+        }
+        let host = a.host().trim_end_matches('.').to_ascii_lowercase();
+        Ok((!host.is_empty()).then_some(host))
     };
-    let host = raw.trim_end_matches('.').to_ascii_lowercase();
-    (!host.is_empty()).then_some(host)
+    let from_header = match header {
+        None => None,
+        Some(v) => parse(v.to_str().map_err(|_| "malformed Host header")?)?,
+    };
+    match req.uri().authority() {
+        Some(a) => {
+            let host = parse(a.as_str())?;
+            if from_header.is_some() && from_header != host {
+                return Err("the Host header and the request target name different hosts");
+            }
+            let authority = HeaderValue::from_str(a.as_str()).map_err(|_| "malformed request target")?;
+            Ok(Target { host, authority: Some(authority) })
+        }
+        None => Ok(Target { authority: from_header.as_ref().and(header.cloned()), host: from_header }),
+    }
+}
+
+/// The path as routes see it (Envoy's `normalize_path`): percent-encoded
+/// unreserved characters decoded, other escapes in upper case, and dot
+/// segments removed (RFC 3986 §6.2.2, §5.2.4), so `/pub/../admin` and
+/// `/pub/%2e%2e/admin` both route as `/admin`. `None` when it is already
+/// normal; an error for a bad escape.
+fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
+    if !path.starts_with('/') || !path.bytes().any(|b| b == b'%' || b == b'.') {
+        return Ok(None);
+    }
+    let hex = |b: u8| (b as char).to_digit(16);
+    let bytes = path.as_bytes();
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'%' {
+            decoded.push(bytes[i]);
+            i += 1;
+            continue;
+        }
+        let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) else {
+            return Err("malformed percent-encoding in the path");
+        };
+        let c = (h * 16 + l) as u8;
+        if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+            decoded.push(c);
+        } else {
+            decoded.extend_from_slice(format!("%{c:02X}").as_bytes());
+        }
+        i += 3;
+    }
+    // Only escapes of ASCII were replaced: still UTF-8.
+    let decoded = String::from_utf8(decoded).map_err(|_| "malformed path")?;
+    let mut out: Vec<&str> = Vec::new();
+    let mut segments = decoded[1..].split('/').peekable();
+    while let Some(seg) = segments.next() {
+        let last = segments.peek().is_none();
+        match seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => {
+                out.push(s);
+                continue;
+            }
+        }
+        // `/a/.` and `/a/b/..` end in a directory: `/a/`.
+        if last {
+            out.push("");
+        }
+    }
+    let normal = format!("/{}", out.join("/"));
+    Ok((normal != path).then_some(normal))
 }
 
 /// The route for a request: the most specific host first (exact, then the
@@ -1082,6 +1193,48 @@ mod tests {
         for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
             assert!(!is_websocket_key(bad), "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn paths_are_normalised_before_routing() {
+        let n = |p: &str| normalize_path(p).unwrap().unwrap_or_else(|| p.to_string());
+        assert_eq!(n("/pub/../admin"), "/admin");
+        assert_eq!(n("/pub/%2e%2e/admin"), "/admin");
+        assert_eq!(n("/pub/%2E%2e/%61dmin"), "/admin");
+        assert_eq!(n("/../../etc"), "/etc");
+        assert_eq!(n("/a/./b/."), "/a/b/");
+        assert_eq!(n("/a/b/.."), "/a/");
+        assert_eq!(n("/a/%2f/b%2fc"), "/a/%2F/b%2Fc");
+        assert_eq!(n("/a//b"), "/a//b");
+        assert_eq!(n("/v1.2/x.json"), "/v1.2/x.json");
+        assert_eq!(n("/.well-known/x"), "/.well-known/x");
+        assert_eq!(normalize_path("/ws"), Ok(None));
+        assert_eq!(normalize_path("*"), Ok(None));
+        assert!(normalize_path("/a%2").is_err());
+        assert!(normalize_path("/a%zz").is_err());
+    }
+
+    #[test]
+    fn hosts_are_one_and_agree() {
+        let req = |target: &str, hosts: &[&str]| {
+            let mut b = Request::builder().uri(target);
+            for h in hosts {
+                b = b.header(header::HOST, *h);
+            }
+            request_target(&b.body(()).unwrap())
+        };
+        let t = req("/x", &["App.Test.:8080"]).unwrap();
+        assert_eq!(t.host.as_deref(), Some("app.test"));
+        assert_eq!(t.authority.unwrap(), "App.Test.:8080");
+        assert!(req("/x", &["a.test", "b.test"]).is_err());
+        assert!(req("/x", &["a.test", "a.test"]).is_err());
+        assert!(req("/x", &["user@a.test"]).is_err());
+        assert!(req("/x", &["a test"]).is_err());
+        let t = req("http://a.test:81/x", &["A.test"]).unwrap();
+        assert_eq!((t.host.as_deref(), t.authority.unwrap()), (Some("a.test"), HeaderValue::from_static("a.test:81")));
+        assert!(req("http://a.test/x", &["evil.test"]).is_err());
+        let t = req("/x", &[]).unwrap();
+        assert!(t.host.is_none() && t.authority.is_none());
     }
 
     #[test]

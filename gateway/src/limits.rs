@@ -91,6 +91,25 @@ pub struct Rules {
     pub max_connections_per_source: Option<u32>,
     pub connection_rate: Option<Rate>,
     pub connection_rate_per_source: Option<Rate>,
+    /// IPv6 sources count per prefix of this length (64 when unset): a
+    /// host is given a /64, and takes any address in it.
+    pub per_source_ipv6_prefix: Option<u8>,
+}
+
+/// What per-source limits count a client under: its IPv4 address, or its
+/// IPv6 address cut to the prefix.
+fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let len = u32::from(v6_prefix.min(128));
+                let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        },
+        v4 => v4,
+    }
 }
 
 #[derive(Debug)]
@@ -134,7 +153,8 @@ pub const CAUSES: [&str; 9] = [
     "local-resources",
 ];
 
-/// Beyond this many tracked sources, idle per-source buckets are dropped.
+/// Per-source rate buckets kept at most: past it the least recently seen
+/// are forgotten (and start full again if they come back).
 const MAX_TRACKED_SOURCES: usize = 65_536;
 
 /// Live admission state of one listener.
@@ -144,7 +164,7 @@ pub struct Admission {
     active: AtomicU64,
     per_source: Mutex<HashMap<IpAddr, u32>>,
     bucket: Mutex<Option<Bucket>>,
-    source_buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    source_buckets: Mutex<Recent<Bucket>>,
 }
 
 /// The daemon-wide cap on concurrent connections.
@@ -154,22 +174,69 @@ pub struct Global {
     pub active: AtomicU64,
 }
 
+/// A map bounded to `cap` entries that forgets the least recently used
+/// first, in two generations: a hit in the old one moves to the new one, and
+/// when the new one holds half the cap it becomes the old one (what was old
+/// is dropped). O(1) per lookup, no scans.
+struct Recent<V> {
+    cap: usize,
+    new: HashMap<IpAddr, V>,
+    old: HashMap<IpAddr, V>,
+}
+
+impl<V> Recent<V> {
+    fn new(cap: usize) -> Self {
+        Self { cap: cap.max(2), new: HashMap::new(), old: HashMap::new() }
+    }
+
+    fn get_or_insert_with(&mut self, k: IpAddr, make: impl FnOnce() -> V) -> &mut V {
+        if !self.new.contains_key(&k) {
+            if self.new.len() >= self.cap / 2 {
+                self.old = std::mem::take(&mut self.new);
+            }
+            let v = self.old.remove(&k).unwrap_or_else(make);
+            self.new.insert(k, v);
+        }
+        self.new.get_mut(&k).expect("inserted above")
+    }
+
+    fn len(&self) -> usize {
+        self.new.len() + self.old.len()
+    }
+}
+
+/// Takes one place under `max`, or none: no check-then-increment race lets
+/// two clients both take the last place.
+fn take(counter: &AtomicU64, max: Option<u64>) -> bool {
+    match max {
+        None => {
+            counter.fetch_add(1, Relaxed);
+            true
+        }
+        Some(max) => counter.fetch_update(Relaxed, Relaxed, |n| (n < max).then_some(n + 1)).is_ok(),
+    }
+}
+
 /// Holds a client's place in the counters; released on drop.
 pub struct Admitted<'a> {
     adm: &'a Admission,
-    ip: IpAddr,
+    /// The key of its per-source count, when it holds one.
+    source: Option<IpAddr>,
+    listener: bool,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.adm.active.fetch_sub(1, Relaxed);
-        self.adm.global.active.fetch_sub(1, Relaxed);
-        if self.adm.rules.max_connections_per_source.is_some() {
+        if self.listener {
+            self.adm.active.fetch_sub(1, Relaxed);
+            self.adm.global.active.fetch_sub(1, Relaxed);
+        }
+        if let Some(key) = self.source {
             let mut m = self.adm.per_source.lock().unwrap();
-            if let Some(n) = m.get_mut(&self.ip) {
+            if let Some(n) = m.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
-                    m.remove(&self.ip);
+                    m.remove(&key);
                 }
             }
         }
@@ -185,7 +252,7 @@ impl Admission {
             active: AtomicU64::new(0),
             per_source: Mutex::default(),
             bucket: Mutex::new(bucket),
-            source_buckets: Mutex::default(),
+            source_buckets: Mutex::new(Recent::new(MAX_TRACKED_SOURCES)),
         }
     }
 
@@ -195,20 +262,26 @@ impl Admission {
         if r.deny.iter().any(|c| c.contains(ip)) || (!r.allow.is_empty() && !r.allow.iter().any(|c| c.contains(ip))) {
             return Err("denied");
         }
-        if let Some(max) = self.global.max {
-            if self.global.active.load(Relaxed) >= max {
-                return Err("global-max-connections");
-            }
+        let key = source_key(ip, r.per_source_ipv6_prefix.unwrap_or(64));
+        // Places are taken as they are checked; a refusal further on gives
+        // back what was taken when `held` drops.
+        let mut held = Admitted { adm: self, source: None, listener: false };
+        if !take(&self.global.active, self.global.max) {
+            return Err("global-max-connections");
         }
-        if let Some(max) = r.max_connections {
-            if self.active.load(Relaxed) >= u64::from(max) {
-                return Err("max-connections");
-            }
+        if !take(&self.active, r.max_connections.map(u64::from)) {
+            self.global.active.fetch_sub(1, Relaxed);
+            return Err("max-connections");
         }
+        held.listener = true;
         if let Some(max) = r.max_connections_per_source {
-            if self.per_source.lock().unwrap().get(&ip).copied().unwrap_or(0) >= max {
+            let mut m = self.per_source.lock().unwrap();
+            let n = m.entry(key).or_default();
+            if *n >= max {
                 return Err("max-connections-per-source");
             }
+            *n += 1;
+            held.source = Some(key);
         }
         let now = Instant::now();
         if let (Some(rate), Some(b)) = (r.connection_rate, self.bucket.lock().unwrap().as_mut()) {
@@ -218,21 +291,16 @@ impl Admission {
         }
         if let Some(rate) = r.connection_rate_per_source {
             let mut m = self.source_buckets.lock().unwrap();
-            if m.len() >= MAX_TRACKED_SOURCES {
-                // Full buckets carry no state worth keeping.
-                m.retain(|_, b| now.duration_since(b.at).as_secs_f64() * rate.per_sec + b.tokens < rate.burst);
-            }
-            if !m.entry(ip).or_insert_with(|| Bucket::new(rate)).take(rate, now) {
+            if !m.get_or_insert_with(key, || Bucket::new(rate)).take(rate, now) {
                 return Err("source-rate-limit");
             }
         }
-        // Counted last, so a rejection above leaves nothing to undo.
-        self.active.fetch_add(1, Relaxed);
-        self.global.active.fetch_add(1, Relaxed);
-        if r.max_connections_per_source.is_some() {
-            *self.per_source.lock().unwrap().entry(ip).or_default() += 1;
-        }
-        Ok(Admitted { adm: self, ip })
+        Ok(held)
+    }
+
+    /// Sources with a rate bucket.
+    pub fn tracked_sources(&self) -> usize {
+        self.source_buckets.lock().unwrap().len()
     }
 }
 
@@ -283,7 +351,7 @@ mod tests {
         let _g3 = a.admit(other).unwrap();
         assert_eq!(a.admit(other).err(), Some("max-connections"));
         drop(g1);
-        assert!(a.admit(other).is_ok());
+        let _g4 = a.admit(other).unwrap();
         assert_eq!(a.admit("10.0.0.9".parse().unwrap()).err(), Some("denied"));
 
         let rated = Admission::new(
@@ -294,10 +362,74 @@ mod tests {
         let _b = rated.admit(ip).unwrap();
         assert_eq!(rated.admit(ip).err(), Some("rate-limit"));
 
+        // A refusal gives back every place it took.
+        assert_eq!(a.active.load(Relaxed), 3);
+        assert_eq!(*a.per_source.lock().unwrap(), HashMap::from([(ip, 1), (other, 2)]));
+
         let global = Arc::new(Global { max: Some(1), active: AtomicU64::new(0) });
         let l1 = Admission::new(Rules::default(), global.clone());
         let l2 = Admission::new(Rules::default(), global);
         let _held = l1.admit(ip).unwrap();
         assert_eq!(l2.admit(ip).err(), Some("global-max-connections"));
+        assert_eq!(l2.active.load(Relaxed), 0);
+    }
+
+    #[test]
+    fn ipv6_sources_count_per_prefix() {
+        let rules = Rules { max_connections_per_source: Some(2), ..Default::default() };
+        let a = Admission::new(rules.clone(), Arc::new(Global::default()));
+        let _x = a.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
+        let _y = a.admit("2001:db8:1:2:ffff::9".parse().unwrap()).unwrap();
+        // Same /64, another address: the same source.
+        assert_eq!(a.admit("2001:db8:1:2::77".parse().unwrap()).err(), Some("max-connections-per-source"));
+        assert!(a.admit("2001:db8:1:3::1".parse().unwrap()).is_ok());
+        // A mapped IPv4 address is that IPv4 source.
+        let _m = a.admit("::ffff:10.0.0.1".parse().unwrap()).unwrap();
+        let _v4 = a.admit("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(a.admit("10.0.0.1".parse().unwrap()).err(), Some("max-connections-per-source"));
+        // /128: every address its own.
+        let exact = Admission::new(Rules { per_source_ipv6_prefix: Some(128), ..rules }, Arc::new(Global::default()));
+        for i in 1..=4u16 {
+            let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
+            let _h = exact.admit(ip.into()).unwrap();
+        }
+    }
+
+    #[test]
+    fn source_buckets_stay_bounded() {
+        let rate = Rate::parse("1/h").unwrap();
+        let a = Admission::new(Rules { connection_rate_per_source: Some(rate), ..Default::default() }, Arc::new(Global::default()));
+        // Four times the bound of distinct sources, each admitted once.
+        for i in 0..(4 * MAX_TRACKED_SOURCES) as u32 {
+            assert!(a.admit(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()).is_ok());
+        }
+        assert!(a.tracked_sources() <= MAX_TRACKED_SOURCES, "{}", a.tracked_sources());
+        // A recent source is still remembered (and still limited).
+        let last: IpAddr = std::net::Ipv4Addr::from(0x0a00_0000 + 4 * MAX_TRACKED_SOURCES as u32 - 1).into();
+        assert_eq!(a.admit(last).err(), Some("source-rate-limit"));
+    }
+
+    #[test]
+    fn the_last_place_is_taken_once() {
+        let a = Arc::new(Admission::new(Rules { max_connections: Some(1), ..Default::default() }, Arc::new(Global::default())));
+        for _ in 0..200 {
+            let barrier = Arc::new(std::sync::Barrier::new(2));
+            let (w1, w2) = (a.clone(), a.clone());
+            let (b1, b2) = (barrier.clone(), barrier);
+            let admit = |adm: Arc<Admission>, b: Arc<std::sync::Barrier>| {
+                move || {
+                    b.wait();
+                    let ok = adm.admit("10.0.0.1".parse().unwrap()).map(std::mem::forget).is_ok();
+                    ok
+                }
+            };
+            let t1 = std::thread::spawn(admit(w1, b1));
+            let t2 = std::thread::spawn(admit(w2, b2));
+            let admitted = [t1.join().unwrap(), t2.join().unwrap()].iter().filter(|&&ok| ok).count();
+            assert_eq!(admitted, 1);
+            // The place forgotten above, handed back by hand.
+            a.active.fetch_sub(1, Relaxed);
+            a.global.active.fetch_sub(1, Relaxed);
+        }
     }
 }

@@ -309,10 +309,11 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         .ok()
         .and_then(|v| v.parse().ok())
         .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
-    raise_nofile_limit();
+    let nofile = raise_nofile_limit();
+    let max_connections = connection_cap(cfg.max_connections, nofile, cfg.listeners.len());
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
-    let global = Arc::new(gateway::limits::Global { max: cfg.max_connections, ..Default::default() });
+    let global = Arc::new(gateway::limits::Global { max: Some(max_connections), ..Default::default() });
     for l in &cfg.listeners {
         let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
             Some(s) => tokio::net::TcpListener::from_std(s)?,
@@ -456,17 +457,51 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     Ok(())
 }
 
-/// A gateway holds two sockets per flow: lift the soft fd limit to the hard one.
-fn raise_nofile_limit() {
+/// A gateway holds two sockets per flow: lift the soft fd limit to the hard
+/// one. Returns the soft limit in force.
+fn raise_nofile_limit() -> u64 {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: r is valid for reads and writes.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+            return u64::MAX;
+        }
+        if r.rlim_cur < r.rlim_max {
             let soft = r.rlim_cur;
             r.rlim_cur = r.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
                 info!(from = soft, to = r.rlim_max, "raised the open-files limit");
+            } else {
+                r.rlim_cur = soft;
             }
+        }
+    }
+    r.rlim_cur
+}
+
+/// Descriptors kept aside from flows: the admin socket and its clients, the
+/// metrics endpoint, health checks, BPF maps and programs, the wake thread's
+/// epoll set, the log, a hot upgrade's channel.
+const RESERVED_FDS: u64 = 256;
+
+/// The daemon-wide cap on concurrent connections: `limits.max_connections`,
+/// or else what the open-files limit holds at two descriptors a flow, so
+/// that a flood is turned away at admission (counted, `global-max-connections`)
+/// instead of failing accepts and backend connects.
+fn connection_cap(configured: Option<u64>, nofile: u64, listeners: usize) -> u64 {
+    let fits = (nofile.saturating_sub(RESERVED_FDS + listeners as u64) / 2).max(1);
+    match configured {
+        Some(n) if n > fits && nofile != libc::RLIM_INFINITY => {
+            warn!(
+                "limits.max_connections {n} is more than the open-files limit {nofile} holds (about {fits} flows \
+                 at two descriptors each): past that, clients are turned away as local-resources"
+            );
+            n
+        }
+        Some(n) => n,
+        None => {
+            info!(max_connections = fits, open_files = nofile, "connection cap from the open-files limit (set limits.max_connections to choose)");
+            fits
         }
     }
 }

@@ -776,6 +776,61 @@ fn offload_kernel_refuses_to_start_without_the_kernel_path() {
 /// Out of descriptors, the daemon turns the newcomer away as a local fault
 /// (`rejected: local-resources`): the backend is not charged with a failed
 /// connect, stays up, and the daemon serves again once descriptors free up.
+/// With no `limits.max_connections`, the daemon caps connections at what
+/// its open-files limit holds (two descriptors a flow, 256 set aside): a
+/// flood is turned away at admission, counted, before accepts and backend
+/// connects start failing for want of descriptors.
+#[test]
+fn the_default_cap_follows_the_open_files_limit() {
+    if !require_root("the_default_cap_follows_the_open_files_limit") {
+        return;
+    }
+    let topo = Topology::new();
+    let be = Backend::echo(&topo);
+    const NOFILE: u64 = 300;
+    let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "kernel", ""), extra: String::new() };
+    let gw = Gateway::start_with(&topo, &cfg, &[], &["prlimit", &format!("--nofile={NOFILE}:{NOFILE}"), "--"]);
+    let addr = gw.listener("t");
+    let cap = gw.status()["max_connections"].as_u64().unwrap_or_else(|| panic!("{}", gw.status()));
+    // 256 kept aside, one listener.
+    assert_eq!(cap, (NOFILE - 256 - 1) / 2, "{}", gw.status());
+    assert!(gw.log_text().contains("connection cap from the open-files limit"), "{}", gw.log_text());
+    let echo = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        s.write_all(b"ping")?;
+        let mut b = [0u8; 4];
+        s.read_exact(&mut b)?;
+        assert_eq!(&b, b"ping");
+        Ok(())
+    };
+    let mut held: Vec<_> = (0..cap).map(|_| topo.connect(addr).unwrap()).collect();
+    for (i, s) in held.iter_mut().enumerate() {
+        echo(s).unwrap_or_else(|e| panic!("flow {i} of {cap}: {e}"));
+    }
+    // Twice the cap more: every one closed at admission.
+    for i in 0..2 * cap {
+        let mut over = topo.connect(addr).unwrap();
+        match echo(&mut over) {
+            Err(e) => assert!(
+                matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
+                "client {i} over the cap: {e}"
+            ),
+            Ok(()) => panic!("client {i} over the cap of {cap} was served"),
+        }
+    }
+    let stats = gw.stats();
+    let t = &stats["listeners"][0];
+    assert_eq!(t["rejected"]["global-max-connections"], 2 * cap, "{t}");
+    assert!(t["rejected"]["local-resources"].as_u64().unwrap_or(0) == 0, "{t}");
+    assert_eq!(t["backends"][0]["up"], true, "{t}");
+    assert!(!gw.log_text().contains("no local resources"), "{}", gw.log_text());
+    // A place freed is a place taken.
+    drop(held.pop());
+    gw.wait_for("the freed place", Duration::from_secs(10), |g| g.status()["connections"].as_u64() == Some(cap - 1));
+    let mut again = topo.connect(addr).unwrap();
+    echo(&mut again).unwrap();
+}
+
 #[test]
 fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
     if !require_root("fd_exhaustion_is_local_and_the_backend_stays_healthy") {

@@ -290,6 +290,91 @@ fn upgrade_errors_get_the_right_status() {
     assert!(dead_report["connect_failures"].as_u64().unwrap() >= 1, "{s}");
 }
 
+/// A chunked body's data (RFC 9112 §7.1), trailers ignored.
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let n = usize::from_str_radix(size.split(';').next().unwrap().trim(), 16)
+            .unwrap_or_else(|_| panic!("bad chunk size {size:?}"));
+        if n == 0 {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").expect("CRLF after a chunk");
+    }
+    out
+}
+
+/// Host and path confusion: what a route matched is what its backend gets.
+/// Two `Host` headers, or a `Host` that names another host than an
+/// absolute-form target, are refused; the path is normalised before it is
+/// matched and forwarded normalised; the `Host` routed on is the one sent.
+#[test]
+fn host_confusion_is_refused_and_paths_are_normalised() {
+    if !require_root("host_confusion_is_refused_and_paths_are_normalised") {
+        return;
+    }
+    let topo = Topology::new();
+    let (n1, n2) = (Peer::node_server(&topo, "n1"), Peer::node_server(&topo, "n2"));
+    let routes = route("host: app.test\n        path_prefix: /pub", &[n1.addr], &[])
+        + &route("host: other.test\n        path_prefix: /", &[n2.addr], &[]);
+    let gw = start(&topo, ws_listener("app", "kernel", &routes));
+    let addr = gw.listener("app");
+    // One request on its own connection, as sent; the status line and body back.
+    let raw = |head: &str| -> (String, String) {
+        let mut s = topo.connect(addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).unwrap_or_else(|e| panic!("{head:?}: {e}"));
+        let text = String::from_utf8_lossy(&got).into_owned();
+        let (head_part, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let chunked = head_part.to_ascii_lowercase().contains("transfer-encoding: chunked");
+        (head_part.lines().next().unwrap_or("").to_string(), if chunked { dechunk(body) } else { body.to_string() })
+    };
+    let json = |status: &str, body: &str| -> Value {
+        assert!(status.contains(" 200 "), "{status}: {body}");
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"))
+    };
+    // Two Host headers: whichever a backend would read, refused here.
+    for hosts in [["app.test", "other.test"], ["other.test", "app.test"], ["app.test", "app.test"]] {
+        let (status, body) = raw(&format!(
+            "GET /pub/headers HTTP/1.1\r\nHost: {}\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            hosts[0], hosts[1]
+        ));
+        assert!(status.contains(" 400 "), "{hosts:?}: {status}");
+        assert!(body.contains("more than one Host header"), "{body}");
+    }
+    // An absolute-form target wins over Host; one that disagrees is refused.
+    let (status, body) =
+        raw("GET http://other.test/headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    assert!(status.contains(" 400 ") && body.contains("different hosts"), "{status}: {body}");
+    // Routed on the target's authority, and that is the Host n2 sees.
+    let (status, body) = raw("GET http://Other.Test:8080/x/headers HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let v = json(&status, &body);
+    assert_eq!((v["name"].as_str(), v["headers"]["host"].as_str()), (Some("n2"), Some("Other.Test:8080")), "{v}");
+    assert_eq!(v["url"], "/x/headers", "{v}");
+    // Dot segments, plain or escaped, cannot climb out of /pub into a path
+    // no route of app.test covers.
+    for path in ["/pub/../admin/headers", "/pub/%2e%2e/admin/headers", "/pub/.%2E/admin/headers"] {
+        let (status, body) =
+            raw(&format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"));
+        assert!(status.contains(" 404 ") && body.contains("path /admin/headers"), "{path}: {status}: {body}");
+    }
+    // What stays under /pub is forwarded normalised; other escapes stay.
+    let (status, body) =
+        raw("GET /pub/x/../%61/%2f/./headers?q=%2e HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let v = json(&status, &body);
+    assert_eq!((v["name"].as_str(), v["url"].as_str()), (Some("n1"), Some("/pub/a/%2F/headers?q=%2e")), "{v}");
+    assert_eq!(v["headers"]["host"], "app.test", "{v}");
+    let (status, body) = raw("GET /pub/%zz HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    assert!(status.contains(" 400 ") && body.contains("percent-encoding"), "{status}: {body}");
+    // And a curl that sends what it is told (--path-as-is) gets the same.
+    let (code, _, body) =
+        curl(&topo, &["--path-as-is", "-H", "Host: app.test", &format!("http://{addr}/pub/../admin/headers")]);
+    assert_eq!(code, 404, "{body}");
+}
+
 #[test]
 fn plain_http_and_websockets_share_the_listener() {
     if !require_root("plain_http_and_websockets_share_the_listener") {

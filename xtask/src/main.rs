@@ -147,6 +147,54 @@ fn test(extra: &[String]) -> Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("GATEWAY_EBPF_OBJECT", &obj)
         .env("GATEWAY_BIN", root().join("target/debug/gateway"))
-        .args(extra);
-    run(&mut cmd)
+        .args(extra)
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("cannot start {cmd:?}"))?;
+    // Tee the output and keep it: a failure's report is printed when its
+    // test binary ends, and later binaries scroll it out of a CI log's tail.
+    let mut kept = Vec::new();
+    {
+        use std::io::{BufRead, Write};
+        let out = child.stdout.take().context("cargo test's stdout")?;
+        let mut tty = std::io::stdout().lock();
+        for line in std::io::BufReader::new(out).lines() {
+            let line = line.context("reading cargo test's output")?;
+            let _ = writeln!(tty, "{line}");
+            kept.push(line);
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        let again = failure_reports(&kept);
+        if !again.is_empty() {
+            println!("\nxtask: the failures' reports again (printed above, where each test binary ended):");
+            for line in again {
+                println!("{line}");
+            }
+        }
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// The `---- name stdout ----` sections of libtest's reports, each cut to
+/// its first 150 lines.
+fn failure_reports(lines: &[String]) -> Vec<&str> {
+    const PER_TEST: usize = 150;
+    let mut out = Vec::new();
+    let mut taken = None;
+    for line in lines {
+        if line.starts_with("---- ") && line.ends_with(" ----") {
+            taken = Some(0);
+        } else if line == "failures:" || line.starts_with("test result:") {
+            taken = None;
+        }
+        if let Some(n) = taken.as_mut() {
+            if *n < PER_TEST {
+                out.push(line.as_str());
+            }
+            *n += 1;
+        }
+    }
+    out
 }
