@@ -22,6 +22,7 @@ use std::{
         Arc, Mutex,
     },
     task::{Context, Poll},
+    time::Duration,
 };
 
 use bytes::Bytes;
@@ -98,11 +99,35 @@ pub struct ClientIo {
     conn: session::Conn,
     early: Bytes,
     hold: Arc<AtomicBool>,
+    moved: Arc<Moved>,
+}
+
+/// When a client connection last moved a byte, either way: `idle_timeout`
+/// counts from there, so a client that stops reading a response (or stops
+/// sending a body) is closed like an idle one.
+struct Moved {
+    base: Instant,
+    /// Milliseconds since `base`.
+    at: AtomicU64,
+}
+
+impl Moved {
+    fn new() -> Self {
+        Self { base: Instant::now(), at: AtomicU64::new(0) }
+    }
+
+    fn now(&self) {
+        self.at.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.base + Duration::from_millis(self.at.load(Ordering::Relaxed))
+    }
 }
 
 impl ClientIo {
     pub fn new(conn: session::Conn, early: Bytes) -> Self {
-        ClientIo { conn, early, hold: Arc::new(AtomicBool::new(false)) }
+        ClientIo { conn, early, hold: Arc::new(AtomicBool::new(false)), moved: Arc::new(Moved::new()) }
     }
 
     /// The stream, and the bytes handed over but not yet read (after `first`).
@@ -127,13 +152,24 @@ impl tokio::io::AsyncRead for ClientIo {
             buf.put_slice(&self.early.split_to(n));
             return Poll::Ready(Ok(()));
         }
-        Pin::new(&mut self.conn).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.conn).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.moved.now();
+        }
+        r
     }
 }
 
 impl tokio::io::AsyncWrite for ClientIo {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.conn).poll_write(cx, buf)
+        let r = Pin::new(&mut self.conn).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            if n > 0 {
+                self.moved.now();
+            }
+        }
+        r
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -245,6 +281,8 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
         })
     };
     let hold = client.hold.clone();
+    let moved = client.moved.clone();
+    moved.now();
     // Idle, it moves at a hot upgrade (the old daemon waits for it).
     flow.movable.store(true, Ordering::Relaxed);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -259,9 +297,20 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
     let mut draining = false;
     // At a hot upgrade: the requests taken when the idle connection was let go.
     let mut moving: Option<u64> = None;
+    let mut stalled = false;
     let result = loop {
+        // No byte either way for idle_timeout closes the connection, idle or
+        // in the middle of a request; once the drain has begun, a few
+        // seconds do.
+        let still = if draining { rt.cfg.idle_timeout.min(DRAIN_STALL) } else { rt.cfg.idle_timeout };
         tokio::select! {
             r = &mut served => break r,
+            () = tokio::time::sleep_until(moved.last() + still) => {
+                if moved.last() + still <= Instant::now() {
+                    stalled = true;
+                    break Ok(());
+                }
+            }
             // The drain: finish the request in progress, then close.
             () = crate::ws::draining(&mut shutdown), if !draining => {
                 Pin::new(&mut served).graceful_shutdown();
@@ -283,6 +332,11 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
     // A request came in while it was being let go: its response said close.
     let idle = moving.is_some_and(|n| n == conn.requests.load(Ordering::Relaxed));
     drop(conn);
+    if stalled {
+        let cause = if draining { CloseCause::Shutdown } else { CloseCause::IdleTimeout };
+        proxy::retire(flow, None, &cause, rt, daemon);
+        return None;
+    }
     if let (Ok(()), None, true) = (&result, &upgrade, idle) {
         if let Some(parts) = served.into_parts() {
             let (client, early) = parts.io.into_inner().into_parts(parts.read_buf);
@@ -916,7 +970,8 @@ fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
             i += 1;
             continue;
         }
-        let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b))) else {
+        let (Some(h), Some(l)) = (bytes.get(i + 1).and_then(|&b| hex(b)), bytes.get(i + 2).and_then(|&b| hex(b)))
+        else {
             return Err("malformed percent-encoding in the path");
         };
         let c = (h * 16 + l) as u8;
@@ -1067,6 +1122,10 @@ fn request_head<B>(req: &Request<B>) -> Vec<u8> {
     h.extend_from_slice(b"\r\n");
     h
 }
+
+/// How long a drained connection may go without moving a byte before it is
+/// closed (a request in progress is otherwise let finish).
+const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 /// The largest response head `exchange` reads.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;

@@ -398,7 +398,10 @@ mod tests {
     #[test]
     fn source_buckets_stay_bounded() {
         let rate = Rate::parse("1/h").unwrap();
-        let a = Admission::new(Rules { connection_rate_per_source: Some(rate), ..Default::default() }, Arc::new(Global::default()));
+        let a = Admission::new(
+            Rules { connection_rate_per_source: Some(rate), ..Default::default() },
+            Arc::new(Global::default()),
+        );
         // Four times the bound of distinct sources, each admitted once.
         for i in 0..(4 * MAX_TRACKED_SOURCES) as u32 {
             assert!(a.admit(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()).is_ok());
@@ -411,7 +414,10 @@ mod tests {
 
     #[test]
     fn the_last_place_is_taken_once() {
-        let a = Arc::new(Admission::new(Rules { max_connections: Some(1), ..Default::default() }, Arc::new(Global::default())));
+        let a = Arc::new(Admission::new(
+            Rules { max_connections: Some(1), ..Default::default() },
+            Arc::new(Global::default()),
+        ));
         for _ in 0..200 {
             let barrier = Arc::new(std::sync::Barrier::new(2));
             let (w1, w2) = (a.clone(), a.clone());

@@ -500,7 +500,11 @@ fn connection_cap(configured: Option<u64>, nofile: u64, listeners: usize) -> u64
         }
         Some(n) => n,
         None => {
-            info!(max_connections = fits, open_files = nofile, "connection cap from the open-files limit (set limits.max_connections to choose)");
+            info!(
+                max_connections = fits,
+                open_files = nofile,
+                "connection cap from the open-files limit (set limits.max_connections to choose)"
+            );
             fits
         }
     }

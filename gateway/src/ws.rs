@@ -255,6 +255,48 @@ pub async fn draining(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Why a write to a peer gave up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Stall {
+    /// The write failed: the peer is gone.
+    Failed,
+    /// It did not complete in time: the peer stopped reading.
+    TimedOut,
+    /// The drain began while it waited.
+    Draining,
+}
+
+/// A write to a peer, run until it completes, `until` passes or (given the
+/// daemon's shutdown receiver) the drain begins: a peer that stops reading
+/// holds a flow no longer than its deadlines.
+async fn bounded<T, E>(
+    write: impl std::future::Future<Output = Result<T, E>>,
+    until: Instant,
+    drain: Option<&mut watch::Receiver<bool>>,
+) -> Result<T, Stall> {
+    let drain = async {
+        match drain {
+            Some(rx) => draining(rx).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        r = write => r.map_err(|_| Stall::Failed),
+        () = sleep_until(until) => Err(Stall::TimedOut),
+        () = drain => Err(Stall::Draining),
+    }
+}
+
+/// What a stalled write to `side` ends its flow with.
+fn stalled(side: Side, stall: Stall) -> CloseCause {
+    match stall {
+        Stall::Failed => CloseCause::Reset { by: side },
+        Stall::TimedOut => CloseCause::IdleTimeout,
+        Stall::Draining => CloseCause::Shutdown,
+    }
+}
+
 fn ws_config(limits: &Limits) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(limits.max_message_size))
@@ -343,10 +385,13 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
         ($why:expr, $to_client:expr, $to_backend:expr) => {
             if closing.is_none() {
                 cause.get_or_insert($why);
-                closing = Some(Instant::now() + CLOSE_WAIT);
+                let until = Instant::now() + CLOSE_WAIT;
+                closing = Some(until);
                 for (i, m) in [$to_client, $to_backend].into_iter().enumerate() {
                     if let (true, Some(m)) = (open[i], m) {
-                        let _ = ws[i].send(m).await;
+                        if bounded(ws[i].send(m), until, None).await.is_err() {
+                            open[i] = false;
+                        }
                     }
                 }
             }
@@ -357,7 +402,7 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
             // A pong tungstenite owes goes out before the sockets leave.
             let mut flushed = true;
             for w in &mut ws {
-                flushed &= w.flush().await.is_ok();
+                flushed &= bounded(w.flush(), Instant::now() + CLOSE_WAIT, Some(&mut shutdown)).await.is_ok();
             }
             if flushed && client_quiet(&mut ws[0]) {
                 let [c, b] = ws;
@@ -385,9 +430,22 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                         close_both!(why, tc, tb);
                     }
                     None => {
-                        for (i, w) in ws.iter_mut().enumerate() {
-                            if open[i] {
-                                let _ = w.send(Message::Ping(Bytes::from_static(b"gateway"))).await;
+                        // A side that cannot take a ping within the interval
+                        // is as silent as one that does not answer it.
+                        let until = live.next;
+                        for i in 0..2 {
+                            if !open[i] {
+                                continue;
+                            }
+                            let ping = Message::Ping(Bytes::from_static(b"gateway"));
+                            if let Err(stall) = bounded(ws[i].send(ping), until, Some(&mut shutdown)).await {
+                                let side = if i == 0 { Side::Client } else { Side::Backend };
+                                info!(flow = flow.id, "{side} stopped reading ({stall:?}); closing the flow");
+                                open[i] = false;
+                                let m = || Some(close(CloseCode::Away, "peer stopped reading"));
+                                let (tc, tb) = if i == 0 { (None, m()) } else { (m(), None) };
+                                close_both!(stalled(side, stall), tc, tb);
+                                break;
                             }
                         }
                     }
@@ -419,11 +477,16 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                     continue;
                 }
                 let len = msg.len() as u64;
-                if ws[y].send(msg).await.is_err() {
+                // The message must be taken within idle_timeout, and the drain
+                // does not wait for a peer that stopped reading.
+                if let Err(stall) = bounded(ws[y].send(msg), Instant::now() + e.idle, Some(&mut shutdown)).await {
+                    if stall != Stall::Failed {
+                        info!(flow = flow.id, "{} stopped reading ({stall:?}); closing the flow", other(side));
+                    }
                     open[y] = false;
                     let m = Some(close(CloseCode::Away, "peer went away"));
                     let (tc, tb) = if side == Side::Client { (m, None) } else { (None, m) };
-                    close_both!(CloseCause::Reset { by: other(side) }, tc, tb);
+                    close_both!(stalled(other(side), stall), tc, tb);
                     continue;
                 }
                 flow.add_message(side, len);
@@ -432,9 +495,10 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 // Forward the close as sent; tungstenite answers this side.
                 if closing.is_none() {
                     cause = Some(CloseCause::Closed { first: side });
-                    closing = Some(Instant::now() + CLOSE_WAIT);
-                    if open[y] {
-                        let _ = ws[y].send(Message::Close(frame)).await;
+                    let until = Instant::now() + CLOSE_WAIT;
+                    closing = Some(until);
+                    if open[y] && bounded(ws[y].send(Message::Close(frame)), until, None).await.is_err() {
+                        open[y] = false;
                     }
                 }
             }
@@ -450,7 +514,9 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 debug!(flow = flow.id, %side, "websocket read: {err}");
                 match owed {
                     Some(m) => {
-                        let _ = ws[x].send(m).await;
+                        if bounded(ws[x].send(m), Instant::now() + CLOSE_WAIT, None).await.is_err() {
+                            open[x] = false;
+                        }
                     }
                     None => open[x] = false,
                 }
@@ -471,8 +537,8 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     // Bytes read from the backend before the upgrade's 101 came back.
     if !e.backend_early.is_empty() {
         let n = e.backend_early.len();
-        if ws.send(Message::Binary(e.backend_early)).await.is_err() {
-            return Ended::Closed(CloseCause::Reset { by: Side::Client });
+        if let Err(stall) = bounded(ws.send(Message::Binary(e.backend_early)), Instant::now() + e.idle, None).await {
+            return Ended::Closed(stalled(Side::Client, stall));
         }
         e.flow.add_message(Side::Backend, n as u64);
     }
@@ -487,11 +553,15 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     let mut closing: Option<Instant> = None;
     let mut cause: Option<CloseCause> = None;
     let (mut tr, mut tw) = tcp.split();
+    // Writes that end the flow anyway (closes, the half-close): bounded by
+    // the close's own wait.
+    let soon = || Instant::now() + CLOSE_WAIT;
     while ws_open {
         if detach_asked && closing.is_none() && tcp_reading && ws.get_ref().resting() {
             // Nothing is held for the backend: each message is written before
             // the next is read. A pong tungstenite owes goes out first.
-            if ws.flush().await.is_ok() && client_quiet(&mut ws) {
+            let flushed = bounded(ws.flush(), Instant::now() + CLOSE_WAIT, Some(&mut shutdown)).await.is_ok();
+            if flushed && client_quiet(&mut ws) {
                 break;
             }
         }
@@ -501,10 +571,11 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     live.heard(Side::Client);
                     idle_at = Instant::now() + e.idle;
                     let len = msg.len();
-                    if let Err(err) = tw.write_all(&msg.into_data()).await {
-                        debug!(flow = flow.id, "bridge write to backend: {err}");
-                        cause.get_or_insert(CloseCause::Reset { by: Side::Backend });
-                        let _ = ws.send(close(CloseCode::Away, "backend went away")).await;
+                    let data = msg.into_data();
+                    if let Err(stall) = bounded(tw.write_all(&data), Instant::now() + e.idle, Some(&mut shutdown)).await {
+                        debug!(flow = flow.id, "bridge write to backend: {stall:?}");
+                        cause.get_or_insert(stalled(Side::Backend, stall));
+                        let _ = bounded(ws.send(close(CloseCode::Away, "backend went away")), soon(), None).await;
                         break;
                     }
                     flow.add_message(Side::Client, len as u64);
@@ -514,7 +585,7 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     // (tungstenite answers the close; nothing can follow it.)
                     live.heard(Side::Client);
                     cause.get_or_insert(CloseCause::Closed { first: Side::Client });
-                    let _ = tw.shutdown().await;
+                    let _ = bounded(tw.shutdown(), soon(), None).await;
                     tcp_reading = false;
                     closing.get_or_insert(Instant::now() + CLOSE_WAIT);
                 }
@@ -529,12 +600,12 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     cause.get_or_insert(why);
                     match owed {
                         Some(m) => {
-                            let _ = ws.send(m).await;
+                            let _ = bounded(ws.send(m), soon(), None).await;
                             closing.get_or_insert(Instant::now() + CLOSE_WAIT);
                         }
                         None => ws_open = false,
                     }
-                    let _ = tw.shutdown().await;
+                    let _ = bounded(tw.shutdown(), soon(), None).await;
                     tcp_reading = false;
                 }
             },
@@ -544,13 +615,17 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     // the client's messages until its answer still go through.
                     tcp_reading = false;
                     cause.get_or_insert(CloseCause::Closed { first: Side::Backend });
-                    let _ = ws.send(close(CloseCode::Normal, "backend closed the connection")).await;
+                    let _ = bounded(ws.send(close(CloseCode::Normal, "backend closed the connection")), soon(), None).await;
                     closing = Some(Instant::now() + CLOSE_WAIT);
                 }
                 Ok(n) => {
                     idle_at = Instant::now() + e.idle;
-                    if ws.send(Message::Binary(Bytes::copy_from_slice(&buf[..n]))).await.is_err() {
-                        cause.get_or_insert(CloseCause::Reset { by: Side::Client });
+                    let m = Message::Binary(Bytes::copy_from_slice(&buf[..n]));
+                    if let Err(stall) = bounded(ws.send(m), Instant::now() + e.idle, Some(&mut shutdown)).await {
+                        if stall != Stall::Failed {
+                            info!(flow = flow.id, "client stopped reading ({stall:?}); closing the flow");
+                        }
+                        cause.get_or_insert(stalled(Side::Client, stall));
                         break;
                     }
                     flow.add_message(Side::Backend, n as u64);
@@ -559,7 +634,7 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     debug!(flow = flow.id, "bridge read from backend: {err}");
                     tcp_reading = false;
                     cause.get_or_insert(CloseCause::Reset { by: Side::Backend });
-                    let _ = ws.send(close(CloseCode::Away, "backend went away")).await;
+                    let _ = bounded(ws.send(close(CloseCode::Away, "backend went away")), soon(), None).await;
                     closing = Some(Instant::now() + CLOSE_WAIT);
                 }
             },
@@ -570,16 +645,21 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                     break;
                 }
                 live.heard(Side::Backend);
-                let _ = ws.send(Message::Ping(Bytes::from_static(b"gateway"))).await;
+                let ping = Message::Ping(Bytes::from_static(b"gateway"));
+                if let Err(stall) = bounded(ws.send(ping), live.next, Some(&mut shutdown)).await {
+                    info!(flow = flow.id, "client stopped reading ({stall:?}); closing the flow");
+                    cause.get_or_insert(stalled(Side::Client, stall));
+                    break;
+                }
             }
             () = sleep_until(idle_at), if closing.is_none() => {
                 cause.get_or_insert(CloseCause::IdleTimeout);
-                let _ = ws.send(close(CloseCode::Away, "idle timeout")).await;
+                let _ = bounded(ws.send(close(CloseCode::Away, "idle timeout")), soon(), None).await;
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
             () = crate::ws::draining(&mut shutdown), if closing.is_none() => {
                 cause.get_or_insert(CloseCause::Shutdown);
-                let _ = ws.send(close(CloseCode::Away, "gateway shutting down")).await;
+                let _ = bounded(ws.send(close(CloseCode::Away, "gateway shutting down")), soon(), None).await;
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
             () = sleep_until(closing.unwrap_or_else(far_future)), if closing.is_some() => break,

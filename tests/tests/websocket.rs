@@ -346,8 +346,7 @@ fn host_confusion_is_refused_and_paths_are_normalised() {
         assert!(body.contains("more than one Host header"), "{body}");
     }
     // An absolute-form target wins over Host; one that disagrees is refused.
-    let (status, body) =
-        raw("GET http://other.test/headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw("GET http://other.test/headers HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n");
     assert!(status.contains(" 400 ") && body.contains("different hosts"), "{status}: {body}");
     // Routed on the target's authority, and that is the Host n2 sees.
     let (status, body) = raw("GET http://Other.Test:8080/x/headers HTTP/1.1\r\nConnection: close\r\n\r\n");
@@ -357,8 +356,7 @@ fn host_confusion_is_refused_and_paths_are_normalised() {
     // Dot segments, plain or escaped, cannot climb out of /pub into a path
     // no route of app.test covers.
     for path in ["/pub/../admin/headers", "/pub/%2e%2e/admin/headers", "/pub/.%2E/admin/headers"] {
-        let (status, body) =
-            raw(&format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"));
+        let (status, body) = raw(&format!("GET {path} HTTP/1.1\r\nHost: app.test\r\nConnection: close\r\n\r\n"));
         assert!(status.contains(" 404 ") && body.contains("path /admin/headers"), "{path}: {status}: {body}");
     }
     // What stays under /pub is forwarded normalised; other escapes stay.
@@ -621,4 +619,112 @@ fn passthrough_half_close_and_reset_reach_the_other_side() {
     drop(s);
     assert_eq!(rx.recv_timeout(Duration::from_secs(20)).unwrap(), "error ConnectionReset");
     gw.wait_idle();
+}
+
+/// A client that sends until the gateway stops taking its bytes and never
+/// reads what comes back: `head` first (an upgrade's 101 is read, nothing
+/// after it), then `chunk` over and over, bounded in bytes and time.
+fn stalled_client(topo: &Topology, addr: SocketAddr, head: &str, chunk: &[u8]) -> std::net::TcpStream {
+    let mut s = topo.connect(addr).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    if head.contains("Upgrade: websocket") {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).unwrap_or_else(|e| panic!("the 101 to {head:?}: {e}"));
+            got.push(b[0]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&got));
+    }
+    s.set_write_timeout(Some(Duration::from_secs(1))).unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(20);
+    let mut sent = 0usize;
+    while sent < 512 << 20 && std::time::Instant::now() < until {
+        match s.write(chunk) {
+            Ok(n) => sent += n,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            // Closed already (idle_timeout may pass while buffers fill).
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe) => break,
+            Err(e) => panic!("sending to {addr}: {e}"),
+        }
+    }
+    assert!(sent > 0);
+    s
+}
+
+const UPGRADE: &str = "GET / HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                       Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+
+/// One masked (with key 0) binary frame of 64 KiB.
+fn frame() -> Vec<u8> {
+    let mut f = vec![0x82, 0xFF];
+    f.extend_from_slice(&65536u64.to_be_bytes());
+    f.extend_from_slice(&[0; 4]);
+    f.resize(f.len() + 65536, b'x');
+    f
+}
+
+/// Three listeners (inspect, bridge_tcp, plain HTTP) whose backends answer
+/// everything they are sent, with this `idle_timeout`.
+fn echoing_listeners(topo: &Topology, node: &Peer, tcp_echo: &Backend, idle: &str) -> String {
+    let inspect = route("path_prefix: /", &[node.addr], &["mode: inspect"]);
+    let bridge = format!("      - path_prefix: /\n        bridge_tcp: [\"{}\"]\n", tcp_echo.addr);
+    let plain = route("path_prefix: /", &[node.addr], &[]);
+    let _ = topo;
+    [("i", inspect), ("b", bridge), ("h", plain)]
+        .iter()
+        .map(|(name, r)| ws_listener(name, "auto", r) + &format!("    idle_timeout: {idle}\n"))
+        .collect()
+}
+
+/// A peer that stops reading is closed by `idle_timeout` and by the drain,
+/// in every mode that writes from user space: the writes wait under the
+/// flow's deadlines, not outside them.
+#[test]
+fn a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain() {
+    if !require_root("a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain") {
+        return;
+    }
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let tcp_echo = Backend::echo(&topo);
+    let post = "POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 1073741824\r\n\r\n";
+    let stall_all = |gw: &Gateway| -> Vec<std::net::TcpStream> {
+        vec![
+            stalled_client(&topo, gw.listener("i"), UPGRADE, &frame()),
+            stalled_client(&topo, gw.listener("b"), UPGRADE, &frame()),
+            stalled_client(&topo, gw.listener("h"), post, &[b'x'; 65536]),
+        ]
+    };
+
+    // idle_timeout: each flow closes on its own, counted as idle.
+    let gw = start(&topo, echoing_listeners(&topo, &node, &tcp_echo, "2s"));
+    let held = stall_all(&gw);
+    gw.wait_for("the stalled flows to be closed by idle_timeout", Duration::from_secs(30), |g| {
+        g.status()["flows"] == 0
+    });
+    for name in ["i", "b", "h"] {
+        let s = listener_stats(&gw, name);
+        assert_eq!(s["closed"]["idle-timeout"], 1, "listener {name}: {s}");
+    }
+    drop(held);
+    drop(gw);
+
+    // The drain: a flow whose peer stopped reading does not hold the daemon
+    // for drain_timeout (120 s here); each mode closes it within seconds.
+    let mut gw = Gateway::start(
+        &topo,
+        &GatewayConfig {
+            listeners: echoing_listeners(&topo, &node, &tcp_echo, "1h"),
+            extra: "drain_timeout: 120s\n".into(),
+        },
+    );
+    let _held = stall_all(&gw);
+    gw.wait_for("three flows", Duration::from_secs(10), |g| g.status()["flows"] == 3);
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(gw.pid() as i32, libc::SIGTERM) }, 0);
+    let st = gw.wait_exit(Duration::from_secs(60));
+    assert!(st.is_some(), "the drain waited on peers that stopped reading:\n{}", gw.log_text());
+    assert!(gw.log_text().contains("all flows finished"), "{}", gw.log_text());
 }
