@@ -42,14 +42,14 @@ pub const TRIM_MAX_CALLS: u32 = 64;
 /// [`SockSlot`], [`KernelConfig`] and what their fields mean. A daemon
 /// adopts another's maps at a hot upgrade only when both have the same.
 /// Bump it with any change to them.
-pub const SHARED_LAYOUT: u32 = 2;
+pub const SHARED_LAYOUT: u32 = 3;
 
 /// Per-socket state of a spliced flow. One slot exists for each of the two
 /// sockets; the slot of socket X describes the bytes *received on X*, which the
 /// verdict redirects to the egress of X's peer P.
 ///
-/// Ownership of the fields: `peer_cookie`, `acked_base`, `high_water`,
-/// `enabled` and `user_fwd` are written by user space only; all other fields
+/// Ownership of the fields: `owner_cookie`, `peer_cookie`, `acked_base`,
+/// `high_water`, `enabled` and `user_fwd` are written by user space only; all other fields
 /// by the verdict only. The verdict for one socket runs under that socket's
 /// lock, so plain (non-atomic) increments are race-free.
 ///
@@ -63,6 +63,10 @@ pub const SHARED_LAYOUT: u32 = 2;
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct SockSlot {
+    /// Cookie of the socket that holds this slot; 0 while the slot is free.
+    /// The verdict acts on a slot only for its owner: a lookup that raced
+    /// with a release and a reuse finds another owner and passes.
+    pub owner_cookie: u64,
     /// Cookie of the socket this socket's payload is redirected to.
     pub peer_cookie: u64,
     /// `tcp_sock::bytes_acked` of *this* socket at the hand-off (user space).
@@ -131,5 +135,5 @@ mod user {
     unsafe impl aya::Pod for super::KernelConfig {}
 }
 
-const _: () = assert!(core::mem::size_of::<SockSlot>() == 136);
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 144);
 const _: () = assert!(core::mem::size_of::<KernelConfig>() == 24);

@@ -84,6 +84,11 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: array values live as long as the map; this socket's verdict runs
     // under its socket lock, so it is the only kernel writer of this slot.
     let slot = unsafe { &mut *slot };
+    // The index entry may be one a release removed just now, and the slot
+    // already another socket's: then it is not this socket's to forward.
+    if unsafe { read_volatile(&slot.owner_cookie) } != cookie {
+        return Err(SK_PASS);
+    }
 
     // A FIN arrives as an skb without payload. Redirected, it would reach the
     // peer's send path after user space has shut that down, and fail there

@@ -42,6 +42,12 @@ pub struct Status {
     pub kernel_sockets: usize,
     pub kernel_index_entries: usize,
     pub kernel_slots_in_use: usize,
+    /// Slots free here, and slots flows of a previous daemon still hold
+    /// (taken here as they end).
+    #[serde(default)]
+    pub kernel_slots_free: usize,
+    #[serde(default)]
+    pub kernel_slots_foreign: usize,
     /// The verdict's wake-ups read (a kernel flow started passing bytes to
     /// user space), and passes a flow noticed only at its periodic check.
     #[serde(default)]
@@ -330,6 +336,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_sockets: s,
                 kernel_index_entries: i,
                 kernel_slots_in_use: u,
+                kernel_slots_free: daemon.kernel.as_ref().map_or(0, |k| k.slots_free().0),
+                kernel_slots_foreign: daemon.kernel.as_ref().map_or(0, |k| k.slots_free().1),
                 kernel_wakeups: woken,
                 kernel_late_wakeups: late,
                 kernel_wake_overflows: overflows,

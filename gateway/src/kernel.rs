@@ -183,10 +183,16 @@ impl Drop for SlotTable {
 struct Maps {
     socks: SockHash<MapData, u64>,
     index: HashMap<MapData, u64, u32>,
-    free: Vec<u32>,
+    /// First in, first out: a slot just released is the last to be reused,
+    /// so a verdict that looked it up just before the release is long done.
+    free: std::collections::VecDeque<u32>,
     /// Handed over (hot upgrade): the free slots are the next daemon's now,
-    /// and no flow is spliced here any more.
+    /// and no flow is spliced here any more; a slot released here is left
+    /// free (owner 0) for the next daemon to take (`sweep`).
     sealed: bool,
+    /// Slots of flows a sealed predecessor (or one before it) still runs:
+    /// neither free nor live here, and ours once their owner is 0.
+    foreign: std::collections::BTreeSet<u32>,
     /// Slots of live flows (both of each flow), with their socket's fd.
     active: std::collections::BTreeMap<u32, i32>,
     /// The bound currently written into every active slot.
@@ -419,7 +425,8 @@ impl KernelPath {
             maps: Mutex::new(Maps {
                 socks,
                 index,
-                free: (0..sockets).rev().collect(),
+                free: (0..sockets).collect(),
+                foreign: Default::default(),
                 sealed: false,
                 active: Default::default(),
                 high_water: 0,
@@ -493,17 +500,30 @@ impl KernelPath {
             }
             None => 0,
         };
-        let cs = maps.free.pop().unwrap();
-        let bs = maps.free.pop().unwrap();
-        // SAFETY: the slots are free, so no verdict writes them (no index entry).
+        let cs = maps.free.pop_front().unwrap();
+        let bs = maps.free.pop_front().unwrap();
+        // SAFETY: the slots are free, so no verdict writes them (no index
+        // entry names them, and a stale lookup finds another owner).
         unsafe {
             ptr::write_volatile(
                 self.slots.slot(cs),
-                SockSlot { peer_cookie: bc, acked_base: client_acked, high_water, ..Default::default() },
+                SockSlot {
+                    owner_cookie: cc,
+                    peer_cookie: bc,
+                    acked_base: client_acked,
+                    high_water,
+                    ..Default::default()
+                },
             );
             ptr::write_volatile(
                 self.slots.slot(bs),
-                SockSlot { peer_cookie: cc, acked_base: backend_acked, high_water, ..Default::default() },
+                SockSlot {
+                    owner_cookie: bc,
+                    peer_cookie: cc,
+                    acked_base: backend_acked,
+                    high_water,
+                    ..Default::default()
+                },
             );
         }
         let splice = Splice {
@@ -524,6 +544,8 @@ impl KernelPath {
         })();
         if let Err(e) = result {
             Self::unlink(&mut maps, &splice);
+            self.disown(cs);
+            self.disown(bs);
             maps.free.extend([cs, bs]);
             // A peer's FIN between the state check above and the insert
             // (the sockmap takes established sockets only): the flow is not
@@ -557,6 +579,8 @@ impl KernelPath {
     /// Frees both sockets' slots. Call right before closing the sockets:
     /// only the index entries go here (the verdict then passes whatever
     /// still arrives), the close itself takes a socket out of the SOCKHASH.
+    /// Sealed (handed over), the slots stay out of the free list: owner 0
+    /// tells the daemon that took over that they are its to take.
     pub fn release(&self, s: &Splice) {
         let mut maps = self.maps.lock().unwrap();
         for c in [s.client_cookie, s.backend_cookie] {
@@ -564,8 +588,103 @@ impl KernelPath {
         }
         maps.active.remove(&s.client_slot);
         maps.active.remove(&s.backend_slot);
-        maps.free.extend([s.client_slot, s.backend_slot]);
+        self.disown(s.client_slot);
+        self.disown(s.backend_slot);
+        if !maps.sealed {
+            maps.free.extend([s.client_slot, s.backend_slot]);
+        }
         self.rebalance(&mut maps);
+    }
+
+    /// A flow handed to the next daemon: its slots and index entries go on
+    /// there, untouched; this daemon only stops counting them.
+    pub fn forget(&self, s: &Splice) {
+        let mut maps = self.maps.lock().unwrap();
+        maps.active.remove(&s.client_slot);
+        maps.active.remove(&s.backend_slot);
+    }
+
+    /// Marks a slot free (owner 0); after its index entry is gone.
+    fn disown(&self, i: u32) {
+        // SAFETY: `owner_cookie` is a user-space-owned field; the slot is ours
+        // (live or being released under the maps lock).
+        unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).owner_cookie, 0) };
+    }
+
+    /// At exit of a daemon that handed over: every slot it still holds is
+    /// released for the next daemon (its sockets close with the process).
+    pub fn leave(&self) {
+        let mut maps = self.maps.lock().unwrap();
+        if !maps.sealed {
+            return;
+        }
+        let live: Vec<u32> = maps.active.keys().copied().collect();
+        for i in live {
+            let owner = self.slots.read(i).owner_cookie;
+            if maps.index.get(&owner, 0).ok() == Some(i) {
+                let _ = maps.index.remove(&owner);
+            }
+            self.disown(i);
+        }
+        maps.active.clear();
+    }
+
+    /// The predecessor has sealed its maps (hot upgrade): every slot that is
+    /// neither free nor live here runs one of its flows, and becomes ours
+    /// once released (`sweep`).
+    pub fn predecessor_sealed(&self) {
+        let mut maps = self.maps.lock().unwrap();
+        let known: std::collections::BTreeSet<u32> = maps.free.iter().chain(maps.active.keys()).copied().collect();
+        maps.foreign = (0..self.slots.len).filter(|i| !known.contains(i)).collect();
+        drop(maps);
+        self.sweep();
+    }
+
+    /// Takes the foreign slots whose owner released them. Returns how many
+    /// are still foreign. Nothing while this daemon is sealed itself: then
+    /// they are its successor's to take.
+    pub fn sweep(&self) -> usize {
+        let mut maps = self.maps.lock().unwrap();
+        if maps.sealed {
+            return 0;
+        }
+        let released: Vec<u32> = maps
+            .foreign
+            .iter()
+            .copied()
+            .filter(|&i| !maps.active.contains_key(&i) && self.slots.read(i).owner_cookie == 0)
+            .collect();
+        for i in &released {
+            maps.foreign.remove(i);
+        }
+        if !released.is_empty() {
+            debug!(slots = released.len(), "slots released by a previous daemon taken back");
+        }
+        maps.free.extend(released);
+        maps.foreign.len()
+    }
+
+    /// Slots offered to a successor that is gone without confirming: only
+    /// it could have used them, and its sockets closed with it. Index
+    /// entries its flows left are removed.
+    pub fn reclaim(&self, offered: &[u32]) {
+        let mut maps = self.maps.lock().unwrap();
+        for &i in offered {
+            let owner = self.slots.read(i).owner_cookie;
+            if owner != 0 && maps.index.get(&owner, 0).ok() == Some(i) {
+                let _ = maps.index.remove(&owner);
+            }
+            self.disown(i);
+        }
+        if !maps.sealed {
+            maps.free.extend(offered.iter().copied());
+        }
+    }
+
+    /// Free slots, and slots a previous daemon's flows still hold.
+    pub fn slots_free(&self) -> (usize, usize) {
+        let maps = self.maps.lock().unwrap();
+        (maps.free.len(), maps.foreign.len())
     }
 
     /// Shares the global cap among the live flows: when their number changes
@@ -807,7 +926,7 @@ impl KernelPath {
         use std::os::fd::AsFd;
         let mut maps = self.maps.lock().unwrap();
         let keep = maps.free.len() / 2;
-        let given = maps.free.split_off(keep);
+        let given: Vec<u32> = maps.free.split_off(keep).into();
         let info = Handover {
             layout: gateway_common::SHARED_LAYOUT,
             slot_size: std::mem::size_of::<SockSlot>() as u32,
@@ -848,7 +967,7 @@ impl KernelPath {
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
         let wake = MapData::from_fd(wake).map_err(|e| format!("WAKE: {e}"))?;
         let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
-        let free = info.free.clone();
+        let free: std::collections::VecDeque<u32> = info.free.iter().copied().collect();
         info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");
         Ok(Self {
             pins: Mutex::new(None),
@@ -861,6 +980,7 @@ impl KernelPath {
                 index,
                 free,
                 sealed: false,
+                foreign: Default::default(),
                 active: Default::default(),
                 high_water: 0,
                 buffers_for: 0,
@@ -879,12 +999,15 @@ impl KernelPath {
         self.wakeups.seal();
         let mut maps = self.maps.lock().unwrap();
         maps.sealed = true;
-        std::mem::take(&mut maps.free)
+        // What was foreign here is the successor's to find (it counts every
+        // slot it neither got nor runs).
+        maps.foreign.clear();
+        std::mem::take(&mut maps.free).into()
     }
 
     /// Slots the previous daemon gave up, usable here now.
     pub fn add_free(&self, slots: &[u32]) {
-        self.maps.lock().unwrap().free.extend_from_slice(slots);
+        self.maps.lock().unwrap().free.extend(slots.iter().copied());
     }
 
     /// The predecessor has sealed its maps (hot upgrade): the verdict's
@@ -900,6 +1023,8 @@ impl KernelPath {
     /// never in this daemon's free list).
     pub fn adopt_flow(&self, s: &Splice, client_fd: i32, backend_fd: i32) {
         let mut maps = self.maps.lock().unwrap();
+        maps.foreign.remove(&s.client_slot);
+        maps.foreign.remove(&s.backend_slot);
         maps.active.extend([(s.client_slot, client_fd), (s.backend_slot, backend_fd)]);
         self.rebalance(&mut maps);
     }

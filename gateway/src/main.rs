@@ -355,7 +355,14 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
     const CAP_NET_ADMIN: u64 = 1 << 12;
     match gateway::sys::drop_capabilities_except(CAP_NET_ADMIN | CAP_NET_BIND_SERVICE) {
-        Ok(kept) => info!(capabilities = format!("{kept:#x}"), "dropped every capability not needed after set-up"),
+        Ok(d) if d.bounding => {
+            info!(capabilities = format!("{:#x}", d.kept), "dropped every capability not needed after set-up")
+        }
+        Ok(d) => info!(
+            capabilities = format!("{:#x}", d.kept),
+            "dropped every capability not needed after set-up; the bounding set stays as started \
+             (no CAP_SETPCAP: the service manager's bounding set is the limit)"
+        ),
         Err(e) => warn!("could not drop capabilities: {e}"),
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
@@ -377,7 +384,17 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
         if let Some(k) = &daemon.kernel {
             k.add_free(&free);
+            k.predecessor_sealed();
             k.take_wakeups();
+            // The flows that stayed behind release their slots as they end:
+            // taken here, so that no upgrade loses capacity.
+            let d = daemon.clone();
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+                while d.kernel.as_ref().is_some_and(|k| k.sweep() > 0) {
+                    every.tick().await;
+                }
+            });
         }
         // The old daemon answered on the admin path until now.
         admin_guard
@@ -418,6 +435,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
                     () = ended => {
                         info!("upgrade: every flow of this process has ended; exiting");
                         if let Some(k) = &daemon.kernel {
+                            k.leave();
                             k.unpin();
                         }
                         return Ok(());
@@ -452,6 +470,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     // with the process. Returning drops the runtime: every flow's sockets
     // close, which also takes them out of the sockmap.
     if let Some(k) = &daemon.kernel {
+        k.leave();
         k.unpin();
     }
     Ok(())

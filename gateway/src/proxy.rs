@@ -533,6 +533,9 @@ async fn supervise(
                     None => false,
                 };
                 if handed {
+                    // Its slots are the new daemon's now: not released here,
+                    // and not this daemon's to free at its exit either.
+                    k.forget(s);
                     debug!(flow = flow.id, "handed to the new daemon");
                     return None;
                 }

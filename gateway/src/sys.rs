@@ -188,11 +188,21 @@ pub fn group_id(name: &str) -> Option<u32> {
     (r == 0 && !out.is_null()).then_some(grp.gr_gid)
 }
 
+/// What [`drop_capabilities_except`] did.
+pub struct Dropped {
+    /// The capabilities kept (effective and permitted).
+    pub kept: u64,
+    /// Whether the bounding set lost the others too: that takes
+    /// CAP_SETPCAP, which a service started with ambient capabilities (a
+    /// systemd DynamicUser) does not hold; its unit's CapabilityBoundingSet
+    /// is the bound then.
+    pub bounding: bool,
+}
+
 /// Keeps only the capabilities in `keep` (bit n = capability n): effective,
 /// permitted and inheritable are set to `keep` ∩ permitted, which also empties
-/// the ambient set; the bounding set loses everything else. Returns the set
-/// kept.
-pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
+/// the ambient set; the bounding set loses everything else when it may.
+pub fn drop_capabilities_except(keep: u64) -> io::Result<Dropped> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -215,10 +225,15 @@ pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
     let permitted = u64::from(cur[0].permitted) | (u64::from(cur[1].permitted) << 32);
     let kept = permitted & keep;
     // The bounding set first (needs CAP_SETPCAP, which is still held, if at all).
+    let mut bounding = true;
     for cap in 0..64u64 {
         if keep & (1 << cap) == 0 {
-            // SAFETY: prctl with integer arguments; EINVAL past the last capability.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            // SAFETY: prctl with integer arguments.
+            let dropped = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } == 0;
+            if !dropped && io::Error::last_os_error().raw_os_error() == Some(libc::EPERM) {
+                bounding = false;
+            }
+            // EINVAL: past the kernel's last capability.
         }
     }
     let lo = (kept & 0xffff_ffff) as u32;
@@ -232,7 +247,7 @@ pub fn drop_capabilities_except(keep: u64) -> io::Result<u64> {
     if unsafe { libc::syscall(libc::SYS_capset, &mut hdr, new.as_ptr()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(kept)
+    Ok(Dropped { kept, bounding })
 }
 
 /// `statfs(2)` f_type of the filesystem holding `path`.

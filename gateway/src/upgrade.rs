@@ -245,14 +245,25 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         }
         None => (None, Vec::new()),
     };
-    // The slots offered come back if the new process never confirms.
+    // The slots offered are the new process's from now on: they come back
+    // only if it is gone without confirming (its sockets closed with it).
     let offered: Vec<u32> = kernel.as_ref().map(|k| k.free.clone()).unwrap_or_default();
+    let successor = conn.peer_cred().ok().and_then(|c| c.pid());
     let mut body = serde_json::to_vec(&Offer { pid: std::process::id(), listeners, kernel })?;
     body.push(b'\n');
     let fds: Vec<i32> = socks.iter().map(AsRawFd::as_raw_fd).chain(kernel_fds).collect();
     let give_back = || {
-        if let Some(k) = &daemon.kernel {
-            k.add_free(&offered);
+        let Some(k) = &daemon.kernel else { return };
+        // SAFETY: kill(2) with signal 0 only checks that the process exists.
+        let gone = successor.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0);
+        if gone {
+            k.reclaim(&offered);
+        } else if !offered.is_empty() {
+            warn!(
+                slots = offered.len(),
+                pid = successor,
+                "upgrade: the kernel slots offered stay with the process that did not confirm (it may use them)"
+            );
         }
     };
     if let Err(e) = send_line(&conn, &body, &fds).await {
