@@ -67,6 +67,9 @@ pub struct Status {
     pub max_connections: Option<u64>,
     #[serde(default)]
     pub connections: u64,
+    /// Tasks alive in the daemon's runtime (one per flow, and a few of its own).
+    #[serde(default)]
+    pub tasks: usize,
     /// `kernel.pin_path`, while the maps and the verdict are pinned there.
     #[serde(default)]
     pub pinned_at: Option<String>,
@@ -344,6 +347,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 workers: tokio::runtime::Handle::current().metrics().num_workers(),
                 max_connections: daemon.global.max,
                 connections: daemon.global.active.load(std::sync::atomic::Ordering::Relaxed),
+                tasks: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
                 pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()
