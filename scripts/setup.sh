@@ -43,6 +43,14 @@ fi
 export PATH="$HOME/.cargo/bin:$PATH"
 command -v rustup >/dev/null || { echo "setup.sh: rustup not found; this script expects the image's rustup" >&2; exit 1; }
 
+# The test command checks formatting and runs clippy on the default toolchain.
+for c in clippy rustfmt; do
+  if ! rustup component list --installed 2>/dev/null | grep -q "^$c"; then
+    log "rustup component add $c"
+    rustup component add "$c"
+  fi
+done
+
 # The kernel crate needs a nightly whose LLVM matches bpf-linker 0.10.4 (LLVM 22).
 # Use the image's `nightly` when it is on LLVM 22, otherwise the dated one.
 ebpf_toolchain=nightly

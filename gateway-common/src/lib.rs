@@ -130,8 +130,10 @@ pub struct KernelConfig {
 
 #[cfg(feature = "user")]
 mod user {
-    // SAFETY: both types are repr(C), made of integers, and have no padding.
+    // SAFETY: repr(C), made of integers, and without padding (the size
+    // asserts below): every bit pattern is a valid value.
     unsafe impl aya::Pod for super::SockSlot {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::KernelConfig {}
 }
 

@@ -79,6 +79,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     // SAFETY: the context pointer is the skb the kernel handed us.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.skb.skb.cast()) };
     // A socket without a slot is not ours to forward: leave it to user space.
+    // SAFETY: a hash lookup; the value is a plain u32 copied out at once.
     let idx = unsafe { SLOT_INDEX.get(&cookie) }.ok_or(SK_PASS)?;
     let slot = SLOTS.get_ptr_mut(*idx).ok_or(SK_PASS)?;
     // SAFETY: array values live as long as the map; this socket's verdict runs
@@ -86,6 +87,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
     let slot = unsafe { &mut *slot };
     // The index entry may be one a release removed just now, and the slot
     // already another socket's: then it is not this socket's to forward.
+    // SAFETY: a valid, aligned field of the slot; user space writes it.
     if unsafe { read_volatile(&slot.owner_cookie) } != cookie {
         return Err(SK_PASS);
     }
@@ -104,11 +106,14 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
 
     let len = u64::from(ctx.len());
     slot.rx_bytes += len;
+    // SAFETY: a helper without arguments.
     slot.last_ns = unsafe { bpf_ktime_get_ns() };
 
     // Until user space has enabled the flow, and while it still holds bytes it
     // was passed earlier, keep passing so that the order of bytes is kept.
+    // SAFETY: valid, aligned fields of the slot, written by user space.
     let enabled = unsafe { read_volatile(&slot.enabled) };
+    // SAFETY: as above.
     let user_fwd = unsafe { read_volatile(&slot.user_fwd) };
     if enabled == 0 || slot.passed > user_fwd {
         return Ok(pass(slot, *idx, len));
@@ -116,6 +121,7 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
 
     // Flow control: over the bound, pass to user space, which closes this
     // socket's receive window instead of queueing without limit.
+    // SAFETY: as above.
     let high_water = unsafe { read_volatile(&slot.high_water) };
     if high_water != 0 {
         if let Some(delivered) = peer_delivered(slot) {
@@ -175,7 +181,9 @@ fn peer_delivered(slot: &SockSlot) -> Option<u64> {
     if cfg.acked_offset == 0 {
         return None;
     }
+    // SAFETY: a hash lookup; the value is copied out at once.
     let peer_slot_idx = unsafe { SLOT_INDEX.get(&slot.peer_cookie) }?;
+    // SAFETY: `get_ptr` checked the index; array values live as long as the map.
     let acked_base = unsafe { read_volatile(&(*SLOTS.get_ptr(*peer_slot_idx)?).acked_base) };
     let mut key = slot.peer_cookie;
     // SAFETY: a SOCKHASH lookup from a program returns a referenced socket (or
@@ -185,6 +193,8 @@ fn peer_delivered(slot: &SockSlot) -> Option<u64> {
         return None;
     }
     let queued = match SCRATCH.get_ptr_mut(0) {
+        // SAFETY: `scratch` is this CPU's valid slot of a per-CPU array; the
+        // reads of kernel memory go through bpf_probe_read_kernel.
         Some(scratch) => unsafe {
             // Store and reload through memory: the value comes back as a plain number.
             write_volatile(scratch, sk as u64);
@@ -199,6 +209,7 @@ fn peer_delivered(slot: &SockSlot) -> Option<u64> {
         },
         None => None,
     };
+    // SAFETY: `sk` came from the lookup above, non-null, released once.
     unsafe { bpf_sk_release(sk) };
     queued
 }

@@ -137,6 +137,7 @@ struct SlotTable {
 // SAFETY: the mapping is shared memory; all accesses go through volatile reads
 // and writes of plain integers, and slot ownership is handed out by `free`.
 unsafe impl Send for SlotTable {}
+// SAFETY: as for Send: shared use is volatile integer reads and writes.
 unsafe impl Sync for SlotTable {}
 
 impl SlotTable {

@@ -180,6 +180,7 @@ pub fn read_spare(fd: &impl AsRawFd, buf: &mut Vec<u8>) -> io::Result<usize> {
 /// The gid of group `name`, from the system's group database.
 pub fn group_id(name: &str) -> Option<u32> {
     let cname = std::ffi::CString::new(name).ok()?;
+    // SAFETY: libc::group is plain data; all-zero is a valid (empty) value.
     let mut grp: libc::group = unsafe { mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16 * 1024];
     let mut out: *mut libc::group = std::ptr::null_mut();

@@ -888,7 +888,7 @@ fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
     gw.wait_for("a settled descriptor limit", Duration::from_secs(10), |_| {
         let limit = lowest_free() + 1;
         nofile(limit);
-        std::mem::replace(&mut last, Some(limit)) == Some(limit)
+        last.replace(limit) == Some(limit)
     });
     let mut over = topo.connect(addr).unwrap();
     match echo(&mut over) {

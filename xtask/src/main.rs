@@ -20,7 +20,8 @@ usage: cargo xtask <task> [args]
 tasks:
   build-ebpf [--debug]   build the kernel programs (gateway-ebpf) for bpfel-unknown-none
   build [--release]      build-ebpf, then the daemon with the object embedded
-  test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests)
+  test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests);
+                         without arguments, first `cargo fmt --check` and clippy with -D warnings
   soak [FLOWS]           the churn test (tests/tests/soak.rs) at FLOWS (100000) flows across every
                          mode, a tenth aborted; then no fds, tasks, map entries or slots left, RSS flat
   bench [--quick] [--attach-variants] [--rates-only]
@@ -144,6 +145,15 @@ fn build_release_daemon() -> Result<()> {
 
 fn test(extra: &[String]) -> Result<()> {
     let obj = build_ebpf(false)?;
+    // The whole suite (no arguments, as CI runs it) starts with the house
+    // rules: rustfmt's check, and clippy with warnings denied.
+    if extra.is_empty() {
+        run(cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]))?;
+        run(cargo()
+            .current_dir(root())
+            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .env("GATEWAY_EBPF_OBJECT", &obj))?;
+    }
     // Build first so that the e2e tests find target/debug/gateway.
     run(cargo().current_dir(root()).args(["build", "--workspace", "--all-targets"]).env("GATEWAY_EBPF_OBJECT", &obj))?;
     let mut cmd = cargo();
