@@ -1274,6 +1274,29 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_headers_stop_here() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "keep-alive, X-Secret, upgrade"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "close"),
+            ("proxy-authenticate", "Basic"),
+            ("trailer", "x"),
+            ("sec-websocket-protocol", "chat"),
+            ("cookie", "a=1"),
+        ] {
+            h.append(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["sec-websocket-protocol", "cookie"]);
+    }
+
+    #[test]
     fn hosts_are_one_and_agree() {
         let req = |target: &str, hosts: &[&str]| {
             let mut b = Request::builder().uri(target);

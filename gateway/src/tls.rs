@@ -472,6 +472,75 @@ impl Origination {
 mod tests {
     use super::*;
 
+    /// The first flight of a rustls client for `name`: its ClientHello in
+    /// TLS records, as the gateway peeks it.
+    fn client_hello(name: &str) -> Vec<u8> {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+        let mut conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    fn sni(h: Hello) -> Result<Option<String>, String> {
+        match h {
+            Hello::Sni(s) => Ok(s),
+            Hello::Incomplete => Err("incomplete".into()),
+            Hello::Invalid(why) => Err(why.into()),
+        }
+    }
+
+    #[test]
+    fn sni_from_real_client_hellos() {
+        let hello = client_hello("Api.Example.com");
+        assert_eq!(sni(parse_client_hello(&hello)), Ok(Some("api.example.com".into())));
+        // Every prefix is incomplete, never an error or another answer.
+        for n in 0..hello.len() {
+            assert_eq!(sni(parse_client_hello(&hello[..n])), Err("incomplete".into()), "prefix of {n} bytes");
+        }
+        // The same hello cut into two records, at every point.
+        let body = &hello[5..];
+        for cut in 1..body.len() {
+            let mut two = Vec::new();
+            for part in [&body[..cut], &body[cut..]] {
+                two.extend_from_slice(&[22, 3, 1]);
+                two.extend_from_slice(&(part.len() as u16).to_be_bytes());
+                two.extend_from_slice(part);
+            }
+            assert_eq!(sni(parse_client_hello(&two)), Ok(Some("api.example.com".into())), "cut at {cut}");
+        }
+        // An address is not a server_name: no SNI (RFC 6066 §3).
+        assert_eq!(sni(parse_client_hello(&client_hello("192.0.2.7"))), Ok(None));
+    }
+
+    #[test]
+    fn bad_client_hellos_are_refused_without_panic() {
+        let hello = client_hello("a.example");
+        let mut not_handshake = hello.clone();
+        not_handshake[0] = 23;
+        assert_eq!(sni(parse_client_hello(&not_handshake)), Err("not a TLS handshake record".into()));
+        let mut not_hello = hello.clone();
+        not_hello[5] = 2;
+        assert_eq!(sni(parse_client_hello(&not_hello)), Err("the first handshake message is not a ClientHello".into()));
+        assert!(sni(parse_client_hello(b"GET / HTTP/1.1\r\n\r\n")).is_err());
+        // Every byte set to each of a few values: an answer, never a panic
+        // or a read past the end.
+        for i in 0..hello.len() {
+            for v in [0x00, 0x01, 0x7f, 0xff] {
+                let mut m = hello.clone();
+                m[i] = v;
+                let _ = parse_client_hello(&m);
+            }
+        }
+    }
+
     #[test]
     fn asn1_times_and_dates() {
         assert_eq!(days_from_civil(1970, 1, 1), 0);
