@@ -774,6 +774,80 @@ mod tests {
         }
     }
 
+    /// What a resumed session does with records that are not what they
+    /// should be: a flipped bit anywhere, a record cut short before the TCP
+    /// close, a length over the limit, a TCP close without close_notify.
+    /// Each is an error (never a panic, never plaintext that was not sent).
+    #[tokio::test]
+    async fn a_resumed_session_refuses_bad_records() {
+        let suites = [
+            cs::TLS13_AES_128_GCM_SHA256,
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+            cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            cs::TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+        ];
+        // The gateway's side moved to `Resumed`, and the peer's next record
+        // as it would go on the wire.
+        async fn resumed(suite: rustls::SupportedCipherSuite) -> (Conn, TcpStream, Vec<u8>) {
+            let (server_cfg, client_cfg) = configs(suite);
+            let (c, s) = pair().await;
+            let fd = s.as_raw_fd();
+            let acceptor = tokio_rustls::TlsAcceptor::from(server_cfg);
+            let connector = tokio_rustls::TlsConnector::from(client_cfg);
+            let sni = ServerName::try_from("session.test").unwrap();
+            let (ours, peer) = tokio::join!(acceptor.accept(Gate::new(Box::new(s), &[])), connector.connect(sni, c));
+            let (mut ours, mut peer) = (Conn::server(ours.unwrap(), fd), peer.unwrap());
+            both_ways(&mut ours, &mut peer, 9, 1000).await;
+            let (ours, _) = move_it(ours);
+            let (tcp, mut conn) = peer.into_inner();
+            std::io::Write::write_all(&mut conn.writer(), &pattern(1, 300)).unwrap();
+            let mut wire = Vec::new();
+            while conn.wants_write() {
+                conn.write_tls(&mut wire).unwrap();
+            }
+            (ours, tcp, wire)
+        }
+        async fn read_err(ours: &mut Conn) -> String {
+            let mut got = Vec::new();
+            match tokio::time::timeout(std::time::Duration::from_secs(10), ours.read_to_end(&mut got)).await {
+                Ok(Err(e)) => {
+                    assert!(got.is_empty(), "plaintext came out of a bad record: {} bytes", got.len());
+                    e.to_string()
+                }
+                Ok(Ok(n)) => panic!("read {n} bytes to a clean end"),
+                Err(_) => panic!("no answer within 10 s"),
+            }
+        }
+        for suite in suites {
+            let name = format!("{:?}", suite.suite());
+            let (_, _, clean) = resumed(suite).await;
+            // Every position of the record, one bit flipped (a sample of
+            // positions for speed: header, nonce, body, tag).
+            let step = (clean.len() / 12).max(1);
+            for at in (5..clean.len()).step_by(step).chain([clean.len() - 1]) {
+                let (mut ours, mut tcp, mut wire) = resumed(suite).await;
+                wire[at] ^= 0x01;
+                tcp.write_all(&wire).await.unwrap();
+                tcp.shutdown().await.unwrap();
+                let e = read_err(&mut ours).await;
+                assert!(e.contains("authentication") || e.contains("record"), "{name}, bit at {at}: {e}");
+            }
+            // Cut short, then the TCP close.
+            let (mut ours, mut tcp, wire) = resumed(suite).await;
+            tcp.write_all(&wire[..wire.len() - 3]).await.unwrap();
+            tcp.shutdown().await.unwrap();
+            assert!(read_err(&mut ours).await.contains("cut short"), "{name}");
+            // A length no TLS record may have.
+            let (mut ours, mut tcp, _) = resumed(suite).await;
+            tcp.write_all(&[23, 3, 3, 0x7f, 0xff]).await.unwrap();
+            assert!(read_err(&mut ours).await.contains("bytes"), "{name}");
+            // A TCP close with no close_notify: not an end of stream.
+            let (mut ours, mut tcp, _) = resumed(suite).await;
+            tcp.shutdown().await.unwrap();
+            assert!(read_err(&mut ours).await.contains("without close_notify"), "{name}");
+        }
+    }
+
     #[test]
     fn records_end_where_their_headers_say() {
         let mut r = Records::default();
