@@ -326,6 +326,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
         }
         "status" => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
+            let (slots_free, slots_foreign) = daemon.kernel.as_ref().map_or((0, 0), |k| k.slots_free());
             let (woken, late, overflows) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.wakeups());
             serde_json::to_vec(&Status {
                 pid: std::process::id(),
@@ -339,8 +340,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 kernel_sockets: s,
                 kernel_index_entries: i,
                 kernel_slots_in_use: u,
-                kernel_slots_free: daemon.kernel.as_ref().map_or(0, |k| k.slots_free().0),
-                kernel_slots_foreign: daemon.kernel.as_ref().map_or(0, |k| k.slots_free().1),
+                kernel_slots_free: slots_free,
+                kernel_slots_foreign: slots_foreign,
                 kernel_wakeups: woken,
                 kernel_late_wakeups: late,
                 kernel_wake_overflows: overflows,

@@ -605,6 +605,16 @@ impl KernelPath {
         maps.active.remove(&s.backend_slot);
     }
 
+    /// Frees a slot whose flow this daemon will not release itself: its
+    /// owner's index entry (if it still names the slot) goes, then the owner.
+    fn free_in_place(&self, maps: &mut Maps, i: u32) {
+        let owner = self.slots.read(i).owner_cookie;
+        if owner != 0 && maps.index.get(&owner, 0).ok() == Some(i) {
+            let _ = maps.index.remove(&owner);
+        }
+        self.disown(i);
+    }
+
     /// Marks a slot free (owner 0); after its index entry is gone.
     fn disown(&self, i: u32) {
         // SAFETY: `owner_cookie` is a user-space-owned field; the slot is ours
@@ -621,11 +631,7 @@ impl KernelPath {
         }
         let live: Vec<u32> = maps.active.keys().copied().collect();
         for i in live {
-            let owner = self.slots.read(i).owner_cookie;
-            if maps.index.get(&owner, 0).ok() == Some(i) {
-                let _ = maps.index.remove(&owner);
-            }
-            self.disown(i);
+            self.free_in_place(&mut maps, i);
         }
         maps.active.clear();
     }
@@ -671,11 +677,7 @@ impl KernelPath {
     pub fn reclaim(&self, offered: &[u32]) {
         let mut maps = self.maps.lock().unwrap();
         for &i in offered {
-            let owner = self.slots.read(i).owner_cookie;
-            if owner != 0 && maps.index.get(&owner, 0).ok() == Some(i) {
-                let _ = maps.index.remove(&owner);
-            }
-            self.disown(i);
+            self.free_in_place(&mut maps, i);
         }
         if !maps.sealed {
             maps.free.extend(offered.iter().copied());

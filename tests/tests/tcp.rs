@@ -776,6 +776,16 @@ fn offload_kernel_refuses_to_start_without_the_kernel_path() {
 /// Out of descriptors, the daemon turns the newcomer away as a local fault
 /// (`rejected: local-resources`): the backend is not charged with a failed
 /// connect, stays up, and the daemon serves again once descriptors free up.
+/// "ping" through an echo flow, within 10 s.
+fn ping(s: &mut std::net::TcpStream) -> std::io::Result<()> {
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"ping")?;
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    assert_eq!(&b, b"ping");
+    Ok(())
+}
+
 /// With no `limits.max_connections`, the daemon caps connections at what
 /// its open-files limit holds (two descriptors a flow, 256 set aside): a
 /// flood is turned away at admission, counted, before accepts and backend
@@ -795,17 +805,9 @@ fn the_default_cap_follows_the_open_files_limit() {
     // 256 kept aside, one listener.
     assert_eq!(cap, (NOFILE - 256 - 1) / 2, "{}", gw.status());
     assert!(gw.log_text().contains("connection cap from the open-files limit"), "{}", gw.log_text());
-    let echo = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"ping")?;
-        let mut b = [0u8; 4];
-        s.read_exact(&mut b)?;
-        assert_eq!(&b, b"ping");
-        Ok(())
-    };
     let mut held: Vec<_> = (0..cap).map(|_| topo.connect(addr).unwrap()).collect();
     for (i, s) in held.iter_mut().enumerate() {
-        echo(s).unwrap_or_else(|e| panic!("flow {i} of {cap}: {e}"));
+        ping(s).unwrap_or_else(|e| panic!("flow {i} of {cap}: {e}"));
     }
     // Twice the cap more: every one closed at admission.
     for i in 0..2 * cap {
@@ -815,7 +817,7 @@ fn the_default_cap_follows_the_open_files_limit() {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => continue,
             Err(e) => panic!("client {i} over the cap: {e}"),
         };
-        match echo(&mut over) {
+        match ping(&mut over) {
             Err(e) => assert!(
                 matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
                 "client {i} over the cap: {e}"
@@ -833,7 +835,7 @@ fn the_default_cap_follows_the_open_files_limit() {
     drop(held.pop());
     gw.wait_for("the freed place", Duration::from_secs(10), |g| g.status()["connections"].as_u64() == Some(cap - 1));
     let mut again = topo.connect(addr).unwrap();
-    echo(&mut again).unwrap();
+    ping(&mut again).unwrap();
 }
 
 #[test]
@@ -852,14 +854,6 @@ fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
             .unwrap();
         assert!(st.success(), "prlimit --nofile={limit}");
     };
-    let echo = |s: &mut std::net::TcpStream| -> std::io::Result<()> {
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        s.write_all(b"ping")?;
-        let mut b = [0u8; 4];
-        s.read_exact(&mut b)?;
-        assert_eq!(&b, b"ping");
-        Ok(())
-    };
     const K: usize = 4;
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", gw.pid())).unwrap();
     let open_files: usize = limits
@@ -874,7 +868,7 @@ fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
     // looks agree (an admin connection may close meanwhile).
     let mut held: Vec<_> = (0..K).map(|_| topo.connect(addr).unwrap()).collect();
     for (i, s) in held.iter_mut().enumerate() {
-        echo(s).unwrap_or_else(|e| panic!("flow {i}: {e}"));
+        ping(s).unwrap_or_else(|e| panic!("flow {i}: {e}"));
     }
     gw.wait_for("the flows", Duration::from_secs(10), |g| g.flows().len() == K);
     let lowest_free = || {
@@ -891,7 +885,7 @@ fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
         last.replace(limit) == Some(limit)
     });
     let mut over = topo.connect(addr).unwrap();
-    match echo(&mut over) {
+    match ping(&mut over) {
         Err(e) => assert!(
             matches!(e.kind(), std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset),
             "the client over the limit was not closed: {e}"
@@ -902,7 +896,7 @@ fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
     nofile(open_files);
     drop(held.pop());
     let mut again = topo.connect(addr).unwrap();
-    echo(&mut again).unwrap_or_else(|e| panic!("no recovery after the limit was lifted: {e}"));
+    ping(&mut again).unwrap_or_else(|e| panic!("no recovery after the limit was lifted: {e}"));
     let stats = gw.stats();
     let t = &stats["listeners"][0];
     assert_eq!(t["backends"][0]["connect_failures"], 0, "{t}");
