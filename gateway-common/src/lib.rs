@@ -3,6 +3,7 @@
 //! Everything here is `#[repr(C)]`, made only of `u32`/`u64` fields laid out
 //! so that there is no implicit padding, because both sides read the same bytes.
 #![no_std]
+#![warn(clippy::unwrap_used)]
 
 /// Name of the SOCKHASH that holds every spliced socket, keyed by socket cookie.
 pub const MAP_SOCKS: &str = "SOCKS";

@@ -356,10 +356,9 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                     .collect(),
             })
         }
-        other => Ok(serde_json::to_vec(
+        other => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, stats, listeners, status or reload") }),
-        )
-        .unwrap()),
+        ),
     }
     .map_err(std::io::Error::other)?;
     w.write_all(&body).await?;

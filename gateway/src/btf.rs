@@ -31,7 +31,7 @@ impl Btf {
     pub fn parse(data: Vec<u8>) -> Result<Self, BtfError> {
         let u32_at = |o: usize| -> Result<u32, BtfError> {
             data.get(o..o + 4)
-                .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+                .map(|b| u32::from_le_bytes(b.try_into().expect("four bytes")))
                 .ok_or(BtfError::Malformed("truncated header"))
         };
         if data.len() < 24 || data[0..2] != [0x9f, 0xeb] {
@@ -49,7 +49,7 @@ impl Btf {
     }
 
     fn u32_at(&self, o: usize) -> u32 {
-        u32::from_le_bytes(self.data[o..o + 4].try_into().unwrap())
+        u32::from_le_bytes(self.data[o..o + 4].try_into().expect("four bytes"))
     }
 
     fn name(&self, off: u32) -> &[u8] {

@@ -1304,7 +1304,7 @@ impl RawConfig {
             Some(v) if v.is_string() => {
                 e.push(
                     "workers",
-                    format_args!("{:?} is not `auto` or a whole number from 1 to 1024", v.as_str().unwrap()),
+                    format_args!("{:?} is not `auto` or a whole number from 1 to 1024", v.as_str().unwrap_or_default()),
                 );
                 None
             }

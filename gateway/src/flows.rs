@@ -1,4 +1,5 @@
 //! The table of live flows and the snapshots `gateway flows` prints.
+use crate::sync::Locked;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -144,14 +145,14 @@ impl Flow {
     }
 
     pub fn set_path(&self, p: FlowPath) {
-        *self.path.lock().unwrap() = p;
+        *self.path.locked() = p;
     }
 
     /// Moves the flow to another path (`offload: auto`), counted.
     pub fn switch_path(&self, p: FlowPath, what: String) {
         self.set_path(p);
         self.path_switches.fetch_add(1, Relaxed);
-        *self.last_switch.lock().unwrap() = Some(what);
+        *self.last_switch.locked() = Some(what);
     }
 }
 
@@ -238,7 +239,7 @@ pub struct FlowGuard<'a> {
 
 impl Drop for FlowGuard<'_> {
     fn drop(&mut self) {
-        self.table.flows.lock().unwrap().remove(&self.flow.id);
+        self.table.flows.locked().remove(&self.flow.id);
     }
 }
 
@@ -265,7 +266,7 @@ impl FlowTable {
             path_switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
         });
-        self.flows.lock().unwrap().insert(id, flow.clone());
+        self.flows.locked().insert(id, flow.clone());
         FlowGuard { table: self, flow }
     }
 
@@ -305,12 +306,12 @@ impl FlowTable {
             last_switch: Mutex::new(None),
         });
         // In the table until `retire`.
-        self.flows.lock().unwrap().insert(id, f.clone());
+        self.flows.locked().insert(id, f.clone());
         f
     }
 
     pub fn len(&self) -> usize {
-        self.flows.lock().unwrap().len()
+        self.flows.locked().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -319,11 +320,11 @@ impl FlowTable {
 
     /// How many live flows `pred` holds for.
     pub fn count(&self, pred: impl Fn(&Flow) -> bool) -> usize {
-        self.flows.lock().unwrap().values().filter(|f| pred(f)).count()
+        self.flows.locked().values().filter(|f| pred(f)).count()
     }
 
     pub fn snapshot(&self, kernel: Option<&KernelPath>) -> Vec<FlowSnapshot> {
-        let flows: Vec<Arc<Flow>> = self.flows.lock().unwrap().values().cloned().collect();
+        let flows: Vec<Arc<Flow>> = self.flows.locked().values().cloned().collect();
         flows.iter().map(|f| snapshot_one(f, kernel)).collect()
     }
 
@@ -331,7 +332,7 @@ impl FlowTable {
     /// `fold` (which adds it to the totals) under the table's lock, so that a
     /// reader of totals plus live flows never sees it twice or not at all.
     pub fn retire(&self, flow: &Flow, kernel: Option<&KernelPath>, fold: impl FnOnce(&FlowSnapshot)) -> FlowSnapshot {
-        let mut flows = self.flows.lock().unwrap();
+        let mut flows = self.flows.locked();
         let snap = snapshot_one(flow, kernel);
         fold(&snap);
         flows.remove(&flow.id);
@@ -340,7 +341,7 @@ impl FlowTable {
 
     /// Runs `read` on snapshots of the live flows while no flow can retire.
     pub fn with_live<R>(&self, kernel: Option<&KernelPath>, read: impl FnOnce(&[FlowSnapshot]) -> R) -> R {
-        let flows = self.flows.lock().unwrap();
+        let flows = self.flows.locked();
         let snaps: Vec<FlowSnapshot> = flows.values().map(|f| snapshot_one(f, kernel)).collect();
         read(&snaps)
     }
@@ -354,7 +355,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
     let mut last_ns = f.user_last_ns.load(Relaxed);
     let (mut k_c2b, mut k_b2c, mut trimmed) = (0, 0, 0);
     let (mut c, mut b) = (gateway_common::SockSlot::default(), gateway_common::SockSlot::default());
-    let path = f.path.lock().unwrap().clone();
+    let path = f.path.locked().clone();
     let (path_name, reason, code) = match &path {
         FlowPath::Connecting => ("connecting", None, None),
         FlowPath::Kernel { client_slot, backend_slot } | FlowPath::Relayed { client_slot, backend_slot, .. } => {
@@ -380,7 +381,7 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         id: f.id,
         listener: f.listener.clone(),
         client: f.client.to_string(),
-        backend: f.backend.lock().unwrap().map(|b| b.to_string()),
+        backend: f.backend.locked().map(|b| b.to_string()),
         path: path_name.to_string(),
         fallback_reason: reason,
         fallback_code: code,
@@ -406,13 +407,13 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         last_activity_at: humantime::format_rfc3339_millis(now - idle.min(age)).to_string(),
         age_ms: age.as_millis() as u64,
         idle_ms: idle.min(age).as_millis() as u64,
-        route: f.route.lock().unwrap().clone(),
+        route: f.route.locked().clone(),
         http_requests: f.http_requests.load(Relaxed),
         messages_client_to_backend: f.msgs_c2b.load(Relaxed),
         messages_backend_to_client: f.msgs_b2c.load(Relaxed),
         rate_client_to_backend: None,
         rate_backend_to_client: None,
         path_switches: f.path_switches.load(Relaxed),
-        last_switch: f.last_switch.lock().unwrap().clone(),
+        last_switch: f.last_switch.locked().clone(),
     }
 }

@@ -5,6 +5,7 @@
 //! brings an ejected backend back, a failure counts like a failed client
 //! connect. An ejected backend gets no new
 //! flows; when all are ejected, clients are closed with a clear log line.
+use crate::sync::Locked;
 use std::{
     net::SocketAddr,
     sync::{
@@ -70,7 +71,7 @@ impl Health {
 
     /// Whether backend `i` may get new flows now.
     pub fn is_up(&self, i: usize) -> bool {
-        let mut until = self.backends[i].ejected_until.lock().unwrap();
+        let mut until = self.backends[i].ejected_until.locked();
         match *until {
             Some(t) if Instant::now() < t => false,
             Some(_) => {
@@ -84,7 +85,7 @@ impl Health {
 
     pub fn succeeded(&self, i: usize, listener: &str, addr: SocketAddr) {
         self.backends[i].consecutive.store(0, Relaxed);
-        if self.backends[i].ejected_until.lock().unwrap().take().is_some() {
+        if self.backends[i].ejected_until.locked().take().is_some() {
             info!(listener, backend = %addr, "backend answers again: back in rotation");
         }
     }
@@ -92,7 +93,7 @@ impl Health {
     pub fn failed(&self, i: usize, listener: &str, addr: SocketAddr) {
         let n = self.backends[i].consecutive.fetch_add(1, Relaxed) + 1;
         if n >= self.cfg.failures {
-            let mut until = self.backends[i].ejected_until.lock().unwrap();
+            let mut until = self.backends[i].ejected_until.locked();
             if until.is_none() {
                 warn!(listener, backend = %addr, failures = n, eject_for = ?self.cfg.eject_for, "backend ejected");
             }

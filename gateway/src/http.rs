@@ -13,6 +13,7 @@
 //!
 //! The client connection is one flow from accept to close; it carries the
 //! listener's admission, and its path says what happened to it.
+use crate::sync::Locked;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -328,7 +329,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
             }
         }
     };
-    let upgrade = conn.upgrade.lock().unwrap().take();
+    let upgrade = conn.upgrade.locked().take();
     // A request came in while it was being let go: its response said close.
     let idle = moving.is_some_and(|n| n == conn.requests.load(Ordering::Relaxed));
     drop(conn);
@@ -373,13 +374,13 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
     use tokio::io::AsyncWriteExt;
     let at_rest = client.flush().await.is_ok() && client.quiet();
     if at_rest {
-        let (reason, code) = match flow.path.lock().unwrap().clone() {
+        let (reason, code) = match flow.path.locked().clone() {
             FlowPath::Userspace { reason, code } => (reason, code.to_string()),
             _ => (String::new(), "http".to_string()),
         };
         // Checked, taken out and handed over under one lock: a session's
         // keys never leave rustls for a hand-over that has ended.
-        let mut migrants = daemon.migrants.lock().unwrap();
+        let mut migrants = daemon.migrants.locked();
         if let Some(list) = migrants.as_mut() {
             return match client.park() {
                 Ok(p) => {
@@ -401,10 +402,16 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
     false
 }
 
+/// The HTTP settings of a listener this module serves: only websocket
+/// listeners come here, and validation gives each of them its settings.
+fn http_of(rt: &ListenerRt) -> &HttpListener {
+    rt.cfg.http.as_ref().expect("a websocket listener has HTTP settings")
+}
+
 /// After the 101: take both sockets back from hyper and carry the flow.
 async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
     let idx = up.backend_idx;
-    let route = &rt.cfg.http.as_ref().unwrap().routes[up.route];
+    let route = &http_of(rt).routes[up.route];
     let client = match up.client.await.map(raw::<ClientIo>) {
         Ok(Some((io, read))) => io.into_parts(read),
         Ok(None) => unreachable!("the server's connection is TokioIo<ClientIo>"),
@@ -435,7 +442,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                 backend.write_all(&client_early).await.map_err(|e| (Side::Backend, e))?;
                 client.write_all(&backend_early).await.map_err(|e| (Side::Client, e))
             };
-            let timeout = rt.cfg.http.as_ref().unwrap().handshake_timeout;
+            let timeout = http_of(rt).handshake_timeout;
             match tokio::time::timeout(timeout, early).await {
                 Ok(Ok(())) => {
                     flow.add_user(Side::Client, client_early.len() as u64);
@@ -560,7 +567,7 @@ impl Conn {
     }
 
     fn http(&self) -> &HttpListener {
-        self.rt.cfg.http.as_ref().unwrap()
+        http_of(&self.rt)
     }
 
     async fn serve(&self, mut req: Request<Incoming>) -> Response<Body> {
@@ -600,7 +607,7 @@ impl Conn {
             return reply(StatusCode::NOT_FOUND, format!("no route for host {shown} and path {path}"), upgrade);
         };
         let route = &self.http().routes[ri];
-        *self.flow.route.lock().unwrap() = Some(format!("{}{}", route.host, route.path_prefix));
+        *self.flow.route.locked() = Some(format!("{}{}", route.host, route.path_prefix));
         if !upgrade {
             if route.mode == WsMode::BridgeTcp {
                 let mut r = reply(
@@ -630,7 +637,7 @@ impl Conn {
         let pool = self.rt.route_pool(ri);
         match tokio::time::timeout_at(deadline, proxy::connect(&self.rt, self.flow.client, pool)).await {
             Ok(Ok((s, idx))) => {
-                *self.flow.backend.lock().unwrap() = Some(self.rt.cfg.backends[idx]);
+                *self.flow.backend.locked() = Some(self.rt.cfg.backends[idx]);
                 Ok((s, idx))
             }
             Ok(Err(tried)) => {
@@ -651,7 +658,7 @@ impl Conn {
         let client = hyper::upgrade::on(&mut req);
         if route.mode == WsMode::BridgeTcp {
             let resp = accept_bridge(req.headers());
-            *self.upgrade.lock().unwrap() =
+            *self.upgrade.locked() =
                 Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Tcp(stream) });
             return resp;
         }
@@ -712,7 +719,7 @@ impl Conn {
             return resp.map(|b| self.counted(b, Side::Backend).boxed());
         }
         let backend = hyper::upgrade::on(&mut resp);
-        *self.upgrade.lock().unwrap() =
+        *self.upgrade.locked() =
             Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend, conn) });
         let (parts, _) = resp.into_parts();
         switched(parts.status, parts.headers)
@@ -771,7 +778,7 @@ impl Conn {
             };
         }
         let early = Bytes::copy_from_slice(&buf[parsed.len..]);
-        *self.upgrade.lock().unwrap() =
+        *self.upgrade.locked() =
             Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Exchanged(stream, early) });
         switched(parsed.status, parsed.headers)
     }
@@ -779,7 +786,7 @@ impl Conn {
     /// A plain request, reverse-proxied.
     async fn proxy(&self, req: Request<Incoming>, ri: usize, target: &Target) -> Response<Body> {
         self.flow.http_requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if matches!(*self.flow.path.lock().unwrap(), FlowPath::Connecting) {
+        if matches!(*self.flow.path.locked(), FlowPath::Connecting) {
             self.flow.set_path(FlowPath::Userspace {
                 reason: "plain HTTP requests are proxied in user space".into(),
                 code: "http",
@@ -811,7 +818,7 @@ impl Conn {
             }
         };
         let backend_addr = self.rt.cfg.backends[idx];
-        *self.flow.backend.lock().unwrap() = Some(backend_addr);
+        *self.flow.backend.locked() = Some(backend_addr);
         let out = self.outgoing(req, target);
         match sender.send_request(out).await {
             Ok(mut resp) => {

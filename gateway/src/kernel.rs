@@ -4,6 +4,7 @@
 //! Each spliced socket gets a [`SockSlot`] in the `SLOTS` array, which is
 //! mmapped here so that the verdict's counters are read, and user space's own
 //! fields written, in place.
+use crate::sync::Locked;
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
@@ -159,7 +160,7 @@ impl SlotTable {
         if p == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self { base: NonNull::new(p.cast()).unwrap(), len, map_len })
+        Ok(Self { base: NonNull::new(p.cast()).expect("mmap gives MAP_FAILED, not null"), len, map_len })
     }
 
     fn slot(&self, i: u32) -> *mut SockSlot {
@@ -444,14 +445,14 @@ impl KernelPath {
     /// Removes the pins this daemon made (unless `kernel.keep_pinned`); a pin
     /// another daemon has since replaced (hot upgrade) is left alone.
     pub fn unpin(&self) {
-        if let Some(p) = self.pins.lock().unwrap().take() {
+        if let Some(p) = self.pins.locked().take() {
             p.remove();
         }
     }
 
     /// Where the maps are pinned, if they are.
     pub fn pinned_at(&self) -> Option<std::path::PathBuf> {
-        self.pins.lock().unwrap().as_ref().map(|p| p.dir.clone())
+        self.pins.locked().as_ref().map(|p| p.dir.clone())
     }
 
     /// Puts both sockets in the SOCKHASH. From here on the verdict forwards
@@ -485,7 +486,7 @@ impl KernelPath {
         if self.settings_bounded && self.flow_control.is_none() {
             return Err(Unavailable::NoFlowControl);
         }
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         if maps.free.len() < 2 || maps.sealed {
             return Err(Unavailable::MapFull(self.max_flows));
         }
@@ -501,8 +502,8 @@ impl KernelPath {
             }
             None => 0,
         };
-        let cs = maps.free.pop_front().unwrap();
-        let bs = maps.free.pop_front().unwrap();
+        let cs = maps.free.pop_front().expect("two free slots, checked above");
+        let bs = maps.free.pop_front().expect("two free slots, checked above");
         // SAFETY: the slots are free, so no verdict writes them (no index
         // entry names them, and a stale lookup finds another owner).
         unsafe {
@@ -583,7 +584,7 @@ impl KernelPath {
     /// Sealed (handed over), the slots stay out of the free list: owner 0
     /// tells the daemon that took over that they are its to take.
     pub fn release(&self, s: &Splice) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         for c in [s.client_cookie, s.backend_cookie] {
             let _ = maps.index.remove(&c);
         }
@@ -600,7 +601,7 @@ impl KernelPath {
     /// A flow handed to the next daemon: its slots and index entries go on
     /// there, untouched; this daemon only stops counting them.
     pub fn forget(&self, s: &Splice) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         maps.active.remove(&s.client_slot);
         maps.active.remove(&s.backend_slot);
     }
@@ -625,7 +626,7 @@ impl KernelPath {
     /// At exit of a daemon that handed over: every slot it still holds is
     /// released for the next daemon (its sockets close with the process).
     pub fn leave(&self) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         if !maps.sealed {
             return;
         }
@@ -640,7 +641,7 @@ impl KernelPath {
     /// neither free nor live here runs one of its flows, and becomes ours
     /// once released (`sweep`).
     pub fn predecessor_sealed(&self) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         let known: std::collections::BTreeSet<u32> = maps.free.iter().chain(maps.active.keys()).copied().collect();
         maps.foreign = (0..self.slots.len).filter(|i| !known.contains(i)).collect();
         drop(maps);
@@ -651,7 +652,7 @@ impl KernelPath {
     /// are still foreign. Nothing while this daemon is sealed itself: then
     /// they are its successor's to take.
     pub fn sweep(&self) -> usize {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         if maps.sealed {
             return 0;
         }
@@ -675,7 +676,7 @@ impl KernelPath {
     /// it could have used them, and its sockets closed with it. Index
     /// entries its flows left are removed.
     pub fn reclaim(&self, offered: &[u32]) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         for &i in offered {
             self.free_in_place(&mut maps, i);
         }
@@ -686,7 +687,7 @@ impl KernelPath {
 
     /// Free slots, and slots a previous daemon's flows still hold.
     pub fn slots_free(&self) -> (usize, usize) {
-        let maps = self.maps.lock().unwrap();
+        let maps = self.maps.locked();
         (maps.free.len(), maps.foreign.len())
     }
 
@@ -742,7 +743,7 @@ impl KernelPath {
 
     /// Entries in use, for leak checks: (sockhash entries, index entries, slots in use).
     pub fn usage(&self) -> (usize, usize, usize) {
-        let maps = self.maps.lock().unwrap();
+        let maps = self.maps.locked();
         let socks = maps.socks.keys().filter(Result::is_ok).count();
         let index = maps.index.keys().filter(Result::is_ok).count();
         (socks, index, self.slots.len as usize - maps.free.len())
@@ -927,7 +928,7 @@ impl KernelPath {
     /// them, with half of the free slots: the next daemon's, from now on.
     pub fn handover(&self) -> (Handover, Vec<std::os::fd::BorrowedFd<'_>>) {
         use std::os::fd::AsFd;
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         let keep = maps.free.len() / 2;
         let given: Vec<u32> = maps.free.split_off(keep).into();
         let info = Handover {
@@ -1000,7 +1001,7 @@ impl KernelPath {
     /// next daemon, with the flows handed over).
     pub fn seal(&self) -> Vec<u32> {
         self.wakeups.seal();
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         maps.sealed = true;
         // What was foreign here is the successor's to find (it counts every
         // slot it neither got nor runs).
@@ -1010,7 +1011,7 @@ impl KernelPath {
 
     /// Slots the previous daemon gave up, usable here now.
     pub fn add_free(&self, slots: &[u32]) {
-        self.maps.lock().unwrap().free.extend(slots.iter().copied());
+        self.maps.locked().free.extend(slots.iter().copied());
     }
 
     /// The predecessor has sealed its maps (hot upgrade): the verdict's
@@ -1025,7 +1026,7 @@ impl KernelPath {
     /// Counts a flow handed over by the predecessor as live (its slots were
     /// never in this daemon's free list).
     pub fn adopt_flow(&self, s: &Splice, client_fd: i32, backend_fd: i32) {
-        let mut maps = self.maps.lock().unwrap();
+        let mut maps = self.maps.locked();
         maps.foreign.remove(&s.client_slot);
         maps.foreign.remove(&s.backend_slot);
         maps.active.extend([(s.client_slot, client_fd), (s.backend_slot, backend_fd)]);

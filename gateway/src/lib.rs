@@ -3,6 +3,9 @@
 //!
 //! ARCHITECTURE.md at the repository root walks a connection through these
 //! modules.
+// `unwrap` outside tests says nothing about why it cannot fail: use
+// `expect` with the invariant, or handle the case (see clippy.toml).
+#![warn(clippy::unwrap_used)]
 pub mod admin;
 pub mod btf;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod reload;
 pub mod session;
 pub mod splice;
 pub mod stats;
+pub mod sync;
 pub mod sys;
 pub mod tls;
 pub mod upgrade;

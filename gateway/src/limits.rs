@@ -2,6 +2,7 @@
 //! backend is contacted: CIDR deny/allow lists, concurrent-connection caps
 //! (global, per listener, per source address) and new-connection rates
 //! (token buckets, per listener and per source).
+use crate::sync::Locked;
 use std::{
     collections::HashMap,
     net::IpAddr,
@@ -232,7 +233,7 @@ impl Drop for Admitted<'_> {
             self.adm.global.active.fetch_sub(1, Relaxed);
         }
         if let Some(key) = self.source {
-            let mut m = self.adm.per_source.lock().unwrap();
+            let mut m = self.adm.per_source.locked();
             if let Some(n) = m.get_mut(&key) {
                 *n -= 1;
                 if *n == 0 {
@@ -275,7 +276,7 @@ impl Admission {
         }
         held.listener = true;
         if let Some(max) = r.max_connections_per_source {
-            let mut m = self.per_source.lock().unwrap();
+            let mut m = self.per_source.locked();
             let n = m.entry(key).or_default();
             if *n >= max {
                 return Err("max-connections-per-source");
@@ -284,13 +285,13 @@ impl Admission {
             held.source = Some(key);
         }
         let now = Instant::now();
-        if let (Some(rate), Some(b)) = (r.connection_rate, self.bucket.lock().unwrap().as_mut()) {
+        if let (Some(rate), Some(b)) = (r.connection_rate, self.bucket.locked().as_mut()) {
             if !b.take(rate, now) {
                 return Err("rate-limit");
             }
         }
         if let Some(rate) = r.connection_rate_per_source {
-            let mut m = self.source_buckets.lock().unwrap();
+            let mut m = self.source_buckets.locked();
             if !m.get_or_insert_with(key, || Bucket::new(rate)).take(rate, now) {
                 return Err("source-rate-limit");
             }
@@ -300,7 +301,7 @@ impl Admission {
 
     /// Sources with a rate bucket.
     pub fn tracked_sources(&self) -> usize {
-        self.source_buckets.lock().unwrap().len()
+        self.source_buckets.locked().len()
     }
 }
 
@@ -364,7 +365,7 @@ mod tests {
 
         // A refusal gives back every place it took.
         assert_eq!(a.active.load(Relaxed), 3);
-        assert_eq!(*a.per_source.lock().unwrap(), HashMap::from([(ip, 1), (other, 2)]));
+        assert_eq!(*a.per_source.locked(), HashMap::from([(ip, 1), (other, 2)]));
 
         let global = Arc::new(Global { max: Some(1), active: AtomicU64::new(0) });
         let l1 = Admission::new(Rules::default(), global.clone());

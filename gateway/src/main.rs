@@ -1,4 +1,6 @@
 //! The `gateway` binary: the daemon (`run`) and its CLI.
+#![warn(clippy::unwrap_used)]
+
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 
 use anyhow::{anyhow, Context, Result};

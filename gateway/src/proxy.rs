@@ -1,5 +1,6 @@
 //! Accepting clients, choosing and connecting a backend, and handing the pair
 //! to the kernel path or the userspace relay.
+use crate::sync::Locked;
 use std::{
     hash::{Hash, Hasher},
     net::SocketAddr,
@@ -202,7 +203,7 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
         match listener.accept().await {
             Ok((client, peer)) => {
                 // The settings in force when the client arrived stay with its flow.
-                let rt = slot.lock().unwrap().clone();
+                let rt = slot.locked().clone();
                 let daemon = daemon.clone();
                 if rt.cfg.http.is_some() {
                     tokio::spawn(crate::http::handle(client, peer, rt, daemon));
@@ -213,7 +214,7 @@ pub async fn serve(listener: TcpListener, slot: crate::reload::Slot, daemon: Arc
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,
                 // and say so at most once a minute.
-                let what = format!("listener {}", slot.lock().unwrap().cfg.name);
+                let what = format!("listener {}", slot.locked().cfg.name);
                 crate::sys::accept_failed(&what, e, &mut last_warned).await;
             }
         }
@@ -253,7 +254,7 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
         }
         rt.stats.connect_failed(idx);
         rt.health.failed(idx, &rt.cfg.name, addr);
-        debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().unwrap());
+        debug!(listener = %rt.cfg.name, %client, "connect attempt failed: {}", tried.last().map_or("", String::as_str));
     }
     Err(format!("tried: {}", tried.join(", ")))
 }
@@ -310,7 +311,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
             let why = format!("no route for SNI {}", sni.as_deref().unwrap_or("(none)"));
             return turn_away(flow, &why, "sni-reject", rt, daemon);
         };
-        *flow.route.lock().unwrap() = Some(format!("sni {}", routes[i].sni));
+        *flow.route.locked() = Some(format!("sni {}", routes[i].sni));
         match routes[i].mode {
             crate::config::SniMode::Reject => {
                 let why = format!("SNI {} is rejected by routes[{i}]", sni.as_deref().unwrap_or("(none)"));
@@ -342,7 +343,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         }
     };
     let _active = rt.activate(idx);
-    *flow.backend.lock().unwrap() = Some(rt.cfg.backends[idx]);
+    *flow.backend.locked() = Some(rt.cfg.backends[idx]);
     // TLS to the backend: verified as configured; a failure counts against
     // the backend like a failed connect.
     let backend = match &rt.cfg.backend_tls {
@@ -453,10 +454,9 @@ pub async fn forward(
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, Some(k)));
-            let (client, backend) = match (splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
-                (Ok(c), Ok(b)) => (c, b),
-                (c, b) => {
-                    let e = c.err().or(b.err()).unwrap();
+            let (client, backend) = match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
+                Ok((c, b)) => (c, b),
+                Err(e) => {
                     warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
                     let cause = CloseCause::Error(e.to_string());
                     retire(flow, Some(idx), &cause, rt, daemon);
@@ -511,16 +511,16 @@ async fn supervise(
     // settles in the relay.
     let mut light_for = LIGHT_FOR;
     loop {
-        let (c, b) = socks.as_ref().unwrap();
+        let (c, b) = socks.as_ref().expect("the sockets are back at each turn");
         let detach = Some(daemon.handed_over.subscribe());
         let outcome = splice::run(k, s, c, b, flow, idle, detach, resume.as_ref(), auto.is_some()).await;
         match outcome {
             splice::Outcome::Closed(cause) => return Some(cause),
             splice::Outcome::Detached(r) => {
                 // To the new daemon, while it still takes flows.
-                let handed = match daemon.migrants.lock().unwrap().as_mut() {
+                let handed = match daemon.migrants.locked().as_mut() {
                     Some(list) => {
-                        let (client, backend) = socks.take().unwrap();
+                        let (client, backend) = socks.take().expect("taken once, then returned");
                         let moved = crate::upgrade::Moved::Kernel { splice: s.clone(), resume: r.clone() };
                         let info = crate::upgrade::MigrantInfo::of(flow, moved);
                         list.push(crate::upgrade::Migrant {
@@ -540,7 +540,7 @@ async fn supervise(
                     return None;
                 }
                 // Too late: the flows have gone; this one ends here.
-                let (c, b) = socks.as_ref().unwrap();
+                let (c, b) = socks.as_ref().expect("not handed over");
                 return match Box::pin(splice::run(k, s, c, b, flow, idle, None, Some(&r), false)).await {
                     splice::Outcome::Closed(cause) => Some(cause),
                     _ => unreachable!("no detach without a receiver, no move without auto"),
@@ -548,7 +548,7 @@ async fn supervise(
             }
             splice::Outcome::ToUserspace(mut r, why) => {
                 let stats = auto.expect("moves only with offload: auto");
-                let (client, backend) = socks.take().unwrap();
+                let (client, backend) = socks.take().expect("the sockets are back at each turn");
                 let path = |relayed: bool| match relayed {
                     true => crate::flows::FlowPath::Relayed {
                         client_slot: s.client_slot,
@@ -565,10 +565,9 @@ async fn supervise(
                 crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
                 let client = client.into_inner();
                 let backend = backend.into_inner();
-                let (client, backend) = match (TcpStream::from_std(client), TcpStream::from_std(backend)) {
-                    (Ok(c), Ok(b)) => (c, b),
-                    (c, b) => {
-                        let e = c.err().or(b.err()).unwrap();
+                let (client, backend) = match both(TcpStream::from_std(client), TcpStream::from_std(backend)) {
+                    Ok((c, b)) => (c, b),
+                    Err(e) => {
                         return Some(CloseCause::Error(format!("cannot relay the flow: {e}")));
                     }
                 };
@@ -596,10 +595,9 @@ async fn supervise(
                 flow.switch_path(path(false), format!("to-kernel: {back_why}"));
                 stats.switched("kernel", back_why);
                 crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
-                match (splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
-                    (Ok(c), Ok(b)) => socks = Some((c, b)),
-                    (c, b) => {
-                        let e = c.err().or(b.err()).unwrap();
+                match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
+                    Ok((c, b)) => socks = Some((c, b)),
+                    Err(e) => {
                         return Some(CloseCause::Error(format!("cannot return the flow to the kernel path: {e}")));
                     }
                 }
@@ -682,7 +680,8 @@ async fn relay_demoted(
                 window.pop_front();
             }
             if window.len() == needed + 1 {
-                let bytes = window.back().unwrap().0 - window.front().unwrap().0;
+                let (first, last) = (window[0].0, window[window.len() - 1].0);
+                let bytes = last - first;
                 let rate = bytes * 1000 / light_for.as_millis().max(1) as u64;
                 if rate < LIGHT_RATE && window.iter().all(|(_, short)| *short) {
                     return "light";
@@ -709,7 +708,7 @@ async fn relay_demoted(
 
 /// The flow's fallback reason and code, as a moved flow carries them.
 fn path_reason(flow: &crate::flows::Flow, default: &str) -> (String, String) {
-    match flow.path.lock().unwrap().clone() {
+    match flow.path.locked().clone() {
         FlowPath::Userspace { reason, code } => (reason, code.to_string()),
         _ => (String::new(), default.to_string()),
     }
@@ -732,24 +731,27 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
             }
             crate::ws::Ended::Detached(p) => p,
         };
-        // To the new daemon while it still takes flows; else on here.
-        let mut left = Some(p);
-        if let Some(list) = daemon.migrants.lock().unwrap().as_mut() {
-            let p = left.take().unwrap();
-            let (reason, code) = path_reason(flow, "websocket-inspect");
-            let moved = crate::upgrade::Moved::WebSocket {
-                reason,
-                code,
-                limits,
-                client_early: crate::upgrade::to_hex(&p.client_early),
-                backend_early: crate::upgrade::to_hex(&p.backend_early),
-                client_tls: p.client.tls,
-            };
-            let info = crate::upgrade::MigrantInfo::of(flow, moved);
-            list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: Some(p.backend) });
-        }
+        // To the new daemon while it still takes flows; else on here. Not
+        // movable only once pushed: the upgrade waits for the movable flows.
+        let p = match daemon.migrants.locked().as_mut() {
+            Some(list) => {
+                let (reason, code) = path_reason(flow, "websocket-inspect");
+                let moved = crate::upgrade::Moved::WebSocket {
+                    reason,
+                    code,
+                    limits,
+                    client_early: crate::upgrade::to_hex(&p.client_early),
+                    backend_early: crate::upgrade::to_hex(&p.backend_early),
+                    client_tls: p.client.tls,
+                };
+                let info = crate::upgrade::MigrantInfo::of(flow, moved);
+                list.push(crate::upgrade::Migrant { info, client: p.client.tcp, backend: Some(p.backend) });
+                None
+            }
+            None => Some(p),
+        };
         flow.movable.store(false, Relaxed);
-        let Some(p) = left else {
+        let Some(p) = p else {
             debug!(flow = flow.id, "handed to the new daemon");
             return None;
         };
@@ -795,7 +797,7 @@ pub async fn relay_movable(
         if flushed && c.quiet() && b.quiet() {
             // Checked, taken out and handed over under one lock: the keys
             // never leave rustls for a hand-over that has ended.
-            let mut migrants = daemon.migrants.lock().unwrap();
+            let mut migrants = daemon.migrants.locked();
             if let Some(list) = migrants.as_mut() {
                 let (reason, code) = path_reason(flow, "userspace-tls");
                 return match c.park().and_then(|c| Ok((c, b.park()?))) {
@@ -860,9 +862,9 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     let cause = match (&info.moved, k) {
         (crate::upgrade::Moved::Kernel { splice: s, resume }, Some(k)) => {
             k.adopt_flow(s, client.as_raw_fd(), backend.as_raw_fd());
-            let cause = match (splice::Sock::from_std(client), splice::Sock::from_std(backend)) {
+            let cause = match both(splice::Sock::from_std(client), splice::Sock::from_std(backend)) {
                 // It may move on again, at the next upgrade.
-                (Ok(client), Ok(backend)) => {
+                Ok((client, backend)) => {
                     let auto = rt.as_ref().filter(|r| r.cfg.offload == Offload::Auto).map(|r| &*r.stats);
                     match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume), auto).await {
                         Some(cause) => cause,
@@ -873,7 +875,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
                         }
                     }
                 }
-                (c, b) => CloseCause::Error(format!("cannot watch the sockets: {}", c.err().or(b.err()).unwrap())),
+                Err(e) => CloseCause::Error(format!("cannot watch the sockets: {e}")),
             };
             finish(&daemon, &flow, rt.as_deref(), idx, &cause);
             k.release(s);
@@ -953,4 +955,9 @@ pub fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCa
     if let CloseCause::Rejected(why) | CloseCause::Error(why) = cause {
         debug!(flow = s.id, "closed: {why}");
     }
+}
+
+/// Both results, or the first error (of two sockets set up the same way).
+fn both<A, B>(a: std::io::Result<A>, b: std::io::Result<B>) -> std::io::Result<(A, B)> {
+    Ok((a?, b?))
 }

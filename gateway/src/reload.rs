@@ -9,6 +9,7 @@
 //! - Removed listeners stop accepting; their flows go on until they end.
 //! - Established flows keep the settings they started with (kernel and
 //!   userspace alike): each holds its own reference to its listener's state.
+use crate::sync::Locked;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -63,19 +64,19 @@ pub struct Listeners {
 impl Listeners {
     /// Snapshot of the current settings of every listener.
     pub fn current(&self) -> Vec<Arc<ListenerRt>> {
-        self.running.lock().unwrap().values().map(|r| r.slot.lock().unwrap().clone()).collect()
+        self.running.locked().values().map(|r| r.slot.locked().clone()).collect()
     }
 
     /// Each listener (name, configured bind, bound address) with a new
     /// descriptor of its listening socket, for a hot upgrade.
     pub fn sockets(&self) -> std::io::Result<(Vec<crate::upgrade::Offered>, Vec<std::os::fd::OwnedFd>)> {
-        let run = self.running.lock().unwrap();
+        let run = self.running.locked();
         let mut offered = Vec::new();
         let mut fds = Vec::new();
         for (name, r) in run.iter() {
             let Some(sock) = &r.sock else { continue };
             fds.push(sock.try_clone()?);
-            let local = r.slot.lock().unwrap().local;
+            let local = r.slot.locked().local;
             offered.push(crate::upgrade::Offered { name: name.clone(), bind: r.bind, local });
         }
         Ok((offered, fds))
@@ -87,7 +88,7 @@ impl Listeners {
     /// instead of waiting in a backlog nobody reads. The listeners stay
     /// listed, with their counters.
     pub async fn stop_all(&self) {
-        let loops: Vec<JoinHandle<()>> = self.running.lock().unwrap().values_mut().filter_map(Running::stop).collect();
+        let loops: Vec<JoinHandle<()>> = self.running.locked().values_mut().filter_map(Running::stop).collect();
         for l in loops {
             // Aborted: the loop ends at its next await, dropping its socket.
             let _ = l.await;
@@ -116,7 +117,7 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
         }
     };
     let accept = Some(tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone())));
-    daemon.listeners.running.lock().unwrap().insert(name, Running { slot, bind, accept, checks, sock: Some(dup) });
+    daemon.listeners.running.locked().insert(name, Running { slot, bind, accept, checks, sock: Some(dup) });
 }
 
 /// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.
@@ -139,7 +140,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     for w in cfg.warnings() {
         warn!("reload: {w}");
     }
-    let old = daemon.config.lock().unwrap().clone();
+    let old = daemon.config.locked().clone();
     for (what, changed) in [
         ("kernel", format!("{:?}", cfg.kernel) != format!("{:?}", old.kernel)),
         ("admin", format!("{:?}", cfg.admin) != format!("{:?}", old.admin)),
@@ -154,14 +155,8 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     }
 
     // Bind what is new before changing anything.
-    let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> = daemon
-        .listeners
-        .running
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, r)| (n.clone(), (r.bind, r.slot.lock().unwrap().clone())))
-        .collect();
+    let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> =
+        daemon.listeners.running.locked().iter().map(|(n, r)| (n.clone(), (r.bind, r.slot.locked().clone()))).collect();
     let mut fresh: Vec<(Listener, tokio::net::TcpListener)> = Vec::new();
     for l in &cfg.listeners {
         if running.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
@@ -176,7 +171,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     let (mut updated, mut added, mut removed) = (0, 0, 0);
     let wanted: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
     {
-        let mut run = daemon.listeners.running.lock().unwrap();
+        let mut run = daemon.listeners.running.locked();
         // Removed listeners (and listeners whose bind changed) stop accepting.
         let gone: Vec<String> = run
             .iter()
@@ -201,7 +196,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
             let rt = Arc::new(ListenerRt::carry_over(l.clone(), prev, global.clone()));
             r.checks.abort();
             r.checks = spawn_checks(&rt);
-            *r.slot.lock().unwrap() = rt;
+            *r.slot.locked() = rt;
             updated += 1;
         }
     }
@@ -216,7 +211,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
         };
         start(daemon, sock, Arc::new(rt));
     }
-    *daemon.config.lock().unwrap() = cfg;
+    *daemon.config.locked() = cfg;
     let summary =
         format!("reloaded {}: {updated} listener(s) updated, {added} added, {removed} removed", path.display());
     info!("{summary}");

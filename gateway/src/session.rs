@@ -462,7 +462,7 @@ impl Resumed {
         if self.rbuf.len() < 5 + len {
             return Ok(false);
         }
-        let head: [u8; 5] = self.rbuf[..5].try_into().unwrap();
+        let head: [u8; 5] = self.rbuf[..5].try_into().expect("five bytes");
         let mut payload: Vec<u8> = self.rbuf[5..5 + len].to_vec();
         self.rbuf.drain(..5 + len);
         let rx = &mut self.rx;

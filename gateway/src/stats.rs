@@ -5,6 +5,7 @@
 //! A flow's bytes count live while it is open and move into the totals when it
 //! closes; both happen under the flow table's lock, so a counter never goes
 //! backwards between two scrapes.
+use crate::sync::Locked;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -122,7 +123,7 @@ impl ListenerStats {
 
     /// A flow moved to `to` (`kernel`, `userspace`) for `reason`.
     pub fn switched(&self, to: &str, reason: &str) {
-        *self.switches.lock().unwrap().entry((to.to_string(), reason.to_string())).or_default() += 1;
+        *self.switches.locked().entry((to.to_string(), reason.to_string())).or_default() += 1;
     }
 
     pub fn accepted(&self) {
@@ -142,7 +143,7 @@ impl ListenerStats {
     /// Folds a closing flow into the totals. Call under the flow table's lock
     /// (see [`crate::flows::FlowTable::retire`]).
     pub fn close(&self, f: &FlowSnapshot, backend: Option<usize>, cause: &CloseCause) {
-        let mut c = self.closed.lock().unwrap();
+        let mut c = self.closed.locked();
         *c.by_cause.entry(cause.code().to_string()).or_default() += 1;
         match (f.path.as_str(), &f.fallback_code) {
             ("kernel", _) => c.kernel_flows += 1,
@@ -165,7 +166,7 @@ impl ListenerStats {
         backends: &[String],
         live: &[FlowSnapshot],
     ) -> ListenerReport {
-        let c = self.closed.lock().unwrap();
+        let c = self.closed.locked();
         let mut bytes = c.bytes;
         let mut userspace = c.fallbacks.clone();
         let mut kernel_flows = c.kernel_flows;
@@ -211,8 +212,7 @@ impl ListenerStats {
             kernel_flows,
             path_switches: self
                 .switches
-                .lock()
-                .unwrap()
+                .locked()
                 .iter()
                 .map(|((to, why), n)| (format!("to-{to}: {why}"), *n))
                 .collect(),

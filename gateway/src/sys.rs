@@ -60,8 +60,8 @@ pub fn tcp_info(fd: &impl AsRawFd) -> io::Result<TcpInfo> {
     if (len as usize) < BYTES_RECEIVED + 8 {
         return Err(io::Error::new(io::ErrorKind::Unsupported, "tcp_info too short"));
     }
-    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
-    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    let u32_at = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().expect("four bytes"));
+    let u64_at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().expect("eight bytes"));
     Ok(TcpInfo {
         state: buf[0],
         rtt_us: u32_at(RTT),

@@ -30,6 +30,7 @@
 //!    they have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
+use crate::sync::Locked;
 use std::{
     io::{Read, Write},
     net::SocketAddr,
@@ -165,8 +166,8 @@ impl MigrantInfo {
         MigrantInfo {
             listener: flow.listener.clone(),
             client: flow.client,
-            backend: *flow.backend.lock().unwrap(),
-            route: flow.route.lock().unwrap().clone(),
+            backend: *flow.backend.locked(),
+            route: flow.route.locked().clone(),
             age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
             user_c2b: flow.user_c2b.load(Relaxed),
             user_b2c: flow.user_b2c.load(Relaxed),
@@ -284,7 +285,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         return Ok(());
     }
     daemon.listeners.stop_all().await;
-    *daemon.migrants.lock().unwrap() = Some(Vec::new());
+    *daemon.migrants.locked() = Some(Vec::new());
     daemon.handed_over.send_replace(true);
     // However the rest goes, the main loop may then wait for the flows left.
     struct Done<'a>(&'a std::sync::atomic::AtomicBool);
@@ -306,7 +307,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let moving = daemon.migrants.lock().unwrap().take().unwrap_or_default();
+    let moving = daemon.migrants.locked().take().unwrap_or_default();
     let free = daemon.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
     let stayed = movable_left();
     let conn = conn.into_inner();
@@ -466,8 +467,9 @@ impl Taken {
             }
             let mut fds = fds.into_iter();
             for info in msg.flows {
-                let client = fds.next().unwrap().into();
-                let backend = if info.with_backend() { Some(fds.next().unwrap().into()) } else { None };
+                // Counted above: one socket per flow, two with a backend.
+                let client = fds.next().expect("counted").into();
+                let backend = if info.with_backend() { Some(fds.next().expect("counted").into()) } else { None };
                 moved.push(Migrant { info, client, backend });
             }
             if !msg.more {

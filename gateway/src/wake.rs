@@ -25,6 +25,7 @@
 //! The dispatcher is a thread of its own: as a task, behind 200 busy flows,
 //! it ran late enough that up to 46 of about 380 passes were found that way;
 //! as a thread, none in ten runs.
+use crate::sync::Locked;
 use std::{
     collections::HashMap,
     io,
@@ -138,7 +139,7 @@ impl Wakeups {
 
     /// Starts reading the ring (what it already holds is read at once).
     pub fn read_ring(&self) -> io::Result<()> {
-        let mut ring = self.ring.lock().unwrap();
+        let mut ring = self.ring.locked();
         let data = match std::mem::replace(&mut *ring, Ring::Gone) {
             Ring::Held(data) => data,
             other => {
@@ -169,7 +170,7 @@ impl Wakeups {
     /// Stops reading the ring: from now on it is the next daemon's (a hot
     /// upgrade). Flows that stay here go back to watching readability.
     pub fn seal(&self) {
-        let old = std::mem::replace(&mut *self.ring.lock().unwrap(), Ring::Gone);
+        let old = std::mem::replace(&mut *self.ring.locked(), Ring::Gone);
         self.stop_reading();
         if let Ring::Reading(reader) = old {
             let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, reader.as_raw_fd(), 0, 0);
@@ -183,7 +184,7 @@ impl Wakeups {
 
     /// Every supervisor re-checks what to watch.
     fn wake_all(&self) {
-        let waiters: Vec<_> = self.waiters.lock().unwrap().values().cloned().collect();
+        let waiters: Vec<_> = self.waiters.locked().values().cloned().collect();
         for w in waiters {
             w.wake();
         }
@@ -202,7 +203,7 @@ impl Wakeups {
         });
         let waiter = Arc::new(Waiter { notify: Notify::new(), arrived: AtomicBool::new(false) });
         {
-            let mut waiters = self.waiters.lock().unwrap();
+            let mut waiters = self.waiters.locked();
             for s in slots {
                 waiters.insert(s, Arc::clone(&waiter));
             }
@@ -250,7 +251,7 @@ impl Wakeups {
             // The ring is read to its end at every turn.
             let mut records = 0;
             if ring_ready {
-                if let Ring::Reading(reader) = &mut *self.ring.lock().unwrap() {
+                if let Ring::Reading(reader) = &mut *self.ring.locked() {
                     while let Some(item) = reader.next() {
                         if let Ok(b) = <[u8; 4]>::try_from(&item[..item.len().min(4)]) {
                             records += 1;
@@ -267,7 +268,7 @@ impl Wakeups {
                 self.wake_all();
                 continue;
             }
-            let waiters = self.waiters.lock().unwrap();
+            let waiters = self.waiters.locked();
             for s in &slots {
                 if let Some(w) = waiters.get(s) {
                     w.wake();
@@ -302,7 +303,7 @@ impl Drop for Watch {
         for fd in &self.fds {
             let _ = epoll_ctl(&self.wakeups.epoll, libc::EPOLL_CTL_DEL, *fd, 0, 0);
         }
-        let mut waiters = self.wakeups.waiters.lock().unwrap();
+        let mut waiters = self.wakeups.waiters.locked();
         for s in self.slots {
             if waiters.get(&s).is_some_and(|w| Arc::ptr_eq(w, &self.waiter)) {
                 waiters.remove(&s);

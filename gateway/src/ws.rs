@@ -174,7 +174,7 @@ impl Frames {
         }
         let len = match b1 & 0x7f {
             126 => u64::from(u16::from_be_bytes([bytes[2], bytes[3]])),
-            127 => u64::from_be_bytes(bytes[2..10].try_into().unwrap()),
+            127 => u64::from_be_bytes(bytes[2..10].try_into().expect("eight bytes")),
             n => u64::from(n),
         };
         Some((head, len))
