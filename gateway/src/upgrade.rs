@@ -146,10 +146,8 @@ pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
     if !s.len().is_multiple_of(2) {
         return Err(format!("odd-length hex ({} digits)", s.len()));
     }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| format!("bad hex at {i}: {e}")))
-        .collect()
+    let digit = |i: usize| (s.as_bytes()[i] as char).to_digit(16).ok_or_else(|| format!("bad hex at {i}"));
+    (0..s.len()).step_by(2).map(|i| Ok((digit(i)? * 16 + digit(i + 1)?) as u8)).collect()
 }
 
 /// Whether a live flow can move to a new daemon: kernel flows, and flows
@@ -195,8 +193,8 @@ impl MigrantInfo {
 
 /// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
 #[derive(Debug, Serialize, Deserialize)]
-struct Moving {
-    flows: Vec<MigrantInfo>,
+pub(crate) struct Moving {
+    pub(crate) flows: Vec<MigrantInfo>,
     /// The old daemon's last free slots (in the final message).
     free: Vec<u32>,
     more: bool,
@@ -475,6 +473,23 @@ impl Taken {
             if !msg.more {
                 return Ok((moved, msg.free));
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_refuses_what_is_not_hex() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
+        assert_eq!(from_hex("ABcd").unwrap(), vec![0xab, 0xcd]);
+        // Multi-byte characters of an even byte length used to split at a
+        // non-boundary and panic.
+        for bad in ["a", "zz", "0x", "aéb", "éa", "+1", "ab\u{3000}"] {
+            assert!(from_hex(bad).is_err(), "{bad:?}");
         }
     }
 }
