@@ -258,6 +258,40 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
     }
 }
 
+/// What an admin request line asks for. Parsed once, so the access check
+/// and the answer go by the same reading of the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Flows,
+    Listeners,
+    Stats,
+    Status,
+    Reload,
+    /// The hot upgrade's hand-over (`upgrade::REQUEST`).
+    Handover,
+    Unknown(String),
+}
+
+impl Request {
+    pub fn parse(line: &str) -> Self {
+        match line.trim() {
+            "flows" => Request::Flows,
+            "listeners" => Request::Listeners,
+            "stats" => Request::Stats,
+            "status" => Request::Status,
+            "reload" => Request::Reload,
+            crate::upgrade::REQUEST => Request::Handover,
+            other => Request::Unknown(other.to_string()),
+        }
+    }
+
+    /// Whether it changes the daemon or hands out descriptors and secrets:
+    /// for the daemon's own user or root only.
+    pub fn changes_state(&self) -> bool {
+        matches!(self, Request::Reload | Request::Handover)
+    }
+}
+
 /// The request line, read byte by byte so nothing past it is consumed (a
 /// handover goes on over the same connection); `Err` says what was wrong.
 async fn read_request(conn: &mut UnixStream) -> Result<String, String> {
@@ -292,8 +326,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
             return Ok(());
         }
     };
-    let privileged = matches!(line.trim(), crate::upgrade::REQUEST | "reload");
-    if privileged && access != Access::Full {
+    let request = Request::parse(&line);
+    if request.changes_state() && access != Access::Full {
         let why = format!(
             "{:?} is for the daemon's own user (uid {}) or root; members of admin.group may use flows, stats, listeners and status",
             line.trim(),
@@ -306,15 +340,15 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
         conn.write_all(format!("{reply}\n").as_bytes()).await?;
         return conn.shutdown().await;
     }
-    if line.trim() == crate::upgrade::REQUEST {
+    if request == Request::Handover {
         return crate::upgrade::give(conn, daemon).await;
     }
     let (_, mut w) = conn.into_split();
-    let body = match line.trim() {
-        "flows" => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
-        "listeners" => serde_json::to_vec(listeners),
-        "stats" => serde_json::to_vec(&stats(daemon)),
-        "reload" => {
+    let body = match request {
+        Request::Flows => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
+        Request::Listeners => serde_json::to_vec(listeners),
+        Request::Stats => serde_json::to_vec(&stats(daemon)),
+        Request::Reload => {
             let r = crate::reload::reload(daemon, &daemon.config_path, &daemon.global).await;
             if let Err(e) = &r {
                 warn!("{e}");
@@ -324,7 +358,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 Err(e) => serde_json::json!({ "ok": false, "message": e }),
             })
         }
-        "status" => {
+        Request::Status => {
             let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
             let (slots_free, slots_foreign) = daemon.kernel.as_ref().map_or((0, 0), |k| k.slots_free());
             let (woken, late, overflows) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.wakeups());
@@ -356,7 +390,8 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                     .collect(),
             })
         }
-        other => serde_json::to_vec(
+        Request::Handover => unreachable!("answered above"),
+        Request::Unknown(other) => serde_json::to_vec(
             &serde_json::json!({ "error": format!("unknown request {other:?}; try flows, stats, listeners, status or reload") }),
         ),
     }
