@@ -75,6 +75,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q '0\.10\.4'; then
   cargo install --locked bpf-linker@0.10.4
 fi
 
+# cargo-fuzz runs the fuzz targets in fuzz/ (the test command, `cargo xtask fuzz`).
+if ! cargo fuzz --version 2>/dev/null | grep -q '0\.13\.2'; then
+  log "cargo install cargo-fuzz@0.13.2 (about a minute)"
+  cargo install --locked cargo-fuzz@0.13.2
+fi
+
 # ---- third-party WebSocket peers for the tests ---------------------------------
 # Python `websockets` (PyPI) and Node `ws` (npm, pinned by the committed
 # package-lock.json); the tests also use curl and socat from Debian.

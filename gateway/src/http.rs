@@ -914,16 +914,16 @@ fn is_websocket_key(k: &[u8]) -> bool {
 
 /// What a request is routed on: the host, and the authority forwarded as
 /// its `Host`.
-struct Target {
+pub(crate) struct Target {
     /// Lower case, without port or trailing dot.
-    host: Option<String>,
-    authority: Option<HeaderValue>,
+    pub(crate) host: Option<String>,
+    pub(crate) authority: Option<HeaderValue>,
 }
 
 /// The request's host, from its one `Host` header or an absolute-form
 /// target (RFC 9112 §3.2.2: the target's authority wins, so a `Host` that
 /// names another host is refused rather than forwarded beside it).
-fn request_target<B>(req: &Request<B>) -> Result<Target, &'static str> {
+pub(crate) fn request_target<B>(req: &Request<B>) -> Result<Target, &'static str> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let header = hosts.next();
     if hosts.next().is_some() {
@@ -963,7 +963,7 @@ fn request_target<B>(req: &Request<B>) -> Result<Target, &'static str> {
 /// segments removed (RFC 3986 §6.2.2, §5.2.4), so `/pub/../admin` and
 /// `/pub/%2e%2e/admin` both route as `/admin`. `None` when it is already
 /// normal; an error for a bad escape.
-fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
+pub(crate) fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
     if !path.starts_with('/') || !path.bytes().any(|b| b == b'%' || b == b'.') {
         return Ok(None);
     }
@@ -1096,7 +1096,7 @@ fn accept_bridge(h: &HeaderMap) -> Response<Body> {
 
 /// The backend's 101 as the client gets it: its end-to-end headers, and the
 /// upgrade it agreed to.
-fn switched(status: StatusCode, mut headers: HeaderMap) -> Response<Body> {
+pub(crate) fn switched(status: StatusCode, mut headers: HeaderMap) -> Response<Body> {
     let upgrade = headers.get(header::UPGRADE).cloned();
     strip_hop_by_hop(&mut headers);
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1137,11 +1137,11 @@ const DRAIN_STALL: Duration = Duration::from_secs(5);
 /// The largest response head `exchange` reads.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
-struct ResponseHead {
-    status: StatusCode,
-    headers: HeaderMap,
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
     /// Bytes of the head, blank line included.
-    len: usize,
+    pub(crate) len: usize,
 }
 
 /// Writes the request head, reads until the response head is complete.
@@ -1155,35 +1155,44 @@ async fn exchange(stream: &mut TcpStream, head: &[u8]) -> Result<(Vec<u8>, Respo
         if n == 0 {
             return Err("the connection closed before a complete response head".into());
         }
-        let mut slots = [httparse::EMPTY_HEADER; 100];
-        let mut resp = httparse::Response::new(&mut slots);
-        match resp.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => {
-                if resp.version != Some(1) {
-                    return Err("the response is not HTTP/1.1".into());
-                }
-                let status = resp
-                    .code
-                    .and_then(|c| StatusCode::from_u16(c).ok())
-                    .ok_or("the response has no valid status code")?;
-                let mut headers = HeaderMap::with_capacity(resp.headers.len());
-                for h in resp.headers.iter() {
-                    let name = HeaderName::from_bytes(h.name.as_bytes())
-                        .map_err(|_| format!("invalid header name {:?} in the response", h.name))?;
-                    let value = HeaderValue::from_bytes(h.value)
-                        .map_err(|_| format!("invalid value for header {name} in the response"))?;
-                    headers.append(name, value);
-                }
-                return Ok((buf, ResponseHead { status, headers, len }));
+        match response_head(&buf)? {
+            Some(head) => return Ok((buf, head)),
+            None if buf.len() >= MAX_RESPONSE_HEAD => {
+                return Err(format!("response head over {MAX_RESPONSE_HEAD} bytes"))
             }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_RESPONSE_HEAD => {
+            None => {
                 if buf.capacity() == buf.len() {
                     buf.reserve(buf.len());
                 }
             }
-            Ok(httparse::Status::Partial) => return Err(format!("response head over {MAX_RESPONSE_HEAD} bytes")),
-            Err(e) => return Err(format!("malformed response: {e}")),
         }
+    }
+}
+
+/// The response head at the start of `buf`: `None` while it is incomplete,
+/// an error if it is not an HTTP/1.1 head this module can forward.
+pub(crate) fn response_head(buf: &[u8]) -> Result<Option<ResponseHead>, String> {
+    let mut slots = [httparse::EMPTY_HEADER; 100];
+    let mut resp = httparse::Response::new(&mut slots);
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => {
+            if resp.version != Some(1) {
+                return Err("the response is not HTTP/1.1".into());
+            }
+            let status =
+                resp.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or("the response has no valid status code")?;
+            let mut headers = HeaderMap::with_capacity(resp.headers.len());
+            for h in resp.headers.iter() {
+                let name = HeaderName::from_bytes(h.name.as_bytes())
+                    .map_err(|_| format!("invalid header name {:?} in the response", h.name))?;
+                let value = HeaderValue::from_bytes(h.value)
+                    .map_err(|_| format!("invalid value for header {name} in the response"))?;
+                headers.append(name, value);
+            }
+            Ok(Some(ResponseHead { status, headers, len }))
+        }
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(e) => Err(format!("malformed response: {e}")),
     }
 }
 

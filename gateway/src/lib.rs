@@ -13,6 +13,8 @@ pub mod doctor;
 pub mod echo;
 pub mod flowlog;
 pub mod flows;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod gate;
 pub mod health;
 pub mod http;

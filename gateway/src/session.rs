@@ -139,6 +139,16 @@ pub struct Keys {
     rx: Direction,
 }
 
+#[cfg(feature = "fuzzing")]
+impl Keys {
+    /// Whether both directions' keys and IVs have the cipher's lengths.
+    pub(crate) fn check(&self) -> Result<(), String> {
+        Sealing::new(self.cipher, &self.tx)?;
+        Sealing::new(self.cipher, &self.rx)?;
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Keys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Keys {{ tls13: {}, cipher: {:?}, (secrets left out) }}", self.tls13, self.cipher)
@@ -159,7 +169,7 @@ pub struct Parked {
     pub tls: Option<ParkedTls>,
 }
 
-fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecrets) -> Result<Keys, String> {
+pub(crate) fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecrets) -> Result<Keys, String> {
     let tls13 = match version {
         Some(ProtocolVersion::TLSv1_3) => true,
         Some(ProtocolVersion::TLSv1_2) => false,

@@ -312,7 +312,7 @@ pub async fn peek_sni(s: &TcpStream) -> Result<Option<String>, String> {
 /// Largest ClientHello accepted (records included).
 const MAX_HELLO: usize = 16 * 1024 + 5;
 
-enum Hello {
+pub(crate) enum Hello {
     Incomplete,
     Invalid(&'static str),
     Sni(Option<String>),
@@ -320,7 +320,7 @@ enum Hello {
 
 /// Parses a ClientHello out of TLS handshake records (RFC 8446 §4.1.2,
 /// RFC 6066 §3), reassembling it across records.
-fn parse_client_hello(data: &[u8]) -> Hello {
+pub(crate) fn parse_client_hello(data: &[u8]) -> Hello {
     // Handshake bytes from consecutive handshake records.
     let mut hs = Vec::new();
     let mut rest = data;

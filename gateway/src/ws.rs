@@ -118,7 +118,7 @@ pub async fn run(e: Ends<'_>, detach: Option<watch::Receiver<bool>>) -> Ended {
 /// (RFC 6455 section 5.2): in a header (`have` of `need` bytes), or in a
 /// payload (`left` bytes to go).
 #[derive(Default)]
-struct Frames {
+pub struct Frames {
     head: [u8; 14],
     have: usize,
     need: usize,

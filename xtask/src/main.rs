@@ -22,6 +22,9 @@ tasks:
   build [--release]      build-ebpf, then the daemon with the object embedded
   test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests);
                          without arguments, first `cargo fmt --check` and clippy with -D warnings
+  fuzz [SECONDS]         build the fuzz targets (fuzz/, cargo-fuzz, libFuzzer) and run each for SECONDS
+                         (20) from its seed corpus; a failing input is printed and kept under
+                         target/fuzz-run/<target>/artifacts; the test command runs this after the suite
   soak [FLOWS]           the churn test (tests/tests/soak.rs) at FLOWS (100000) flows across every
                          mode, a tenth aborted; then no fds, tasks, map entries or slots left, RSS flat
   bench [--quick] [--attach-variants] [--rates-only]
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
         Some("test") => test(&args[1..]),
         // The churn test at 10^5 flows (CI runs it at 5,000).
         Some("soak") => soak(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         Some("bench") => build_release_daemon().and_then(|()| bench::run(&root(), &args[1..])),
         // Run by `bench --attach-variants` (root, cgroup v2): the sk_msg study.
         Some("study-skmsg") => study::run(&root(), &args[1..]),
@@ -151,7 +155,7 @@ fn test(extra: &[String]) -> Result<()> {
         run(cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]))?;
         run(cargo()
             .current_dir(root())
-            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"])
+            .args(["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"])
             .env("GATEWAY_EBPF_OBJECT", &obj))?;
     }
     // Build first so that the e2e tests find target/debug/gateway.
@@ -178,6 +182,9 @@ fn test(extra: &[String]) -> Result<()> {
         }
     }
     let status = child.wait()?;
+    if status.success() && extra.is_empty() {
+        return fuzz(&[]);
+    }
     if !status.success() {
         let again = failure_reports(&kept);
         if !again.is_empty() {
@@ -187,6 +194,78 @@ fn test(extra: &[String]) -> Result<()> {
             }
         }
         bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+/// `cargo fuzz` on the kernel crate's nightly, with the environment of the
+/// cargo that runs xtask left out (as for the kernel crate).
+fn cargo_fuzz(obj: &Path) -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.current_dir(root().join("fuzz"))
+        .args(["run", &ebpf_toolchain(), "cargo", "fuzz"])
+        .env_remove("RUSTC")
+        .env_remove("RUSTC_WORKSPACE_WRAPPER")
+        .env_remove("CARGO")
+        .env("GATEWAY_EBPF_OBJECT", obj);
+    cmd
+}
+
+/// Every fuzz target for a bounded time (`SECONDS`, default 20) from its seed
+/// corpus (`fuzz/corpus/<target>`, left unchanged: what libFuzzer finds goes
+/// to a scratch corpus). Without sanitizers: the targets exercise safe Rust,
+/// where a panic or a failed property is the finding.
+fn fuzz(args: &[String]) -> Result<()> {
+    let secs: u64 = match args.first() {
+        Some(s) => s.parse().with_context(|| format!("fuzz: {s:?} is not a number of seconds"))?,
+        None => 20,
+    };
+    let obj = build_ebpf(false)?;
+    let flags = ["-s", "none", "--debug-assertions"];
+    run(cargo_fuzz(&obj).arg("build").args(flags)).context("building the fuzz targets (did scripts/setup.sh run?)")?;
+    let list = cargo_fuzz(&obj).arg("list").output().context("cargo fuzz list")?;
+    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout).split_whitespace().map(str::to_owned).collect();
+    if targets.is_empty() {
+        bail!("cargo fuzz list found no targets");
+    }
+    for t in &targets {
+        let work = root().join("target/fuzz-run").join(t);
+        let _ = std::fs::remove_dir_all(&work);
+        let (corpus, artifacts) = (work.join("corpus"), work.join("artifacts"));
+        std::fs::create_dir_all(&corpus)?;
+        std::fs::create_dir_all(&artifacts)?;
+        let log = work.join("log");
+        let status = cargo_fuzz(&obj)
+            .arg("run")
+            .args(flags)
+            .arg(t)
+            .arg(&corpus)
+            .arg(root().join("fuzz/corpus").join(t))
+            .arg("--")
+            .arg(format!("-max_total_time={secs}"))
+            .arg("-rss_limit_mb=2048")
+            .arg(format!("-artifact_prefix={}/", artifacts.display()))
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(work.join("stderr"))?)
+            .status()
+            .with_context(|| format!("cannot run the fuzz target {t}"))?;
+        let stderr = std::fs::read_to_string(work.join("stderr")).unwrap_or_default();
+        let done = stderr.lines().find(|l| l.starts_with("Done ")).unwrap_or("no summary").to_string();
+        if status.success() {
+            println!("fuzz {t}: {done}");
+            continue;
+        }
+        println!("fuzz {t} FAILED ({status}); the end of its output:");
+        let lines: Vec<&str> = stderr.lines().collect();
+        for l in &lines[lines.len().saturating_sub(60)..] {
+            println!("  {l}");
+        }
+        for a in std::fs::read_dir(&artifacts)?.flatten() {
+            let bytes = std::fs::read(a.path())?;
+            let hex: String = bytes.iter().take(2048).map(|b| format!("{b:02x}")).collect();
+            println!("  input {} ({} bytes, hex): {hex}", a.path().display(), bytes.len());
+        }
+        bail!("the fuzz target {t} failed");
     }
     Ok(())
 }
