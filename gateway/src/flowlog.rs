@@ -7,11 +7,11 @@
 //!
 //! Plain or JSON lines, as the rest of the log (`log.format`, or
 //! `GATEWAY_LOG_FORMAT`).
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
 use tracing::info;
 
-use crate::{flows::FlowSnapshot, proxy::Daemon};
+use crate::flows::FlowSnapshot;
 
 pub const TARGET: &str = "gateway::flow";
 
@@ -49,13 +49,13 @@ pub fn record(event: &'static str, s: &FlowSnapshot, cause: Option<&str>) {
 }
 
 /// Every `interval`, an `update` record for each flow older than `interval`.
-pub async fn periodic(daemon: Arc<Daemon>, interval: Duration) {
+pub async fn periodic(snapshot: impl Fn() -> Vec<FlowSnapshot>, interval: Duration) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tick.tick().await;
-        for s in daemon.flows.snapshot(daemon.kernel.as_ref()) {
+        for s in snapshot() {
             if s.age_ms >= interval.as_millis() as u64 && s.path != "connecting" {
                 record("update", &s, None);
             }

@@ -225,6 +225,22 @@ pub struct FlowSnapshot {
     pub last_switch: Option<String>,
 }
 
+/// What a flow carries from the daemon it started in to the next: all a
+/// new daemon's table needs besides a new id.
+pub struct Carried {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    pub route: Option<String>,
+    pub age_ms: u64,
+    pub user_c2b: u64,
+    pub user_b2c: u64,
+    pub msgs_c2b: u64,
+    pub msgs_b2c: u64,
+    pub http_requests: u64,
+    pub path: FlowPath,
+}
+
 #[derive(Default)]
 pub struct FlowTable {
     next_id: AtomicU64,
@@ -272,32 +288,22 @@ impl FlowTable {
 
     /// A flow handed over by the previous daemon: a new id here, its start
     /// time, backend, route and user byte counts carried over.
-    pub fn adopt(&self, m: &crate::upgrade::MigrantInfo) -> Arc<Flow> {
+    pub fn adopt(&self, m: Carried) -> Arc<Flow> {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
         let now = sys::monotonic_ns();
         let age = std::time::Duration::from_millis(m.age_ms);
         let f = Arc::new(Flow {
             id,
-            listener: m.listener.clone(),
+            listener: m.listener,
             client: m.client,
             backend: Mutex::new(m.backend),
             started: SystemTime::now() - age,
             started_ns: now.saturating_sub(age.as_nanos() as u64),
-            path: Mutex::new(match &m.moved {
-                crate::upgrade::Moved::Kernel { splice, .. } => {
-                    FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
-                }
-                crate::upgrade::Moved::Userspace { reason, code }
-                | crate::upgrade::Moved::WebSocket { reason, code, .. }
-                | crate::upgrade::Moved::Tls { reason, code, .. }
-                | crate::upgrade::Moved::Http { reason, code, .. } => {
-                    FlowPath::Userspace { reason: reason.clone(), code: crate::upgrade::static_code(code) }
-                }
-            }),
+            path: Mutex::new(m.path),
             user_c2b: AtomicU64::new(m.user_c2b),
             user_b2c: AtomicU64::new(m.user_b2c),
             user_last_ns: AtomicU64::new(now),
-            route: Mutex::new(m.route.clone()),
+            route: Mutex::new(m.route),
             http_requests: AtomicU64::new(m.http_requests),
             msgs_c2b: AtomicU64::new(m.msgs_c2b),
             msgs_b2c: AtomicU64::new(m.msgs_b2c),

@@ -384,7 +384,7 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
         if let Some(list) = migrants.as_mut() {
             return match client.park() {
                 Ok(p) => {
-                    let early = crate::upgrade::to_hex(&early);
+                    let early = crate::hex::to_hex(&early);
                     let moved = crate::upgrade::Moved::Http { reason, code, client_tls: p.tls, early };
                     let info = crate::upgrade::MigrantInfo::of(flow, moved);
                     list.push(crate::upgrade::Migrant { info, client: p.tcp, backend: None });

@@ -17,6 +17,8 @@ pub mod flows;
 pub mod fuzzing;
 pub mod gate;
 pub mod health;
+pub mod hex;
+pub mod host;
 pub mod http;
 pub mod kernel;
 pub mod limits;

@@ -368,7 +368,8 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         Err(e) => warn!("could not drop capabilities: {e}"),
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
-    tokio::spawn(gateway::flowlog::periodic(daemon.clone(), cfg.log.flow_interval));
+    let d = daemon.clone();
+    tokio::spawn(gateway::flowlog::periodic(move || d.flows.snapshot(d.kernel.as_ref()), cfg.log.flow_interval));
     if let Some(m) = metrics {
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));

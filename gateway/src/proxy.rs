@@ -307,7 +307,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                 return turn_away(flow, "no TLS ClientHello within the handshake timeout", "tls-handshake", rt, daemon)
             }
         };
-        let Some(i) = crate::tls::pick_sni_route(routes, sni.as_deref()) else {
+        let Some(i) = crate::config::pick_sni_route(routes, sni.as_deref()) else {
             let why = format!("no route for SNI {}", sni.as_deref().unwrap_or("(none)"));
             return turn_away(flow, &why, "sni-reject", rt, daemon);
         };
@@ -740,8 +740,8 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
                     reason,
                     code,
                     limits,
-                    client_early: crate::upgrade::to_hex(&p.client_early),
-                    backend_early: crate::upgrade::to_hex(&p.backend_early),
+                    client_early: crate::hex::to_hex(&p.client_early),
+                    backend_early: crate::hex::to_hex(&p.backend_early),
                     client_tls: p.client.tls,
                 };
                 let info = crate::upgrade::MigrantInfo::of(flow, moved);
@@ -825,7 +825,7 @@ pub async fn relay_movable(
 /// then retired here.
 pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     use std::os::fd::AsRawFd;
-    let flow = daemon.flows.adopt(&m.info);
+    let flow = daemon.flows.adopt(m.info.carried());
     let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.listener);
     let idx = rt.as_ref().and_then(|r| m.info.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
     let k = daemon.kernel.as_ref();
@@ -836,7 +836,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
     let backend = match (&m.info.moved, m.backend) {
         (crate::upgrade::Moved::Http { client_tls, early, .. }, _) => {
             // An idle HTTP connection: served here from its next request.
-            let early = crate::upgrade::from_hex(early);
+            let early = crate::hex::from_hex(early);
             let conn = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
             let cause = match (rt.clone().filter(|r| r.cfg.http.is_some()), conn, early) {
                 (Some(rt), Ok(conn), Ok(early)) => {
@@ -882,8 +882,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::upgrade::Migrant) {
             return;
         }
         (crate::upgrade::Moved::WebSocket { limits, client_early, backend_early, client_tls, .. }, _) => {
-            let early =
-                crate::upgrade::from_hex(client_early).and_then(|c| Ok((c, crate::upgrade::from_hex(backend_early)?)));
+            let early = crate::hex::from_hex(client_early).and_then(|c| Ok((c, crate::hex::from_hex(backend_early)?)));
             let client = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
             match (client, TcpStream::from_std(backend), early) {
                 (Ok(client), Ok(backend), Ok((client_early, backend_early))) => {

@@ -182,7 +182,7 @@ pub(crate) fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecr
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key, iv),
             _ => return Err("a cipher other than AES-GCM or ChaCha20-Poly1305 can't move".into()),
         };
-        let hex = crate::upgrade::to_hex;
+        let hex = crate::hex::to_hex;
         Ok((cipher, Direction { key: hex(key.as_ref()), iv: hex(iv.as_ref()), seq }))
     };
     let (cipher, tx) = dir(s.tx)?;
@@ -293,7 +293,7 @@ impl Conn {
                 (r.tcp.into_std().map_err(|e| e.to_string())?, keys, early)
             }
         };
-        Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::upgrade::to_hex(&early) }) })
+        Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::hex::to_hex(&early) }) })
     }
 
     /// Goes on with a parked side (needs the runtime, for the socket).
@@ -301,7 +301,7 @@ impl Conn {
         let tcp = TcpStream::from_std(p.tcp).map_err(|e| e.to_string())?;
         match p.tls {
             None => Ok(Conn::Plain(tcp)),
-            Some(t) => Ok(Conn::Resumed(Box::new(Resumed::new(tcp, &t.keys, crate::upgrade::from_hex(&t.early)?)?))),
+            Some(t) => Ok(Conn::Resumed(Box::new(Resumed::new(tcp, &t.keys, crate::hex::from_hex(&t.early)?)?))),
         }
     }
 }
@@ -347,8 +347,8 @@ struct Sealing {
 
 impl Sealing {
     fn new(cipher: Cipher, d: &Direction) -> Result<Self, String> {
-        let raw = crate::upgrade::from_hex(&d.key)?;
-        let iv: [u8; 12] = crate::upgrade::from_hex(&d.iv)?.try_into().map_err(|_| "the IV is not 12 bytes")?;
+        let raw = crate::hex::from_hex(&d.key)?;
+        let iv: [u8; 12] = crate::hex::from_hex(&d.iv)?.try_into().map_err(|_| "the IV is not 12 bytes")?;
         let key = aead::UnboundKey::new(cipher.algorithm(), &raw).map_err(|_| "a key of the wrong length")?;
         Ok(Sealing { key: aead::LessSafeKey::new(key), raw, iv, seq: d.seq })
     }
@@ -363,7 +363,7 @@ impl Sealing {
     }
 
     fn direction(&self) -> Direction {
-        let hex = crate::upgrade::to_hex;
+        let hex = crate::hex::to_hex;
         Direction { key: hex(&self.raw), iv: hex(&self.iv), seq: self.seq }
     }
 }

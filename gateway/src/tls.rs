@@ -22,7 +22,7 @@ use rustls::{
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
-use crate::config::HostMatch;
+use crate::host::HostMatch;
 
 /// A listener's TLS settings, ready to serve.
 #[derive(Clone)]
@@ -404,12 +404,6 @@ fn sni_of(body: &[u8]) -> Option<Option<String>> {
         q += 4 + len;
     }
     Some(None)
-}
-
-/// The route for `sni`: an exact name, else the longest wildcard, else a
-/// route without `sni` (which also takes a ClientHello without SNI).
-pub fn pick_sni_route(routes: &[crate::config::SniRoute], sni: Option<&str>) -> Option<usize> {
-    routes.iter().enumerate().filter(|(_, r)| r.sni.matches(sni)).max_by_key(|(_, r)| r.sni.rank()).map(|(i, _)| i)
 }
 
 /// TLS to the backends (`backend_tls`): what to verify them against and the

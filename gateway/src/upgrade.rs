@@ -138,18 +138,6 @@ pub fn static_code(code: &str) -> &'static str {
     USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
 }
 
-pub fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn from_hex(s: &str) -> Result<Vec<u8>, String> {
-    if !s.len().is_multiple_of(2) {
-        return Err(format!("odd-length hex ({} digits)", s.len()));
-    }
-    let digit = |i: usize| (s.as_bytes()[i] as char).to_digit(16).ok_or_else(|| format!("bad hex at {i}"));
-    (0..s.len()).step_by(2).map(|i| Ok((digit(i)? * 16 + digit(i + 1)?) as u8)).collect()
-}
-
 /// Whether a live flow can move to a new daemon: kernel flows, and flows
 /// relayed in user space, TLS ones included (terminated WebSockets are
 /// marked on the flow, `Flow::movable`); HTTP connections are not.
@@ -159,6 +147,35 @@ pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
 }
 
 impl MigrantInfo {
+    /// What the new daemon's flow table takes from it.
+    pub fn carried(&self) -> crate::flows::Carried {
+        use crate::flows::FlowPath;
+        let path = match &self.moved {
+            Moved::Kernel { splice, .. } => {
+                FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
+            }
+            Moved::Userspace { reason, code }
+            | Moved::WebSocket { reason, code, .. }
+            | Moved::Tls { reason, code, .. }
+            | Moved::Http { reason, code, .. } => {
+                FlowPath::Userspace { reason: reason.clone(), code: static_code(code) }
+            }
+        };
+        crate::flows::Carried {
+            listener: self.listener.clone(),
+            client: self.client,
+            backend: self.backend,
+            route: self.route.clone(),
+            age_ms: self.age_ms,
+            user_c2b: self.user_c2b,
+            user_b2c: self.user_b2c,
+            msgs_c2b: self.msgs_c2b,
+            msgs_b2c: self.msgs_b2c,
+            http_requests: self.http_requests,
+            path,
+        }
+    }
+
     pub fn of(flow: &crate::flows::Flow, moved: Moved) -> Self {
         use std::sync::atomic::Ordering::Relaxed;
         MigrantInfo {
@@ -473,23 +490,6 @@ impl Taken {
             if !msg.more {
                 return Ok((moved, msg.free));
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hex_round_trips_and_refuses_what_is_not_hex() {
-        let bytes: Vec<u8> = (0..=255).collect();
-        assert_eq!(from_hex(&to_hex(&bytes)).unwrap(), bytes);
-        assert_eq!(from_hex("ABcd").unwrap(), vec![0xab, 0xcd]);
-        // Multi-byte characters of an even byte length used to split at a
-        // non-boundary and panic.
-        for bad in ["a", "zz", "0x", "aéb", "éa", "+1", "ab\u{3000}"] {
-            assert!(from_hex(bad).is_err(), "{bad:?}");
         }
     }
 }
