@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{flows::FlowSnapshot, proxy::Daemon};
+use crate::{daemon::Daemon, flows::FlowSnapshot};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ListenerInfo {

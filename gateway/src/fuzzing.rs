@@ -72,10 +72,10 @@ pub fn admin_request(line: &[u8]) -> crate::admin::Request {
 /// The hand-over's wire messages, and what the new daemon makes of their
 /// fields before it touches a socket: every input an error or a value.
 pub fn handover(line: &[u8]) {
-    use crate::{hex::from_hex, upgrade::Moved};
+    use crate::{handoff::Moved, hex::from_hex};
     if let Ok(m) = serde_json::from_slice::<crate::upgrade::Moving>(line) {
         for f in &m.flows {
-            let _ = crate::upgrade::static_code(match &f.moved {
+            let _ = crate::handoff::static_code(match &f.moved {
                 Moved::Kernel { .. } => "",
                 Moved::Userspace { code, .. }
                 | Moved::WebSocket { code, .. }

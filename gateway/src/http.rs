@@ -13,6 +13,7 @@
 //!
 //! The client connection is one flow from accept to close; it carries the
 //! listener's admission, and its path says what happened to it.
+use crate::handoff::Handed;
 use crate::sync::Locked;
 use std::{
     convert::Infallible,
@@ -40,9 +41,11 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
+    carry,
     config::{HttpListener, Route, WsMode},
+    daemon::Daemon,
     flows::{CloseCause, Flow, FlowPath, Side},
-    proxy::{self, Daemon, ListenerRt},
+    listener::{self, ListenerRt},
     session,
 };
 
@@ -230,7 +233,7 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, da
         None => session::Conn::Plain(client),
         Some(tls) => {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
-            match proxy::accept_tls(client, tls, &flow, &rt, &daemon).await {
+            match carry::accept_tls(client, tls, &flow, &rt, &daemon).await {
                 Some(s) => session::Conn::server(s, fd),
                 None => return,
             }
@@ -335,7 +338,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
     drop(conn);
     if stalled {
         let cause = if draining { CloseCause::Shutdown } else { CloseCause::IdleTimeout };
-        proxy::retire(flow, None, &cause, rt, daemon);
+        carry::retire(flow, None, &cause, rt, daemon);
         return None;
     }
     if let (Ok(()), None, true) = (&result, &upgrade, idle) {
@@ -344,7 +347,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
             let handed = hand_over_idle(client, early, flow, daemon).await;
             flow.movable.store(false, Ordering::Relaxed);
             if !handed {
-                proxy::retire(flow, None, &CloseCause::Shutdown, rt, daemon);
+                carry::retire(flow, None, &CloseCause::Shutdown, rt, daemon);
             }
             return None;
         }
@@ -361,7 +364,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
                 )),
                 Err(e) => CloseCause::Error(format!("http: {e}")),
             };
-            proxy::retire(flow, None, &cause, rt, daemon);
+            carry::retire(flow, None, &cause, rt, daemon);
             None
         }
     }
@@ -380,22 +383,22 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
         };
         // Checked, taken out and handed over under one lock: a session's
         // keys never leave rustls for a hand-over that has ended.
-        let mut migrants = daemon.migrants.locked();
-        if let Some(list) = migrants.as_mut() {
-            return match client.park() {
-                Ok(p) => {
-                    let early = crate::hex::to_hex(&early);
-                    let moved = crate::upgrade::Moved::Http { reason, code, client_tls: p.tls, early };
-                    let info = crate::upgrade::MigrantInfo::of(flow, moved);
-                    list.push(crate::upgrade::Migrant { info, client: p.tcp, backend: None });
-                    debug!(flow = flow.id, "idle HTTP connection handed to the new daemon");
-                    true
-                }
-                Err(e) => {
-                    debug!(flow = flow.id, "idle HTTP connection not handed over: {e}");
-                    false
-                }
-            };
+        let handed = daemon.migrants.offer(flow, client, |client| -> Result<_, String> {
+            let p = client.park()?;
+            let moved =
+                crate::handoff::Moved::Http { reason, code, client_tls: p.tls, early: crate::hex::to_hex(&early) };
+            Ok((moved, p.tcp, None))
+        });
+        match handed {
+            Handed::Taken => {
+                debug!(flow = flow.id, "idle HTTP connection handed to the new daemon");
+                return true;
+            }
+            Handed::NotTaking(c) => client = c,
+            Handed::Failed(e) => {
+                debug!(flow = flow.id, "idle HTTP connection not handed over: {e}");
+                return false;
+            }
         }
     }
     let _ = client.shutdown().await;
@@ -416,7 +419,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
         Ok(Some((io, read))) => io.into_parts(read),
         Ok(None) => unreachable!("the server's connection is TokioIo<ClientIo>"),
         Err(e) => {
-            proxy::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
+            carry::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
             return;
         }
     };
@@ -427,7 +430,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
             Ok(Some(b)) => b,
             Ok(None) => unreachable!("the client's connection to the backend is TokioIo<TcpStream>"),
             Err(e) => {
-                proxy::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, daemon);
+                carry::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, daemon);
                 return;
             }
         },
@@ -455,7 +458,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                             if !daemon.handoff_delay.is_zero() {
                                 tokio::time::sleep(daemon.handoff_delay).await;
                             }
-                            proxy::forward(client, backend, idx, flow, rt, daemon).await;
+                            carry::forward(client, backend, idx, flow, rt, daemon).await;
                             return;
                         }
                         // wss: the client's bytes are ciphertext, relayed here.
@@ -466,7 +469,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                             });
                             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
                             let idle = rt.cfg.idle_timeout;
-                            match Box::pin(proxy::relay_movable(daemon, tls, session::Conn::Plain(backend), flow, idle))
+                            match Box::pin(carry::relay_movable(daemon, tls, session::Conn::Plain(backend), flow, idle))
                                 .await
                             {
                                 Some(cause) => cause,
@@ -494,13 +497,13 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                 idle: rt.cfg.idle_timeout,
                 shutdown: daemon.shutdown.subscribe(),
             };
-            match Box::pin(proxy::ws_movable(daemon, ends)).await {
+            match Box::pin(carry::ws_movable(daemon, ends)).await {
                 Some(cause) => cause,
                 None => return,
             }
         }
     };
-    proxy::retire(flow, Some(idx), &cause, rt, daemon);
+    carry::retire(flow, Some(idx), &cause, rt, daemon);
 }
 
 /// The stream under an upgraded connection and the bytes hyper read past the head.
@@ -635,7 +638,7 @@ impl Conn {
     /// Connects one of route `ri`'s backends within `deadline`.
     async fn connect(&self, ri: usize, deadline: Instant) -> Result<(TcpStream, usize), Response<Body>> {
         let pool = self.rt.route_pool(ri);
-        match tokio::time::timeout_at(deadline, proxy::connect(&self.rt, self.flow.client, pool)).await {
+        match tokio::time::timeout_at(deadline, listener::connect(&self.rt, self.flow.client, pool)).await {
             Ok(Ok((s, idx))) => {
                 *self.flow.backend.locked() = Some(self.rt.cfg.backends[idx]);
                 Ok((s, idx))

@@ -8,7 +8,9 @@
 #![warn(clippy::unwrap_used)]
 pub mod admin;
 pub mod btf;
+pub mod carry;
 pub mod config;
+pub mod daemon;
 pub mod doctor;
 pub mod echo;
 pub mod flowlog;
@@ -16,12 +18,14 @@ pub mod flows;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod gate;
+pub mod handoff;
 pub mod health;
 pub mod hex;
 pub mod host;
 pub mod http;
 pub mod kernel;
 pub mod limits;
+pub mod listener;
 pub mod proxy;
 pub mod relay;
 pub mod reload;

@@ -8,10 +8,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use gateway::{
     admin::{self, AdminServer, FlowsReply},
     config::{self, Config, Offload},
+    daemon::Daemon,
     echo,
     flows::FlowSnapshot,
     kernel::KernelPath,
-    proxy::{Daemon, ListenerRt},
+    listener::ListenerRt,
     reload,
 };
 use tracing::{error, info, warn};

@@ -68,7 +68,7 @@ where
 /// Whether an EOF read on `side` after `n` bytes is the end of that side's
 /// bytes. A socket still in the SOCKHASH reports EOF once the bytes the
 /// kernel handed over are read, while bytes the verdict passed behind the
-/// sockmap's own queue may not have reached it yet (`proxy::relay_demoted`).
+/// sockmap's own queue may not have reached it yet (`carry::relay_demoted`).
 pub type EofGuard<'a> = dyn Fn(Side, u64) -> bool + Sync + 'a;
 
 pub enum Relayed {

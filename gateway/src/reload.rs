@@ -22,79 +22,11 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, Listener},
+    daemon::Daemon,
     limits::Global,
-    proxy::{self, Daemon, ListenerRt},
+    listener::{ListenerRt, Running, Settings},
+    proxy,
 };
-
-/// Where new flows of a listener read their settings from.
-pub type Slot = Arc<Mutex<Arc<ListenerRt>>>;
-
-pub struct Running {
-    pub slot: Slot,
-    pub bind: SocketAddr,
-    accept: Option<JoinHandle<()>>,
-    checks: JoinHandle<()>,
-    /// A duplicate of the listening socket, for a hot upgrade's handover;
-    /// gone once the listener stops.
-    sock: Option<std::os::fd::OwnedFd>,
-}
-
-impl Running {
-    /// Stops accepting: the accept loop ends, and with it and the duplicate
-    /// this process's last descriptors of the listening socket. Unless a
-    /// successor holds it too, the socket closes and new clients are
-    /// refused. Returns the accept loop, to wait for its end.
-    fn stop(&mut self) -> Option<JoinHandle<()>> {
-        self.checks.abort();
-        self.sock = None;
-        let accept = self.accept.take()?;
-        accept.abort();
-        Some(accept)
-    }
-}
-
-/// The running listeners, by name.
-#[derive(Default)]
-pub struct Listeners {
-    pub running: Mutex<BTreeMap<String, Running>>,
-    /// Serialises reloads.
-    reloading: tokio::sync::Mutex<()>,
-}
-
-impl Listeners {
-    /// Snapshot of the current settings of every listener.
-    pub fn current(&self) -> Vec<Arc<ListenerRt>> {
-        self.running.locked().values().map(|r| r.slot.locked().clone()).collect()
-    }
-
-    /// Each listener (name, configured bind, bound address) with a new
-    /// descriptor of its listening socket, for a hot upgrade.
-    pub fn sockets(&self) -> std::io::Result<(Vec<crate::upgrade::Offered>, Vec<std::os::fd::OwnedFd>)> {
-        let run = self.running.locked();
-        let mut offered = Vec::new();
-        let mut fds = Vec::new();
-        for (name, r) in run.iter() {
-            let Some(sock) = &r.sock else { continue };
-            fds.push(sock.try_clone()?);
-            let local = r.slot.locked().local;
-            offered.push(crate::upgrade::Offered { name: name.clone(), bind: r.bind, local });
-        }
-        Ok((offered, fds))
-    }
-
-    /// Stops accepting on every listener (at shutdown, or once a successor
-    /// accepts), and returns once this process holds none of the listening
-    /// sockets any more: a client that connects after that is refused
-    /// instead of waiting in a backlog nobody reads. The listeners stay
-    /// listed, with their counters.
-    pub async fn stop_all(&self) {
-        let loops: Vec<JoinHandle<()>> = self.running.locked().values_mut().filter_map(Running::stop).collect();
-        for l in loops {
-            // Aborted: the loop ends at its next await, dropping its socket.
-            let _ = l.await;
-        }
-    }
-}
 
 fn spawn_checks(rt: &Arc<ListenerRt>) -> JoinHandle<()> {
     let rt = rt.clone();
@@ -107,7 +39,7 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
     let checks = spawn_checks(&rt);
     let bind = rt.cfg.bind;
     let name = rt.cfg.name.clone();
-    let slot: Slot = Arc::new(Mutex::new(rt));
+    let slot: Settings = Arc::new(Mutex::new(rt));
     let dup = match std::os::fd::AsFd::as_fd(&sock).try_clone_to_owned() {
         Ok(d) => d,
         Err(e) => {
@@ -117,7 +49,7 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
         }
     };
     let accept = Some(tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone())));
-    daemon.listeners.running.locked().insert(name, Running { slot, bind, accept, checks, sock: Some(dup) });
+    daemon.listeners.running.locked().insert(name, Running { settings: slot, bind, accept, checks, sock: Some(dup) });
 }
 
 /// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.
@@ -155,8 +87,13 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     }
 
     // Bind what is new before changing anything.
-    let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> =
-        daemon.listeners.running.locked().iter().map(|(n, r)| (n.clone(), (r.bind, r.slot.locked().clone()))).collect();
+    let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> = daemon
+        .listeners
+        .running
+        .locked()
+        .iter()
+        .map(|(n, r)| (n.clone(), (r.bind, r.settings.locked().clone())))
+        .collect();
     let mut fresh: Vec<(Listener, tokio::net::TcpListener)> = Vec::new();
     for l in &cfg.listeners {
         if running.get(&l.name).is_some_and(|(bind, _)| *bind == l.bind) {
@@ -196,7 +133,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
             let rt = Arc::new(ListenerRt::carry_over(l.clone(), prev, global.clone()));
             r.checks.abort();
             r.checks = spawn_checks(&rt);
-            *r.slot.locked() = rt;
+            *r.settings.locked() = rt;
             updated += 1;
         }
     }

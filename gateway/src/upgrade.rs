@@ -30,7 +30,6 @@
 //!    they have. A signal starts its normal drain.
 //!
 //! If the new process dies or never confirms, the old one keeps accepting.
-use crate::sync::Locked;
 use std::{
     io::{Read, Write},
     net::SocketAddr,
@@ -47,7 +46,11 @@ use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
-use crate::{proxy::Daemon, sys};
+use crate::{
+    daemon::Daemon,
+    handoff::{movable, Migrant, MigrantInfo, Offered},
+    sys,
+};
 
 /// The admin request that starts a handover.
 pub const REQUEST: &str = "handover";
@@ -62,150 +65,6 @@ pub struct Offer {
     pub listeners: Vec<Offered>,
     /// With the kernel path: its maps' descriptors follow the listeners'.
     pub kernel: Option<crate::kernel::Handover>,
-}
-
-/// A kernel flow moving to the new process; its two sockets travel with it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct MigrantInfo {
-    pub listener: String,
-    pub client: SocketAddr,
-    pub backend: Option<SocketAddr>,
-    pub route: Option<String>,
-    pub age_ms: u64,
-    pub user_c2b: u64,
-    pub user_b2c: u64,
-    #[serde(default)]
-    pub msgs_c2b: u64,
-    #[serde(default)]
-    pub msgs_b2c: u64,
-    #[serde(default)]
-    pub http_requests: u64,
-    pub moved: Moved,
-}
-
-/// Where a moving flow's bytes go.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum Moved {
-    /// Still in the (shared) kernel maps: its slots and supervisor state.
-    Kernel { splice: crate::kernel::Splice, resume: crate::splice::Resume },
-    /// Relayed in user space, for this reason (nothing was held in hand).
-    Userspace { reason: String, code: String },
-    /// A terminated WebSocket (inspect, bridge_tcp) between messages: its
-    /// route's limits, and the bytes read past the last message (hex).
-    WebSocket {
-        reason: String,
-        code: String,
-        limits: crate::ws::Limits,
-        client_early: String,
-        backend_early: String,
-        /// wss: the client's TLS session.
-        #[serde(default)]
-        client_tls: Option<crate::session::ParkedTls>,
-    },
-    /// An idle HTTP connection of a websocket listener (no backend socket
-    /// goes along): its TLS session, and the bytes read past its last
-    /// request (hex).
-    Http { reason: String, code: String, client_tls: Option<crate::session::ParkedTls>, early: String },
-    /// Relayed with TLS on one side or both: each session's keys and the
-    /// ciphertext read past its last record.
-    Tls {
-        reason: String,
-        code: String,
-        client: Option<crate::session::ParkedTls>,
-        backend: Option<crate::session::ParkedTls>,
-    },
-}
-
-/// Fallback codes a moved userspace flow may carry (they are `&'static`).
-const USERSPACE_CODES: &[&str] = &[
-    "configured-userspace",
-    "not-privileged",
-    "load-failed",
-    "no-ebpf-object",
-    "map-full",
-    "insert-failed",
-    "closed-before-handoff",
-    "no-flow-control",
-    "global-queue-cap",
-    "unavailable",
-    "userspace-tls",
-];
-
-/// Those of a moved terminated WebSocket.
-const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge", "http"];
-
-pub fn static_code(code: &str) -> &'static str {
-    USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
-}
-
-/// Whether a live flow can move to a new daemon: kernel flows, and flows
-/// relayed in user space, TLS ones included (terminated WebSockets are
-/// marked on the flow, `Flow::movable`); HTTP connections are not.
-pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
-    f.path == "kernel"
-        || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
-}
-
-impl MigrantInfo {
-    /// What the new daemon's flow table takes from it.
-    pub fn carried(&self) -> crate::flows::Carried {
-        use crate::flows::FlowPath;
-        let path = match &self.moved {
-            Moved::Kernel { splice, .. } => {
-                FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
-            }
-            Moved::Userspace { reason, code }
-            | Moved::WebSocket { reason, code, .. }
-            | Moved::Tls { reason, code, .. }
-            | Moved::Http { reason, code, .. } => {
-                FlowPath::Userspace { reason: reason.clone(), code: static_code(code) }
-            }
-        };
-        crate::flows::Carried {
-            listener: self.listener.clone(),
-            client: self.client,
-            backend: self.backend,
-            route: self.route.clone(),
-            age_ms: self.age_ms,
-            user_c2b: self.user_c2b,
-            user_b2c: self.user_b2c,
-            msgs_c2b: self.msgs_c2b,
-            msgs_b2c: self.msgs_b2c,
-            http_requests: self.http_requests,
-            path,
-        }
-    }
-
-    pub fn of(flow: &crate::flows::Flow, moved: Moved) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        MigrantInfo {
-            listener: flow.listener.clone(),
-            client: flow.client,
-            backend: *flow.backend.locked(),
-            route: flow.route.locked().clone(),
-            age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
-            user_c2b: flow.user_c2b.load(Relaxed),
-            user_b2c: flow.user_b2c.load(Relaxed),
-            msgs_c2b: flow.msgs_c2b.load(Relaxed),
-            msgs_b2c: flow.msgs_b2c.load(Relaxed),
-            http_requests: flow.http_requests.load(Relaxed),
-            moved,
-        }
-    }
-}
-
-pub struct Migrant {
-    pub info: MigrantInfo,
-    pub client: std::net::TcpStream,
-    /// None for an HTTP connection (its backend connection stays behind).
-    pub backend: Option<std::net::TcpStream>,
-}
-
-impl MigrantInfo {
-    /// Whether a backend socket travels with the flow.
-    fn with_backend(&self) -> bool {
-        !matches!(self.moved, Moved::Http { .. })
-    }
 }
 
 /// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
@@ -224,15 +83,6 @@ const MAX_MOVING_MESSAGE: usize = 64 << 20;
 
 /// How long the old daemon waits for its kernel flows to reach a quiet moment.
 const MOVE_WITHIN: Duration = Duration::from_secs(3);
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Offered {
-    pub name: String,
-    /// The configured address (a port 0 stays 0 here).
-    pub bind: SocketAddr,
-    /// The address bound.
-    pub local: SocketAddr,
-}
 
 /// Old side: answers `handover` on an admin connection.
 pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
@@ -300,7 +150,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         return Ok(());
     }
     daemon.listeners.stop_all().await;
-    *daemon.migrants.locked() = Some(Vec::new());
+    daemon.migrants.open();
     daemon.handed_over.send_replace(true);
     // However the rest goes, the main loop may then wait for the flows left.
     struct Done<'a>(&'a std::sync::atomic::AtomicBool);
@@ -322,7 +172,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let moving = daemon.migrants.locked().take().unwrap_or_default();
+    let moving = daemon.migrants.close();
     let free = daemon.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
     let stayed = movable_left();
     let conn = conn.into_inner();

@@ -12,6 +12,7 @@ mod bench_density;
 mod bench_place;
 mod bench_tls;
 mod bench_ws;
+mod layers;
 mod study;
 
 const USAGE: &str = "\
@@ -22,6 +23,8 @@ tasks:
   build [--release]      build-ebpf, then the daemon with the object embedded
   test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests);
                          without arguments, first `cargo fmt --check` and clippy with -D warnings
+  layers [ROOT]          fail if the daemon's modules (gateway/src) import each other in a cycle;
+                         the test command runs it first
   fuzz [SECONDS]         build the fuzz targets (fuzz/, cargo-fuzz, libFuzzer) and run each for SECONDS
                          (20) from its seed corpus; a failing input is printed and kept under
                          target/fuzz-run/<target>/artifacts; the test command runs this after the suite
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
         // The churn test at 10^5 flows (CI runs it at 5,000).
         Some("soak") => soak(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
+        Some("layers") => layers::check(&args.get(1).map(PathBuf::from).unwrap_or_else(root)),
         Some("bench") => build_release_daemon().and_then(|()| bench::run(&root(), &args[1..])),
         // Run by `bench --attach-variants` (root, cgroup v2): the sk_msg study.
         Some("study-skmsg") => study::run(&root(), &args[1..]),
@@ -152,6 +156,7 @@ fn test(extra: &[String]) -> Result<()> {
     // The whole suite (no arguments, as CI runs it) starts with the house
     // rules: rustfmt's check, and clippy with warnings denied.
     if extra.is_empty() {
+        layers::check(&root())?;
         run(cargo().current_dir(root()).args(["fmt", "--all", "--", "--check"]))?;
         run(cargo()
             .current_dir(root())

@@ -1,0 +1,482 @@
+//! Carrying a flow once its client and backend are connected (or its
+//! WebSocket upgraded): on the kernel path, in the relay, or moving between
+//! them (`offload: auto`), and to a successor daemon at a hot upgrade.
+use crate::handoff::Handed;
+use crate::sync::Locked;
+use crate::{daemon::Daemon, listener::ListenerRt};
+use std::{sync::atomic::Ordering::Relaxed, time::Duration};
+
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use crate::{
+    config::Offload,
+    flows::{CloseCause, FlowPath},
+    kernel::{KernelPath, Unavailable},
+    relay,
+    session::Conn,
+    splice,
+    stats::ListenerStats,
+};
+
+/// The server side of a TLS handshake. A failure is counted per listener
+/// (`tls-handshake`), costs one debug line, never a flood at warn, and
+/// retires the flow.
+pub async fn accept_tls(
+    client: TcpStream,
+    tls: &crate::tls::Tls,
+    flow: &crate::flows::Flow,
+    rt: &ListenerRt,
+    daemon: &Daemon,
+) -> Option<crate::session::ServerTls> {
+    // Read a record at a time, so that the session can move (`session.rs`).
+    let client = crate::gate::Gate::new(Box::new(client), &[]);
+    let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
+    let why = match tokio::time::timeout(tls.handshake_timeout, accept).await {
+        Ok(Ok(s)) => return Some(s),
+        Ok(Err(e)) => format!("TLS handshake failed: {e}"),
+        Err(_) => format!("TLS handshake not finished within {:?}", tls.handshake_timeout),
+    };
+    rt.stats.rejected("tls-handshake");
+    debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
+    retire(flow, None, &CloseCause::Rejected(why), rt, daemon);
+    None
+}
+
+/// Closes a client before any backend is contacted, counted under `cause`.
+pub(crate) fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt, daemon: &Daemon) {
+    rt.stats.rejected(cause);
+    debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
+    retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, daemon);
+}
+
+/// Carries a connected client/backend pair (TCP_NODELAY already set) to its
+/// end: on the kernel path when the listener and the host allow it, in the
+/// userspace relay otherwise. Retires the flow.
+pub async fn forward(
+    client: TcpStream,
+    backend: TcpStream,
+    idx: usize,
+    flow: &crate::flows::Flow,
+    rt: &ListenerRt,
+    daemon: &Daemon,
+) -> CloseCause {
+    let peer = flow.client;
+    let kernel = match (rt.cfg.offload, &daemon.kernel) {
+        (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
+        (_, None) => {
+            let why = daemon.kernel_unavailable.as_ref().map_or("kernel path not loaded".into(), |u| u.to_string());
+            let code = daemon.kernel_unavailable.as_ref().map_or("unavailable", Unavailable::code);
+            Err((why, code))
+        }
+        (_, Some(k)) => match k.splice(&client, &backend) {
+            Ok(s) => Ok((k, s)),
+            Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
+                warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
+                let cause = CloseCause::Rejected(e.to_string());
+                retire(flow, Some(idx), &cause, rt, daemon);
+                return cause;
+            }
+            Err(e) => Err((e.to_string(), e.code())),
+        },
+    };
+    match kernel {
+        Ok((k, s)) => {
+            flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, Some(k)));
+            let (client, backend) = match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
+                Ok((c, b)) => (c, b),
+                Err(e) => {
+                    warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
+                    let cause = CloseCause::Error(e.to_string());
+                    retire(flow, Some(idx), &cause, rt, daemon);
+                    k.release(&s);
+                    return cause;
+                }
+            };
+            let auto = (rt.cfg.offload == Offload::Auto).then_some(&*rt.stats);
+            let Some(cause) = supervise(daemon, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None, auto).await
+            else {
+                return CloseCause::HandedOver;
+            };
+            // Final counters before the slots are reused.
+            retire(flow, Some(idx), &cause, rt, daemon);
+            k.release(&s);
+            cause
+        }
+        Err((reason, code)) => {
+            flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
+            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
+            debug!(flow = flow.id, %reason, "relayed in user space");
+            let (client, backend) = (Conn::Plain(client), Conn::Plain(backend));
+            let Some(cause) = Box::pin(relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout)).await else {
+                return CloseCause::HandedOver;
+            };
+            retire(flow, Some(idx), &cause, rt, daemon);
+            cause
+        }
+    }
+}
+
+/// Supervises a spliced flow until it closes (`Some`), or until it is
+/// handed to a new daemon at a quiet moment of a hot upgrade (`None`).
+/// With `offload: auto` (`auto` holds the listener's counters), the flow
+/// may move to the user-space relay and back meanwhile (see [`splice::Demotion`]
+/// and [`relay_demoted`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn supervise(
+    daemon: &Daemon,
+    k: &KernelPath,
+    s: &crate::kernel::Splice,
+    (client, backend): (splice::Sock, splice::Sock),
+    flow: &crate::flows::Flow,
+    idle: Duration,
+    resume: Option<&splice::Resume>,
+    auto: Option<&ListenerStats>,
+) -> Option<CloseCause> {
+    let mut socks = Some((client, backend));
+    let mut resume = resume.cloned();
+    // How long a relayed flow must stay light before it goes back to the
+    // kernel; doubled at each return, so a flow that keeps crossing over
+    // settles in the relay.
+    let mut light_for = LIGHT_FOR;
+    loop {
+        let (c, b) = socks.as_ref().expect("the sockets are back at each turn");
+        let detach = Some(daemon.handed_over.subscribe());
+        let outcome = splice::run(k, s, c, b, flow, idle, detach, resume.as_ref(), auto.is_some()).await;
+        match outcome {
+            splice::Outcome::Closed(cause) => return Some(cause),
+            splice::Outcome::Detached(r) => {
+                // To the new daemon, while it still takes flows.
+                let held = socks.take().expect("taken once, then returned");
+                let handed = daemon.migrants.offer(flow, held, |(client, backend)| {
+                    let moved = crate::handoff::Moved::Kernel { splice: s.clone(), resume: r.clone() };
+                    Ok::<_, std::convert::Infallible>((moved, client.into_inner(), Some(backend.into_inner())))
+                });
+                let handed = match handed {
+                    Handed::Taken => true,
+                    Handed::NotTaking(held) => {
+                        socks = Some(held);
+                        false
+                    }
+                    Handed::Failed(never) => match never {},
+                };
+                if handed {
+                    // Its slots are the new daemon's now: not released here,
+                    // and not this daemon's to free at its exit either.
+                    k.forget(s);
+                    debug!(flow = flow.id, "handed to the new daemon");
+                    return None;
+                }
+                // Too late: the flows have gone; this one ends here.
+                let (c, b) = socks.as_ref().expect("not handed over");
+                return match Box::pin(splice::run(k, s, c, b, flow, idle, None, Some(&r), false)).await {
+                    splice::Outcome::Closed(cause) => Some(cause),
+                    _ => unreachable!("no detach without a receiver, no move without auto"),
+                };
+            }
+            splice::Outcome::ToUserspace(mut r, why) => {
+                let stats = auto.expect("moves only with offload: auto");
+                let (client, backend) = socks.take().expect("the sockets are back at each turn");
+                let path = |relayed: bool| match relayed {
+                    true => crate::flows::FlowPath::Relayed {
+                        client_slot: s.client_slot,
+                        backend_slot: s.backend_slot,
+                        reason: why.reason().to_string(),
+                        code: why.code(),
+                    },
+                    false => {
+                        crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot }
+                    }
+                };
+                flow.switch_path(path(true), format!("to-userspace: {}", why.code()));
+                stats.switched("userspace", why.code());
+                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                let client = client.into_inner();
+                let backend = backend.into_inner();
+                let (client, backend) = match both(TcpStream::from_std(client), TcpStream::from_std(backend)) {
+                    Ok((c, b)) => (c, b),
+                    Err(e) => {
+                        return Some(CloseCause::Error(format!("cannot relay the flow: {e}")));
+                    }
+                };
+                let user = |f: &crate::flows::Flow| (f.user_c2b.load(Relaxed), f.user_b2c.load(Relaxed));
+                let before = user(flow);
+                // Boxed, as the other rare turns: a flow on the kernel path
+                // holds only what that path needs.
+                let relayed = Box::pin(relay_demoted(daemon, k, s, client, backend, flow, idle, light_for));
+                let (client, backend, back_why) = match relayed.await {
+                    Relayed::Closed(cause) => return Some(cause),
+                    Relayed::Back(c, b, w) => (c, b, w),
+                };
+                // Back to the kernel: what the relay wrote counts as
+                // forwarded passed bytes, so the verdict's bookkeeping (and
+                // the supervisor's) go on from there; bytes passed but not
+                // read yet keep the verdict passing until they are forwarded.
+                let after = user(flow);
+                let (c2b, b2c) = (after.0 - before.0, after.1 - before.1);
+                k.add_user_forwarded(s.client_slot, c2b);
+                k.add_user_forwarded(s.backend_slot, b2c);
+                r.client_user_written += c2b;
+                r.backend_user_written += b2c;
+                k.set_enabled(s.client_slot, true);
+                k.set_enabled(s.backend_slot, true);
+                flow.switch_path(path(false), format!("to-kernel: {back_why}"));
+                stats.switched("kernel", back_why);
+                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
+                    Ok((c, b)) => socks = Some((c, b)),
+                    Err(e) => {
+                        return Some(CloseCause::Error(format!("cannot return the flow to the kernel path: {e}")));
+                    }
+                }
+                resume = Some(r);
+                light_for = (light_for * 2).min(LIGHT_FOR_MAX);
+            }
+        }
+    }
+}
+
+/// A relayed flow goes back to the kernel once it has been light this long
+/// (at first; the wait doubles at each return, up to [`LIGHT_FOR_MAX`]).
+const LIGHT_FOR: Duration = Duration::from_secs(2);
+const LIGHT_FOR_MAX: Duration = Duration::from_secs(64);
+/// Light: under this many bytes a second, with both send queues under
+/// [`LIGHT_QUEUE`] (a receiver that keeps up) at every sample.
+const LIGHT_RATE: u64 = 256 * 1024;
+const LIGHT_QUEUE: u64 = 64 * 1024;
+
+enum Relayed {
+    Closed(CloseCause),
+    /// Stopped at a quiet moment (nothing held, no EOF): the sockets, and why.
+    Back(TcpStream, TcpStream, &'static str),
+}
+
+/// Relays a flow `offload: auto` took off the kernel path until it closes,
+/// or until it has been light for `light_for` (`light`: interactive
+/// again, where the kernel path costs less and answers sooner) or a hot
+/// upgrade starts (`hand-over`: kernel flows move to the new daemon); then
+/// stops at a quiet moment and gives the sockets back.
+#[allow(clippy::too_many_arguments)]
+async fn relay_demoted(
+    daemon: &Daemon,
+    k: &KernelPath,
+    s: &crate::kernel::Splice,
+    client: TcpStream,
+    backend: TcpStream,
+    flow: &crate::flows::Flow,
+    idle: Duration,
+    light_for: Duration,
+) -> Relayed {
+    use std::os::fd::AsRawFd;
+    const SAMPLE: Duration = Duration::from_millis(250);
+    let fds = (client.as_raw_fd(), backend.as_raw_fd());
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Bytes read from each socket before the relay: all it forwarded, since
+    // nothing was held when the supervisor stopped.
+    let read_before = (k.slot(s.client_slot).user_fwd, k.slot(s.backend_slot).user_fwd);
+    let eof_ok = |side: crate::flows::Side, read: u64| {
+        let (slot, before) = match side {
+            crate::flows::Side::Client => (s.client_slot, read_before.0),
+            crate::flows::Side::Backend => (s.backend_slot, read_before.1),
+        };
+        before + read >= k.slot(slot).passed
+    };
+    let relay = relay::relay(Conn::Plain(client), Conn::Plain(backend), flow, idle, Some(rx), Some(&eof_ok));
+    tokio::pin!(relay);
+    let mut handed = daemon.handed_over.subscribe();
+    let monitor = async {
+        let moved = || flow.user_c2b.load(Relaxed) + flow.user_b2c.load(Relaxed);
+        let queued = || crate::sys::outq(&fds.0).unwrap_or(0).max(crate::sys::outq(&fds.1).unwrap_or(0));
+        let needed = (light_for.as_millis() / SAMPLE.as_millis()).max(1) as usize;
+        // (bytes moved so far, whether the send queues were short) per sample.
+        let mut window: std::collections::VecDeque<(u64, bool)> = std::collections::VecDeque::new();
+        window.push_back((moved(), queued() < LIGHT_QUEUE));
+        let mut tick = tokio::time::interval(SAMPLE);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                up = async { handed.wait_for(|h| *h).await.is_ok() } => {
+                    if up {
+                        return "hand-over";
+                    }
+                    std::future::pending::<()>().await;
+                }
+            }
+            window.push_back((moved(), queued() < LIGHT_QUEUE));
+            if window.len() > needed + 1 {
+                window.pop_front();
+            }
+            if window.len() == needed + 1 {
+                let (first, last) = (window[0].0, window[window.len() - 1].0);
+                let bytes = last - first;
+                let rate = bytes * 1000 / light_for.as_millis().max(1) as u64;
+                if rate < LIGHT_RATE && window.iter().all(|(_, short)| *short) {
+                    return "light";
+                }
+            }
+        }
+    };
+    tokio::pin!(monitor);
+    let mut why = None;
+    loop {
+        tokio::select! {
+            r = &mut relay => return match r {
+                relay::Relayed::Closed(cause) => Relayed::Closed(cause),
+                relay::Relayed::Detached(Conn::Plain(c), Conn::Plain(b)) => Relayed::Back(c, b, why.unwrap_or("light")),
+                relay::Relayed::Detached(..) => unreachable!("plain sockets in, plain sockets out"),
+            },
+            w = &mut monitor, if why.is_none() => {
+                why = Some(w);
+                let _ = tx.send(true);
+            }
+        }
+    }
+}
+
+/// The flow's fallback reason and code, as a moved flow carries them.
+fn path_reason(flow: &crate::flows::Flow, default: &str) -> (String, String) {
+    match flow.path.locked().clone() {
+        FlowPath::Userspace { reason, code } => (reason, code.to_string()),
+        _ => (String::new(), default.to_string()),
+    }
+}
+
+/// Runs a terminated WebSocket flow (inspect, bridge_tcp) until it closes
+/// (`Some`), or until it is handed to a new daemon between messages at a hot
+/// upgrade (`None`).
+pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<CloseCause> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let flow = ends.flow;
+    let (limits, idle) = (ends.limits, ends.idle);
+    flow.movable.store(true, Relaxed);
+    let mut ended = crate::ws::run(ends, Some(daemon.handed_over.subscribe())).await;
+    loop {
+        let p = match ended {
+            crate::ws::Ended::Closed(cause) => {
+                flow.movable.store(false, Relaxed);
+                return Some(cause);
+            }
+            crate::ws::Ended::Detached(p) => p,
+        };
+        // To the new daemon while it still takes flows; else on here. Not
+        // movable only once pushed: the upgrade waits for the movable flows.
+        let handed = daemon.migrants.offer(flow, p, |p| {
+            let (reason, code) = path_reason(flow, "websocket-inspect");
+            let moved = crate::handoff::Moved::WebSocket {
+                reason,
+                code,
+                limits,
+                client_early: crate::hex::to_hex(&p.client_early),
+                backend_early: crate::hex::to_hex(&p.backend_early),
+                client_tls: p.client.tls,
+            };
+            Ok::<_, std::convert::Infallible>((moved, p.client.tcp, Some(p.backend)))
+        });
+        let p = match handed {
+            Handed::Taken => None,
+            Handed::NotTaking(p) => Some(p),
+            Handed::Failed(never) => match never {},
+        };
+        flow.movable.store(false, Relaxed);
+        let Some(p) = p else {
+            debug!(flow = flow.id, "handed to the new daemon");
+            return None;
+        };
+        let client = Conn::resume(p.client);
+        ended = match (client, TcpStream::from_std(p.backend)) {
+            (Ok(client), Ok(backend)) => {
+                let ends = crate::ws::Ends {
+                    client,
+                    client_early: p.client_early.into(),
+                    backend,
+                    backend_early: p.backend_early.into(),
+                    flow,
+                    limits,
+                    idle,
+                    shutdown: daemon.shutdown.subscribe(),
+                };
+                crate::ws::run(ends, None).await
+            }
+            _ => crate::ws::Ended::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
+        };
+    }
+}
+
+/// Relays a flow in user space (TLS on either side or none) until it closes
+/// (`Some`), or until it is handed to a new daemon at a quiet moment of a
+/// hot upgrade (`None`), with its sessions' keys (`session.rs`).
+pub async fn relay_movable(
+    daemon: &Daemon,
+    client: Conn,
+    backend: Conn,
+    flow: &crate::flows::Flow,
+    idle: Duration,
+) -> Option<CloseCause> {
+    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
+    loop {
+        let (mut c, mut b) = match relayed {
+            relay::Relayed::Closed(cause) => return Some(cause),
+            relay::Relayed::Detached(c, b) => (c, b),
+        };
+        // Between records; a session may still owe the peer a record.
+        use tokio::io::AsyncWriteExt;
+        let flushed = c.flush().await.is_ok() && b.flush().await.is_ok();
+        if flushed && c.quiet() && b.quiet() {
+            // Checked, taken out and handed over under one lock: the keys
+            // never leave rustls for a hand-over that has ended.
+            let handed = daemon.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, String> {
+                let (reason, code) = path_reason(flow, "userspace-tls");
+                let (c, b) = c.park().and_then(|c| Ok((c, b.park()?)))?;
+                let moved = match (c.tls, b.tls) {
+                    (None, None) => crate::handoff::Moved::Userspace { reason, code },
+                    (client, backend) => crate::handoff::Moved::Tls { reason, code, client, backend },
+                };
+                Ok((moved, c.tcp, Some(b.tcp)))
+            });
+            match handed {
+                Handed::Taken => {
+                    debug!(flow = flow.id, "handed to the new daemon");
+                    return None;
+                }
+                Handed::NotTaking(held) => (c, b) = held,
+                Handed::Failed(why) => return Some(CloseCause::Error(format!("could not hand the flow over: {why}"))),
+            }
+        }
+        // Too late, or not at rest after all: it ends here.
+        relayed = relay::relay(c, b, flow, idle, None, None).await;
+    }
+}
+
+/// Retires an adopted flow: into its listener's totals when the listener is
+/// still configured.
+pub(crate) fn finish(
+    daemon: &Daemon,
+    flow: &crate::flows::Flow,
+    rt: Option<&ListenerRt>,
+    idx: Option<usize>,
+    cause: &CloseCause,
+) {
+    match rt {
+        Some(rt) => retire(flow, idx, cause, rt, daemon),
+        None => {
+            let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |_| {});
+            crate::flowlog::record("close", &s, Some(cause.code()));
+        }
+    }
+}
+
+/// Logs the flow's close record and moves its counters into the totals.
+pub fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCause, rt: &ListenerRt, daemon: &Daemon) {
+    let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
+    crate::flowlog::record("close", &s, Some(cause.code()));
+    if let CloseCause::Rejected(why) | CloseCause::Error(why) = cause {
+        debug!(flow = s.id, "closed: {why}");
+    }
+}
+
+/// Both results, or the first error (of two sockets set up the same way).
+pub(crate) fn both<A, B>(a: std::io::Result<A>, b: std::io::Result<B>) -> std::io::Result<(A, B)> {
+    Ok((a?, b?))
+}

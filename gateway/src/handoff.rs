@@ -1,0 +1,212 @@
+//! A flow on its way to a successor daemon (hot upgrade): what it carries
+//! (`MigrantInfo`, `Moved`, the wire form `upgrade.rs` sends) and its
+//! sockets (`Migrant`). Flow runners build these; only `upgrade.rs` sends
+//! and receives them.
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use std::{net::TcpStream, sync::Mutex};
+
+use crate::{flows::Flow, sync::Locked, sys};
+
+/// A kernel flow moving to the new process; its two sockets travel with it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrantInfo {
+    pub listener: String,
+    pub client: SocketAddr,
+    pub backend: Option<SocketAddr>,
+    pub route: Option<String>,
+    pub age_ms: u64,
+    pub user_c2b: u64,
+    pub user_b2c: u64,
+    #[serde(default)]
+    pub msgs_c2b: u64,
+    #[serde(default)]
+    pub msgs_b2c: u64,
+    #[serde(default)]
+    pub http_requests: u64,
+    pub moved: Moved,
+}
+
+/// Where a moving flow's bytes go.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Moved {
+    /// Still in the (shared) kernel maps: its slots and supervisor state.
+    Kernel { splice: crate::kernel::Splice, resume: crate::splice::Resume },
+    /// Relayed in user space, for this reason (nothing was held in hand).
+    Userspace { reason: String, code: String },
+    /// A terminated WebSocket (inspect, bridge_tcp) between messages: its
+    /// route's limits, and the bytes read past the last message (hex).
+    WebSocket {
+        reason: String,
+        code: String,
+        limits: crate::ws::Limits,
+        client_early: String,
+        backend_early: String,
+        /// wss: the client's TLS session.
+        #[serde(default)]
+        client_tls: Option<crate::session::ParkedTls>,
+    },
+    /// An idle HTTP connection of a websocket listener (no backend socket
+    /// goes along): its TLS session, and the bytes read past its last
+    /// request (hex).
+    Http { reason: String, code: String, client_tls: Option<crate::session::ParkedTls>, early: String },
+    /// Relayed with TLS on one side or both: each session's keys and the
+    /// ciphertext read past its last record.
+    Tls {
+        reason: String,
+        code: String,
+        client: Option<crate::session::ParkedTls>,
+        backend: Option<crate::session::ParkedTls>,
+    },
+}
+
+/// Fallback codes a moved userspace flow may carry (they are `&'static`).
+const USERSPACE_CODES: &[&str] = &[
+    "configured-userspace",
+    "not-privileged",
+    "load-failed",
+    "no-ebpf-object",
+    "map-full",
+    "insert-failed",
+    "closed-before-handoff",
+    "no-flow-control",
+    "global-queue-cap",
+    "unavailable",
+    "userspace-tls",
+];
+
+/// Those of a moved terminated WebSocket.
+const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge", "http"];
+
+pub fn static_code(code: &str) -> &'static str {
+    USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
+}
+
+/// Whether a live flow can move to a new daemon: kernel flows, and flows
+/// relayed in user space, TLS ones included (terminated WebSockets are
+/// marked on the flow, `Flow::movable`); HTTP connections are not.
+pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
+    f.path == "kernel"
+        || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
+}
+
+impl MigrantInfo {
+    /// What the new daemon's flow table takes from it.
+    pub fn carried(&self) -> crate::flows::Carried {
+        use crate::flows::FlowPath;
+        let path = match &self.moved {
+            Moved::Kernel { splice, .. } => {
+                FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
+            }
+            Moved::Userspace { reason, code }
+            | Moved::WebSocket { reason, code, .. }
+            | Moved::Tls { reason, code, .. }
+            | Moved::Http { reason, code, .. } => {
+                FlowPath::Userspace { reason: reason.clone(), code: static_code(code) }
+            }
+        };
+        crate::flows::Carried {
+            listener: self.listener.clone(),
+            client: self.client,
+            backend: self.backend,
+            route: self.route.clone(),
+            age_ms: self.age_ms,
+            user_c2b: self.user_c2b,
+            user_b2c: self.user_b2c,
+            msgs_c2b: self.msgs_c2b,
+            msgs_b2c: self.msgs_b2c,
+            http_requests: self.http_requests,
+            path,
+        }
+    }
+
+    pub fn of(flow: &crate::flows::Flow, moved: Moved) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        MigrantInfo {
+            listener: flow.listener.clone(),
+            client: flow.client,
+            backend: *flow.backend.locked(),
+            route: flow.route.locked().clone(),
+            age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
+            user_c2b: flow.user_c2b.load(Relaxed),
+            user_b2c: flow.user_b2c.load(Relaxed),
+            msgs_c2b: flow.msgs_c2b.load(Relaxed),
+            msgs_b2c: flow.msgs_b2c.load(Relaxed),
+            http_requests: flow.http_requests.load(Relaxed),
+            moved,
+        }
+    }
+}
+
+pub struct Migrant {
+    pub info: MigrantInfo,
+    pub client: std::net::TcpStream,
+    /// None for an HTTP connection (its backend connection stays behind).
+    pub backend: Option<std::net::TcpStream>,
+}
+
+impl MigrantInfo {
+    /// Whether a backend socket travels with the flow.
+    pub(crate) fn with_backend(&self) -> bool {
+        !matches!(self.moved, Moved::Http { .. })
+    }
+}
+
+/// A listening socket offered to the successor (its descriptor travels
+/// beside the message).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Offered {
+    pub name: String,
+    /// The configured address (a port 0 stays 0 here).
+    pub bind: SocketAddr,
+    /// The address bound.
+    pub local: SocketAddr,
+}
+
+/// Where detached flows wait for the successor: open while a hot upgrade
+/// takes flows, closed (and emptied) when it sends them.
+#[derive(Default)]
+pub struct Intake(Mutex<Option<Vec<Migrant>>>);
+
+/// What became of a flow offered to the successor.
+pub enum Handed<T, E> {
+    Taken,
+    /// No successor takes flows now: what the flow holds, to go on here.
+    NotTaking(T),
+    /// `build` failed: the flow can neither move nor go on.
+    Failed(E),
+}
+
+impl Intake {
+    pub fn open(&self) {
+        *self.0.locked() = Some(Vec::new());
+    }
+
+    /// Closes the intake: the flows offered until now.
+    pub fn close(&self) -> Vec<Migrant> {
+        self.0.locked().take().unwrap_or_default()
+    }
+
+    /// Offers a detached flow: if the intake is open, `build` turns what the
+    /// flow holds into what it carries and its sockets, under the intake's
+    /// lock, so nothing leaves the flow (TLS keys included) for a hand-over
+    /// that has ended.
+    pub fn offer<T, E>(
+        &self,
+        flow: &Flow,
+        held: T,
+        build: impl FnOnce(T) -> Result<(Moved, TcpStream, Option<TcpStream>), E>,
+    ) -> Handed<T, E> {
+        let mut intake = self.0.locked();
+        let Some(list) = intake.as_mut() else { return Handed::NotTaking(held) };
+        match build(held) {
+            Ok((moved, client, backend)) => {
+                list.push(Migrant { info: MigrantInfo::of(flow, moved), client, backend });
+                Handed::Taken
+            }
+            Err(e) => Handed::Failed(e),
+        }
+    }
+}
