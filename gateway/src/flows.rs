@@ -225,8 +225,9 @@ pub struct FlowSnapshot {
     pub last_switch: Option<String>,
 }
 
-/// What a flow carries from the daemon it started in to the next: all a
-/// new daemon's table needs besides a new id.
+/// What a flow carries from the daemon it started in to the next (a hot
+/// upgrade): all a new daemon's table needs besides a new id and its path.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Carried {
     pub listener: String,
     pub client: SocketAddr,
@@ -235,10 +236,29 @@ pub struct Carried {
     pub age_ms: u64,
     pub user_c2b: u64,
     pub user_b2c: u64,
+    #[serde(default)]
     pub msgs_c2b: u64,
+    #[serde(default)]
     pub msgs_b2c: u64,
+    #[serde(default)]
     pub http_requests: u64,
-    pub path: FlowPath,
+}
+
+impl Flow {
+    pub fn carried(&self) -> Carried {
+        Carried {
+            listener: self.listener.clone(),
+            client: self.client,
+            backend: *self.backend.locked(),
+            route: self.route.locked().clone(),
+            age_ms: (sys::monotonic_ns().saturating_sub(self.started_ns) / 1_000_000),
+            user_c2b: self.user_c2b.load(Relaxed),
+            user_b2c: self.user_b2c.load(Relaxed),
+            msgs_c2b: self.msgs_c2b.load(Relaxed),
+            msgs_b2c: self.msgs_b2c.load(Relaxed),
+            http_requests: self.http_requests.load(Relaxed),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -288,22 +308,22 @@ impl FlowTable {
 
     /// A flow handed over by the previous daemon: a new id here, its start
     /// time, backend, route and user byte counts carried over.
-    pub fn adopt(&self, m: Carried) -> Arc<Flow> {
+    pub fn adopt(&self, m: &Carried, path: FlowPath) -> Arc<Flow> {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
         let now = sys::monotonic_ns();
         let age = std::time::Duration::from_millis(m.age_ms);
         let f = Arc::new(Flow {
             id,
-            listener: m.listener,
+            listener: m.listener.clone(),
             client: m.client,
             backend: Mutex::new(m.backend),
             started: SystemTime::now() - age,
             started_ns: now.saturating_sub(age.as_nanos() as u64),
-            path: Mutex::new(m.path),
+            path: Mutex::new(path),
             user_c2b: AtomicU64::new(m.user_c2b),
             user_b2c: AtomicU64::new(m.user_b2c),
             user_last_ns: AtomicU64::new(now),
-            route: Mutex::new(m.route),
+            route: Mutex::new(m.route.clone()),
             http_requests: AtomicU64::new(m.http_requests),
             msgs_c2b: AtomicU64::new(m.msgs_c2b),
             msgs_b2c: AtomicU64::new(m.msgs_b2c),

@@ -2,30 +2,22 @@
 //! (`MigrantInfo`, `Moved`, the wire form `upgrade.rs` sends) and its
 //! sockets (`Migrant`). Flow runners build these; only `upgrade.rs` sends
 //! and receives them.
-use std::net::SocketAddr;
+use std::{
+    net::{SocketAddr, TcpStream},
+    sync::Mutex,
+};
 
 use serde::{Deserialize, Serialize};
 
-use std::{net::TcpStream, sync::Mutex};
+use crate::{flows::Flow, sync::Locked};
 
-use crate::{flows::Flow, sync::Locked, sys};
-
-/// A kernel flow moving to the new process; its two sockets travel with it.
+/// A flow moving to the new process, as the hand-over sends it (its
+/// sockets travel beside the message): what it carries, flattened into the
+/// same JSON object as where its bytes go.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrantInfo {
-    pub listener: String,
-    pub client: SocketAddr,
-    pub backend: Option<SocketAddr>,
-    pub route: Option<String>,
-    pub age_ms: u64,
-    pub user_c2b: u64,
-    pub user_b2c: u64,
-    #[serde(default)]
-    pub msgs_c2b: u64,
-    #[serde(default)]
-    pub msgs_b2c: u64,
-    #[serde(default)]
-    pub http_requests: u64,
+    #[serde(flatten)]
+    pub flow: crate::flows::Carried,
     pub moved: Moved,
 }
 
@@ -93,10 +85,10 @@ pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
 }
 
 impl MigrantInfo {
-    /// What the new daemon's flow table takes from it.
-    pub fn carried(&self) -> crate::flows::Carried {
+    /// Its path in the new daemon's flow table.
+    pub fn path(&self) -> crate::flows::FlowPath {
         use crate::flows::FlowPath;
-        let path = match &self.moved {
+        match &self.moved {
             Moved::Kernel { splice, .. } => {
                 FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
             }
@@ -106,37 +98,11 @@ impl MigrantInfo {
             | Moved::Http { reason, code, .. } => {
                 FlowPath::Userspace { reason: reason.clone(), code: static_code(code) }
             }
-        };
-        crate::flows::Carried {
-            listener: self.listener.clone(),
-            client: self.client,
-            backend: self.backend,
-            route: self.route.clone(),
-            age_ms: self.age_ms,
-            user_c2b: self.user_c2b,
-            user_b2c: self.user_b2c,
-            msgs_c2b: self.msgs_c2b,
-            msgs_b2c: self.msgs_b2c,
-            http_requests: self.http_requests,
-            path,
         }
     }
 
-    pub fn of(flow: &crate::flows::Flow, moved: Moved) -> Self {
-        use std::sync::atomic::Ordering::Relaxed;
-        MigrantInfo {
-            listener: flow.listener.clone(),
-            client: flow.client,
-            backend: *flow.backend.locked(),
-            route: flow.route.locked().clone(),
-            age_ms: (sys::monotonic_ns().saturating_sub(flow.started_ns) / 1_000_000),
-            user_c2b: flow.user_c2b.load(Relaxed),
-            user_b2c: flow.user_b2c.load(Relaxed),
-            msgs_c2b: flow.msgs_c2b.load(Relaxed),
-            msgs_b2c: flow.msgs_b2c.load(Relaxed),
-            http_requests: flow.http_requests.load(Relaxed),
-            moved,
-        }
+    pub fn of(flow: &Flow, moved: Moved) -> Self {
+        MigrantInfo { flow: flow.carried(), moved }
     }
 }
 
@@ -208,5 +174,26 @@ impl Intake {
             }
             Err(e) => Handed::Failed(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hot upgrade may run between two versions: the message keeps the
+    /// flat shape earlier daemons send and read.
+    #[test]
+    fn a_migrant_is_one_flat_object_as_before() {
+        let earlier = r#"{"listener":"t","client":"127.0.0.1:1","backend":null,"route":null,"age_ms":5,
+            "user_c2b":1,"user_b2c":2,"moved":{"Userspace":{"reason":"r","code":"configured-userspace"}}}"#;
+        let m: MigrantInfo = serde_json::from_str(earlier).unwrap();
+        assert_eq!((m.flow.listener.as_str(), m.flow.age_ms, m.flow.user_b2c, m.flow.msgs_c2b), ("t", 5, 2, 0));
+        let v = serde_json::to_value(&m).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        for k in ["listener", "client", "age_ms", "user_c2b", "http_requests", "moved"] {
+            assert!(keys.contains(&k), "{k} missing from {v}");
+        }
+        assert!(!keys.contains(&"flow"), "{v}");
     }
 }

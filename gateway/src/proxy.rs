@@ -150,9 +150,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
 /// then retired here.
 pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
     use std::os::fd::AsRawFd;
-    let flow = daemon.flows.adopt(m.info.carried());
-    let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.listener);
-    let idx = rt.as_ref().and_then(|r| m.info.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
+    let flow = daemon.flows.adopt(&m.info.flow, m.info.path());
+    let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.flow.listener);
+    let idx = rt.as_ref().and_then(|r| m.info.flow.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
     let k = daemon.kernel.as_ref();
     crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, k));
     let idle = rt.as_ref().map_or(crate::config::DEFAULT_IDLE_TIMEOUT, |r| r.cfg.idle_timeout);
@@ -174,7 +174,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                 }
                 (None, ..) => CloseCause::Error(format!(
                     "listener {} is not a websocket listener in this config",
-                    m.info.listener
+                    m.info.flow.listener
                 )),
                 (_, Err(e), _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
             };
