@@ -32,19 +32,18 @@ pub const BACKEND_IP: &str = "10.77.2.2";
 pub const GW_CLIENT_SIDE_IP6: &str = "fd77:1::1";
 pub const BACKEND_IP6: &str = "fd77:2::2";
 
-/// Returns false (after saying why) when the test can't run here. In CI
-/// (`CI=true`) a missing privilege is a failure, never a skip.
-pub fn require_root(test: &str) -> bool {
+/// Tests that need root carry
+/// `#[cfg_attr(not(gateway_privileged), ignore = "...")]`: `build.rs` sets
+/// the cfg when the tests are built as root, or in CI, so elsewhere they are
+/// reported as ignored, with the reason, never as passed. Run where they
+/// are not ignored, the harness checks: without root (in CI) the test fails
+/// here, saying why. Also raises the open-files limit to its hard limit.
+pub fn privileged() {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
-        raise_nofile();
-        return true;
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("this test needs root (network namespaces, BPF): run the README's test command as root");
     }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("{test}: needs root (network namespaces, BPF) and CI must run it as root");
-    }
-    eprintln!("skipping {test}: needs root for network namespaces and BPF (run the README's test command as root)");
-    false
+    raise_nofile();
 }
 
 fn raise_nofile() {
@@ -86,6 +85,7 @@ pub struct Topology {
 
 impl Topology {
     pub fn new() -> Self {
+        privileged();
         let id = format!("gwt{}x{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed));
         let t = Self { client: format!("{id}c"), gw: format!("{id}g"), backend: format!("{id}b") };
         for ns in [&t.client, &t.gw, &t.backend] {

@@ -2,13 +2,11 @@
 //! script against.
 use std::{fs, process::Command};
 
-use gateway_tests::{gateway_bin, require_root, temp_dir, Value};
+use gateway_tests::{gateway_bin, temp_dir, Value};
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn doctor_reports_this_host() {
-    if !require_root("doctor_reports_this_host") {
-        return;
-    }
     let out = Command::new(gateway_bin()).args(["doctor", "--json"]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -32,10 +30,8 @@ fn doctor_reports_this_host() {
 /// Unprivileged, with a config that insists on the kernel path: doctor says
 /// which listener can't be served that way and exits non-zero.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn doctor_fails_when_offload_kernel_cannot_be_honoured() {
-    if !require_root("doctor_fails_when_offload_kernel_cannot_be_honoured") {
-        return;
-    }
     let dir = temp_dir("doctor");
     let f = dir.join("gateway.yaml");
     fs::write(

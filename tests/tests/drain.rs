@@ -44,10 +44,8 @@ fn held_flow(topo: &Topology, gw: &Gateway, addr: SocketAddr) -> TcpStream {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn sigterm_drains_in_flight_transfers() {
-    if !require_root("sigterm_drains_in_flight_transfers") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let (mut gw, addr) = start(&topo, be.addr, "30s");
@@ -76,10 +74,8 @@ fn sigterm_drains_in_flight_transfers() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn drain_timeout_and_second_signal_end_the_wait() {
-    if !require_root("drain_timeout_and_second_signal_end_the_wait") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
 
@@ -145,10 +141,8 @@ impl Drop for Bpffs {
 /// the exit removes them, unless `keep_pinned`. A path off a BPF filesystem
 /// stops the start with the fix in the message.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn pinned_maps_go_at_exit_unless_kept() {
-    if !require_root("pinned_maps_go_at_exit_unless_kept") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let fs = Bpffs::mount();

@@ -228,28 +228,22 @@ fn slow_reader(both_ways: bool) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn fast_sender_slow_backend_stays_bounded() {
-    if !require_root("fast_sender_slow_backend_stays_bounded") {
-        return;
-    }
     slow_reader(false);
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn fast_senders_slow_readers_both_directions_stay_bounded() {
-    if !require_root("fast_senders_slow_readers_both_directions_stay_bounded") {
-        return;
-    }
     slow_reader(true);
 }
 
 /// 200 fast senders in front of slow readers at once: the flows share the
 /// global cap, so the sum of their queues stays under it.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn two_hundred_flows_stay_under_the_global_cap() {
-    if !require_root("two_hundred_flows_stay_under_the_global_cap") {
-        return;
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const N: usize = 200;
     const CAP: u64 = 64 * MIB;
@@ -433,10 +427,8 @@ struct SlowReader {
 /// host (sockstat, meminfo, per-CPU page lists), not only from the daemon's
 /// own counters.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn kernel_flow_holds_about_what_nginx_holds() {
-    if !require_root("kernel_flow_holds_about_what_nginx_holds") {
-        return;
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     const BOUND: u64 = 4 * MIB;
     const PUSH: Duration = Duration::from_secs(6);
@@ -533,10 +525,8 @@ fn kernel_flow_holds_about_what_nginx_holds() {
 /// once the backend keeps up and the flow is light, it goes back to the
 /// kernel (`light`), where its next bytes are redirected again.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn auto_moves_a_flow_to_the_relay_and_back_with_every_byte() {
-    if !require_root("auto_moves_a_flow_to_the_relay_and_back_with_every_byte") {
-        return;
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let topo = Topology::new();
     let slow = Arc::new(AtomicBool::new(true));

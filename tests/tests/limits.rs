@@ -57,10 +57,8 @@ fn rejected(gw: &Gateway, listener: &str, cause: &str) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn acls_reject_exactly_what_they_list() {
-    if !require_root("acls_reject_exactly_what_they_list") {
-        return;
-    }
     let topo = Topology::new();
     let (be, accepted) = counting_backend(&topo);
     // deny wins over allow; IPv4 and IPv6 prefixes.
@@ -90,10 +88,8 @@ fn acls_reject_exactly_what_they_list() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn connection_caps_and_rates() {
-    if !require_root("connection_caps_and_rates") {
-        return;
-    }
     let topo = Topology::new();
     let (be, accepted) = counting_backend(&topo);
 
@@ -164,10 +160,8 @@ fn backend_report(gw: &Gateway, addr: SocketAddr) -> Value {
 /// consecutive failures and gets no new flows; with every backend ejected the
 /// client is closed with a clear reason. Active checks bring it back.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn failing_backends_are_ejected_and_come_back() {
-    if !require_root("failing_backends_are_ejected_and_come_back") {
-        return;
-    }
     let topo = Topology::new();
     let (good, _) = counting_backend(&topo);
     // A port that refuses now and will be served later: keep the listener
@@ -205,10 +199,8 @@ fn failing_backends_are_ejected_and_come_back() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn all_backends_down_is_said_plainly() {
-    if !require_root("all_backends_down_is_said_plainly") {
-        return;
-    }
     let topo = Topology::new();
     let dead = topo.backend_listener().local_addr().unwrap();
     let listeners = format!(
@@ -245,10 +237,8 @@ fn pinging_backend(topo: &Topology, answer: &'static [u8]) -> Backend {
 /// Active send/expect checks eject a backend that accepts connections but
 /// answers wrongly, and leave the one that answers right in rotation.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn send_expect_checks_eject_a_backend_that_answers_wrongly() {
-    if !require_root("send_expect_checks_eject_a_backend_that_answers_wrongly") {
-        return;
-    }
     let topo = Topology::new();
     let good = pinging_backend(&topo, b"+PONG\r\n");
     let bad = pinging_backend(&topo, b"-ERR not ready\r\n");

@@ -38,10 +38,8 @@ fn unit_caps() -> Vec<String> {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn the_units_capabilities_are_enough_for_the_kernel_path() {
-    if !require_root("the_units_capabilities_are_enough_for_the_kernel_path") {
-        return;
-    }
     // Keep only what this host's bounding set allows (a sandbox may lack some).
     let bounding = fs::read_to_string("/proc/self/status").unwrap();
     let bnd =
@@ -90,10 +88,8 @@ fn the_units_capabilities_are_enough_for_the_kernel_path() {
 /// After set-up the daemon keeps only CAP_NET_ADMIN and CAP_NET_BIND_SERVICE,
 /// and the kernel path keeps working without the rest.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn daemon_drops_capabilities_after_set_up() {
-    if !require_root("daemon_drops_capabilities_after_set_up") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let listeners = format!(

@@ -43,10 +43,8 @@ fn exchange(flows: &mut [TcpStream], round: usize) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn hundred_flows_survive_twenty_reloads() {
-    if !require_root("hundred_flows_survive_twenty_reloads") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let base = format!("{}{}", listener("k", be.addr, "kernel", "1h"), listener("u", be.addr, "userspace", "1h"));
@@ -115,10 +113,8 @@ fn hundred_flows_survive_twenty_reloads() {
 
 /// SIGHUP reloads too: a listener added to the file starts accepting.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn sighup_reloads_the_file() {
-    if !require_root("sighup_reloads_the_file") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let gw = Gateway::start(

@@ -184,10 +184,8 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn churn_across_every_mode_leaves_nothing_behind() {
-    if !require_root("churn_across_every_mode_leaves_nothing_behind") {
-        return;
-    }
     let n = flows_wanted();
     let topo = Arc::new(Topology::new());
     let echo = Backend::echo(&topo);

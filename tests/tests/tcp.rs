@@ -57,18 +57,14 @@ fn payloads(offload: &str, path: &str) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn payloads_each_way_kernel_path() {
-    if !require_root("payloads_each_way_kernel_path") {
-        return;
-    }
     payloads("kernel", "kernel");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn payloads_each_way_userspace_path() {
-    if !require_root("payloads_each_way_userspace_path") {
-        return;
-    }
     payloads("userspace", "userspace");
 }
 
@@ -113,18 +109,14 @@ fn socket_reset(s: &TcpStream) -> std::io::Result<()> {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn different_streams_both_directions_kernel_path() {
-    if !require_root("different_streams_both_directions_kernel_path") {
-        return;
-    }
     both_directions("kernel");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn different_streams_both_directions_userspace_path() {
-    if !require_root("different_streams_both_directions_userspace_path") {
-        return;
-    }
     both_directions("userspace");
 }
 
@@ -163,26 +155,20 @@ fn early_data(delay_ms: u32) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn data_queued_before_handoff_both_directions() {
-    if !require_root("data_queued_before_handoff_both_directions") {
-        return;
-    }
     early_data(300);
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn data_sent_during_handoff_both_directions() {
-    if !require_root("data_sent_during_handoff_both_directions") {
-        return;
-    }
     early_data(0);
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn server_speaks_first() {
-    if !require_root("server_speaks_first") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::spawn(&topo, |mut s| {
         s.write_all(b"220 smtp.test ESMTP ready\r\n").unwrap();
@@ -249,19 +235,15 @@ fn backend_half_close(offload: &str) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn half_close_each_way_kernel_path() {
-    if !require_root("half_close_each_way_kernel_path") {
-        return;
-    }
     client_half_close("kernel");
     backend_half_close("kernel");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn half_close_each_way_userspace_path() {
-    if !require_root("half_close_each_way_userspace_path") {
-        return;
-    }
     client_half_close("userspace");
     backend_half_close("userspace");
 }
@@ -314,26 +296,20 @@ fn resets(offload: &str) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn reset_each_way_kernel_path() {
-    if !require_root("reset_each_way_kernel_path") {
-        return;
-    }
     resets("kernel");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn reset_each_way_userspace_path() {
-    if !require_root("reset_each_way_userspace_path") {
-        return;
-    }
     resets("userspace");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn refused_backend_is_skipped_then_client_closed() {
-    if !require_root("refused_backend_is_skipped_then_client_closed") {
-        return;
-    }
     let topo = Topology::new();
     // A port nothing listens on: take one and close it.
     let dead = topo.backend_listener().local_addr().unwrap();
@@ -357,10 +333,8 @@ fn refused_backend_is_skipped_then_client_closed() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn silent_backend_hits_connect_timeout() {
-    if !require_root("silent_backend_hits_connect_timeout") {
-        return;
-    }
     let topo = Topology::new();
     // SYNs to this address go to a MAC nobody has: no answer, no error.
     let silent: SocketAddr = "10.77.2.50:9".parse().unwrap();
@@ -409,18 +383,14 @@ fn idle_timeout(offload: &str, path: &str) {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn idle_timeout_closes_kernel_flows() {
-    if !require_root("idle_timeout_closes_kernel_flows") {
-        return;
-    }
     idle_timeout("kernel", "kernel");
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn idle_timeout_closes_userspace_flows() {
-    if !require_root("idle_timeout_closes_userspace_flows") {
-        return;
-    }
     idle_timeout("userspace", "userspace");
 }
 
@@ -475,10 +445,8 @@ fn echo_64m(offload: &str, extra: &str) -> (Value, Spent) {
 /// With the default queue bound it copies only while a reader lags, and what
 /// it reads matches what it reports.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn kernel_path_really_carries_the_bytes() {
-    if !require_root("kernel_path_really_carries_the_bytes") {
-        return;
-    }
     let (f, kernel) = echo_64m("kernel", "kernel:\n  max_queued_per_flow: 0\n");
     let (kernel_cpu, kernel_read) = (kernel.cpu_ticks, kernel.read);
     assert_eq!(f["kernel_bytes_client_to_backend"], 64 << 20, "{f}");
@@ -506,10 +474,8 @@ fn kernel_path_really_carries_the_bytes() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn thousand_concurrent_flows_leave_nothing_behind() {
-    if !require_root("thousand_concurrent_flows_leave_nothing_behind") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let (gw, addr) = start(&topo, &[be.addr], "kernel", "");
@@ -549,10 +515,8 @@ fn thousand_concurrent_flows_leave_nothing_behind() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn balance_policies() {
-    if !require_root("balance_policies") {
-        return;
-    }
     let topo = Topology::new();
     // Each backend answers with its own tag.
     let tagged = |tag: u8| {
@@ -595,10 +559,8 @@ fn balance_policies() {
 /// An unprivileged daemon can't load the programs: `auto` falls back to the
 /// userspace relay and says why, once in the log and in every flow's stats.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn unprivileged_daemon_falls_back_and_says_why() {
-    if !require_root("unprivileged_daemon_falls_back_and_says_why") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "auto", ""), extra: String::new() };
@@ -623,10 +585,8 @@ fn unprivileged_daemon_falls_back_and_says_why() {
 /// verdict overlapping bytes it already forwarded; the trim keeps the stream
 /// exact. Both directions, up to 64 MiB.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn lossy_links_kernel_path_stays_exact() {
-    if !require_root("lossy_links_kernel_path_stays_exact") {
-        return;
-    }
     let topo = Topology::new();
     let _lossy = topo.make_lossy(20);
     let be = Backend::echo(&topo);
@@ -656,10 +616,8 @@ fn lossy_links_kernel_path_stays_exact() {
 /// A third-party client: socat sends a file through the gateway to the echo
 /// backend and writes what comes back; both paths return it byte for byte.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn socat_client_round_trip() {
-    if !require_root("socat_client_round_trip") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let dir = temp_dir("socat");
@@ -688,10 +646,8 @@ fn socat_client_round_trip() {
 /// When the kernel maps are full, further flows are relayed in user space
 /// (`offload: auto`) with the reason in their stats, and still work.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn full_kernel_maps_fall_back_per_flow() {
-    if !require_root("full_kernel_maps_fall_back_per_flow") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let gw = Gateway::start(
@@ -718,10 +674,8 @@ fn full_kernel_maps_fall_back_per_flow() {
 
 /// IPv6 end to end: an IPv6 listener in front of an IPv6 backend, on both paths.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn ipv6_flows_on_both_paths() {
-    if !require_root("ipv6_flows_on_both_paths") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::serve(topo.backend_listener6(), |mut s| {
         let _ = echo_conn(&mut s);
@@ -746,10 +700,8 @@ fn ipv6_flows_on_both_paths() {
 /// `offload: kernel` is a promise: without the kernel path the daemon refuses
 /// to start, says why, and binds nothing.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn offload_kernel_refuses_to_start_without_the_kernel_path() {
-    if !require_root("offload_kernel_refuses_to_start_without_the_kernel_path") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let cfg = GatewayConfig { listeners: listener("t", &[be.addr], "kernel", ""), extra: String::new() };
@@ -791,10 +743,8 @@ fn ping(s: &mut std::net::TcpStream) -> std::io::Result<()> {
 /// flood is turned away at admission, counted, before accepts and backend
 /// connects start failing for want of descriptors.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn the_default_cap_follows_the_open_files_limit() {
-    if !require_root("the_default_cap_follows_the_open_files_limit") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     const NOFILE: u64 = 300;
@@ -839,10 +789,8 @@ fn the_default_cap_follows_the_open_files_limit() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn fd_exhaustion_is_local_and_the_backend_stays_healthy() {
-    if !require_root("fd_exhaustion_is_local_and_the_backend_stays_healthy") {
-        return;
-    }
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let (gw, addr) = start(&topo, &[be.addr], "kernel", "");

@@ -15,10 +15,8 @@ fn tls_listener(name: &str, backend: SocketAddr, dir: &Path, extra: &str) -> Str
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn terminated_flows_are_intact_and_certificates_follow_sni() {
-    if !require_root("terminated_flows_are_intact_and_certificates_follow_sni") {
-        return;
-    }
     let dir = temp_dir("tls");
     test_certs(&dir, &["a.gw.test", "b.gw.test"]);
     let topo = Topology::new();
@@ -164,10 +162,8 @@ fn expired_or_not_yet_valid_certificates_are_warned_of() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn sni_routes_terminate_pass_through_in_the_kernel_or_reject() {
-    if !require_root("sni_routes_terminate_pass_through_in_the_kernel_or_reject") {
-        return;
-    }
     let dir = temp_dir("sni");
     test_certs(&dir, &["a.gw.test", "b.gw.test"]);
     let topo = Topology::new();
@@ -251,10 +247,8 @@ fn bad_sni_routes_are_named() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn mtls_accepts_a_client_certificate_and_refuses_none() {
-    if !require_root("mtls_accepts_a_client_certificate_and_refuses_none") {
-        return;
-    }
     let dir = temp_dir("mtls");
     test_certs(&dir, &["a.gw.test", "b.gw.test", "client.gw.test"]);
     let topo = Topology::new();
@@ -282,10 +276,8 @@ fn mtls_accepts_a_client_certificate_and_refuses_none() {
 /// A reload swaps the certificates for new connections; an established TLS
 /// flow goes on untouched.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn certificates_reload_without_dropping_flows() {
-    if !require_root("certificates_reload_without_dropping_flows") {
-        return;
-    }
     let dir = temp_dir("tlsreload");
     test_certs(&dir, &["a.gw.test", "b.gw.test"]);
     let topo = Topology::new();
@@ -335,10 +327,8 @@ fn certificates_reload_without_dropping_flows() {
 /// `backend_tls`: TLS to the backend, verified against the configured CA and
 /// name; a backend that fails verification counts as a failed connect.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn tls_to_backends_is_verified() {
-    if !require_root("tls_to_backends_is_verified") {
-        return;
-    }
     let dir = temp_dir("orig");
     test_certs(&dir, &["a.gw.test", "b.gw.test"]);
     let topo = Topology::new();
@@ -376,10 +366,8 @@ fn tls_to_backends_is_verified() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn wss_is_terminated_on_websocket_listeners() {
-    if !require_root("wss_is_terminated_on_websocket_listeners") {
-        return;
-    }
     let dir = temp_dir("wss");
     test_certs(&dir, &["ws.gw.test"]);
     let topo = Topology::new();

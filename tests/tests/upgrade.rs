@@ -61,10 +61,8 @@ fn one_conn(topo: &Topology, to: SocketAddr) -> Result<(), String> {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn takeover_keeps_every_flow_and_refuses_no_connection() {
-    if !require_root("takeover_keeps_every_flow_and_refuses_no_connection") {
-        return;
-    }
     let topo = Arc::new(Topology::new());
     let be = Backend::echo(&topo);
     let ws = Peer::python_server(&topo);
@@ -285,10 +283,8 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
 /// Every byte arrives across two upgrades, the sessions close cleanly
 /// (close_notify answered) on the last daemon, and no daemon keeps one.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn takeover_moves_tls_sessions() {
-    if !require_root("takeover_moves_tls_sessions") {
-        return;
-    }
     let topo = Arc::new(Topology::new());
     let dir = temp_dir("upgrade-tls");
     test_certs(&dir, &["gw.test", "backend.test"]);
@@ -382,10 +378,8 @@ fn takeover_moves_tls_sessions() {
 /// slots are reused hundreds of times under concurrent churn, and no byte
 /// crosses from one flow to another.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn upgrades_lose_no_kernel_slot_and_reused_slots_carry_no_stray_byte() {
-    if !require_root("upgrades_lose_no_kernel_slot_and_reused_slots_carry_no_stray_byte") {
-        return;
-    }
     let topo = Arc::new(Topology::new());
     // Once asked, says hello and half-closes; then reads until the client closes.
     let hello = Backend::spawn(&topo, |mut s| {

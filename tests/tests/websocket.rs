@@ -52,10 +52,8 @@ fn listener_stats(gw: &Gateway, name: &str) -> Value {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn passthrough_websockets_ride_the_kernel_path() {
-    if !require_root("passthrough_websockets_ride_the_kernel_path") {
-        return;
-    }
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     // A bound well above the largest message in flight (16 MiB, echoed one
@@ -109,10 +107,8 @@ fn passthrough_websockets_ride_the_kernel_path() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn userspace_offload_and_a_python_backend() {
-    if !require_root("userspace_offload_and_a_python_backend") {
-        return;
-    }
     let topo = Topology::new();
     let py = Peer::python_server(&topo);
     let gw = start(&topo, ws_listener("u", "userspace", &route("path_prefix: /", &[py.addr], &[])));
@@ -153,10 +149,8 @@ fn greeting_backend(topo: &Topology, greeting: &'static str) -> Backend {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn bytes_past_the_heads_are_forwarded_in_order() {
-    if !require_root("bytes_past_the_heads_are_forwarded_in_order") {
-        return;
-    }
     let topo = Topology::new();
     let raw = greeting_backend(&topo, "hello with the 101");
     let node = Peer::node_server(&topo, "n1");
@@ -193,10 +187,8 @@ fn bytes_past_the_heads_are_forwarded_in_order() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn upgrade_errors_get_the_right_status() {
-    if !require_root("upgrade_errors_get_the_right_status") {
-        return;
-    }
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     let refusing = Backend::spawn(&topo, |mut s| {
@@ -310,10 +302,8 @@ fn dechunk(mut rest: &str) -> String {
 /// absolute-form target, are refused; the path is normalised before it is
 /// matched and forwarded normalised; the `Host` routed on is the one sent.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn host_confusion_is_refused_and_paths_are_normalised() {
-    if !require_root("host_confusion_is_refused_and_paths_are_normalised") {
-        return;
-    }
     let topo = Topology::new();
     let (n1, n2) = (Peer::node_server(&topo, "n1"), Peer::node_server(&topo, "n2"));
     let routes = route("host: app.test\n        path_prefix: /pub", &[n1.addr], &[])
@@ -374,10 +364,8 @@ fn host_confusion_is_refused_and_paths_are_normalised() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn plain_http_and_websockets_share_the_listener() {
-    if !require_root("plain_http_and_websockets_share_the_listener") {
-        return;
-    }
     let topo = Topology::new();
     let (n1, n2) = (Peer::node_server(&topo, "n1"), Peer::node_server(&topo, "n2"));
     let routes = route("host: app.test\n        path_prefix: /", &[n1.addr], &[])
@@ -457,10 +445,8 @@ fn plain_http_and_websockets_share_the_listener() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn inspect_mode_limits_pings_counts_and_goes_away() {
-    if !require_root("inspect_mode_limits_pings_counts_and_goes_away") {
-        return;
-    }
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     let more = ["mode: inspect", "max_message_size: 64KiB", "ping_interval: 300ms"];
@@ -508,10 +494,8 @@ fn inspect_mode_limits_pings_counts_and_goes_away() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn bridge_tcp_carries_binary_messages_to_a_tcp_server() {
-    if !require_root("bridge_tcp_carries_binary_messages_to_a_tcp_server") {
-        return;
-    }
     let topo = Topology::new();
     let echo = Backend::echo(&topo);
     let bye = Backend::spawn(&topo, |mut s| {
@@ -547,10 +531,8 @@ fn bridge_tcp_carries_binary_messages_to_a_tcp_server() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn a_thousand_websockets_open_then_closed_leave_nothing() {
-    if !require_root("a_thousand_websockets_open_then_closed_leave_nothing") {
-        return;
-    }
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     let gw = start(&topo, ws_listener("many", "kernel", &route("path_prefix: /", &[node.addr], &[])));
@@ -569,10 +551,8 @@ fn a_thousand_websockets_open_then_closed_leave_nothing() {
 }
 
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn passthrough_half_close_and_reset_reach_the_other_side() {
-    if !require_root("passthrough_half_close_and_reset_reach_the_other_side") {
-        return;
-    }
     let topo = Topology::new();
     // A backend that accepts the upgrade, then reports what it saw through a channel.
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -682,10 +662,8 @@ fn echoing_listeners(topo: &Topology, node: &Peer, tcp_echo: &Backend, idle: &st
 /// in every mode that writes from user space: the writes wait under the
 /// flow's deadlines, not outside them.
 #[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain() {
-    if !require_root("a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain") {
-        return;
-    }
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     let tcp_echo = Backend::echo(&topo);
