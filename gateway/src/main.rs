@@ -32,6 +32,30 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Which running daemon to ask: its admin socket, given or read from a
+/// config file.
+#[derive(clap::Args)]
+struct Running {
+    /// Admin socket of the daemon (default: from --config, else /run/gateway/admin.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Read the admin socket path from this config file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+impl Running {
+    fn admin_socket(self) -> Result<PathBuf> {
+        if let Some(s) = self.socket {
+            return Ok(s);
+        }
+        if let Some(c) = self.config {
+            return Ok(Config::load(&c).map_err(|e| anyhow!("{e}"))?.admin.socket);
+        }
+        Ok(config::DEFAULT_ADMIN_SOCKET.into())
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Validate a config file and exit (non-zero, naming the bad key, if it is invalid).
@@ -58,12 +82,8 @@ enum Cmd {
         after_help = "Examples:\n  gateway flows\n  gateway flows --config /etc/gateway/gateway.yaml --sort bytes\n  gateway flows --json --listener pg\n  gateway flows --sort rate            # two samples --interval apart\n  gateway flows --watch --interval 2   # a live table, with rates, until Ctrl-C"
     )]
     Flows {
-        /// Admin socket of the daemon (default: from --config, else /run/gateway/admin.sock).
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        /// Read the admin socket path from this config file.
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Running,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -85,10 +105,8 @@ enum Cmd {
     /// Per-listener and per-backend totals: connections, active flows, closes by cause, bytes by path.
     #[command(after_help = "Examples:\n  gateway stats\n  gateway stats --json")]
     Stats {
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Running,
         #[arg(long)]
         json: bool,
     },
@@ -97,17 +115,13 @@ enum Cmd {
         after_help = "Example:\n  gateway reload --config /etc/gateway/gateway.yaml   # validates locally first, then asks the daemon"
     )]
     Reload {
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Running,
     },
     /// Show the daemon's status: kernel path, map usage, bound listeners.
     Status {
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        #[arg(short, long, value_name = "FILE")]
-        config: Option<PathBuf>,
+        #[command(flatten)]
+        daemon: Running,
     },
     /// Check what this host supports (BPF, sockmap, BTF, kTLS, privileges) and which data paths are usable.
     #[command(
@@ -189,13 +203,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Flows { socket, config, json, listener, backend, sort, watch, interval } => {
+        Cmd::Flows { daemon, json, listener, backend, sort, watch, interval } => {
             let view = FlowsView { json, listener, backend, sort, watch, interval };
-            exit(flows_cmd(socket, config, view))
+            exit(flows_cmd(daemon, view))
         }
-        Cmd::Status { socket, config } => exit(status_cmd(socket, config)),
-        Cmd::Stats { socket, config, json } => exit(stats_cmd(socket, config, json)),
-        Cmd::Reload { socket, config } => exit(reload_cmd(socket, config)),
+        Cmd::Status { daemon } => exit(status_cmd(daemon)),
+        Cmd::Stats { daemon, json } => exit(stats_cmd(daemon, json)),
+        Cmd::Reload { daemon } => exit(reload_cmd(daemon)),
         Cmd::Doctor { config, json } => doctor_cmd(config, json),
         Cmd::Echo { bind, greeting } => {
             init_logging(false);
@@ -533,16 +547,6 @@ fn connection_cap(configured: Option<u64>, nofile: u64, listeners: usize) -> u64
     }
 }
 
-fn admin_socket(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<PathBuf> {
-    if let Some(s) = socket {
-        return Ok(s);
-    }
-    if let Some(c) = config {
-        return Ok(Config::load(&c).map_err(|e| anyhow!("{e}"))?.admin.socket);
-    }
-    Ok(config::DEFAULT_ADMIN_SOCKET.into())
-}
-
 struct FlowsView {
     json: bool,
     listener: Option<String>,
@@ -552,8 +556,8 @@ struct FlowsView {
     interval: f64,
 }
 
-fn flows_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, view: FlowsView) -> Result<()> {
-    let path = admin_socket(socket, config)?;
+fn flows_cmd(daemon: Running, view: FlowsView) -> Result<()> {
+    let path = daemon.admin_socket()?;
     let fetch = || -> Result<(Vec<FlowSnapshot>, std::time::Instant)> {
         let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
         let reply: FlowsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
@@ -674,8 +678,8 @@ fn human_ms(ms: u64) -> String {
     }
 }
 
-fn reload_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
-    let path = admin_socket(socket, config)?;
+fn reload_cmd(daemon: Running) -> Result<()> {
+    let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "reload").map_err(|e| anyhow!(e))?;
     let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
     let msg = v["message"].as_str().unwrap_or("");
@@ -687,8 +691,8 @@ fn reload_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
     }
 }
 
-fn stats_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Result<()> {
-    let path = admin_socket(socket, config)?;
+fn stats_cmd(daemon: Running, json: bool) -> Result<()> {
+    let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "stats").map_err(|e| anyhow!(e))?;
     let reply: admin::StatsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
     if json {
@@ -732,8 +736,8 @@ fn stats_cmd(socket: Option<PathBuf>, config: Option<PathBuf>, json: bool) -> Re
     Ok(())
 }
 
-fn status_cmd(socket: Option<PathBuf>, config: Option<PathBuf>) -> Result<()> {
-    let path = admin_socket(socket, config)?;
+fn status_cmd(daemon: Running) -> Result<()> {
+    let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "status").map_err(|e| anyhow!(e))?;
     let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
     println!("{}", serde_json::to_string_pretty(&v)?);
