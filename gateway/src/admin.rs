@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{UnixListener, UnixStream},
 };
 use tracing::{debug, warn};
@@ -400,56 +400,46 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
     w.shutdown().await
 }
 
-/// A minimal HTTP/1.1 endpoint for Prometheus: `GET /metrics`, one request
-/// per connection.
+/// The Prometheus endpoint: `GET /metrics` on hyper's HTTP/1.1 server, one
+/// request per connection, its head within `REQUEST_WITHIN` and at most
+/// 16 KiB (hyper answers 431 past that), the answer within the same again.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon>) {
+    use http_body_util::Full;
+    use hyper::{body::Bytes, Method, Response, StatusCode};
+    use hyper_util::rt::{TokioIo, TokioTimer};
+
     let mut capped = Capped::new("metrics endpoint");
     loop {
         let Some((conn, permit)) = capped.admit(listener.accept().await.map(|(c, _)| c)).await else { continue };
         let daemon = daemon.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let (r, mut w) = conn.into_split();
-            let mut head = Vec::new();
-            let mut r = BufReader::new(r.take(16 * 1024));
-            // Request line, then headers until the empty line, all within
-            // one deadline (a header a second does not keep it open).
-            let read_head = async {
-                loop {
-                    let mut line = Vec::new();
-                    match r.read_until(b'\n', &mut line).await {
-                        Ok(n) if n > 0 => {
-                            let end = line == b"\r\n" || line == b"\n";
-                            head.extend_from_slice(&line);
-                            if end {
-                                return true;
-                            }
-                        }
-                        _ => return false,
+            let answer = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let (status, body) = match (req.method(), req.uri().path()) {
+                    (&Method::GET, "/metrics") => {
+                        let s = stats(&daemon);
+                        (StatusCode::OK, crate::stats::prometheus(&s.listeners, s.kernel_path))
                     }
-                }
-            };
-            if !matches!(tokio::time::timeout(REQUEST_WITHIN, read_head).await, Ok(true)) {
-                return;
+                    (&Method::GET, _) => (StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
+                    _ => (StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".to_string()),
+                };
+                let resp = Response::builder()
+                    .status(status)
+                    .header("content-type", "text/plain; version=0.0.4; charset=utf-8")
+                    .body(Full::new(Bytes::from(body)));
+                async move { resp }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_WITHIN)
+                .max_buf_size(16 * 1024)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(conn), answer);
+            match tokio::time::timeout(2 * REQUEST_WITHIN, served).await {
+                Ok(Err(e)) => debug!("metrics request: {e}"),
+                Err(_) => debug!("metrics request: not answered within {:?}", 2 * REQUEST_WITHIN),
+                Ok(Ok(())) => {}
             }
-            let request_line =
-                String::from_utf8_lossy(head.split(|&b| b == b'\n').next().unwrap_or_default()).to_string();
-            let mut parts = request_line.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (status, body) = match (method, path.split('?').next().unwrap_or("")) {
-                ("GET", "/metrics") => {
-                    let s = stats(&daemon);
-                    ("200 OK", crate::stats::prometheus(&s.listeners, s.kernel_path))
-                }
-                ("GET", _) => ("404 Not Found", "try /metrics\n".to_string()),
-                _ => ("405 Method Not Allowed", "GET /metrics\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = w.write_all(resp.as_bytes()).await;
-            let _ = w.shutdown().await;
         });
     }
 }
