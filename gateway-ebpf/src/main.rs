@@ -20,9 +20,7 @@ use core::ptr::{addr_of, read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::sk_action::{SK_DROP, SK_PASS},
     cty::c_void,
-    helpers::{
-        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release,
-    },
+    helpers::{bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_map_lookup_elem, bpf_probe_read_kernel, bpf_sk_release},
     macros::{map, stream_parser, stream_verdict},
     maps::{Array, HashMap, PerCpuArray, RingBuf, SockHash},
     programs::SkBuffContext,
@@ -153,7 +151,12 @@ fn try_verdict(ctx: &SkBuffContext) -> Result<u32, u32> {
         // Once per flow: the count is in `gateway flows`; a log line per skb
         // would let a peer flood the log.
         if slot.redirect_errors == 1 {
-            warn!(ctx, "redirect to peer {} failed; {} bytes dropped (further failures of this socket are only counted)", peer, len);
+            warn!(
+                ctx,
+                "redirect to peer {} failed; {} bytes dropped (further failures of this socket are only counted)",
+                peer,
+                len
+            );
         }
     }
     Ok(verdict)
@@ -276,12 +279,6 @@ fn trim_overlap(ctx: &SkBuffContext, slot: &mut SockSlot) -> bool {
     true
 }
 
+// The panic handler and the license section every program object needs.
 #[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+mod shared;

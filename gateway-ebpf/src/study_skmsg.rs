@@ -11,7 +11,10 @@
 #![no_main]
 
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, sk_action::SK_PASS},
+    bindings::{
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        sk_action::SK_PASS,
+    },
     macros::{map, sk_msg, sock_ops},
     maps::{Array, SockHash},
     programs::{SkMsgContext, SockOpsContext},
@@ -53,7 +56,8 @@ pub fn study_sockops(ctx: SockOpsContext) -> u32 {
     if local != wanted && remote != wanted {
         return 0;
     }
-    let mut key = SockKey { local_ip4: ctx.local_ip4(), remote_ip4: ctx.remote_ip4(), local_port: local, remote_port: remote };
+    let mut key =
+        SockKey { local_ip4: ctx.local_ip4(), remote_ip4: ctx.remote_ip4(), local_port: local, remote_port: remote };
     let _ = STUDY_SOCKS.update(&mut key, unsafe { &mut *ctx.ops }, u64::from(BPF_ANY));
     0
 }
@@ -73,12 +77,6 @@ pub fn study_redirect(ctx: SkMsgContext) -> u32 {
     SK_PASS
 }
 
+// The panic handler and the license section every program object needs.
 #[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+mod shared;

@@ -53,12 +53,6 @@ fn drop_some(ctx: &TcContext) -> Option<i32> {
     Some(if r < per_mille { TC_ACT_SHOT } else { TC_ACT_OK })
 }
 
+// The panic handler and the license section every program object needs.
 #[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+mod shared;
