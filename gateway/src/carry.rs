@@ -1,6 +1,7 @@
 //! Carrying a flow once its client and backend are connected (or its
 //! WebSocket upgraded): on the kernel path, in the relay, or moving between
 //! them (`offload: auto`), and to a successor daemon at a hot upgrade.
+use crate::flows::{Fallback, KernelRefusal};
 use crate::handoff::Handed;
 use crate::sync::Locked;
 use crate::{daemon::Daemon, listener::ListenerRt};
@@ -63,10 +64,11 @@ pub async fn forward(
 ) -> CloseCause {
     let peer = flow.client;
     let kernel = match (rt.cfg.offload, &daemon.kernel) {
-        (Offload::Userspace, _) => Err(("offload: userspace".to_string(), "configured-userspace")),
+        (Offload::Userspace, _) => Err(("offload: userspace".to_string(), Fallback::Configured)),
         (_, None) => {
             let why = daemon.kernel_unavailable.as_ref().map_or("kernel path not loaded".into(), |u| u.to_string());
-            let code = daemon.kernel_unavailable.as_ref().map_or("unavailable", Unavailable::code);
+            let code =
+                Fallback::Kernel(daemon.kernel_unavailable.as_ref().map_or(KernelRefusal::Unavailable, Into::into));
             Err((why, code))
         }
         (_, Some(k)) => match k.splice(&client, &backend) {
@@ -77,7 +79,7 @@ pub async fn forward(
                 retire(flow, Some(idx), &cause, rt, daemon);
                 return cause;
             }
-            Err(e) => Err((e.to_string(), e.code())),
+            Err(e) => Err((e.to_string(), Fallback::Kernel((&e).into()))),
         },
     };
     match kernel {
@@ -183,7 +185,7 @@ pub(crate) async fn supervise(
                         client_slot: s.client_slot,
                         backend_slot: s.backend_slot,
                         reason: why.reason().to_string(),
-                        code: why.code(),
+                        code: why.fallback(),
                     },
                     false => {
                         crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot }
@@ -336,10 +338,10 @@ async fn relay_demoted(
 }
 
 /// The flow's fallback reason and code, as a moved flow carries them.
-fn path_reason(flow: &crate::flows::Flow, default: &str) -> (String, String) {
+fn path_reason(flow: &crate::flows::Flow, default: Fallback) -> (String, String) {
     match flow.path.locked().clone() {
-        FlowPath::Userspace { reason, code } => (reason, code.to_string()),
-        _ => (String::new(), default.to_string()),
+        FlowPath::Userspace { reason, code } => (reason, code.code().to_string()),
+        _ => (String::new(), default.code().to_string()),
     }
 }
 
@@ -363,7 +365,7 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
         // To the new daemon while it still takes flows; else on here. Not
         // movable only once pushed: the upgrade waits for the movable flows.
         let handed = daemon.migrants.offer(flow, p, |p| {
-            let (reason, code) = path_reason(flow, "websocket-inspect");
+            let (reason, code) = path_reason(flow, Fallback::WebSocketInspect);
             let moved = crate::handoff::Moved::WebSocket {
                 reason,
                 code,
@@ -427,7 +429,7 @@ pub async fn relay_movable(
             // Checked, taken out and handed over under one lock: the keys
             // never leave rustls for a hand-over that has ended.
             let handed = daemon.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, String> {
-                let (reason, code) = path_reason(flow, "userspace-tls");
+                let (reason, code) = path_reason(flow, Fallback::Tls);
                 let (c, b) = c.park().and_then(|c| Ok((c, b.park()?)))?;
                 let moved = match (c.tls, b.tls) {
                     (None, None) => crate::handoff::Moved::Userspace { reason, code },

@@ -15,6 +15,98 @@ use serde::{Deserialize, Serialize};
 
 use crate::{kernel::KernelPath, sys};
 
+/// Why a flow is relayed in user space rather than spliced in the kernel.
+/// Its code is what `stats`, the metrics, the flow log and `flows --json`
+/// show, and what a hot upgrade carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fallback {
+    /// `offload: userspace`.
+    Configured,
+    /// The kernel path is not loaded, or refused this flow (its reason).
+    Kernel(KernelRefusal),
+    /// TLS on one side or both (terminated, or originated to the backend).
+    Tls,
+    /// A terminated WebSocket (`inspect`, `bridge_tcp`) and plain HTTP: the
+    /// daemon reads every message or request.
+    WebSocketInspect,
+    WebSocketBridge,
+    Http,
+    /// Moved there by `offload: auto`.
+    SlowReceiver,
+    KernelBehind,
+    /// Carried over from a daemon whose code this one does not know.
+    Moved,
+}
+
+/// Why the kernel path did not take a flow (`kernel::Unavailable`, by kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelRefusal {
+    NoObject,
+    NotPrivileged,
+    LoadFailed,
+    MapFull,
+    InsertFailed,
+    ClosedBeforeHandoff,
+    NoFlowControl,
+    QueueCap,
+    /// Not loaded, for no reason recorded.
+    Unavailable,
+}
+
+const FALLBACKS: &[(Fallback, &str)] = &[
+    (Fallback::Configured, "configured-userspace"),
+    (Fallback::Kernel(KernelRefusal::NotPrivileged), "not-privileged"),
+    (Fallback::Kernel(KernelRefusal::LoadFailed), "load-failed"),
+    (Fallback::Kernel(KernelRefusal::NoObject), "no-ebpf-object"),
+    (Fallback::Kernel(KernelRefusal::MapFull), "map-full"),
+    (Fallback::Kernel(KernelRefusal::InsertFailed), "insert-failed"),
+    (Fallback::Kernel(KernelRefusal::ClosedBeforeHandoff), "closed-before-handoff"),
+    (Fallback::Kernel(KernelRefusal::NoFlowControl), "no-flow-control"),
+    (Fallback::Kernel(KernelRefusal::QueueCap), "global-queue-cap"),
+    (Fallback::Kernel(KernelRefusal::Unavailable), "unavailable"),
+    (Fallback::Tls, "userspace-tls"),
+    (Fallback::WebSocketInspect, "websocket-inspect"),
+    (Fallback::WebSocketBridge, "websocket-bridge"),
+    (Fallback::Http, "http"),
+    (Fallback::SlowReceiver, "slow-receiver"),
+    (Fallback::KernelBehind, "kernel-behind"),
+    (Fallback::Moved, "moved"),
+];
+
+impl Fallback {
+    pub fn code(self) -> &'static str {
+        FALLBACKS.iter().find(|(f, _)| *f == self).map_or("moved", |(_, c)| c)
+    }
+
+    /// The fallback a code names; `Moved` for one this daemon does not know.
+    pub fn parse(code: &str) -> Self {
+        FALLBACKS.iter().find(|(_, c)| *c == code).map_or(Fallback::Moved, |(f, _)| *f)
+    }
+
+    /// Whether a flow relayed for this reason moves to a successor daemon
+    /// as a plain relay (terminated WebSockets and HTTP connections move
+    /// their own way, `Flow::movable`).
+    pub fn moves_as_relay(self) -> bool {
+        matches!(self, Fallback::Configured | Fallback::Kernel(_) | Fallback::Tls)
+    }
+}
+
+impl From<&crate::kernel::Unavailable> for KernelRefusal {
+    fn from(u: &crate::kernel::Unavailable) -> Self {
+        use crate::kernel::Unavailable as U;
+        match u {
+            U::NoObject => KernelRefusal::NoObject,
+            U::NotPrivileged => KernelRefusal::NotPrivileged,
+            U::LoadFailed(_) => KernelRefusal::LoadFailed,
+            U::MapFull(_) => KernelRefusal::MapFull,
+            U::InsertFailed(_) => KernelRefusal::InsertFailed,
+            U::NotEstablished(_) => KernelRefusal::ClosedBeforeHandoff,
+            U::NoFlowControl => KernelRefusal::NoFlowControl,
+            U::QueueCap(_) => KernelRefusal::QueueCap,
+        }
+    }
+}
+
 /// Where a flow's bytes are moved.
 #[derive(Debug, Clone)]
 pub enum FlowPath {
@@ -23,11 +115,11 @@ pub enum FlowPath {
     /// Spliced in the kernel; the slots hold its counters.
     Kernel { client_slot: u32, backend_slot: u32 },
     /// Relayed by the daemon; `reason` says why it is not in the kernel.
-    Userspace { reason: String, code: &'static str },
+    Userspace { reason: String, code: Fallback },
     /// Spliced, then moved to the daemon's relay by `offload: auto` (the
     /// sockets stay in the maps, the verdict passing every byte); the slots
     /// hold what the kernel moved before.
-    Relayed { client_slot: u32, backend_slot: u32, reason: String, code: &'static str },
+    Relayed { client_slot: u32, backend_slot: u32, reason: String, code: Fallback },
 }
 
 /// How a flow ended.
@@ -394,11 +486,13 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
                 last_ns = last_ns.max(c.last_ns).max(b.last_ns);
             }
             match &path {
-                FlowPath::Relayed { reason, code, .. } => ("userspace", Some(reason.clone()), Some(code.to_string())),
+                FlowPath::Relayed { reason, code, .. } => {
+                    ("userspace", Some(reason.clone()), Some(code.code().to_string()))
+                }
                 _ => ("kernel", None, None),
             }
         }
-        FlowPath::Userspace { reason, code } => ("userspace", Some(reason.clone()), Some(code.to_string())),
+        FlowPath::Userspace { reason, code } => ("userspace", Some(reason.clone()), Some(code.code().to_string())),
     };
     let relayed = matches!(path, FlowPath::Relayed { .. });
     let idle = std::time::Duration::from_nanos(now_ns.saturating_sub(last_ns));
@@ -441,5 +535,23 @@ pub fn snapshot_one(f: &Flow, kernel: Option<&KernelPath>) -> FlowSnapshot {
         rate_backend_to_client: None,
         path_switches: f.path_switches.load(Relaxed),
         last_switch: f.last_switch.locked().clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fallback_codes_are_unique_and_read_back() {
+        let mut seen = std::collections::HashSet::new();
+        for (f, code) in FALLBACKS {
+            assert!(seen.insert(*code), "{code} twice");
+            assert_eq!(f.code(), *code);
+            assert_eq!(Fallback::parse(code), *f);
+        }
+        // A code from a newer daemon, carried over at a hot upgrade.
+        assert_eq!(Fallback::parse("some-new-reason"), Fallback::Moved);
+        assert!(Fallback::Kernel(KernelRefusal::MapFull).moves_as_relay() && !Fallback::Http.moves_as_relay());
     }
 }

@@ -75,13 +75,7 @@ pub fn handover(line: &[u8]) {
     use crate::{handoff::Moved, hex::from_hex};
     if let Ok(m) = serde_json::from_slice::<crate::upgrade::Moving>(line) {
         for f in &m.flows {
-            let _ = crate::handoff::static_code(match &f.moved {
-                Moved::Kernel { .. } => "",
-                Moved::Userspace { code, .. }
-                | Moved::WebSocket { code, .. }
-                | Moved::Http { code, .. }
-                | Moved::Tls { code, .. } => code,
-            });
+            let _ = f.path();
             let (hex, tls): (Vec<&String>, Vec<&crate::session::ParkedTls>) = match &f.moved {
                 Moved::Kernel { .. } | Moved::Userspace { .. } => (vec![], vec![]),
                 Moved::WebSocket { client_early, backend_early, client_tls, .. } => {

@@ -54,34 +54,13 @@ pub enum Moved {
     },
 }
 
-/// Fallback codes a moved userspace flow may carry (they are `&'static`).
-const USERSPACE_CODES: &[&str] = &[
-    "configured-userspace",
-    "not-privileged",
-    "load-failed",
-    "no-ebpf-object",
-    "map-full",
-    "insert-failed",
-    "closed-before-handoff",
-    "no-flow-control",
-    "global-queue-cap",
-    "unavailable",
-    "userspace-tls",
-];
-
-/// Those of a moved terminated WebSocket.
-const WEBSOCKET_CODES: &[&str] = &["websocket-inspect", "websocket-bridge", "http"];
-
-pub fn static_code(code: &str) -> &'static str {
-    USERSPACE_CODES.iter().chain(WEBSOCKET_CODES).find(|c| **c == code).copied().unwrap_or("moved")
-}
-
 /// Whether a live flow can move to a new daemon: kernel flows, and flows
 /// relayed in user space, TLS ones included (terminated WebSockets are
 /// marked on the flow, `Flow::movable`); HTTP connections are not.
 pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
     f.path == "kernel"
-        || (f.path == "userspace" && f.fallback_code.as_deref().is_some_and(|c| USERSPACE_CODES.contains(&c)))
+        || (f.path == "userspace"
+            && f.fallback_code.as_deref().is_some_and(|c| crate::flows::Fallback::parse(c).moves_as_relay()))
 }
 
 impl MigrantInfo {
@@ -96,7 +75,7 @@ impl MigrantInfo {
             | Moved::WebSocket { reason, code, .. }
             | Moved::Tls { reason, code, .. }
             | Moved::Http { reason, code, .. } => {
-                FlowPath::Userspace { reason: reason.clone(), code: static_code(code) }
+                FlowPath::Userspace { reason: reason.clone(), code: crate::flows::Fallback::parse(code) }
             }
         }
     }

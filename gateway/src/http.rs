@@ -13,6 +13,7 @@
 //!
 //! The client connection is one flow from accept to close; it carries the
 //! listener's admission, and its path says what happened to it.
+use crate::flows::Fallback;
 use crate::handoff::Handed;
 use crate::sync::Locked;
 use std::{
@@ -378,8 +379,8 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
     let at_rest = client.flush().await.is_ok() && client.quiet();
     if at_rest {
         let (reason, code) = match flow.path.locked().clone() {
-            FlowPath::Userspace { reason, code } => (reason, code.to_string()),
-            _ => (String::new(), "http".to_string()),
+            FlowPath::Userspace { reason, code } => (reason, code.code().to_string()),
+            _ => (String::new(), Fallback::Http.code().to_string()),
         };
         // Checked, taken out and handed over under one lock: a session's
         // keys never leave rustls for a hand-over that has ended.
@@ -465,7 +466,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                         tls => {
                             flow.set_path(FlowPath::Userspace {
                                 reason: "TLS is terminated in user space (no kTLS on this host)".into(),
-                                code: "userspace-tls",
+                                code: Fallback::Tls,
                             });
                             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
                             let idle = rt.cfg.idle_timeout;
@@ -483,7 +484,8 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
             }
         }
         WsMode::Inspect | WsMode::BridgeTcp => {
-            let code = if route.mode == WsMode::Inspect { "websocket-inspect" } else { "websocket-bridge" };
+            let code =
+                if route.mode == WsMode::Inspect { Fallback::WebSocketInspect } else { Fallback::WebSocketBridge };
             let reason = format!("mode {}: messages are relayed in user space", route.mode);
             flow.set_path(FlowPath::Userspace { reason, code });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
@@ -792,7 +794,7 @@ impl Conn {
         if matches!(*self.flow.path.locked(), FlowPath::Connecting) {
             self.flow.set_path(FlowPath::Userspace {
                 reason: "plain HTTP requests are proxied in user space".into(),
-                code: "http",
+                code: Fallback::Http,
             });
         }
         let route = &self.http().routes[ri];

@@ -112,22 +112,6 @@ pub enum Unavailable {
     QueueCap(u64),
 }
 
-impl Unavailable {
-    /// Short machine-readable form for stats and JSON.
-    pub fn code(&self) -> &'static str {
-        match self {
-            Unavailable::NoObject => "no-ebpf-object",
-            Unavailable::NotPrivileged => "not-privileged",
-            Unavailable::LoadFailed(_) => "load-failed",
-            Unavailable::MapFull(_) => "map-full",
-            Unavailable::InsertFailed(_) => "insert-failed",
-            Unavailable::NotEstablished(_) => "closed-before-handoff",
-            Unavailable::NoFlowControl => "no-flow-control",
-            Unavailable::QueueCap(_) => "global-queue-cap",
-        }
-    }
-}
-
 /// The mmapped `SLOTS` array.
 struct SlotTable {
     base: NonNull<SockSlot>,

@@ -1,5 +1,6 @@
 //! Accepting clients of TCP listeners, and taking over the flows a
 //! predecessor daemon hands over (hot upgrade).
+use crate::flows::Fallback;
 use crate::sync::Locked;
 use crate::{
     carry::{accept_tls, both, finish, forward, relay_movable, retire, supervise, turn_away, ws_movable},
@@ -132,7 +133,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         (client, backend) => {
             flow.set_path(FlowPath::Userspace {
                 reason: "TLS is terminated or originated in user space (no kTLS on this host)".into(),
-                code: "userspace-tls",
+                code: Fallback::Tls,
             });
             crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
             let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {

@@ -180,11 +180,15 @@ pub enum Demotion {
 }
 
 impl Demotion {
-    pub fn code(self) -> &'static str {
+    pub fn fallback(self) -> crate::flows::Fallback {
         match self {
-            Demotion::SlowReceiver => "slow-receiver",
-            Demotion::KernelBehind => "kernel-behind",
+            Demotion::SlowReceiver => crate::flows::Fallback::SlowReceiver,
+            Demotion::KernelBehind => crate::flows::Fallback::KernelBehind,
         }
+    }
+
+    pub fn code(self) -> &'static str {
+        self.fallback().code()
     }
 
     pub fn reason(self) -> &'static str {
