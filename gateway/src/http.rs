@@ -80,7 +80,8 @@ enum BackendSide {
     Tcp(TcpStream),
 }
 
-struct Conn {
+/// One client connection of a websocket listener, as its requests see it.
+struct ClientConn {
     rt: Arc<ListenerRt>,
     flow: Arc<Flow>,
     /// The backend connection plain requests reuse, and its backend.
@@ -258,7 +259,7 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
 /// The HTTP part of [`serve`]: the upgrade to carry on with, if it came to one.
 async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, daemon: &Arc<Daemon>) -> Option<Upgrade> {
     let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
-    let conn = Arc::new(Conn {
+    let conn = Arc::new(ClientConn {
         rt: rt.clone(),
         flow: flow.clone(),
         backend: tokio::sync::Mutex::new(None),
@@ -550,7 +551,7 @@ impl hyper::body::Body for Counted {
     }
 }
 
-impl Conn {
+impl ClientConn {
     fn counted(&self, inner: Incoming, side: Side) -> Counted {
         Counted { inner, flow: self.flow.clone(), side }
     }

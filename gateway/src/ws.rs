@@ -92,11 +92,11 @@ pub enum Ended {
     Closed(CloseCause),
     /// Stopped between whole messages for a hot upgrade: the sockets and the
     /// bytes read past the last message, nothing else.
-    Detached(Parked),
+    Detached(AtRest),
 }
 
 /// A terminated WebSocket flow between messages, as [`Ends`] takes it again.
-pub struct Parked {
+pub struct AtRest {
     /// The client's socket and, over wss, its TLS session.
     pub client: crate::session::Parked,
     pub client_early: Vec<u8>,
@@ -417,7 +417,7 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 let [c, b] = ws;
                 return match (park(c), park(b)) {
                     (Ok((client, client_early)), Ok((backend, backend_early))) if backend.tls.is_none() => {
-                        Ended::Detached(Parked { client, client_early, backend: backend.tcp, backend_early })
+                        Ended::Detached(AtRest { client, client_early, backend: backend.tcp, backend_early })
                     }
                     (Err(why), _) | (_, Err(why)) => Ended::Closed(why),
                     _ => Ended::Closed(CloseCause::Error("a WebSocket backend over TLS".into())),
@@ -681,7 +681,7 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     }
     match (park(ws), tcp.into_std()) {
         (Ok((client, client_early)), Ok(backend)) => {
-            Ended::Detached(Parked { client, client_early, backend, backend_early: Vec::new() })
+            Ended::Detached(AtRest { client, client_early, backend, backend_early: Vec::new() })
         }
         (Err(why), _) => Ended::Closed(why),
         (_, Err(e)) => Ended::Closed(CloseCause::Error(format!("could not hand the WebSocket over: {e}"))),
