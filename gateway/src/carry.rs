@@ -1,6 +1,7 @@
 //! Carrying a flow once its client and backend are connected (or its
 //! WebSocket upgraded): on the kernel path, in the relay, or moving between
 //! them (`offload: auto`), and to a successor daemon at a hot upgrade.
+use crate::flows::Stopped;
 use crate::flows::{Fallback, KernelRefusal};
 use crate::handoff::Handed;
 use crate::sync::Locked;
@@ -208,8 +209,8 @@ pub(crate) async fn supervise(
                 // holds only what that path needs.
                 let relayed = Box::pin(relay_demoted(daemon, k, s, client, backend, flow, idle, light_for));
                 let (client, backend, back_why) = match relayed.await {
-                    Relayed::Closed(cause) => return Some(cause),
-                    Relayed::Back(c, b, w) => (c, b, w),
+                    Stopped::Closed(cause) => return Some(cause),
+                    Stopped::Detached((c, b, w)) => (c, b, w),
                 };
                 // Back to the kernel: what the relay wrote counts as
                 // forwarded passed bytes, so the verdict's bookkeeping (and
@@ -248,11 +249,9 @@ const LIGHT_FOR_MAX: Duration = Duration::from_secs(64);
 const LIGHT_RATE: u64 = 256 * 1024;
 const LIGHT_QUEUE: u64 = 64 * 1024;
 
-enum Relayed {
-    Closed(CloseCause),
-    /// Stopped at a quiet moment (nothing held, no EOF): the sockets, and why.
-    Back(TcpStream, TcpStream, &'static str),
-}
+/// Detached: stopped at a quiet moment (nothing held, no EOF); the sockets,
+/// and why.
+type Relayed = Stopped<(TcpStream, TcpStream, &'static str)>;
 
 /// Relays a flow `offload: auto` took off the kernel path until it closes,
 /// or until it has been light for `light_for` (`light`: interactive
@@ -325,9 +324,9 @@ async fn relay_demoted(
     loop {
         tokio::select! {
             r = &mut relay => return match r {
-                relay::Relayed::Closed(cause) => Relayed::Closed(cause),
-                relay::Relayed::Detached(Conn::Plain(c), Conn::Plain(b)) => Relayed::Back(c, b, why.unwrap_or("light")),
-                relay::Relayed::Detached(..) => unreachable!("plain sockets in, plain sockets out"),
+                Stopped::Closed(cause) => Stopped::Closed(cause),
+                Stopped::Detached((Conn::Plain(c), Conn::Plain(b))) => Stopped::Detached((c, b, why.unwrap_or("light"))),
+                Stopped::Detached(..) => unreachable!("plain sockets in, plain sockets out"),
             },
             w = &mut monitor, if why.is_none() => {
                 why = Some(w);
@@ -356,11 +355,11 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
     let mut ended = crate::ws::run(ends, Some(daemon.handed_over.subscribe())).await;
     loop {
         let p = match ended {
-            crate::ws::Ended::Closed(cause) => {
+            Stopped::Closed(cause) => {
                 flow.movable.store(false, Relaxed);
                 return Some(cause);
             }
-            crate::ws::Ended::Detached(p) => p,
+            Stopped::Detached(p) => p,
         };
         // To the new daemon while it still takes flows; else on here. Not
         // movable only once pushed: the upgrade waits for the movable flows.
@@ -401,7 +400,7 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
                 };
                 crate::ws::run(ends, None).await
             }
-            _ => crate::ws::Ended::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
+            _ => Stopped::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
         };
     }
 }
@@ -419,8 +418,8 @@ pub async fn relay_movable(
     let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
     loop {
         let (mut c, mut b) = match relayed {
-            relay::Relayed::Closed(cause) => return Some(cause),
-            relay::Relayed::Detached(c, b) => (c, b),
+            Stopped::Closed(cause) => return Some(cause),
+            Stopped::Detached((c, b)) => (c, b),
         };
         // Between records; a session may still owe the peer a record.
         use tokio::io::AsyncWriteExt;

@@ -122,6 +122,14 @@ pub enum FlowPath {
     Relayed { client_slot: u32, backend_slot: u32, reason: String, code: Fallback },
 }
 
+/// How a flow's runner (the kernel path's supervisor, a relay, a WebSocket
+/// relay) stopped: the flow closed, or it stopped at a quiet moment with
+/// what it needs to go on elsewhere (a successor daemon, the other path).
+pub enum Stopped<T> {
+    Closed(CloseCause),
+    Detached(T),
+}
+
 /// How a flow ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseCause {

@@ -10,7 +10,7 @@ use std::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
-    flows::{CloseCause, Flow, Side},
+    flows::{CloseCause, Flow, Side, Stopped},
     session::Conn,
     sys,
 };
@@ -71,13 +71,9 @@ where
 /// sockmap's own queue may not have reached it yet (`carry::relay_demoted`).
 pub type EofGuard<'a> = dyn Fn(Side, u64) -> bool + Sync + 'a;
 
-pub enum Relayed {
-    Closed(CloseCause),
-    /// Stopped for a hot upgrade with neither direction holding a byte or
-    /// past EOF, and every rustls session between records: the sides, to go
-    /// on elsewhere.
-    Detached(Conn, Conn),
-}
+/// Detached: stopped for a hot upgrade with neither direction holding a
+/// byte or past EOF, and every rustls session between records; the sides.
+pub type Relayed = crate::flows::Stopped<(Conn, Conn)>;
 
 /// Relays two sides (TLS ones included) until both directions are closed,
 /// one side resets, or the flow is idle for `idle`; once `detach` turns
@@ -99,9 +95,9 @@ pub async fn relay(
         (Conn::Plain(c), Conn::Plain(b)) => {
             let ((cr, cw), (br, bw)) = (c.into_split(), b.into_split());
             match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach, eof_ok).await {
-                Ok(cause) => Relayed::Closed(cause),
+                Ok(cause) => Stopped::Closed(cause),
                 Err((cr, cw, br, bw)) => match (cr.reunite(cw), br.reunite(bw)) {
-                    (Ok(c), Ok(b)) => Relayed::Detached(Conn::Plain(c), Conn::Plain(b)),
+                    (Ok(c), Ok(b)) => Stopped::Detached((Conn::Plain(c), Conn::Plain(b))),
                     _ => unreachable!("halves of the same sockets"),
                 },
             }
@@ -109,8 +105,8 @@ pub async fn relay(
         (c, b) => {
             let ((cr, cw), (br, bw)) = (tokio::io::split(c), tokio::io::split(b));
             match pump_both((cr, cw, br, bw), fds, &resting, flow, idle, &mut detach, eof_ok).await {
-                Ok(cause) => Relayed::Closed(cause),
-                Err((cr, cw, br, bw)) => Relayed::Detached(cr.unsplit(cw), br.unsplit(bw)),
+                Ok(cause) => Stopped::Closed(cause),
+                Err((cr, cw, br, bw)) => Stopped::Detached((cr.unsplit(cw), br.unsplit(bw))),
             }
         }
     }

@@ -41,7 +41,7 @@ use tracing::{debug, info};
 
 use crate::{
     config::{Route, WsMode},
-    flows::{CloseCause, Flow, Side},
+    flows::{CloseCause, Flow, Side, Stopped},
 };
 
 use crate::{
@@ -87,13 +87,10 @@ pub struct Ends<'a> {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// How a terminated WebSocket flow ended here.
-pub enum Ended {
-    Closed(CloseCause),
-    /// Stopped between whole messages for a hot upgrade: the sockets and the
-    /// bytes read past the last message, nothing else.
-    Detached(AtRest),
-}
+/// How a terminated WebSocket flow ended here. Detached: stopped between
+/// whole messages for a hot upgrade; the sockets and the bytes read past the
+/// last message, nothing else.
+pub type Ended = crate::flows::Stopped<AtRest>;
 
 /// A terminated WebSocket flow between messages, as [`Ends`] takes it again.
 pub struct AtRest {
@@ -417,10 +414,10 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 let [c, b] = ws;
                 return match (park(c), park(b)) {
                     (Ok((client, client_early)), Ok((backend, backend_early))) if backend.tls.is_none() => {
-                        Ended::Detached(AtRest { client, client_early, backend: backend.tcp, backend_early })
+                        Stopped::Detached(AtRest { client, client_early, backend: backend.tcp, backend_early })
                     }
-                    (Err(why), _) | (_, Err(why)) => Ended::Closed(why),
-                    _ => Ended::Closed(CloseCause::Error("a WebSocket backend over TLS".into())),
+                    (Err(why), _) | (_, Err(why)) => Stopped::Closed(why),
+                    _ => Stopped::Closed(CloseCause::Error("a WebSocket backend over TLS".into())),
                 };
             }
         }
@@ -535,7 +532,7 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
             }
         }
     }
-    Ended::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }))
+    Stopped::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }))
 }
 
 /// Bridges the client's WebSocket to a raw TCP backend.
@@ -547,7 +544,7 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     if !e.backend_early.is_empty() {
         let n = e.backend_early.len();
         if let Err(stall) = bounded(ws.send(Message::Binary(e.backend_early)), Instant::now() + e.idle, None).await {
-            return Ended::Closed(stalled(Side::Client, stall));
+            return Stopped::Closed(stalled(Side::Client, stall));
         }
         e.flow.add_message(Side::Backend, n as u64);
     }
@@ -677,14 +674,14 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
     }
     let parked = ws_open && detach_asked && closing.is_none() && tcp_reading && cause.is_none();
     if !parked {
-        return Ended::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }));
+        return Stopped::Closed(cause.unwrap_or(CloseCause::Closed { first: Side::Client }));
     }
     match (park(ws), tcp.into_std()) {
         (Ok((client, client_early)), Ok(backend)) => {
-            Ended::Detached(AtRest { client, client_early, backend, backend_early: Vec::new() })
+            Stopped::Detached(AtRest { client, client_early, backend, backend_early: Vec::new() })
         }
-        (Err(why), _) => Ended::Closed(why),
-        (_, Err(e)) => Ended::Closed(CloseCause::Error(format!("could not hand the WebSocket over: {e}"))),
+        (Err(why), _) => Stopped::Closed(why),
+        (_, Err(e)) => Stopped::Closed(CloseCause::Error(format!("could not hand the WebSocket over: {e}"))),
     }
 }
 
