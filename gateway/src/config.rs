@@ -833,7 +833,6 @@ pub const DEFAULT_FLOW_LOG_INTERVAL: Duration = Duration::from_secs(300);
 pub struct Listener {
     pub name: String,
     pub bind: SocketAddr,
-    pub protocol: Protocol,
     pub backends: Vec<SocketAddr>,
     pub balance: Balance,
     pub offload: Offload,
@@ -843,16 +842,50 @@ pub struct Listener {
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::limits::Rules,
     pub health: crate::health::HealthConfig,
-    /// `protocol: websocket` only: the HTTP side. `backends` above is then the
-    /// union of every route's backends, which the routes index into.
-    pub http: Option<HttpListener>,
-    /// TLS termination (tcp listeners).
+    /// TLS termination (either kind).
     pub tls: Option<crate::tls::Tls>,
-    /// tcp listeners with `routes`: the pool and mode chosen by the
-    /// ClientHello's SNI. `backends` above is then the union of the routes'.
-    pub sni_routes: Option<Vec<SniRoute>>,
-    /// TLS to the backends (tcp listeners).
-    pub backend_tls: Option<crate::tls::Origination>,
+    /// What it speaks, with the settings only that kind has.
+    pub kind: ListenerKind,
+}
+
+/// What a listener speaks (`protocol`), with the settings only that kind has.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    Tcp {
+        /// With `routes`: the pool and mode chosen by the ClientHello's SNI.
+        /// The listener's `backends` is then the union of the routes'.
+        sni_routes: Option<Vec<SniRoute>>,
+        /// TLS to the backends.
+        backend_tls: Option<crate::tls::Origination>,
+    },
+    /// `protocol: websocket`: HTTP/1.1 with upgrades, routed by host and
+    /// path. The listener's `backends` is the union of every route's
+    /// backends, which the routes index into.
+    WebSocket(HttpListener),
+}
+
+impl Listener {
+    /// The HTTP side of a websocket listener.
+    pub fn http(&self) -> Option<&HttpListener> {
+        match &self.kind {
+            ListenerKind::WebSocket(h) => Some(h),
+            ListenerKind::Tcp { .. } => None,
+        }
+    }
+
+    pub fn sni_routes(&self) -> Option<&[SniRoute]> {
+        match &self.kind {
+            ListenerKind::Tcp { sni_routes, .. } => sni_routes.as_deref(),
+            ListenerKind::WebSocket(_) => None,
+        }
+    }
+
+    pub fn backend_tls(&self) -> Option<&crate::tls::Origination> {
+        match &self.kind {
+            ListenerKind::Tcp { backend_tls, .. } => backend_tls.as_ref(),
+            ListenerKind::WebSocket(_) => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1194,7 +1227,7 @@ impl RawConfig {
             if let (
                 Some(name),
                 Some(bind),
-                Some(protocol),
+                Some(_protocol), // valid; the kind below says which
                 Some(balance),
                 Some(offload),
                 Some(ct),
@@ -1205,7 +1238,6 @@ impl RawConfig {
                 listeners.push(Listener {
                     name,
                     bind,
-                    protocol,
                     backends,
                     balance,
                     offload,
@@ -1214,10 +1246,11 @@ impl RawConfig {
                     idle_timeout: it,
                     limits,
                     health,
-                    http,
                     tls,
-                    sni_routes,
-                    backend_tls,
+                    kind: match http {
+                        Some(h) => ListenerKind::WebSocket(h),
+                        None => ListenerKind::Tcp { sni_routes, backend_tls },
+                    },
                 });
             }
         }
@@ -1526,8 +1559,8 @@ listeners:
     fn accepts_the_documented_websocket_shape() {
         let c = parse(WS).unwrap();
         let l = &c.listeners[0];
-        assert_eq!(l.protocol, Protocol::Websocket);
-        let http = l.http.as_ref().unwrap();
+        assert!(matches!(l.kind, ListenerKind::WebSocket(_)));
+        let http = l.http().unwrap();
         assert_eq!(http.handshake_timeout, Duration::from_secs(10));
         assert_eq!(http.routes[0].host, HostMatch::Exact("chat.example.com".into()));
         assert_eq!(http.routes[0].allowed_origins.as_deref(), Some(&["https://chat.example.com".to_string()][..]));
@@ -1602,7 +1635,7 @@ listeners:
         let c =
             parse(&r("mode: passthrough", "mode: inspect\n        max_message_size: 1MiB\n        ping_interval: 20s"))
                 .unwrap();
-        let route = &c.listeners[0].http.as_ref().unwrap().routes[0];
+        let route = &c.listeners[0].http().unwrap().routes[0];
         assert_eq!(
             (route.mode, route.max_message_size, route.ping_interval),
             (WsMode::Inspect, 1 << 20, Some(Duration::from_secs(20)))

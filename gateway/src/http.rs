@@ -258,7 +258,7 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemo
 
 /// The HTTP part of [`serve`]: the upgrade to carry on with, if it came to one.
 async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, daemon: &Arc<Daemon>) -> Option<Upgrade> {
-    let http = rt.cfg.http.as_ref().expect("a websocket listener has routes");
+    let http = rt.cfg.http().expect("a websocket listener has routes");
     let conn = Arc::new(ClientConn {
         rt: rt.clone(),
         flow: flow.clone(),
@@ -410,7 +410,7 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
 /// The HTTP settings of a listener this module serves: only websocket
 /// listeners come here, and validation gives each of them its settings.
 fn http_of(rt: &ListenerRt) -> &HttpListener {
-    rt.cfg.http.as_ref().expect("a websocket listener has HTTP settings")
+    rt.cfg.http().expect("a websocket listener has HTTP settings")
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.

@@ -62,7 +62,7 @@ impl ListenerRt {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
         let admission = Admission::new(cfg.limits.clone(), global);
         let health = Health::new(cfg.health.clone(), cfg.backends.len());
-        let route_rr = cfg.http.as_ref().map_or(0, |h| h.routes.len()).max(cfg.sni_routes.as_ref().map_or(0, Vec::len));
+        let route_rr = cfg.http().map_or(0, |h| h.routes.len()).max(cfg.sni_routes().map_or(0, <[_]>::len));
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
         let all = (0..cfg.backends.len()).collect();
         Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active }
@@ -102,13 +102,13 @@ impl ListenerRt {
 
     /// The backends of HTTP route `i`.
     pub fn route_pool(&self, i: usize) -> Pool<'_> {
-        let r = &self.cfg.http.as_ref().expect("an HTTP listener").routes[i];
+        let r = &self.cfg.http().expect("an HTTP listener").routes[i];
         Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
     }
 
     /// The backends of SNI route `i` (tcp listeners with `routes`).
     pub fn sni_pool(&self, i: usize) -> Pool<'_> {
-        let r = &self.cfg.sni_routes.as_ref().expect("a listener with SNI routes")[i];
+        let r = &self.cfg.sni_routes().expect("a listener with SNI routes")[i];
         Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
     }
 

@@ -27,7 +27,7 @@ pub async fn serve(listener: TcpListener, slot: crate::listener::Settings, daemo
                 // The settings in force when the client arrived stay with its flow.
                 let rt = slot.locked().clone();
                 let daemon = daemon.clone();
-                if rt.cfg.http.is_some() {
+                if rt.cfg.http().is_some() {
                     tokio::spawn(crate::http::handle(client, peer, rt, daemon));
                 } else {
                     tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
@@ -53,7 +53,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     // the route, hence the pool and whether TLS is terminated here.
     let mut pool = rt.pool();
     let mut terminate = rt.cfg.tls.is_some();
-    if let Some(routes) = &rt.cfg.sni_routes {
+    if let Some(routes) = rt.cfg.sni_routes() {
         let timeout = rt.cfg.tls.as_ref().map_or(crate::config::DEFAULT_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
         let sni = match tokio::time::timeout(timeout, crate::tls::peek_sni(&client)).await {
             Ok(Ok(sni)) => sni,
@@ -103,7 +103,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     *flow.backend.locked() = Some(rt.cfg.backends[idx]);
     // TLS to the backend: verified as configured; a failure counts against
     // the backend like a failed connect.
-    let backend = match &rt.cfg.backend_tls {
+    let backend = match rt.cfg.backend_tls() {
         None => Conn::Plain(backend),
         Some(o) => {
             let addr = rt.cfg.backends[idx];
@@ -164,7 +164,7 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
             // An idle HTTP connection: served here from its next request.
             let early = crate::hex::from_hex(early);
             let conn = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
-            let cause = match (rt.clone().filter(|r| r.cfg.http.is_some()), conn, early) {
+            let cause = match (rt.clone().filter(|r| r.cfg.http().is_some()), conn, early) {
                 (Some(rt), Ok(conn), Ok(early)) => {
                     let io = crate::http::ClientIo::new(conn, early.into());
                     crate::http::serve(io, flow.clone(), rt, daemon.clone()).await;
