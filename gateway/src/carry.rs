@@ -427,7 +427,7 @@ pub async fn relay_movable(
         if flushed && c.quiet() && b.quiet() {
             // Checked, taken out and handed over under one lock: the keys
             // never leave rustls for a hand-over that has ended.
-            let handed = daemon.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, String> {
+            let handed = daemon.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, crate::session::MoveError> {
                 let (reason, code) = path_reason(flow, Fallback::Tls);
                 let (c, b) = c.park().and_then(|c| Ok((c, b.park()?)))?;
                 let moved = match (c.tls, b.tls) {

@@ -52,14 +52,17 @@ pub fn response_head(buf: &[u8]) -> Result<Option<(u16, usize)>, String> {
 }
 
 /// A rustls session's traffic keys, as a hot upgrade carries them.
-pub fn keys_of(version: Option<rustls::ProtocolVersion>, s: rustls::ExtractedSecrets) -> Result<Keys, String> {
+pub fn keys_of(
+    version: Option<rustls::ProtocolVersion>,
+    s: rustls::ExtractedSecrets,
+) -> Result<Keys, crate::session::MoveError> {
     crate::session::keys_of(version, s)
 }
 
 /// A TLS session resumed from its keys and the ciphertext already read.
-pub fn resume(tcp: StdTcpStream, keys: &Keys, early: Vec<u8>) -> Result<Resumed, String> {
-    tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+pub fn resume(tcp: StdTcpStream, keys: &Keys, early: Vec<u8>) -> Result<Resumed, crate::session::MoveError> {
+    tcp.set_nonblocking(true)?;
+    let tcp = tokio::net::TcpStream::from_std(tcp)?;
     Resumed::new(tcp, keys, early)
 }
 

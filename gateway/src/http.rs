@@ -385,7 +385,7 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
         };
         // Checked, taken out and handed over under one lock: a session's
         // keys never leave rustls for a hand-over that has ended.
-        let handed = daemon.migrants.offer(flow, client, |client| -> Result<_, String> {
+        let handed = daemon.migrants.offer(flow, client, |client| -> Result<_, session::MoveError> {
             let p = client.park()?;
             let moved =
                 crate::handoff::Moved::Http { reason, code, client_tls: p.tls, early: crate::hex::to_hex(&early) };

@@ -177,7 +177,8 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                     "listener {} is not a websocket listener in this config",
                     m.info.flow.listener
                 )),
-                (_, Err(e), _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
+                (_, Err(e), _) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
+                (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
             };
             return finish(&daemon, &flow, rt.as_deref(), None, &cause);
         }
@@ -230,7 +231,8 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                         }
                     }
                 }
-                (Err(e), _, _) | (_, _, Err(e)) => CloseCause::Error(format!("the moved WebSocket: {e}")),
+                (Err(e), _, _) => CloseCause::Error(format!("the moved WebSocket: {e}")),
+                (_, _, Err(e)) => CloseCause::Error(format!("the moved WebSocket: {e}")),
                 (_, Err(e), _) => CloseCause::Error(format!("cannot register the sockets: {e}")),
             }
         }

@@ -142,7 +142,7 @@ pub struct Keys {
 #[cfg(feature = "fuzzing")]
 impl Keys {
     /// Whether both directions' keys and IVs have the cipher's lengths.
-    pub(crate) fn check(&self) -> Result<(), String> {
+    pub(crate) fn check(&self) -> Result<(), MoveError> {
         Sealing::new(self.cipher, &self.tx)?;
         Sealing::new(self.cipher, &self.rx)?;
         Ok(())
@@ -169,18 +169,37 @@ pub struct Parked {
     pub tls: Option<ParkedTls>,
 }
 
-pub(crate) fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecrets) -> Result<Keys, String> {
+/// Why a TLS session could not leave rustls, or be taken up again from
+/// its keys (a hot upgrade).
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("TLS version {0:?} can't move")]
+    Version(Option<ProtocolVersion>),
+    #[error("a cipher other than AES-GCM or ChaCha20-Poly1305 can't move")]
+    Cipher,
+    #[error("rustls did not give the traffic keys: {0}")]
+    Secrets(#[source] rustls::Error),
+    #[error("the stream under the session is not a TCP socket")]
+    NotTcp,
+    #[error("the socket: {0}")]
+    Socket(#[from] io::Error),
+    /// Keys or carried bytes that do not decode, or have the wrong length.
+    #[error("bad key material: {0}")]
+    Keys(String),
+}
+
+pub(crate) fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecrets) -> Result<Keys, MoveError> {
     let tls13 = match version {
         Some(ProtocolVersion::TLSv1_3) => true,
         Some(ProtocolVersion::TLSv1_2) => false,
-        v => return Err(format!("TLS version {v:?} can't move")),
+        v => return Err(MoveError::Version(v)),
     };
-    let dir = |(seq, secrets): (u64, ConnectionTrafficSecrets)| -> Result<(Cipher, Direction), String> {
+    let dir = |(seq, secrets): (u64, ConnectionTrafficSecrets)| -> Result<(Cipher, Direction), MoveError> {
         let (cipher, key, iv) = match secrets {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => (Cipher::Aes128Gcm, key, iv),
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => (Cipher::Aes256Gcm, key, iv),
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key, iv),
-            _ => return Err("a cipher other than AES-GCM or ChaCha20-Poly1305 can't move".into()),
+            _ => return Err(MoveError::Cipher),
         };
         let hex = crate::hex::to_hex;
         Ok((cipher, Direction { key: hex(key.as_ref()), iv: hex(iv.as_ref()), seq }))
@@ -204,17 +223,20 @@ fn rustls_quiet<D>(gate: &Gate<Records>, conn: &mut rustls::ConnectionCommon<D>)
 }
 
 /// The TCP socket under a gate, and the bytes the gate still holds.
-fn tcp_of(gate: Gate<Records>) -> Result<(std::net::TcpStream, Vec<u8>), String> {
+fn tcp_of(gate: Gate<Records>) -> Result<(std::net::TcpStream, Vec<u8>), MoveError> {
     let (io, early) = gate.into_parts();
-    let tcp = io.into_any().downcast::<TcpStream>().map_err(|_| "not a TCP socket".to_string())?;
-    Ok((tcp.into_std().map_err(|e| e.to_string())?, early))
+    let tcp = io.into_any().downcast::<TcpStream>().map_err(|_| MoveError::NotTcp)?;
+    Ok((tcp.into_std()?, early))
 }
 
 /// The socket, the traffic keys and the ciphertext a rustls session's gate
 /// still holds.
-fn take_session(gate: Gate<Records>, conn: rustls::Connection) -> Result<(std::net::TcpStream, Keys, Vec<u8>), String> {
+fn take_session(
+    gate: Gate<Records>,
+    conn: rustls::Connection,
+) -> Result<(std::net::TcpStream, Keys, Vec<u8>), MoveError> {
     let version = conn.protocol_version();
-    let secrets = conn.dangerous_extract_secrets().map_err(|e| e.to_string())?;
+    let secrets = conn.dangerous_extract_secrets().map_err(MoveError::Secrets)?;
     let (tcp, early) = tcp_of(gate)?;
     Ok((tcp, keys_of(version, secrets)?, early))
 }
@@ -276,9 +298,9 @@ impl Conn {
     }
 
     /// Takes the socket and the session out (only once [`Conn::quiet`]).
-    pub fn park(self) -> Result<Parked, String> {
+    pub fn park(self) -> Result<Parked, MoveError> {
         let (tcp, keys, early) = match self {
-            Conn::Plain(s) => return Ok(Parked { tcp: s.into_std().map_err(|e| e.to_string())?, tls: None }),
+            Conn::Plain(s) => return Ok(Parked { tcp: s.into_std()?, tls: None }),
             Conn::Server(s, _) => {
                 let (gate, conn) = s.into_inner();
                 take_session(gate, conn.into())?
@@ -290,18 +312,21 @@ impl Conn {
             Conn::Resumed(r) => {
                 let keys = r.keys();
                 let early = r.rbuf;
-                (r.tcp.into_std().map_err(|e| e.to_string())?, keys, early)
+                (r.tcp.into_std()?, keys, early)
             }
         };
         Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::hex::to_hex(&early) }) })
     }
 
     /// Goes on with a parked side (needs the runtime, for the socket).
-    pub fn resume(p: Parked) -> Result<Conn, String> {
-        let tcp = TcpStream::from_std(p.tcp).map_err(|e| e.to_string())?;
+    pub fn resume(p: Parked) -> Result<Conn, MoveError> {
+        let tcp = TcpStream::from_std(p.tcp)?;
         match p.tls {
             None => Ok(Conn::Plain(tcp)),
-            Some(t) => Ok(Conn::Resumed(Box::new(Resumed::new(tcp, &t.keys, crate::hex::from_hex(&t.early)?)?))),
+            Some(t) => {
+                let early = crate::hex::from_hex(&t.early).map_err(MoveError::Keys)?;
+                Ok(Conn::Resumed(Box::new(Resumed::new(tcp, &t.keys, early)?)))
+            }
         }
     }
 }
@@ -346,10 +371,14 @@ struct Sealing {
 }
 
 impl Sealing {
-    fn new(cipher: Cipher, d: &Direction) -> Result<Self, String> {
-        let raw = crate::hex::from_hex(&d.key)?;
-        let iv: [u8; 12] = crate::hex::from_hex(&d.iv)?.try_into().map_err(|_| "the IV is not 12 bytes")?;
-        let key = aead::UnboundKey::new(cipher.algorithm(), &raw).map_err(|_| "a key of the wrong length")?;
+    fn new(cipher: Cipher, d: &Direction) -> Result<Self, MoveError> {
+        let raw = crate::hex::from_hex(&d.key).map_err(MoveError::Keys)?;
+        let iv: [u8; 12] = crate::hex::from_hex(&d.iv)
+            .map_err(MoveError::Keys)?
+            .try_into()
+            .map_err(|_| MoveError::Keys("the IV is not 12 bytes".into()))?;
+        let key = aead::UnboundKey::new(cipher.algorithm(), &raw)
+            .map_err(|_| MoveError::Keys("a key of the wrong length".into()))?;
         Ok(Sealing { key: aead::LessSafeKey::new(key), raw, iv, seq: d.seq })
     }
 
@@ -402,7 +431,7 @@ pub struct Resumed {
 }
 
 impl Resumed {
-    pub fn new(tcp: TcpStream, keys: &Keys, early: Vec<u8>) -> Result<Self, String> {
+    pub fn new(tcp: TcpStream, keys: &Keys, early: Vec<u8>) -> Result<Self, MoveError> {
         Ok(Resumed {
             tcp,
             tls13: keys.tls13,

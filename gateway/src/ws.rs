@@ -232,7 +232,7 @@ fn park(ws: Ws) -> Result<(crate::session::Parked, Vec<u8>), CloseCause> {
     let (io, left) = ws.into_inner().into_parts();
     let lost = |why: String| CloseCause::Error(format!("could not hand the WebSocket over: {why}"));
     let io = match io.into_any().downcast::<Conn>() {
-        Ok(conn) => return conn.park().map(|p| (p, left)).map_err(lost),
+        Ok(conn) => return conn.park().map(|p| (p, left)).map_err(|e| lost(e.to_string())),
         Err(io) => io,
     };
     match io.downcast::<TcpStream>() {
