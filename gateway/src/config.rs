@@ -1643,6 +1643,31 @@ listeners:
     }
 
     #[test]
+    fn sni_routes_pick_exact_then_longest_wildcard_then_the_default() {
+        let r = |sni: HostMatch| SniRoute {
+            sni,
+            backends: vec![0],
+            balance: Balance::RoundRobin,
+            mode: SniMode::Passthrough,
+        };
+        let routes = [
+            r(HostMatch::Any),
+            r(HostMatch::Suffix(".example.com".into())),
+            r(HostMatch::Suffix(".b.example.com".into())),
+            r(HostMatch::Exact("x.b.example.com".into())),
+        ];
+        assert_eq!(pick_sni_route(&routes, Some("x.b.example.com")), Some(3));
+        assert_eq!(pick_sni_route(&routes, Some("y.b.example.com")), Some(2));
+        assert_eq!(pick_sni_route(&routes, Some("c.example.com")), Some(1));
+        assert_eq!(pick_sni_route(&routes, Some("example.com")), Some(0));
+        assert_eq!(pick_sni_route(&routes, Some("other.org")), Some(0));
+        // A ClientHello without SNI goes to the route without `sni`, or none.
+        assert_eq!(pick_sni_route(&routes, None), Some(0));
+        assert_eq!(pick_sni_route(&routes[1..], None), None);
+        assert_eq!(pick_sni_route(&routes[1..], Some("other.org")), None);
+    }
+
+    #[test]
     fn wildcard_hosts_and_route_order() {
         let m = host_match("*.Example.com").unwrap();
         assert!(m.matches(Some("a.example.com")) && m.matches(Some("a.b.example.com")));

@@ -1269,6 +1269,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn routes_are_picked_by_host_then_longest_whole_segment_prefix() {
+        let yaml = r#"
+listeners:
+  - name: w
+    bind: "0.0.0.0:8080"
+    protocol: websocket
+    routes:
+      - path_prefix: /
+        backends: ["10.0.0.1:1"]
+      - path_prefix: /api
+        backends: ["10.0.0.2:1"]
+      - path_prefix: /api/v2
+        backends: ["10.0.0.3:1"]
+      - host: "*.example.com"
+        path_prefix: /
+        backends: ["10.0.0.4:1"]
+      - host: a.example.com
+        path_prefix: /
+        backends: ["10.0.0.5:1"]
+"#;
+        let c = crate::config::Config::parse(yaml, std::path::Path::new("t.yaml")).unwrap();
+        let h = c.listeners[0].http().unwrap();
+        let pick = |host: Option<&str>, path: &str| pick_route(h, host, path);
+        assert_eq!(pick(None, "/api/v2/x"), Some(2));
+        assert_eq!(pick(None, "/api/v2"), Some(2));
+        // Whole segments: /api/v20 is under /api, not under /api/v2.
+        assert_eq!(pick(None, "/api/v20"), Some(1));
+        assert_eq!(pick(None, "/apix"), Some(0));
+        // A route for the host beats any path length without one; an exact
+        // host beats a wildcard, which needs a label before its suffix.
+        assert_eq!(pick(Some("b.example.com"), "/api/v2"), Some(3));
+        assert_eq!(pick(Some("a.example.com"), "/api"), Some(4));
+        assert_eq!(pick(Some("example.com"), "/api"), Some(1));
+    }
+
+    #[test]
     fn websocket_keys() {
         assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
         for bad in [&b"dGhlIHNhbXBsZSBub25jZQ="[..], b"dGhlIHNhbXBsZSBub25jZR==", b"not a key at all!!!!!!==", b""] {
