@@ -73,47 +73,34 @@ fn world() -> &'static World {
     })
 }
 
-/// Moves records from one side to the other until neither has any to send.
-fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) {
-    loop {
-        let mut moved = false;
-        let mut buf = Vec::new();
-        while c.wants_write() {
-            c.write_tls(&mut buf).expect("to memory");
-        }
-        if !buf.is_empty() {
-            moved = true;
-            let mut r = &buf[..];
-            while !r.is_empty() {
-                s.read_tls(&mut r).expect("from memory");
-                s.process_new_packets().expect("a clean handshake");
-            }
-        }
-        let mut buf = Vec::new();
-        while s.wants_write() {
-            s.write_tls(&mut buf).expect("to memory");
-        }
-        if !buf.is_empty() {
-            moved = true;
-            let mut r = &buf[..];
-            while !r.is_empty() {
-                c.read_tls(&mut r).expect("from memory");
-                c.process_new_packets().expect("a clean handshake");
-            }
-        }
-        if !moved {
-            return;
-        }
+/// Moves records between the two sides until neither has any to send.
+fn pump(a: &mut rustls::Connection, b: &mut rustls::Connection) {
+    while deliver(a, b) | deliver(b, a) {}
+}
+
+/// The records `from` has to send, read and processed by `to`; whether
+/// there were any.
+fn deliver(from: &mut rustls::Connection, to: &mut rustls::Connection) -> bool {
+    let mut buf = Vec::new();
+    while from.wants_write() {
+        from.write_tls(&mut buf).expect("to memory");
     }
+    let mut r = &buf[..];
+    while !r.is_empty() {
+        to.read_tls(&mut r).expect("from memory");
+        to.process_new_packets().expect("a clean handshake");
+    }
+    !buf.is_empty()
 }
 
 fuzz_target!(|data: &[u8]| {
     let w = world();
     let [suite, writes, ops @ ..] = data else { return };
     let (server_cfg, client_cfg) = &w.configs[usize::from(*suite) % w.configs.len()];
-    let mut client = rustls::ClientConnection::new(client_cfg.clone(), ServerName::try_from("session.test").unwrap())
-        .expect("a client");
-    let mut server = rustls::ServerConnection::new(server_cfg.clone()).expect("a server");
+    let name = ServerName::try_from("session.test").expect("a DNS name");
+    let mut client =
+        rustls::Connection::from(rustls::ClientConnection::new(client_cfg.clone(), name).expect("a client"));
+    let mut server = rustls::Connection::from(rustls::ServerConnection::new(server_cfg.clone()).expect("a server"));
     pump(&mut client, &mut server);
     assert!(!client.is_handshaking() && !server.is_handshaking());
 

@@ -54,13 +54,16 @@ pub enum Moved {
     },
 }
 
-/// Whether a live flow can move to a new daemon: kernel flows, and flows
-/// relayed in user space, TLS ones included (terminated WebSockets are
-/// marked on the flow, `Flow::movable`); HTTP connections are not.
-pub fn movable(f: &crate::flows::FlowSnapshot) -> bool {
-    f.path == "kernel"
-        || (f.path == "userspace"
-            && f.fallback_code.as_deref().is_some_and(|c| crate::flows::Fallback::parse(c).moves_as_relay()))
+/// Whether a live flow can move to a new daemon by its path: kernel flows,
+/// and flows relayed in user space, TLS ones included (terminated WebSockets
+/// are marked on the flow, `Flow::movable`); HTTP connections are not.
+pub fn movable(f: &Flow) -> bool {
+    use crate::flows::FlowPath;
+    match &*f.path.locked() {
+        FlowPath::Kernel { .. } => true,
+        FlowPath::Userspace { code, .. } => code.moves_as_relay(),
+        FlowPath::Connecting | FlowPath::Relayed { .. } => false,
+    }
 }
 
 impl MigrantInfo {

@@ -35,7 +35,7 @@ struct Cli {
 /// Which running daemon to ask: its admin socket, given or read from a
 /// config file.
 #[derive(clap::Args)]
-struct Running {
+struct AdminTarget {
     /// Admin socket of the daemon (default: from --config, else /run/gateway/admin.sock).
     #[arg(long, value_name = "PATH")]
     socket: Option<PathBuf>,
@@ -44,7 +44,7 @@ struct Running {
     config: Option<PathBuf>,
 }
 
-impl Running {
+impl AdminTarget {
     fn admin_socket(self) -> Result<PathBuf> {
         if let Some(s) = self.socket {
             return Ok(s);
@@ -83,7 +83,7 @@ enum Cmd {
     )]
     Flows {
         #[command(flatten)]
-        daemon: Running,
+        daemon: AdminTarget,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -106,7 +106,7 @@ enum Cmd {
     #[command(after_help = "Examples:\n  gateway stats\n  gateway stats --json")]
     Stats {
         #[command(flatten)]
-        daemon: Running,
+        daemon: AdminTarget,
         #[arg(long)]
         json: bool,
     },
@@ -116,12 +116,12 @@ enum Cmd {
     )]
     Reload {
         #[command(flatten)]
-        daemon: Running,
+        daemon: AdminTarget,
     },
     /// Show the daemon's status: kernel path, map usage, bound listeners.
     Status {
         #[command(flatten)]
-        daemon: Running,
+        daemon: AdminTarget,
     },
     /// Check what this host supports (BPF, sockmap, BTF, kTLS, privileges) and which data paths are usable.
     #[command(
@@ -556,7 +556,7 @@ struct FlowsView {
     interval: f64,
 }
 
-fn flows_cmd(daemon: Running, view: FlowsView) -> Result<()> {
+fn flows_cmd(daemon: AdminTarget, view: FlowsView) -> Result<()> {
     let path = daemon.admin_socket()?;
     let fetch = || -> Result<(Vec<FlowSnapshot>, std::time::Instant)> {
         let raw = admin::request(&path, "flows").map_err(|e| anyhow!(e))?;
@@ -678,7 +678,7 @@ fn human_ms(ms: u64) -> String {
     }
 }
 
-fn reload_cmd(daemon: Running) -> Result<()> {
+fn reload_cmd(daemon: AdminTarget) -> Result<()> {
     let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "reload").map_err(|e| anyhow!(e))?;
     let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
@@ -691,7 +691,7 @@ fn reload_cmd(daemon: Running) -> Result<()> {
     }
 }
 
-fn stats_cmd(daemon: Running, json: bool) -> Result<()> {
+fn stats_cmd(daemon: AdminTarget, json: bool) -> Result<()> {
     let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "stats").map_err(|e| anyhow!(e))?;
     let reply: admin::StatsReply = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;
@@ -736,7 +736,7 @@ fn stats_cmd(daemon: Running, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn status_cmd(daemon: Running) -> Result<()> {
+fn status_cmd(daemon: AdminTarget) -> Result<()> {
     let path = daemon.admin_socket()?;
     let raw = admin::request(&path, "status").map_err(|e| anyhow!(e))?;
     let v: serde_json::Value = serde_json::from_slice(&raw).context("daemon sent an unexpected reply")?;

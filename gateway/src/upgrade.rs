@@ -165,10 +165,8 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     // Kernel flows, TCP relays and terminated WebSockets over TCP detach at
     // their next quiet moment.
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
-    let movable_left = || {
-        daemon.flows.snapshot(daemon.kernel.as_ref()).iter().filter(|f| movable(f)).count()
-            + daemon.flows.count(|f| f.movable.load(std::sync::atomic::Ordering::Relaxed))
-    };
+    let movable_left =
+        || daemon.flows.count(movable) + daemon.flows.count(|f| f.movable.load(std::sync::atomic::Ordering::Relaxed));
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
