@@ -5,7 +5,7 @@
 //! value or an error, and the fields a new daemon decodes before touching a
 //! socket (hex, TLS keys) give errors, never a panic.
 #![no_main]
-use gateway::admin::Request;
+use gateway::control::admin::Request;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-pub use crate::host::HostMatch;
+pub use crate::util::host::HostMatch;
 use serde::Deserialize;
 use serde_yaml::Value;
 
@@ -275,7 +275,7 @@ impl Errors {
         }
     }
 
-    fn cidrs(&mut self, path: &str, v: &Value) -> Vec<crate::limits::Cidr> {
+    fn cidrs(&mut self, path: &str, v: &Value) -> Vec<crate::policy::limits::Cidr> {
         let Value::Sequence(items) = v else {
             self.push(path, format_args!("expected a list of addresses or CIDR prefixes, found {}", yaml_kind(v)));
             return Vec::new();
@@ -284,7 +284,7 @@ impl Errors {
         for (i, item) in items.iter().enumerate() {
             let p = format!("{path}[{i}]");
             if let Some(s) = self.string(&p, item) {
-                match crate::limits::Cidr::parse(&s) {
+                match crate::policy::limits::Cidr::parse(&s) {
                     Ok(c) => out.push(c),
                     Err(e) => self.push(&p, e),
                 }
@@ -293,9 +293,9 @@ impl Errors {
         out
     }
 
-    fn rate(&mut self, path: &str, v: &Value) -> Option<crate::limits::Rate> {
+    fn rate(&mut self, path: &str, v: &Value) -> Option<crate::policy::limits::Rate> {
         let s = self.string(path, v)?;
-        crate::limits::Rate::parse(&s).map_err(|e| self.push(path, e)).ok()
+        crate::policy::limits::Rate::parse(&s).map_err(|e| self.push(path, e)).ok()
     }
 
     fn backend_list(&mut self, path: &str, v: &Value) -> Vec<SocketAddr> {
@@ -526,7 +526,7 @@ impl Errors {
     /// A listener's `tls` block; loads and checks the certificates.
     /// A listener's `tls` block; `websocket` listeners speak HTTP/1.1, so
     /// their ALPN is `http/1.1` unless set, and may offer nothing else.
-    fn tls(&mut self, i: usize, t: &RawTls, websocket: bool) -> Option<crate::tls::Tls> {
+    fn tls(&mut self, i: usize, t: &RawTls, websocket: bool) -> Option<crate::tls::terminate::Tls> {
         let p = |key: &str| format!("listeners[{i}].tls.{key}");
         let items = match &t.certificates {
             Value::Sequence(items) if !items.is_empty() => items.clone(),
@@ -607,9 +607,11 @@ impl Errors {
         if self.0.len() != before {
             return None;
         }
-        let certs: Vec<crate::tls::CertSpec<'_>> =
-            specs.iter().map(|(c, k, n)| crate::tls::CertSpec { cert: c, key: k, names: n.clone() }).collect();
-        match crate::tls::build(&certs, tls13_only, &alpn, client_ca.as_deref(), timeout) {
+        let certs: Vec<crate::tls::terminate::CertSpec<'_>> = specs
+            .iter()
+            .map(|(c, k, n)| crate::tls::terminate::CertSpec { cert: c, key: k, names: n.clone() })
+            .collect();
+        match crate::tls::terminate::build(&certs, tls13_only, &alpn, client_ca.as_deref(), timeout) {
             Ok(t) => Some(t),
             Err(errs) => {
                 for m in errs {
@@ -840,10 +842,10 @@ pub struct Listener {
     pub connect_attempts: u32,
     pub idle_timeout: Duration,
     /// Admission rules, checked before a backend is contacted.
-    pub limits: crate::limits::Rules,
-    pub health: crate::health::HealthConfig,
+    pub limits: crate::policy::limits::Rules,
+    pub health: crate::policy::health::HealthConfig,
     /// TLS termination (either kind).
-    pub tls: Option<crate::tls::Tls>,
+    pub tls: Option<crate::tls::terminate::Tls>,
     /// What it speaks, with the settings only that kind has.
     pub kind: ListenerKind,
 }
@@ -856,7 +858,7 @@ pub enum ListenerKind {
         /// The listener's `backends` is then the union of the routes'.
         sni_routes: Option<Vec<SniRoute>>,
         /// TLS to the backends.
-        backend_tls: Option<crate::tls::Origination>,
+        backend_tls: Option<crate::tls::terminate::Origination>,
     },
     /// `protocol: websocket`: HTTP/1.1 with upgrades, routed by host and
     /// path. The listener's `backends` is the union of every route's
@@ -880,7 +882,7 @@ impl Listener {
         }
     }
 
-    pub fn backend_tls(&self) -> Option<&crate::tls::Origination> {
+    pub fn backend_tls(&self) -> Option<&crate::tls::terminate::Origination> {
         match &self.kind {
             ListenerKind::Tcp { backend_tls, .. } => backend_tls.as_ref(),
             ListenerKind::WebSocket(_) => None,
@@ -1162,7 +1164,7 @@ impl RawConfig {
             let count = |e: &mut Errors, key: &str, v: &Option<Value>| {
                 v.as_ref().and_then(|v| e.uint(&p(key), v, 1..=10_000_000)).map(|n| n as u32)
             };
-            let limits = crate::limits::Rules {
+            let limits = crate::policy::limits::Rules {
                 allow: l.allow.as_ref().map(|v| e.cidrs(&p("allow"), v)).unwrap_or_default(),
                 deny: l.deny.as_ref().map(|v| e.cidrs(&p("deny"), v)).unwrap_or_default(),
                 max_connections: count(&mut e, "max_connections", &l.max_connections),
@@ -1178,7 +1180,7 @@ impl RawConfig {
                     .and_then(|v| e.uint(&p("per_source_ipv6_prefix"), v, 1..=128))
                     .map(|n| n as u8),
             };
-            let mut health = crate::health::HealthConfig::default();
+            let mut health = crate::policy::health::HealthConfig::default();
             if let Some(h) = &l.health {
                 if let Some(v) = &h.failures {
                     health.failures = e.uint(&p("health.failures"), v, 1..=1000).map_or(health.failures, |n| n as u32);
@@ -1213,7 +1215,9 @@ impl RawConfig {
                 }
                 let ca = b.ca.as_ref().and_then(|v| e.string(&p("backend_tls.ca"), v)).map(PathBuf::from);
                 let sni = b.sni.as_ref().and_then(|v| e.string(&p("backend_tls.sni"), v));
-                crate::tls::origination(ca.as_deref(), sni.as_deref()).map_err(|m| e.push(&p("backend_tls"), m)).ok()
+                crate::tls::terminate::origination(ca.as_deref(), sni.as_deref())
+                    .map_err(|m| e.push(&p("backend_tls"), m))
+                    .ok()
             });
             if let Some(routes) = &sni_routes {
                 if routes.iter().any(|r| r.mode == SniMode::Terminate) && l.tls.is_none() {
@@ -1286,7 +1290,7 @@ impl RawConfig {
         let metrics = self.admin.metrics.as_ref().and_then(|v| e.addr("admin.metrics", v));
         let group = self.admin.group.as_ref().and_then(|v| {
             let name = e.string("admin.group", v)?;
-            match crate::sys::group_id(&name) {
+            match crate::util::sys::group_id(&name) {
                 Some(gid) => Some((name, gid)),
                 None => {
                     e.push("admin.group", format_args!("{name:?} is not a group on this host"));

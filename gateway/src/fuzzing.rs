@@ -4,9 +4,9 @@
 use std::net::TcpStream as StdTcpStream;
 
 pub use crate::{
-    gate::{Framing, Gate},
-    session::{Keys, Records, Resumed},
-    ws::Frames,
+    dataplane::ws::Frames,
+    tls::session::{Keys, Records, Resumed},
+    util::gate::{Framing, Gate},
 };
 
 /// What the SNI peek made of the bytes a client sent first.
@@ -21,31 +21,31 @@ pub enum Hello {
 }
 
 pub fn client_hello(data: &[u8]) -> Hello {
-    match crate::tls::parse_client_hello(data) {
-        crate::tls::Hello::Incomplete => Hello::Incomplete,
-        crate::tls::Hello::Invalid(_) => Hello::Invalid,
-        crate::tls::Hello::Sni(s) => Hello::Sni(s),
+    match crate::tls::terminate::parse_client_hello(data) {
+        crate::tls::terminate::Hello::Incomplete => Hello::Incomplete,
+        crate::tls::terminate::Hello::Invalid(_) => Hello::Invalid,
+        crate::tls::terminate::Hello::Sni(s) => Hello::Sni(s),
     }
 }
 
 /// The host a request routes on and the `Host` value forwarded with it.
 pub fn request_target<B>(req: &hyper::Request<B>) -> Result<(Option<String>, Option<String>), &'static str> {
-    let t = crate::http::request_target(req)?;
+    let t = crate::edge::http::request_target(req)?;
     Ok((t.host, t.authority.map(|a| String::from_utf8_lossy(a.as_bytes()).into_owned())))
 }
 
 /// The path routes see: `None` when it is already normal.
 pub fn normalize_path(path: &str) -> Result<Option<String>, &'static str> {
-    crate::http::normalize_path(path)
+    crate::edge::http::normalize_path(path)
 }
 
 /// A backend's response head: its status and length, once whole; and for a
 /// 101 the head the client gets.
 pub fn response_head(buf: &[u8]) -> Result<Option<(u16, usize)>, String> {
-    Ok(crate::http::response_head(buf)?.map(|h| {
+    Ok(crate::edge::http::response_head(buf)?.map(|h| {
         let status = h.status.as_u16();
         if status == 101 {
-            drop(crate::http::switched(h.status, h.headers));
+            drop(crate::edge::http::switched(h.status, h.headers));
         }
         (status, h.len)
     }))
@@ -55,12 +55,12 @@ pub fn response_head(buf: &[u8]) -> Result<Option<(u16, usize)>, String> {
 pub fn keys_of(
     version: Option<rustls::ProtocolVersion>,
     s: rustls::ExtractedSecrets,
-) -> Result<Keys, crate::session::MoveError> {
-    crate::session::keys_of(version, s)
+) -> Result<Keys, crate::tls::session::MoveError> {
+    crate::tls::session::keys_of(version, s)
 }
 
 /// A TLS session resumed from its keys and the ciphertext already read.
-pub fn resume(tcp: StdTcpStream, keys: &Keys, early: Vec<u8>) -> Result<Resumed, crate::session::MoveError> {
+pub fn resume(tcp: StdTcpStream, keys: &Keys, early: Vec<u8>) -> Result<Resumed, crate::tls::session::MoveError> {
     tcp.set_nonblocking(true)?;
     let tcp = tokio::net::TcpStream::from_std(tcp)?;
     Resumed::new(tcp, keys, early)
@@ -68,18 +68,18 @@ pub fn resume(tcp: StdTcpStream, keys: &Keys, early: Vec<u8>) -> Result<Resumed,
 
 /// An admin request line, read as the admin socket reads it (lossy UTF-8):
 /// what it asks for.
-pub fn admin_request(line: &[u8]) -> crate::admin::Request {
-    crate::admin::Request::parse(&String::from_utf8_lossy(line))
+pub fn admin_request(line: &[u8]) -> crate::control::admin::Request {
+    crate::control::admin::Request::parse(&String::from_utf8_lossy(line))
 }
 
 /// The hand-over's wire messages, and what the new daemon makes of their
 /// fields before it touches a socket: every input an error or a value.
 pub fn handover(line: &[u8]) {
-    use crate::{handoff::Moved, hex::from_hex};
-    if let Ok(m) = serde_json::from_slice::<crate::upgrade::Moving>(line) {
+    use crate::{handoff::Moved, util::hex::from_hex};
+    if let Ok(m) = serde_json::from_slice::<crate::control::upgrade::Moving>(line) {
         for f in &m.flows {
             let _ = f.path();
-            let (hex, tls): (Vec<&String>, Vec<&crate::session::ParkedTls>) = match &f.moved {
+            let (hex, tls): (Vec<&String>, Vec<&crate::tls::session::ParkedTls>) = match &f.moved {
                 Moved::Kernel { .. } | Moved::Userspace { .. } => (vec![], vec![]),
                 Moved::WebSocket { client_early, backend_early, client_tls, .. } => {
                     (vec![client_early, backend_early], client_tls.iter().collect())
@@ -95,5 +95,5 @@ pub fn handover(line: &[u8]) {
             }
         }
     }
-    let _ = serde_json::from_slice::<crate::upgrade::Offer>(line);
+    let _ = serde_json::from_slice::<crate::control::upgrade::Offer>(line);
 }

@@ -1,6 +1,6 @@
 //! A flow on its way to a successor daemon (hot upgrade): what it carries
-//! (`MigrantInfo`, `Moved`, the wire form `upgrade.rs` sends) and its
-//! sockets (`Migrant`). Flow runners build these; only `upgrade.rs` sends
+//! (`MigrantInfo`, `Moved`, the wire form `control::upgrade` sends) and its
+//! sockets (`Migrant`). Flow runners build these; only `control::upgrade` sends
 //! and receives them.
 use std::{
     net::{SocketAddr, TcpStream},
@@ -9,7 +9,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{flows::Flow, sync::Locked};
+use crate::{flow::table::Flow, util::sync::Locked};
 
 /// A flow moving to the new process, as the hand-over sends it (its
 /// sockets travel beside the message): what it carries, flattened into the
@@ -17,7 +17,7 @@ use crate::{flows::Flow, sync::Locked};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrantInfo {
     #[serde(flatten)]
-    pub flow: crate::flows::Carried,
+    pub flow: crate::flow::table::Carried,
     pub moved: Moved,
 }
 
@@ -25,7 +25,7 @@ pub struct MigrantInfo {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Moved {
     /// Still in the (shared) kernel maps: its slots and supervisor state.
-    Kernel { splice: crate::kernel::Splice, resume: crate::splice::Resume },
+    Kernel { splice: crate::kernel::sockmap::Splice, resume: crate::dataplane::splice::Resume },
     /// Relayed in user space, for this reason (nothing was held in hand).
     Userspace { reason: String, code: String },
     /// A terminated WebSocket (inspect, bridge_tcp) between messages: its
@@ -33,24 +33,24 @@ pub enum Moved {
     WebSocket {
         reason: String,
         code: String,
-        limits: crate::ws::Limits,
+        limits: crate::dataplane::ws::Limits,
         client_early: String,
         backend_early: String,
         /// wss: the client's TLS session.
         #[serde(default)]
-        client_tls: Option<crate::session::ParkedTls>,
+        client_tls: Option<crate::tls::session::ParkedTls>,
     },
     /// An idle HTTP connection of a websocket listener (no backend socket
     /// goes along): its TLS session, and the bytes read past its last
     /// request (hex).
-    Http { reason: String, code: String, client_tls: Option<crate::session::ParkedTls>, early: String },
+    Http { reason: String, code: String, client_tls: Option<crate::tls::session::ParkedTls>, early: String },
     /// Relayed with TLS on one side or both: each session's keys and the
     /// ciphertext read past its last record.
     Tls {
         reason: String,
         code: String,
-        client: Option<crate::session::ParkedTls>,
-        backend: Option<crate::session::ParkedTls>,
+        client: Option<crate::tls::session::ParkedTls>,
+        backend: Option<crate::tls::session::ParkedTls>,
     },
 }
 
@@ -58,7 +58,7 @@ pub enum Moved {
 /// and flows relayed in user space, TLS ones included (terminated WebSockets
 /// are marked on the flow, `Flow::movable`); HTTP connections are not.
 pub fn movable(f: &Flow) -> bool {
-    use crate::flows::FlowPath;
+    use crate::flow::table::FlowPath;
     match &*f.path.locked() {
         FlowPath::Kernel { .. } => true,
         FlowPath::Userspace { code, .. } => code.moves_as_relay(),
@@ -68,8 +68,8 @@ pub fn movable(f: &Flow) -> bool {
 
 impl MigrantInfo {
     /// Its path in the new daemon's flow table.
-    pub fn path(&self) -> crate::flows::FlowPath {
-        use crate::flows::FlowPath;
+    pub fn path(&self) -> crate::flow::table::FlowPath {
+        use crate::flow::table::FlowPath;
         match &self.moved {
             Moved::Kernel { splice, .. } => {
                 FlowPath::Kernel { client_slot: splice.client_slot, backend_slot: splice.backend_slot }
@@ -78,7 +78,7 @@ impl MigrantInfo {
             | Moved::WebSocket { reason, code, .. }
             | Moved::Tls { reason, code, .. }
             | Moved::Http { reason, code, .. } => {
-                FlowPath::Userspace { reason: reason.clone(), code: crate::flows::Fallback::parse(code) }
+                FlowPath::Userspace { reason: reason.clone(), code: crate::flow::table::Fallback::parse(code) }
             }
         }
     }

@@ -6,14 +6,14 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway::{
-    admin::{self, AdminServer, FlowsReply},
+    cli::echo,
     config::{self, Config, Offload},
-    daemon::Daemon,
-    echo,
-    flows::FlowSnapshot,
-    kernel::KernelPath,
-    listener::ListenerRt,
-    reload,
+    control::admin::{self, AdminServer, FlowsReply},
+    control::daemon::Daemon,
+    control::reload,
+    edge::{listener::ListenerRt, plane::Plane},
+    flow::table::FlowSnapshot,
+    kernel::sockmap::KernelPath,
 };
 use tracing::{error, info, warn};
 
@@ -228,7 +228,7 @@ fn doctor_cmd(config: Option<PathBuf>, json: bool) -> ExitCode {
         }
     };
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-    let report = rt.block_on(async { gateway::doctor::run(cfg.as_ref()) });
+    let report = rt.block_on(async { gateway::cli::doctor::run(cfg.as_ref()) });
     if json {
         println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
@@ -281,7 +281,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     // kernel maps, first.
     let mut taken = match takeover {
         true => {
-            let t = gateway::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
+            let t = gateway::control::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
             info!(from_pid = t.from_pid, kernel_maps = t.kernel.is_some(), "upgrade: listening sockets received");
             Some(t)
         }
@@ -330,7 +330,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     let max_connections = connection_cap(cfg.max_connections, nofile, cfg.listeners.len());
     // Bind everything before serving anything: a bad bind starts nothing.
     let mut bound = Vec::new();
-    let global = Arc::new(gateway::limits::Global { max: Some(max_connections), ..Default::default() });
+    let global = Arc::new(gateway::policy::limits::Global { max: Some(max_connections), ..Default::default() });
     for l in &cfg.listeners {
         let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
             Some(s) => tokio::net::TcpListener::from_std(s)?,
@@ -349,18 +349,20 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1), taken.is_some())
             .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
     let daemon = Arc::new(Daemon {
-        flows: Default::default(),
-        listeners: Default::default(),
+        plane: Arc::new(Plane {
+            flows: Default::default(),
+            listeners: Default::default(),
+            kernel,
+            kernel_unavailable: unavailable,
+            handoff_delay,
+            shutdown: tokio::sync::watch::channel(false).0,
+            handed_over: tokio::sync::watch::channel(false).0,
+            migrants: Default::default(),
+        }),
         config: std::sync::Mutex::new(cfg.clone()),
         config_path: config_path.to_path_buf(),
         global: global.clone(),
         metrics: metrics.as_ref().and_then(|m| m.local_addr().ok()),
-        kernel,
-        kernel_unavailable: unavailable,
-        handoff_delay,
-        shutdown: tokio::sync::watch::channel(false).0,
-        handed_over: tokio::sync::watch::channel(false).0,
-        migrants: Default::default(),
         handover_done: Default::default(),
     });
     for (sock, rt) in bound {
@@ -371,7 +373,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     // added by a reload); every other capability goes.
     const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
     const CAP_NET_ADMIN: u64 = 1 << 12;
-    match gateway::sys::drop_capabilities_except(CAP_NET_ADMIN | CAP_NET_BIND_SERVICE) {
+    match gateway::util::sys::drop_capabilities_except(CAP_NET_ADMIN | CAP_NET_BIND_SERVICE) {
         Ok(d) if d.bounding => {
             info!(capabilities = format!("{:#x}", d.kept), "dropped every capability not needed after set-up")
         }
@@ -384,14 +386,17 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     }
     tokio::spawn(admin::serve(admin_listener, daemon.clone()));
     let d = daemon.clone();
-    tokio::spawn(gateway::flowlog::periodic(move || d.flows.snapshot(d.kernel.as_ref()), cfg.log.flow_interval));
+    tokio::spawn(gateway::flow::log::periodic(
+        move || d.plane.flows.snapshot(d.plane.kernel.as_ref()),
+        cfg.log.flow_interval,
+    ));
     if let Some(m) = metrics {
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));
     }
     info!(
         admin = %cfg.admin.socket.display(),
-        kernel_path = daemon.kernel.is_some(),
+        kernel_path = daemon.plane.kernel.is_some(),
         workers = cfg.workers.resolve(),
         "gateway running"
     );
@@ -400,7 +405,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
         // Blocking, briefly: a line each way, then the flows, on a local socket.
         let (moved, free) =
             tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
-        if let Some(k) = &daemon.kernel {
+        if let Some(k) = &daemon.plane.kernel {
             k.add_free(&free);
             k.predecessor_sealed();
             k.take_wakeups();
@@ -409,7 +414,7 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             let d = daemon.clone();
             tokio::spawn(async move {
                 let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-                while d.kernel.as_ref().is_some_and(|k| k.sweep() > 0) {
+                while d.plane.kernel.as_ref().is_some_and(|k| k.sweep() > 0) {
                     every.tick().await;
                 }
             });
@@ -424,11 +429,11 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
             "upgrade: the old daemon stopped accepting; this one serves every listener"
         );
         for m in moved {
-            tokio::spawn(gateway::proxy::adopt(daemon.clone(), m));
+            tokio::spawn(gateway::edge::proxy::adopt(daemon.plane.clone(), m));
         }
     }
 
-    let mut handed_over = daemon.handed_over.subscribe();
+    let mut handed_over = daemon.plane.handed_over.subscribe();
     let signal = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
@@ -445,14 +450,14 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
                 let ended = async {
                     // Until the moving flows are on their way, and the rest have ended.
                     let sent = || daemon.handover_done.load(std::sync::atomic::Ordering::Acquire);
-                    while !(sent() && daemon.flows.is_empty()) {
+                    while !(sent() && daemon.plane.flows.is_empty()) {
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 };
                 tokio::select! {
                     () = ended => {
                         info!("upgrade: every flow of this process has ended; exiting");
-                        if let Some(k) = &daemon.kernel {
+                        if let Some(k) = &daemon.plane.kernel {
                             k.leave();
                             k.unpin();
                         }
@@ -466,28 +471,28 @@ async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Resu
     };
     // Drain: stop accepting (the listening sockets close), let open flows
     // finish for up to drain_timeout; a second signal ends it at once.
-    daemon.listeners.stop_all().await;
+    daemon.plane.listeners.stop_all().await;
     // Idle HTTP connections close; inspect-mode WebSockets get close 1001.
-    daemon.shutdown.send_replace(true);
-    let open = daemon.flows.len();
+    daemon.plane.shutdown.send_replace(true);
+    let open = daemon.plane.flows.len();
     info!(signal, open_flows = open, drain_timeout = ?cfg.drain_timeout, "stopped accepting; draining");
     let drained = async {
-        while !daemon.flows.is_empty() {
+        while !daemon.plane.flows.is_empty() {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     };
     tokio::select! {
         () = drained => info!("all flows finished; exiting"),
         () = tokio::time::sleep(cfg.drain_timeout) => {
-            warn!(open_flows = daemon.flows.len(), "drain_timeout reached; closing the remaining flows");
+            warn!(open_flows = daemon.plane.flows.len(), "drain_timeout reached; closing the remaining flows");
         }
-        _ = term.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
-        _ = int.recv() => warn!(open_flows = daemon.flows.len(), "second signal: exiting at once"),
+        _ = term.recv() => warn!(open_flows = daemon.plane.flows.len(), "second signal: exiting at once"),
+        _ = int.recv() => warn!(open_flows = daemon.plane.flows.len(), "second signal: exiting at once"),
     }
     // Pins go first (unless kept): with them gone, the programs and maps go
     // with the process. Returning drops the runtime: every flow's sockets
     // close, which also takes them out of the sockmap.
-    if let Some(k) = &daemon.kernel {
+    if let Some(k) = &daemon.plane.kernel {
         k.leave();
         k.unpin();
     }

@@ -23,8 +23,8 @@ tasks:
   build [--release]      build-ebpf, then the daemon with the object embedded
   test [cargo test args] build, then run every test in the workspace (needs root for the e2e tests);
                          without arguments, first `cargo fmt --check` and clippy with -D warnings
-  layers [ROOT]          fail if the daemon's modules (gateway/src) import each other in a cycle;
-                         the test command runs it first
+  layers [ROOT]          fail if a module of the daemon (gateway/src) imports a layer above its own, or
+                         modules import each other in a cycle; the test command runs it first
   fuzz [SECONDS]         build the fuzz targets (fuzz/, cargo-fuzz, libFuzzer) and run each for SECONDS
                          (20) from its seed corpus; a failing input is printed and kept under
                          target/fuzz-run/<target>/artifacts; the test command runs this after the suite

@@ -1,7 +1,7 @@
 //! A listener at run time: its settings and counters, admission, backend
 //! choice and connecting; and the set of running listeners (`Listeners`),
 //! each read by new flows through its settings cell (`Settings`).
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{collections::BTreeMap, sync::Mutex};
 use std::{
     hash::{Hash, Hasher},
@@ -19,9 +19,9 @@ use tracing::debug;
 
 use crate::{
     config::{Balance, Listener},
-    health::Health,
-    limits::Admission,
-    stats::ListenerStats,
+    flow::stats::ListenerStats,
+    policy::health::Health,
+    policy::limits::Admission,
 };
 
 /// A listener's runtime state.
@@ -48,7 +48,7 @@ pub struct Pool<'a> {
 }
 
 impl ListenerRt {
-    pub fn new(cfg: Listener, local: SocketAddr, global: Arc<crate::limits::Global>) -> Self {
+    pub fn new(cfg: Listener, local: SocketAddr, global: Arc<crate::policy::limits::Global>) -> Self {
         let stats = Arc::new(ListenerStats::new(cfg.backends.len()));
         Self::with_stats(cfg, local, global, stats)
     }
@@ -56,7 +56,7 @@ impl ListenerRt {
     fn with_stats(
         cfg: Listener,
         local: SocketAddr,
-        global: Arc<crate::limits::Global>,
+        global: Arc<crate::policy::limits::Global>,
         stats: Arc<ListenerStats>,
     ) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
@@ -70,7 +70,7 @@ impl ListenerRt {
 
     /// New settings for a listener that keeps running: its totals carry over
     /// when the backend list is the same (they are indexed by backend).
-    pub fn carry_over(cfg: Listener, prev: &ListenerRt, global: Arc<crate::limits::Global>) -> Self {
+    pub fn carry_over(cfg: Listener, prev: &ListenerRt, global: Arc<crate::policy::limits::Global>) -> Self {
         let stats = if cfg.backends == prev.cfg.backends {
             prev.stats.clone()
         } else {
@@ -85,7 +85,7 @@ impl ListenerRt {
     }
 
     /// Totals for `gateway stats` and the metrics, given the live flows.
-    pub fn report(&self, live: &[crate::flows::FlowSnapshot]) -> crate::stats::ListenerReport {
+    pub fn report(&self, live: &[crate::flow::table::FlowSnapshot]) -> crate::flow::stats::ListenerReport {
         let backends: Vec<String> = self.cfg.backends.iter().map(ToString::to_string).collect();
         let mut r =
             self.stats.report(&self.cfg.name, &self.local.to_string(), &self.cfg.offload.to_string(), &backends, live);
@@ -144,7 +144,7 @@ impl ListenerRt {
 
     /// Admission, before anything else (a backend connect above all). A
     /// client turned away is counted by cause and reset at once.
-    pub fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<crate::limits::Admitted<'_>> {
+    pub fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<crate::policy::limits::Admitted<'_>> {
         self.stats.accepted();
         match self.admission.admit(peer.ip()) {
             Ok(a) => Some(a),

@@ -11,7 +11,7 @@
 //! - `idle_timeout`, from the verdict's last-byte timestamps.
 //!
 //! While the verdict redirects, nothing here watches the sockets'
-//! readability (each redirected skb would wake it): [`crate::wake`] wakes the
+//! readability (each redirected skb would wake it): [`crate::kernel::wake`] wakes the
 //! supervisor on a hang-up, an error, or the verdict's first pass. A socket
 //! is watched for readability only while it has bytes for user space.
 use std::{
@@ -75,9 +75,9 @@ impl Readable {
 }
 
 use crate::{
-    flows::{CloseCause, Flow, Side},
-    kernel::{KernelPath, Splice},
-    sys,
+    flow::table::{CloseCause, Flow, Side},
+    kernel::sockmap::{KernelPath, Splice},
+    util::sys,
 };
 
 struct End<'a> {
@@ -180,10 +180,10 @@ pub enum Demotion {
 }
 
 impl Demotion {
-    pub fn fallback(self) -> crate::flows::Fallback {
+    pub fn fallback(self) -> crate::flow::table::Fallback {
         match self {
-            Demotion::SlowReceiver => crate::flows::Fallback::SlowReceiver,
-            Demotion::KernelBehind => crate::flows::Fallback::KernelBehind,
+            Demotion::SlowReceiver => crate::flow::table::Fallback::SlowReceiver,
+            Demotion::KernelBehind => crate::flow::table::Fallback::KernelBehind,
         }
     }
 
@@ -447,8 +447,9 @@ pub async fn run(
         // hang-up, a pass, a hot upgrade): it sleeps until its idle deadline,
         // and a held, idle flow costs no CPU (at 2,000 held WebSockets a
         // one-second check was the daemon's whole CPU: 1.2%).
-        let polled =
-            !woken_by_ring || !watch.as_ref().is_some_and(crate::wake::Watch::dispatched) || unwatched != [false; 2];
+        let polled = !woken_by_ring
+            || !watch.as_ref().is_some_and(crate::kernel::wake::Watch::dispatched)
+            || unwatched != [false; 2];
         let until_idle =
             Duration::from_nanos(last.saturating_add(idle.as_nanos() as u64).saturating_sub(sys::monotonic_ns()));
         let wait = if waiting_on_drain {
@@ -520,8 +521,8 @@ async fn readable(r: &Option<AsyncFd<Readable>>) -> io::Result<tokio::io::unix::
     }
 }
 
-/// The flow's next wake-up from [`crate::wake`] (never without a watch).
-async fn woken(w: &Option<crate::wake::Watch>) {
+/// The flow's next wake-up from [`crate::kernel::wake`] (never without a watch).
+async fn woken(w: &Option<crate::kernel::wake::Watch>) {
     match w {
         Some(w) => w.woken().await,
         None => std::future::pending().await,

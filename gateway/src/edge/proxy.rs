@@ -1,11 +1,11 @@
 //! Accepting clients of TCP listeners, and taking over the flows a
 //! predecessor daemon hands over (hot upgrade).
-use crate::flows::Fallback;
-use crate::sync::Locked;
+use crate::flow::table::Fallback;
+use crate::util::sync::Locked;
 use crate::{
-    carry::{accept_tls, both, finish, forward, relay_movable, retire, supervise, turn_away, ws_movable},
-    daemon::Daemon,
-    listener::{connect, ListenerRt},
+    edge::carry::{accept_tls, both, finish, forward, relay_movable, retire, supervise, turn_away, ws_movable},
+    edge::listener::{connect, ListenerRt},
+    edge::plane::Plane,
 };
 use std::{net::SocketAddr, sync::Arc};
 
@@ -14,40 +14,40 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Offload,
-    flows::{CloseCause, FlowPath},
-    session::Conn,
-    splice,
+    dataplane::splice,
+    flow::table::{CloseCause, FlowPath},
+    tls::session::Conn,
 };
 
-pub async fn serve(listener: TcpListener, slot: crate::listener::Settings, daemon: Arc<Daemon>) {
+pub async fn serve(listener: TcpListener, slot: crate::edge::listener::Settings, plane: Arc<Plane>) {
     let mut last_warned = None;
     loop {
         match listener.accept().await {
             Ok((client, peer)) => {
                 // The settings in force when the client arrived stay with its flow.
                 let rt = slot.locked().clone();
-                let daemon = daemon.clone();
+                let plane = plane.clone();
                 if rt.cfg.http().is_some() {
-                    tokio::spawn(crate::http::handle(client, peer, rt, daemon));
+                    tokio::spawn(crate::edge::http::handle(client, peer, rt, plane));
                 } else {
-                    tokio::spawn(async move { handle(client, peer, &rt, &daemon).await });
+                    tokio::spawn(async move { handle(client, peer, &rt, &plane).await });
                 }
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,
                 // and say so at most once a minute.
                 let what = format!("listener {}", slot.locked().cfg.name);
-                crate::sys::accept_failed(&what, e, &mut last_warned).await;
+                crate::util::sys::accept_failed(&what, e, &mut last_warned).await;
             }
         }
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &Daemon) {
+async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Plane) {
     let Some(_admitted) = rt.admit(&client, peer) else { return };
-    let guard = daemon.flows.open(&rt.cfg.name, peer);
+    let guard = plane.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
-    crate::flowlog::record_with("open", || crate::flows::snapshot_one(flow, None));
+    crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(flow, None));
     let _ = client.set_nodelay(true);
     // SNI routes: the ClientHello is peeked (left in the socket) to choose
     // the route, hence the pool and whether TLS is terminated here.
@@ -55,24 +55,24 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     let mut terminate = rt.cfg.tls.is_some();
     if let Some(routes) = rt.cfg.sni_routes() {
         let timeout = rt.cfg.tls.as_ref().map_or(crate::config::DEFAULT_HANDSHAKE_TIMEOUT, |t| t.handshake_timeout);
-        let sni = match tokio::time::timeout(timeout, crate::tls::peek_sni(&client)).await {
+        let sni = match tokio::time::timeout(timeout, crate::tls::terminate::peek_sni(&client)).await {
             Ok(Ok(sni)) => sni,
             Ok(Err(why)) => {
-                return turn_away(flow, &format!("no usable TLS ClientHello: {why}"), "tls-handshake", rt, daemon)
+                return turn_away(flow, &format!("no usable TLS ClientHello: {why}"), "tls-handshake", rt, plane)
             }
             Err(_) => {
-                return turn_away(flow, "no TLS ClientHello within the handshake timeout", "tls-handshake", rt, daemon)
+                return turn_away(flow, "no TLS ClientHello within the handshake timeout", "tls-handshake", rt, plane)
             }
         };
         let Some(i) = crate::config::pick_sni_route(routes, sni.as_deref()) else {
             let why = format!("no route for SNI {}", sni.as_deref().unwrap_or("(none)"));
-            return turn_away(flow, &why, "sni-reject", rt, daemon);
+            return turn_away(flow, &why, "sni-reject", rt, plane);
         };
         *flow.route.locked() = Some(format!("sni {}", routes[i].sni));
         match routes[i].mode {
             crate::config::SniMode::Reject => {
                 let why = format!("SNI {} is rejected by routes[{i}]", sni.as_deref().unwrap_or("(none)"));
-                return turn_away(flow, &why, "sni-reject", rt, daemon);
+                return turn_away(flow, &why, "sni-reject", rt, plane);
             }
             crate::config::SniMode::Passthrough => terminate = false,
             crate::config::SniMode::Terminate => terminate = true,
@@ -85,7 +85,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         None => Conn::Plain(client),
         Some(tls) => {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
-            match accept_tls(client, tls, flow, rt, daemon).await {
+            match accept_tls(client, tls, flow, rt, plane).await {
                 Some(s) => Conn::server(s, fd),
                 None => return,
             }
@@ -95,7 +95,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client ({tried})");
-            retire(flow, None, &CloseCause::NoBackend, rt, daemon);
+            retire(flow, None, &CloseCause::NoBackend, rt, plane);
             return;
         }
     };
@@ -117,7 +117,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
                     rt.stats.connect_failed(idx);
                     rt.health.failed(idx, &rt.cfg.name, addr);
                     warn!(flow = flow.id, listener = %rt.cfg.name, backend = %addr, "backend TLS failed ({}): {why}", o.summary);
-                    retire(flow, Some(idx), &CloseCause::Error(format!("backend TLS: {why}")), rt, daemon);
+                    retire(flow, Some(idx), &CloseCause::Error(format!("backend TLS: {why}")), rt, plane);
                     return;
                 }
             }
@@ -125,21 +125,21 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
     };
     let cause = match (client, backend) {
         (Conn::Plain(client), Conn::Plain(backend)) => {
-            if !daemon.handoff_delay.is_zero() {
-                tokio::time::sleep(daemon.handoff_delay).await;
+            if !plane.handoff_delay.is_zero() {
+                tokio::time::sleep(plane.handoff_delay).await;
             }
-            forward(client, backend, idx, flow, rt, daemon).await
+            forward(client, backend, idx, flow, rt, plane).await
         }
         (client, backend) => {
             flow.set_path(FlowPath::Userspace {
                 reason: "TLS is terminated or originated in user space (no kTLS on this host)".into(),
                 code: Fallback::Tls,
             });
-            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            let Some(cause) = relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout).await else {
+            crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, None));
+            let Some(cause) = relay_movable(plane, client, backend, flow, rt.cfg.idle_timeout).await else {
                 return;
             };
-            retire(flow, Some(idx), &cause, rt, daemon);
+            retire(flow, Some(idx), &cause, rt, plane);
             cause
         }
     };
@@ -149,28 +149,28 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, daemon: &D
 /// Goes on with a flow the previous daemon handed over (hot upgrade):
 /// supervised (kernel) or relayed (user space) here from where it stopped,
 /// then retired here.
-pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
+pub async fn adopt(plane: Arc<Plane>, m: crate::handoff::Migrant) {
     use std::os::fd::AsRawFd;
-    let flow = daemon.flows.adopt(&m.info.flow, m.info.path());
-    let rt = daemon.listeners.current().into_iter().find(|r| r.cfg.name == m.info.flow.listener);
+    let flow = plane.flows.adopt(&m.info.flow, m.info.path());
+    let rt = plane.listeners.current().into_iter().find(|r| r.cfg.name == m.info.flow.listener);
     let idx = rt.as_ref().and_then(|r| m.info.flow.backend.and_then(|b| r.cfg.backends.iter().position(|x| *x == b)));
-    let k = daemon.kernel.as_ref();
-    crate::flowlog::record_with("adopt", || crate::flows::snapshot_one(&flow, k));
+    let k = plane.kernel.as_ref();
+    crate::flow::log::record_with("adopt", || crate::flow::table::snapshot_one(&flow, k));
     let idle = rt.as_ref().map_or(crate::config::DEFAULT_IDLE_TIMEOUT, |r| r.cfg.idle_timeout);
     let _active = rt.as_ref().zip(idx).map(|(r, i)| r.activate(i));
     let client = m.client;
     let backend = match (&m.info.moved, m.backend) {
         (crate::handoff::Moved::Http { client_tls, early, .. }, _) => {
             // An idle HTTP connection: served here from its next request.
-            let early = crate::hex::from_hex(early);
-            let conn = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
+            let early = crate::util::hex::from_hex(early);
+            let conn = Conn::resume(crate::tls::session::Parked { tcp: client, tls: client_tls.clone() });
             let cause = match (rt.clone().filter(|r| r.cfg.http().is_some()), conn, early) {
                 (Some(rt), Ok(conn), Ok(early)) => {
-                    let io = crate::http::ClientIo::new(conn, early.into());
-                    crate::http::serve(io, flow.clone(), rt, daemon.clone()).await;
+                    let io = crate::edge::http::ClientIo::new(conn, early.into());
+                    crate::edge::http::serve(io, flow.clone(), rt, plane.clone()).await;
                     // Out of the table however it ended (closed, upgraded and
                     // moved on, or moved on idle): no guard holds it here.
-                    daemon.flows.retire(&flow, k, |_| {});
+                    plane.flows.retire(&flow, k, |_| {});
                     return;
                 }
                 (None, ..) => CloseCause::Error(format!(
@@ -180,10 +180,10 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                 (_, Err(e), _) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
                 (_, _, Err(e)) => CloseCause::Error(format!("the moved HTTP connection: {e}")),
             };
-            return finish(&daemon, &flow, rt.as_deref(), None, &cause);
+            return finish(&plane, &flow, rt.as_deref(), None, &cause);
         }
         (_, Some(b)) => b,
-        (_, None) => return finish(&daemon, &flow, None, None, &CloseCause::Error("no backend socket came".into())),
+        (_, None) => return finish(&plane, &flow, None, None, &CloseCause::Error("no backend socket came".into())),
     };
     let info = m.info;
     let cause = match (&info.moved, k) {
@@ -193,27 +193,28 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                 // It may move on again, at the next upgrade.
                 Ok((client, backend)) => {
                     let auto = rt.as_ref().filter(|r| r.cfg.offload == Offload::Auto).map(|r| &*r.stats);
-                    match supervise(&daemon, k, s, (client, backend), &flow, idle, Some(resume), auto).await {
+                    match supervise(&plane, k, s, (client, backend), &flow, idle, Some(resume), auto).await {
                         Some(cause) => cause,
                         None => {
                             // Moved on: out of this daemon's table, no totals.
-                            daemon.flows.retire(&flow, Some(k), |_| {});
+                            plane.flows.retire(&flow, Some(k), |_| {});
                             return;
                         }
                     }
                 }
                 Err(e) => CloseCause::Error(format!("cannot watch the sockets: {e}")),
             };
-            finish(&daemon, &flow, rt.as_deref(), idx, &cause);
+            finish(&plane, &flow, rt.as_deref(), idx, &cause);
             k.release(s);
             return;
         }
         (crate::handoff::Moved::WebSocket { limits, client_early, backend_early, client_tls, .. }, _) => {
-            let early = crate::hex::from_hex(client_early).and_then(|c| Ok((c, crate::hex::from_hex(backend_early)?)));
-            let client = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
+            let early = crate::util::hex::from_hex(client_early)
+                .and_then(|c| Ok((c, crate::util::hex::from_hex(backend_early)?)));
+            let client = Conn::resume(crate::tls::session::Parked { tcp: client, tls: client_tls.clone() });
             match (client, TcpStream::from_std(backend), early) {
                 (Ok(client), Ok(backend), Ok((client_early, backend_early))) => {
-                    let ends = crate::ws::Ends {
+                    let ends = crate::dataplane::ws::Ends {
                         client,
                         client_early: client_early.into(),
                         backend,
@@ -221,12 +222,12 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                         flow: &flow,
                         limits: *limits,
                         idle,
-                        shutdown: daemon.shutdown.subscribe(),
+                        shutdown: plane.shutdown.subscribe(),
                     };
-                    match ws_movable(&daemon, ends).await {
+                    match ws_movable(&plane, ends).await {
                         Some(cause) => cause,
                         None => {
-                            daemon.flows.retire(&flow, k, |_| {});
+                            plane.flows.retire(&flow, k, |_| {});
                             return;
                         }
                     }
@@ -242,13 +243,13 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
                 crate::handoff::Moved::Tls { client, backend, .. } => (client.clone(), backend.clone()),
                 _ => (None, None),
             };
-            let c = Conn::resume(crate::session::Parked { tcp: client, tls: client_tls.clone() });
-            let b = Conn::resume(crate::session::Parked { tcp: backend, tls: backend_tls.clone() });
+            let c = Conn::resume(crate::tls::session::Parked { tcp: client, tls: client_tls.clone() });
+            let b = Conn::resume(crate::tls::session::Parked { tcp: backend, tls: backend_tls.clone() });
             match (c, b) {
-                (Ok(c), Ok(b)) => match relay_movable(&daemon, c, b, &flow, idle).await {
+                (Ok(c), Ok(b)) => match relay_movable(&plane, c, b, &flow, idle).await {
                     Some(cause) => cause,
                     None => {
-                        daemon.flows.retire(&flow, k, |_| {});
+                        plane.flows.retire(&flow, k, |_| {});
                         return;
                     }
                 },
@@ -260,5 +261,5 @@ pub async fn adopt(daemon: Arc<Daemon>, m: crate::handoff::Migrant) {
         }
         (crate::handoff::Moved::Http { .. }, _) => unreachable!("served above"),
     };
-    finish(&daemon, &flow, rt.as_deref(), idx, &cause);
+    finish(&plane, &flow, rt.as_deref(), idx, &cause);
 }

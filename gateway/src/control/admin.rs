@@ -15,7 +15,7 @@ use tokio::{
 };
 use tracing::{debug, warn};
 
-use crate::{daemon::Daemon, flows::FlowSnapshot};
+use crate::{control::daemon::Daemon, flow::table::FlowSnapshot};
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ListenerInfo {
@@ -79,15 +79,17 @@ pub struct Status {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct StatsReply {
     pub kernel_path: bool,
-    pub listeners: Vec<crate::stats::ListenerReport>,
+    pub listeners: Vec<crate::flow::stats::ListenerReport>,
 }
 
 /// Totals of every listener, consistent with its live flows.
 pub fn stats(daemon: &Daemon) -> StatsReply {
-    let current = daemon.listeners.current();
-    let listeners =
-        daemon.flows.with_live(daemon.kernel.as_ref(), |live| current.iter().map(|l| l.report(live)).collect());
-    StatsReply { kernel_path: daemon.kernel.is_some(), listeners }
+    let current = daemon.plane.listeners.current();
+    let listeners = daemon
+        .plane
+        .flows
+        .with_live(daemon.plane.kernel.as_ref(), |live| current.iter().map(|l| l.report(live)).collect());
+    StatsReply { kernel_path: daemon.plane.kernel.is_some(), listeners }
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -176,6 +178,7 @@ impl Drop for AdminServer {
 
 fn listener_infos(daemon: &Daemon) -> Vec<ListenerInfo> {
     daemon
+        .plane
         .listeners
         .current()
         .iter()
@@ -230,7 +233,7 @@ impl Capped {
         let conn = match accepted {
             Ok(c) => c,
             Err(e) => {
-                crate::sys::accept_failed(self.what, e, &mut self.last_warned).await;
+                crate::util::sys::accept_failed(self.what, e, &mut self.last_warned).await;
                 return None;
             }
         };
@@ -280,7 +283,7 @@ impl Request {
             "stats" => Request::Stats,
             "status" => Request::Status,
             "reload" => Request::Reload,
-            crate::upgrade::REQUEST => Request::Handover,
+            crate::control::upgrade::REQUEST => Request::Handover,
             other => Request::Unknown(other.to_string()),
         }
     }
@@ -341,15 +344,15 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
         return conn.shutdown().await;
     }
     if request == Request::Handover {
-        return crate::upgrade::give(conn, daemon).await;
+        return crate::control::upgrade::give(conn, daemon).await;
     }
     let (_, mut w) = conn.into_split();
     let body = match request {
-        Request::Flows => serde_json::to_vec(&FlowsReply { flows: daemon.flows.snapshot(daemon.kernel.as_ref()) }),
+        Request::Flows => serde_json::to_vec(&FlowsReply { flows: daemon.plane.flows.snapshot(daemon.plane.kernel.as_ref()) }),
         Request::Listeners => serde_json::to_vec(listeners),
         Request::Stats => serde_json::to_vec(&stats(daemon)),
         Request::Reload => {
-            let r = crate::reload::reload(daemon, &daemon.config_path, &daemon.global).await;
+            let r = crate::control::reload::reload(daemon, &daemon.config_path, &daemon.global).await;
             if let Err(e) = &r {
                 warn!("{e}");
             }
@@ -359,17 +362,17 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
             })
         }
         Request::Status => {
-            let (s, i, u) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
-            let (slots_free, slots_foreign) = daemon.kernel.as_ref().map_or((0, 0), |k| k.slots_free());
-            let (woken, late, overflows) = daemon.kernel.as_ref().map_or((0, 0, 0), |k| k.wakeups());
+            let (s, i, u) = daemon.plane.kernel.as_ref().map_or((0, 0, 0), |k| k.usage());
+            let (slots_free, slots_foreign) = daemon.plane.kernel.as_ref().map_or((0, 0), |k| k.slots_free());
+            let (woken, late, overflows) = daemon.plane.kernel.as_ref().map_or((0, 0, 0), |k| k.wakeups());
             serde_json::to_vec(&Status {
                 pid: std::process::id(),
-                kernel_path: daemon.kernel.is_some(),
-                kernel_unavailable: daemon.kernel_unavailable.as_ref().map(ToString::to_string),
-                trim_overlaps: daemon.kernel.as_ref().is_some_and(|k| k.trim),
-                max_queued_per_flow: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.per_flow),
-                max_queued_total: daemon.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.total),
-                flows: daemon.flows.len(),
+                kernel_path: daemon.plane.kernel.is_some(),
+                kernel_unavailable: daemon.plane.kernel_unavailable.as_ref().map(ToString::to_string),
+                trim_overlaps: daemon.plane.kernel.as_ref().is_some_and(|k| k.trim),
+                max_queued_per_flow: daemon.plane.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.per_flow),
+                max_queued_total: daemon.plane.kernel.as_ref().and_then(|k| k.flow_control).map(|f| f.total),
+                flows: daemon.plane.flows.len(),
                 metrics: daemon.metrics.map(|a| a.to_string()),
                 kernel_sockets: s,
                 kernel_index_entries: i,
@@ -383,7 +386,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                 max_connections: daemon.global.max,
                 connections: daemon.global.active.load(std::sync::atomic::Ordering::Relaxed),
                 tasks: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
-                pinned_at: daemon.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
+                pinned_at: daemon.plane.kernel.as_ref().and_then(|k| k.pinned_at()).map(|p| p.display().to_string()),
                 listeners: listeners
                     .iter()
                     .map(|l| ListenerInfo { name: l.name.clone(), local: l.local.clone(), offload: l.offload.clone() })
@@ -418,7 +421,7 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, daemon: Arc<Daemon
                 let (status, body) = match (req.method(), req.uri().path()) {
                     (&Method::GET, "/metrics") => {
                         let s = stats(&daemon);
-                        (StatusCode::OK, crate::stats::prometheus(&s.listeners, s.kernel_path))
+                        (StatusCode::OK, crate::flow::stats::prometheus(&s.listeners, s.kernel_path))
                     }
                     (&Method::GET, _) => (StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
                     _ => (StatusCode::METHOD_NOT_ALLOWED, "GET /metrics\n".to_string()),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tracing::info;
 
-use crate::flows::FlowSnapshot;
+use crate::flow::table::FlowSnapshot;
 
 pub const TARGET: &str = "gateway::flow";
 

@@ -6,16 +6,16 @@
 //!   only reads a refusal and its body. The backend's answer goes back to
 //!   the client as the backend sent it. After a `101` both sockets, with any
 //!   bytes read past the heads, go to the kernel path (`passthrough`), or to
-//!   `ws.rs` (`inspect`, `bridge_tcp`).
+//!   `dataplane::ws` (`inspect`, `bridge_tcp`).
 //! - Any other request is reverse-proxied as HTTP/1.1, bodies streamed, over
 //!   one backend connection per client connection, reused while it serves
 //!   the same route.
 //!
 //! The client connection is one flow from accept to close; it carries the
 //! listener's admission, and its path says what happened to it.
-use crate::flows::Fallback;
+use crate::flow::table::Fallback;
 use crate::handoff::Handed;
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -42,12 +42,12 @@ use tokio::{io::AsyncWriteExt, net::TcpStream, time::Instant};
 use tracing::{debug, warn};
 
 use crate::{
-    carry,
     config::{HttpListener, Route, WsMode},
-    daemon::Daemon,
-    flows::{CloseCause, Flow, FlowPath, Side},
-    listener::{self, ListenerRt},
-    session,
+    edge::carry,
+    edge::listener::{self, ListenerRt},
+    edge::plane::Plane,
+    flow::table::{CloseCause, Flow, FlowPath, Side},
+    tls::session,
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -225,39 +225,39 @@ impl hyper::body::Body for InFlight {
     }
 }
 
-pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
     let Some(_admitted) = rt.admit(&client, peer) else { return };
-    let guard = daemon.flows.open(&rt.cfg.name, peer);
+    let guard = plane.flows.open(&rt.cfg.name, peer);
     let flow = guard.flow.clone();
-    crate::flowlog::record_with("open", || crate::flows::snapshot_one(&flow, None));
+    crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(&flow, None));
     let _ = client.set_nodelay(true);
     let client = match &rt.cfg.tls {
         None => session::Conn::Plain(client),
         Some(tls) => {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
-            match carry::accept_tls(client, tls, &flow, &rt, &daemon).await {
+            match carry::accept_tls(client, tls, &flow, &rt, &plane).await {
                 Some(s) => session::Conn::server(s, fd),
                 None => return,
             }
         }
     };
-    serve(ClientIo::new(client, Bytes::new()), flow, rt.clone(), daemon.clone()).await;
+    serve(ClientIo::new(client, Bytes::new()), flow, rt.clone(), plane.clone()).await;
 }
 
 /// Serves a client connection until it closes, is upgraded, or (idle at a
 /// hot upgrade) goes to the new daemon. Retires the flow when it ends here.
-pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, daemon: Arc<Daemon>) {
+pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
     // hyper's connection state (a few KiB) lives in a box of its own, freed
     // at the 101: the task of an upgraded flow, which may live for days,
     // holds only what carrying it needs (4 KiB a spliced WebSocket in all,
     // 12 KiB before; `cargo xtask bench-density`).
-    if let Some(up) = Box::pin(serve_http(client, &flow, &rt, &daemon)).await {
-        upgraded(up, &flow, &rt, &daemon).await;
+    if let Some(up) = Box::pin(serve_http(client, &flow, &rt, &plane)).await {
+        upgraded(up, &flow, &rt, &plane).await;
     }
 }
 
 /// The HTTP part of [`serve`]: the upgrade to carry on with, if it came to one.
-async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, daemon: &Arc<Daemon>) -> Option<Upgrade> {
+async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, plane: &Arc<Plane>) -> Option<Upgrade> {
     let http = rt.cfg.http().expect("a websocket listener has routes");
     let conn = Arc::new(ClientConn {
         rt: rt.clone(),
@@ -298,8 +298,8 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
         .max_buf_size(http.max_request_head)
         .keep_alive(true);
     let mut served = builder.serve_connection(TokioIo::new(client), svc).with_upgrades();
-    let mut shutdown = daemon.shutdown.subscribe();
-    let mut handed_over = daemon.handed_over.subscribe();
+    let mut shutdown = plane.shutdown.subscribe();
+    let mut handed_over = plane.handed_over.subscribe();
     let mut draining = false;
     // At a hot upgrade: the requests taken when the idle connection was let go.
     let mut moving: Option<u64> = None;
@@ -318,13 +318,13 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
                 }
             }
             // The drain: finish the request in progress, then close.
-            () = crate::ws::draining(&mut shutdown), if !draining => {
+            () = crate::dataplane::ws::draining(&mut shutdown), if !draining => {
                 Pin::new(&mut served).graceful_shutdown();
                 draining = true;
             }
             // A hot upgrade: an idle connection ends here without a close
             // and moves; a busy one finishes its request, then closes.
-            () = crate::ws::draining(&mut handed_over), if !draining => {
+            () = crate::dataplane::ws::draining(&mut handed_over), if !draining => {
                 if conn.in_flight.load(Ordering::Relaxed) == 0 {
                     hold.store(true, Ordering::Relaxed);
                     moving = Some(conn.requests.load(Ordering::Relaxed));
@@ -340,16 +340,16 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
     drop(conn);
     if stalled {
         let cause = if draining { CloseCause::Shutdown } else { CloseCause::IdleTimeout };
-        carry::retire(flow, None, &cause, rt, daemon);
+        carry::retire(flow, None, &cause, rt, plane);
         return None;
     }
     if let (Ok(()), None, true) = (&result, &upgrade, idle) {
         if let Some(parts) = served.into_parts() {
             let (client, early) = parts.io.into_inner().into_parts(parts.read_buf);
-            let handed = hand_over_idle(client, early, flow, daemon).await;
+            let handed = hand_over_idle(client, early, flow, plane).await;
             flow.movable.store(false, Ordering::Relaxed);
             if !handed {
-                carry::retire(flow, None, &CloseCause::Shutdown, rt, daemon);
+                carry::retire(flow, None, &CloseCause::Shutdown, rt, plane);
             }
             return None;
         }
@@ -366,7 +366,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
                 )),
                 Err(e) => CloseCause::Error(format!("http: {e}")),
             };
-            carry::retire(flow, None, &cause, rt, daemon);
+            carry::retire(flow, None, &cause, rt, plane);
             None
         }
     }
@@ -375,7 +375,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, da
 /// An idle connection at a hot upgrade: to the new daemon (its TLS session
 /// too), with the bytes read past the last request. Not taken (too late, or
 /// a TLS session not at rest), it closes here.
-async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, daemon: &Daemon) -> bool {
+async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, plane: &Plane) -> bool {
     use tokio::io::AsyncWriteExt;
     let at_rest = client.flush().await.is_ok() && client.quiet();
     if at_rest {
@@ -385,10 +385,14 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, da
         };
         // Checked, taken out and handed over under one lock: a session's
         // keys never leave rustls for a hand-over that has ended.
-        let handed = daemon.migrants.offer(flow, client, |client| -> Result<_, session::MoveError> {
+        let handed = plane.migrants.offer(flow, client, |client| -> Result<_, session::MoveError> {
             let p = client.park()?;
-            let moved =
-                crate::handoff::Moved::Http { reason, code, client_tls: p.tls, early: crate::hex::to_hex(&early) };
+            let moved = crate::handoff::Moved::Http {
+                reason,
+                code,
+                client_tls: p.tls,
+                early: crate::util::hex::to_hex(&early),
+            };
             Ok((moved, p.tcp, None))
         });
         match handed {
@@ -414,14 +418,14 @@ fn http_of(rt: &ListenerRt) -> &HttpListener {
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.
-async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
+async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) {
     let idx = up.backend_idx;
     let route = &http_of(rt).routes[up.route];
     let client = match up.client.await.map(raw::<ClientIo>) {
         Ok(Some((io, read))) => io.into_parts(read),
         Ok(None) => unreachable!("the server's connection is TokioIo<ClientIo>"),
         Err(e) => {
-            carry::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, daemon);
+            carry::retire(flow, Some(idx), &CloseCause::Error(format!("client upgrade: {e}")), rt, plane);
             return;
         }
     };
@@ -432,7 +436,7 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
             Ok(Some(b)) => b,
             Ok(None) => unreachable!("the client's connection to the backend is TokioIo<TcpStream>"),
             Err(e) => {
-                carry::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, daemon);
+                carry::retire(flow, Some(idx), &CloseCause::Error(format!("backend upgrade: {e}")), rt, plane);
                 return;
             }
         },
@@ -457,10 +461,10 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                     drop((client_early, backend_early));
                     match client {
                         session::Conn::Plain(client) => {
-                            if !daemon.handoff_delay.is_zero() {
-                                tokio::time::sleep(daemon.handoff_delay).await;
+                            if !plane.handoff_delay.is_zero() {
+                                tokio::time::sleep(plane.handoff_delay).await;
                             }
-                            carry::forward(client, backend, idx, flow, rt, daemon).await;
+                            carry::forward(client, backend, idx, flow, rt, plane).await;
                             return;
                         }
                         // wss: the client's bytes are ciphertext, relayed here.
@@ -469,9 +473,9 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                                 reason: "TLS is terminated in user space (no kTLS on this host)".into(),
                                 code: Fallback::Tls,
                             });
-                            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
+                            crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, None));
                             let idle = rt.cfg.idle_timeout;
-                            match Box::pin(carry::relay_movable(daemon, tls, session::Conn::Plain(backend), flow, idle))
+                            match Box::pin(carry::relay_movable(plane, tls, session::Conn::Plain(backend), flow, idle))
                                 .await
                             {
                                 Some(cause) => cause,
@@ -489,24 +493,24 @@ async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, daemon: &Daemon) {
                 if route.mode == WsMode::Inspect { Fallback::WebSocketInspect } else { Fallback::WebSocketBridge };
             let reason = format!("mode {}: messages are relayed in user space", route.mode);
             flow.set_path(FlowPath::Userspace { reason, code });
-            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, None));
-            let ends = crate::ws::Ends {
+            crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, None));
+            let ends = crate::dataplane::ws::Ends {
                 client,
                 client_early,
                 backend,
                 backend_early,
                 flow,
-                limits: crate::ws::Limits::of(route),
+                limits: crate::dataplane::ws::Limits::of(route),
                 idle: rt.cfg.idle_timeout,
-                shutdown: daemon.shutdown.subscribe(),
+                shutdown: plane.shutdown.subscribe(),
             };
-            match Box::pin(carry::ws_movable(daemon, ends)).await {
+            match Box::pin(carry::ws_movable(plane, ends)).await {
                 Some(cause) => cause,
                 None => return,
             }
         }
     };
-    carry::retire(flow, Some(idx), &cause, rt, daemon);
+    carry::retire(flow, Some(idx), &cause, rt, plane);
 }
 
 /// The stream under an upgraded connection and the bytes hyper read past the head.

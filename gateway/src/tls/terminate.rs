@@ -10,7 +10,7 @@
 //!   between the TLS stream and the backend, close_notify standing for the
 //!   half-close. rustls reads through a record gate and may hand its
 //!   traffic keys out, so that a hot upgrade can move the session
-//!   (`session.rs`).
+//!   (`tls::session`).
 use std::{fmt, path::Path, sync::Arc, time::Duration};
 
 use rustls::{
@@ -22,7 +22,7 @@ use rustls::{
 use rustls_pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
-use crate::host::HostMatch;
+use crate::util::host::HostMatch;
 
 /// A listener's TLS settings, ready to serve.
 #[derive(Clone)]
@@ -155,7 +155,7 @@ pub fn build(
         }
     };
     let mut config = builder.with_cert_resolver(Arc::new(BySni { certs: loaded }));
-    // A hot upgrade takes the traffic keys along (`session.rs`).
+    // A hot upgrade takes the traffic keys along (`tls::session`).
     config.enable_secret_extraction = true;
     config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     let summary = certs
@@ -452,13 +452,13 @@ impl Origination {
         &self,
         addr: std::net::SocketAddr,
         stream: TcpStream,
-    ) -> std::io::Result<crate::session::Conn> {
+    ) -> std::io::Result<crate::tls::session::Conn> {
         use std::os::fd::AsRawFd;
         let name =
             self.server_name.clone().unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(addr.ip().into()));
         let fd = stream.as_raw_fd();
-        let s = self.connector.connect(name, crate::gate::Gate::new(Box::new(stream), &[])).await?;
-        Ok(crate::session::Conn::client(s, fd))
+        let s = self.connector.connect(name, crate::util::gate::Gate::new(Box::new(stream), &[])).await?;
+        Ok(crate::tls::session::Conn::client(s, fd))
     }
 }
 

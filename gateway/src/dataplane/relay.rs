@@ -10,9 +10,9 @@ use std::{
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::{
-    flows::{CloseCause, Flow, Side, Stopped},
-    session::Conn,
-    sys,
+    flow::table::{CloseCause, Flow, Side, Stopped},
+    tls::session::Conn,
+    util::sys,
 };
 
 /// Copy buffer per direction. 64 KiB or more halves the CPU per byte of the
@@ -73,7 +73,7 @@ pub type EofGuard<'a> = dyn Fn(Side, u64) -> bool + Sync + 'a;
 
 /// Detached: stopped for a hot upgrade with neither direction holding a
 /// byte or past EOF, and every rustls session between records; the sides.
-pub type Relayed = crate::flows::Stopped<(Conn, Conn)>;
+pub type Relayed = crate::flow::table::Stopped<(Conn, Conn)>;
 
 /// Relays two sides (TLS ones included) until both directions are closed,
 /// one side resets, or the flow is idle for `idle`; once `detach` turns
@@ -189,7 +189,7 @@ async fn drive(
                     return Some(CloseCause::IdleTimeout);
                 }
             }
-            () = crate::splice::asked_to_detach(detach), if !detach_asked => detach_asked = true,
+            () = crate::dataplane::splice::asked_to_detach(detach), if !detach_asked => detach_asked = true,
             () = tokio::time::sleep(Duration::from_millis(5)), if detach_asked => {}
         }
         if c2b_done && b2c_done {

@@ -9,7 +9,7 @@
 //! - Removed listeners stop accepting; their flows go on until they end.
 //! - Established flows keep the settings they started with (kernel and
 //!   userspace alike): each holds its own reference to its listener's state.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -22,15 +22,15 @@ use tracing::{info, warn};
 
 use crate::{
     config::{Config, Listener},
-    daemon::Daemon,
-    limits::Global,
-    listener::{ListenerRt, Running, Settings},
-    proxy,
+    control::daemon::Daemon,
+    edge::listener::{ListenerRt, Running, Settings},
+    edge::proxy,
+    policy::limits::Global,
 };
 
 fn spawn_checks(rt: &Arc<ListenerRt>) -> JoinHandle<()> {
     let rt = rt.clone();
-    tokio::spawn(async move { crate::health::check(&rt.health, &rt.cfg.name, &rt.cfg.backends).await })
+    tokio::spawn(async move { crate::policy::health::check(&rt.health, &rt.cfg.name, &rt.cfg.backends).await })
 }
 
 /// Starts serving an already bound listener.
@@ -48,8 +48,13 @@ pub fn start(daemon: &Arc<Daemon>, sock: tokio::net::TcpListener, rt: Arc<Listen
             return;
         }
     };
-    let accept = Some(tokio::spawn(proxy::serve(sock, slot.clone(), daemon.clone())));
-    daemon.listeners.running.locked().insert(name, Running { settings: slot, bind, accept, checks, sock: Some(dup) });
+    let accept = Some(tokio::spawn(proxy::serve(sock, slot.clone(), daemon.plane.clone())));
+    daemon
+        .plane
+        .listeners
+        .running
+        .locked()
+        .insert(name, Running { settings: slot, bind, accept, checks, sock: Some(dup) });
 }
 
 /// Binds a listener's socket: reuse-address, IPv6-only for IPv6, backlog 4096.
@@ -67,7 +72,7 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 
 /// Reloads from `path`. On success, returns a one-line summary.
 pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> Result<String, String> {
-    let _one_at_a_time = daemon.listeners.reloading.lock().await;
+    let _one_at_a_time = daemon.plane.listeners.reloading.lock().await;
     let cfg = Config::load(path).map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
     for w in cfg.warnings() {
         warn!("reload: {w}");
@@ -88,6 +93,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
 
     // Bind what is new before changing anything.
     let running: BTreeMap<String, (SocketAddr, Arc<ListenerRt>)> = daemon
+        .plane
         .listeners
         .running
         .locked()
@@ -108,7 +114,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     let (mut updated, mut added, mut removed) = (0, 0, 0);
     let wanted: Vec<&str> = cfg.listeners.iter().map(|l| l.name.as_str()).collect();
     {
-        let mut run = daemon.listeners.running.locked();
+        let mut run = daemon.plane.listeners.running.locked();
         // Removed listeners (and listeners whose bind changed) stop accepting.
         let gone: Vec<String> = run
             .iter()

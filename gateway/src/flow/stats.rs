@@ -5,7 +5,7 @@
 //! A flow's bytes count live while it is open and move into the totals when it
 //! closes; both happen under the flow table's lock, so a counter never goes
 //! backwards between two scrapes.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     collections::BTreeMap,
     fmt::Write as _,
@@ -17,7 +17,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::flows::{CloseCause, FlowSnapshot};
+use crate::flow::table::{CloseCause, FlowSnapshot};
 
 /// Bytes of one listener or backend, by path and direction.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -63,8 +63,8 @@ struct BackendClosed {
 pub struct ListenerStats {
     accepted: AtomicU64,
     /// Connections turned away before any backend was contacted, by cause
-    /// (indexed like [`crate::limits::CAUSES`]).
-    rejected: [AtomicU64; crate::limits::CAUSES.len()],
+    /// (indexed like [`crate::policy::limits::CAUSES`]).
+    rejected: [AtomicU64; crate::policy::limits::CAUSES.len()],
     connect_failures: Vec<AtomicU64>,
     closed: Mutex<Closed>,
     /// `offload: auto` moves between the paths, by (to, reason).
@@ -131,7 +131,7 @@ impl ListenerStats {
     }
 
     pub fn rejected(&self, cause: &str) {
-        if let Some(i) = crate::limits::CAUSES.iter().position(|c| *c == cause) {
+        if let Some(i) = crate::policy::limits::CAUSES.iter().position(|c| *c == cause) {
             self.rejected[i].fetch_add(1, Relaxed);
         }
     }
@@ -141,7 +141,7 @@ impl ListenerStats {
     }
 
     /// Folds a closing flow into the totals. Call under the flow table's lock
-    /// (see [`crate::flows::FlowTable::retire`]).
+    /// (see [`crate::flow::table::FlowTable::retire`]).
     pub fn close(&self, f: &FlowSnapshot, backend: Option<usize>, cause: &CloseCause) {
         let mut c = self.closed.locked();
         *c.by_cause.entry(cause.code().to_string()).or_default() += 1;
@@ -198,7 +198,7 @@ impl ListenerStats {
             local: local.into(),
             offload: offload.into(),
             accepted: self.accepted.load(Relaxed),
-            rejected: crate::limits::CAUSES
+            rejected: crate::policy::limits::CAUSES
                 .iter()
                 .zip(&self.rejected)
                 .map(|(c, n)| (c.to_string(), n.load(Relaxed)))

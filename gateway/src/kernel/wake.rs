@@ -25,7 +25,7 @@
 //! The dispatcher is a thread of its own: as a task, behind 200 busy flows,
 //! it ran late enough that up to 46 of about 380 passes were found that way;
 //! as a thread, none in ten runs.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     collections::HashMap,
     io,

@@ -7,10 +7,10 @@ use std::{io, net::TcpListener, os::fd::AsRawFd};
 use serde::Serialize;
 
 use crate::{
-    btf::Btf,
     config::{self, Offload},
-    kernel::KernelPath,
-    sys,
+    kernel::btf::Btf,
+    kernel::sockmap::KernelPath,
+    util::sys,
 };
 
 #[derive(Debug, Serialize)]

@@ -4,7 +4,7 @@
 //! Each spliced socket gets a [`SockSlot`] in the `SLOTS` array, which is
 //! mmapped here so that the verdict's counters are read, and user space's own
 //! fields written, in place.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     io,
     os::fd::{AsFd, AsRawFd},
@@ -23,7 +23,7 @@ use gateway_common::{
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
-use crate::{btf::Btf, sys};
+use crate::{kernel::btf::Btf, util::sys};
 
 /// The program name of the experiment's stream parser (see [`Attach`]).
 const PROG_PARSER: &str = "gateway_parser";
@@ -198,7 +198,7 @@ pub struct KernelPath {
     /// Descriptors of SOCKS, SLOT_INDEX, SLOTS and WAKE, for a hot upgrade.
     handover_fds: [std::os::fd::OwnedFd; HANDOVER_FDS],
     /// Hang-ups, errors and the verdict's wake-ups of spliced sockets.
-    wakeups: std::sync::Arc<crate::wake::Wakeups>,
+    wakeups: std::sync::Arc<crate::kernel::wake::Wakeups>,
     maps: Mutex<Maps>,
     slots: SlotTable,
     max_flows: u32,
@@ -348,7 +348,7 @@ impl KernelPath {
             return Err(Unavailable::LoadFailed("WAKE is not a ring buffer".into()));
         };
         let wake_fd = wake.fd().as_fd().try_clone_to_owned().map_err(|e| load_err(&e))?;
-        let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
+        let wakeups = crate::kernel::wake::Wakeups::new(wake).map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         wakeups.read_ring().map_err(|e| load_err(&format!("epoll for WAKE: {e}")))?;
         // The maps taken above must stay open until the program is loaded:
         // its instructions refer to their fds.
@@ -441,7 +441,7 @@ impl KernelPath {
 
     /// Puts both sockets in the SOCKHASH. From here on the verdict forwards
     /// what they receive; bytes that arrived before are forwarded when the
-    /// caller next reads the socket (see [`crate::splice`]).
+    /// caller next reads the socket (see [`crate::dataplane::splice`]).
     pub fn splice(&self, client: &impl AsRawFd, backend: &impl AsRawFd) -> Result<Splice, Unavailable> {
         let insert_err = |e: &dyn std::error::Error| {
             let mut msg = e.to_string();
@@ -701,8 +701,8 @@ impl KernelPath {
 
     /// While a slot is not enabled the verdict passes its bytes to user space.
     /// Watches a spliced flow's sockets for what the supervisor must handle
-    /// while the verdict redirects (see [`crate::wake`]).
-    pub fn watch(&self, s: &Splice, client: i32, backend: i32) -> io::Result<crate::wake::Watch> {
+    /// while the verdict redirects (see [`crate::kernel::wake`]).
+    pub fn watch(&self, s: &Splice, client: i32, backend: i32) -> io::Result<crate::kernel::wake::Watch> {
         self.wakeups.watch([s.client_slot, s.backend_slot], [client, backend])
     }
 
@@ -741,7 +741,7 @@ impl KernelPath {
         (w.delivered.load(Relaxed), w.late.load(Relaxed), w.overflows.load(Relaxed))
     }
 
-    /// Whether this daemon reads the verdict's wake-ups (see [`crate::wake`]).
+    /// Whether this daemon reads the verdict's wake-ups (see [`crate::kernel::wake`]).
     pub fn wakeups_reading(&self) -> bool {
         self.wakeups.reading()
     }
@@ -954,7 +954,7 @@ impl KernelPath {
         let sockets = info.max_flows.saturating_mul(2);
         let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
         let wake = MapData::from_fd(wake).map_err(|e| format!("WAKE: {e}"))?;
-        let wakeups = crate::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
+        let wakeups = crate::kernel::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
         let free: std::collections::VecDeque<u32> = info.free.iter().copied().collect();
         info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");
         Ok(Self {

@@ -33,7 +33,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::gate::{Framing, Gate};
+use crate::util::gate::{Framing, Gate};
 
 /// TLS record boundaries: a 5-byte header, then the length it names.
 #[derive(Default)]
@@ -201,7 +201,7 @@ pub(crate) fn keys_of(version: Option<ProtocolVersion>, s: rustls::ExtractedSecr
             ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => (Cipher::Chacha20Poly1305, key, iv),
             _ => return Err(MoveError::Cipher),
         };
-        let hex = crate::hex::to_hex;
+        let hex = crate::util::hex::to_hex;
         Ok((cipher, Direction { key: hex(key.as_ref()), iv: hex(iv.as_ref()), seq }))
     };
     let (cipher, tx) = dir(s.tx)?;
@@ -315,7 +315,7 @@ impl Conn {
                 (r.tcp.into_std()?, keys, early)
             }
         };
-        Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::hex::to_hex(&early) }) })
+        Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::util::hex::to_hex(&early) }) })
     }
 
     /// Goes on with a parked side (needs the runtime, for the socket).
@@ -324,7 +324,7 @@ impl Conn {
         match p.tls {
             None => Ok(Conn::Plain(tcp)),
             Some(t) => {
-                let early = crate::hex::from_hex(&t.early).map_err(MoveError::Keys)?;
+                let early = crate::util::hex::from_hex(&t.early).map_err(MoveError::Keys)?;
                 Ok(Conn::Resumed(Box::new(Resumed::new(tcp, &t.keys, early)?)))
             }
         }
@@ -372,8 +372,8 @@ struct Sealing {
 
 impl Sealing {
     fn new(cipher: Cipher, d: &Direction) -> Result<Self, MoveError> {
-        let raw = crate::hex::from_hex(&d.key).map_err(MoveError::Keys)?;
-        let iv: [u8; 12] = crate::hex::from_hex(&d.iv)
+        let raw = crate::util::hex::from_hex(&d.key).map_err(MoveError::Keys)?;
+        let iv: [u8; 12] = crate::util::hex::from_hex(&d.iv)
             .map_err(MoveError::Keys)?
             .try_into()
             .map_err(|_| MoveError::Keys("the IV is not 12 bytes".into()))?;
@@ -392,7 +392,7 @@ impl Sealing {
     }
 
     fn direction(&self) -> Direction {
-        let hex = crate::hex::to_hex;
+        let hex = crate::util::hex::to_hex;
         Direction { key: hex(&self.raw), iv: hex(&self.iv), seq: self.seq }
     }
 }

@@ -5,7 +5,7 @@
 //! brings an ejected backend back, a failure counts like a failed client
 //! connect. An ejected backend gets no new
 //! flows; when all are ejected, clients are closed with a clear log line.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     net::SocketAddr,
     sync::{

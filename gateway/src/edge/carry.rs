@@ -1,11 +1,11 @@
 //! Carrying a flow once its client and backend are connected (or its
 //! WebSocket upgraded): on the kernel path, in the relay, or moving between
 //! them (`offload: auto`), and to a successor daemon at a hot upgrade.
-use crate::flows::Stopped;
-use crate::flows::{Fallback, KernelRefusal};
+use crate::flow::table::Stopped;
+use crate::flow::table::{Fallback, KernelRefusal};
 use crate::handoff::Handed;
-use crate::sync::Locked;
-use crate::{daemon::Daemon, listener::ListenerRt};
+use crate::util::sync::Locked;
+use crate::{edge::listener::ListenerRt, edge::plane::Plane};
 use std::{sync::atomic::Ordering::Relaxed, time::Duration};
 
 use tokio::net::TcpStream;
@@ -13,12 +13,12 @@ use tracing::{debug, warn};
 
 use crate::{
     config::Offload,
-    flows::{CloseCause, FlowPath},
-    kernel::{KernelPath, Unavailable},
-    relay,
-    session::Conn,
-    splice,
-    stats::ListenerStats,
+    dataplane::relay,
+    dataplane::splice,
+    flow::stats::ListenerStats,
+    flow::table::{CloseCause, FlowPath},
+    kernel::sockmap::{KernelPath, Unavailable},
+    tls::session::Conn,
 };
 
 /// The server side of a TLS handshake. A failure is counted per listener
@@ -26,13 +26,13 @@ use crate::{
 /// retires the flow.
 pub async fn accept_tls(
     client: TcpStream,
-    tls: &crate::tls::Tls,
-    flow: &crate::flows::Flow,
+    tls: &crate::tls::terminate::Tls,
+    flow: &crate::flow::table::Flow,
     rt: &ListenerRt,
-    daemon: &Daemon,
-) -> Option<crate::session::ServerTls> {
-    // Read a record at a time, so that the session can move (`session.rs`).
-    let client = crate::gate::Gate::new(Box::new(client), &[]);
+    plane: &Plane,
+) -> Option<crate::tls::session::ServerTls> {
+    // Read a record at a time, so that the session can move (`tls::session`).
+    let client = crate::util::gate::Gate::new(Box::new(client), &[]);
     let accept = tokio_rustls::TlsAcceptor::from(tls.config.clone()).accept(client);
     let why = match tokio::time::timeout(tls.handshake_timeout, accept).await {
         Ok(Ok(s)) => return Some(s),
@@ -41,15 +41,15 @@ pub async fn accept_tls(
     };
     rt.stats.rejected("tls-handshake");
     debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
-    retire(flow, None, &CloseCause::Rejected(why), rt, daemon);
+    retire(flow, None, &CloseCause::Rejected(why), rt, plane);
     None
 }
 
 /// Closes a client before any backend is contacted, counted under `cause`.
-pub(crate) fn turn_away(flow: &crate::flows::Flow, why: &str, cause: &str, rt: &ListenerRt, daemon: &Daemon) {
+pub(crate) fn turn_away(flow: &crate::flow::table::Flow, why: &str, cause: &str, rt: &ListenerRt, plane: &Plane) {
     rt.stats.rejected(cause);
     debug!(flow = flow.id, listener = %rt.cfg.name, client = %flow.client, "{why}");
-    retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, daemon);
+    retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, plane);
 }
 
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its
@@ -59,17 +59,17 @@ pub async fn forward(
     client: TcpStream,
     backend: TcpStream,
     idx: usize,
-    flow: &crate::flows::Flow,
+    flow: &crate::flow::table::Flow,
     rt: &ListenerRt,
-    daemon: &Daemon,
+    plane: &Plane,
 ) -> CloseCause {
     let peer = flow.client;
-    let kernel = match (rt.cfg.offload, &daemon.kernel) {
+    let kernel = match (rt.cfg.offload, &plane.kernel) {
         (Offload::Userspace, _) => Err(("offload: userspace".to_string(), Fallback::Configured)),
         (_, None) => {
-            let why = daemon.kernel_unavailable.as_ref().map_or("kernel path not loaded".into(), |u| u.to_string());
+            let why = plane.kernel_unavailable.as_ref().map_or("kernel path not loaded".into(), |u| u.to_string());
             let code =
-                Fallback::Kernel(daemon.kernel_unavailable.as_ref().map_or(KernelRefusal::Unavailable, Into::into));
+                Fallback::Kernel(plane.kernel_unavailable.as_ref().map_or(KernelRefusal::Unavailable, Into::into));
             Err((why, code))
         }
         (_, Some(k)) => match k.splice(&client, &backend) {
@@ -77,7 +77,7 @@ pub async fn forward(
             Err(e) if rt.cfg.offload == Offload::Kernel && !matches!(e, Unavailable::NotEstablished(_)) => {
                 warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "offload: kernel and the flow cannot be spliced ({e}); closing it");
                 let cause = CloseCause::Rejected(e.to_string());
-                retire(flow, Some(idx), &cause, rt, daemon);
+                retire(flow, Some(idx), &cause, rt, plane);
                 return cause;
             }
             Err(e) => Err((e.to_string(), Fallback::Kernel((&e).into()))),
@@ -86,36 +86,36 @@ pub async fn forward(
     match kernel {
         Ok((k, s)) => {
             flow.set_path(FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot });
-            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, Some(k)));
+            crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, Some(k)));
             let (client, backend) = match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
                 Ok((c, b)) => (c, b),
                 Err(e) => {
                     warn!(flow = flow.id, "cannot watch the spliced sockets: {e}; closing the flow");
                     let cause = CloseCause::Error(e.to_string());
-                    retire(flow, Some(idx), &cause, rt, daemon);
+                    retire(flow, Some(idx), &cause, rt, plane);
                     k.release(&s);
                     return cause;
                 }
             };
             let auto = (rt.cfg.offload == Offload::Auto).then_some(&*rt.stats);
-            let Some(cause) = supervise(daemon, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None, auto).await
+            let Some(cause) = supervise(plane, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None, auto).await
             else {
                 return CloseCause::HandedOver;
             };
             // Final counters before the slots are reused.
-            retire(flow, Some(idx), &cause, rt, daemon);
+            retire(flow, Some(idx), &cause, rt, plane);
             k.release(&s);
             cause
         }
         Err((reason, code)) => {
             flow.set_path(FlowPath::Userspace { reason: reason.clone(), code });
-            crate::flowlog::record_with("handoff", || crate::flows::snapshot_one(flow, daemon.kernel.as_ref()));
+            crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, plane.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
             let (client, backend) = (Conn::Plain(client), Conn::Plain(backend));
-            let Some(cause) = Box::pin(relay_movable(daemon, client, backend, flow, rt.cfg.idle_timeout)).await else {
+            let Some(cause) = Box::pin(relay_movable(plane, client, backend, flow, rt.cfg.idle_timeout)).await else {
                 return CloseCause::HandedOver;
             };
-            retire(flow, Some(idx), &cause, rt, daemon);
+            retire(flow, Some(idx), &cause, rt, plane);
             cause
         }
     }
@@ -128,11 +128,11 @@ pub async fn forward(
 /// and [`relay_demoted`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn supervise(
-    daemon: &Daemon,
+    plane: &Plane,
     k: &KernelPath,
-    s: &crate::kernel::Splice,
+    s: &crate::kernel::sockmap::Splice,
     (client, backend): (splice::Sock, splice::Sock),
-    flow: &crate::flows::Flow,
+    flow: &crate::flow::table::Flow,
     idle: Duration,
     resume: Option<&splice::Resume>,
     auto: Option<&ListenerStats>,
@@ -145,14 +145,14 @@ pub(crate) async fn supervise(
     let mut light_for = LIGHT_FOR;
     loop {
         let (c, b) = socks.as_ref().expect("the sockets are back at each turn");
-        let detach = Some(daemon.handed_over.subscribe());
+        let detach = Some(plane.handed_over.subscribe());
         let outcome = splice::run(k, s, c, b, flow, idle, detach, resume.as_ref(), auto.is_some()).await;
         match outcome {
             splice::Outcome::Closed(cause) => return Some(cause),
             splice::Outcome::Detached(r) => {
                 // To the new daemon, while it still takes flows.
                 let held = socks.take().expect("taken once, then returned");
-                let handed = daemon.migrants.offer(flow, held, |(client, backend)| {
+                let handed = plane.migrants.offer(flow, held, |(client, backend)| {
                     let moved = crate::handoff::Moved::Kernel { splice: s.clone(), resume: r.clone() };
                     Ok::<_, std::convert::Infallible>((moved, client.into_inner(), Some(backend.into_inner())))
                 });
@@ -182,19 +182,20 @@ pub(crate) async fn supervise(
                 let stats = auto.expect("moves only with offload: auto");
                 let (client, backend) = socks.take().expect("the sockets are back at each turn");
                 let path = |relayed: bool| match relayed {
-                    true => crate::flows::FlowPath::Relayed {
+                    true => crate::flow::table::FlowPath::Relayed {
                         client_slot: s.client_slot,
                         backend_slot: s.backend_slot,
                         reason: why.reason().to_string(),
                         code: why.fallback(),
                     },
-                    false => {
-                        crate::flows::FlowPath::Kernel { client_slot: s.client_slot, backend_slot: s.backend_slot }
-                    }
+                    false => crate::flow::table::FlowPath::Kernel {
+                        client_slot: s.client_slot,
+                        backend_slot: s.backend_slot,
+                    },
                 };
                 flow.switch_path(path(true), format!("to-userspace: {}", why.code()));
                 stats.switched("userspace", why.code());
-                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                crate::flow::log::record_with("switch", || crate::flow::table::snapshot_one(flow, Some(k)));
                 let client = client.into_inner();
                 let backend = backend.into_inner();
                 let (client, backend) = match both(TcpStream::from_std(client), TcpStream::from_std(backend)) {
@@ -203,11 +204,11 @@ pub(crate) async fn supervise(
                         return Some(CloseCause::Error(format!("cannot relay the flow: {e}")));
                     }
                 };
-                let user = |f: &crate::flows::Flow| (f.user_c2b.load(Relaxed), f.user_b2c.load(Relaxed));
+                let user = |f: &crate::flow::table::Flow| (f.user_c2b.load(Relaxed), f.user_b2c.load(Relaxed));
                 let before = user(flow);
                 // Boxed, as the other rare turns: a flow on the kernel path
                 // holds only what that path needs.
-                let relayed = Box::pin(relay_demoted(daemon, k, s, client, backend, flow, idle, light_for));
+                let relayed = Box::pin(relay_demoted(plane, k, s, client, backend, flow, idle, light_for));
                 let (client, backend, back_why) = match relayed.await {
                     Stopped::Closed(cause) => return Some(cause),
                     Stopped::Detached((c, b, w)) => (c, b, w),
@@ -226,7 +227,7 @@ pub(crate) async fn supervise(
                 k.set_enabled(s.backend_slot, true);
                 flow.switch_path(path(false), format!("to-kernel: {back_why}"));
                 stats.switched("kernel", back_why);
-                crate::flowlog::record_with("switch", || crate::flows::snapshot_one(flow, Some(k)));
+                crate::flow::log::record_with("switch", || crate::flow::table::snapshot_one(flow, Some(k)));
                 match both(splice::Sock::from_tokio(client), splice::Sock::from_tokio(backend)) {
                     Ok((c, b)) => socks = Some((c, b)),
                     Err(e) => {
@@ -260,12 +261,12 @@ type Relayed = Stopped<(TcpStream, TcpStream, &'static str)>;
 /// stops at a quiet moment and gives the sockets back.
 #[allow(clippy::too_many_arguments)]
 async fn relay_demoted(
-    daemon: &Daemon,
+    plane: &Plane,
     k: &KernelPath,
-    s: &crate::kernel::Splice,
+    s: &crate::kernel::sockmap::Splice,
     client: TcpStream,
     backend: TcpStream,
-    flow: &crate::flows::Flow,
+    flow: &crate::flow::table::Flow,
     idle: Duration,
     light_for: Duration,
 ) -> Relayed {
@@ -276,19 +277,19 @@ async fn relay_demoted(
     // Bytes read from each socket before the relay: all it forwarded, since
     // nothing was held when the supervisor stopped.
     let read_before = (k.slot(s.client_slot).user_fwd, k.slot(s.backend_slot).user_fwd);
-    let eof_ok = |side: crate::flows::Side, read: u64| {
+    let eof_ok = |side: crate::flow::table::Side, read: u64| {
         let (slot, before) = match side {
-            crate::flows::Side::Client => (s.client_slot, read_before.0),
-            crate::flows::Side::Backend => (s.backend_slot, read_before.1),
+            crate::flow::table::Side::Client => (s.client_slot, read_before.0),
+            crate::flow::table::Side::Backend => (s.backend_slot, read_before.1),
         };
         before + read >= k.slot(slot).passed
     };
     let relay = relay::relay(Conn::Plain(client), Conn::Plain(backend), flow, idle, Some(rx), Some(&eof_ok));
     tokio::pin!(relay);
-    let mut handed = daemon.handed_over.subscribe();
+    let mut handed = plane.handed_over.subscribe();
     let monitor = async {
         let moved = || flow.user_c2b.load(Relaxed) + flow.user_b2c.load(Relaxed);
-        let queued = || crate::sys::outq(&fds.0).unwrap_or(0).max(crate::sys::outq(&fds.1).unwrap_or(0));
+        let queued = || crate::util::sys::outq(&fds.0).unwrap_or(0).max(crate::util::sys::outq(&fds.1).unwrap_or(0));
         let needed = (light_for.as_millis() / SAMPLE.as_millis()).max(1) as usize;
         // (bytes moved so far, whether the send queues were short) per sample.
         let mut window: std::collections::VecDeque<(u64, bool)> = std::collections::VecDeque::new();
@@ -337,7 +338,7 @@ async fn relay_demoted(
 }
 
 /// The flow's fallback reason and code, as a moved flow carries them.
-fn path_reason(flow: &crate::flows::Flow, default: Fallback) -> (String, String) {
+fn path_reason(flow: &crate::flow::table::Flow, default: Fallback) -> (String, String) {
     match flow.path.locked().clone() {
         FlowPath::Userspace { reason, code } => (reason, code.code().to_string()),
         _ => (String::new(), default.code().to_string()),
@@ -347,12 +348,12 @@ fn path_reason(flow: &crate::flows::Flow, default: Fallback) -> (String, String)
 /// Runs a terminated WebSocket flow (inspect, bridge_tcp) until it closes
 /// (`Some`), or until it is handed to a new daemon between messages at a hot
 /// upgrade (`None`).
-pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<CloseCause> {
+pub async fn ws_movable(plane: &Plane, ends: crate::dataplane::ws::Ends<'_>) -> Option<CloseCause> {
     use std::sync::atomic::Ordering::Relaxed;
     let flow = ends.flow;
     let (limits, idle) = (ends.limits, ends.idle);
     flow.movable.store(true, Relaxed);
-    let mut ended = crate::ws::run(ends, Some(daemon.handed_over.subscribe())).await;
+    let mut ended = crate::dataplane::ws::run(ends, Some(plane.handed_over.subscribe())).await;
     loop {
         let p = match ended {
             Stopped::Closed(cause) => {
@@ -363,14 +364,14 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
         };
         // To the new daemon while it still takes flows; else on here. Not
         // movable only once pushed: the upgrade waits for the movable flows.
-        let handed = daemon.migrants.offer(flow, p, |p| {
+        let handed = plane.migrants.offer(flow, p, |p| {
             let (reason, code) = path_reason(flow, Fallback::WebSocketInspect);
             let moved = crate::handoff::Moved::WebSocket {
                 reason,
                 code,
                 limits,
-                client_early: crate::hex::to_hex(&p.client_early),
-                backend_early: crate::hex::to_hex(&p.backend_early),
+                client_early: crate::util::hex::to_hex(&p.client_early),
+                backend_early: crate::util::hex::to_hex(&p.backend_early),
                 client_tls: p.client.tls,
             };
             Ok::<_, std::convert::Infallible>((moved, p.client.tcp, Some(p.backend)))
@@ -388,7 +389,7 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
         let client = Conn::resume(p.client);
         ended = match (client, TcpStream::from_std(p.backend)) {
             (Ok(client), Ok(backend)) => {
-                let ends = crate::ws::Ends {
+                let ends = crate::dataplane::ws::Ends {
                     client,
                     client_early: p.client_early.into(),
                     backend,
@@ -396,9 +397,9 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
                     flow,
                     limits,
                     idle,
-                    shutdown: daemon.shutdown.subscribe(),
+                    shutdown: plane.shutdown.subscribe(),
                 };
-                crate::ws::run(ends, None).await
+                crate::dataplane::ws::run(ends, None).await
             }
             _ => Stopped::Closed(CloseCause::Error("lost the sockets at a hot upgrade".into())),
         };
@@ -407,15 +408,15 @@ pub async fn ws_movable(daemon: &Daemon, ends: crate::ws::Ends<'_>) -> Option<Cl
 
 /// Relays a flow in user space (TLS on either side or none) until it closes
 /// (`Some`), or until it is handed to a new daemon at a quiet moment of a
-/// hot upgrade (`None`), with its sessions' keys (`session.rs`).
+/// hot upgrade (`None`), with its sessions' keys (`tls::session`).
 pub async fn relay_movable(
-    daemon: &Daemon,
+    plane: &Plane,
     client: Conn,
     backend: Conn,
-    flow: &crate::flows::Flow,
+    flow: &crate::flow::table::Flow,
     idle: Duration,
 ) -> Option<CloseCause> {
-    let mut relayed = relay::relay(client, backend, flow, idle, Some(daemon.handed_over.subscribe()), None).await;
+    let mut relayed = relay::relay(client, backend, flow, idle, Some(plane.handed_over.subscribe()), None).await;
     loop {
         let (mut c, mut b) = match relayed {
             Stopped::Closed(cause) => return Some(cause),
@@ -427,7 +428,7 @@ pub async fn relay_movable(
         if flushed && c.quiet() && b.quiet() {
             // Checked, taken out and handed over under one lock: the keys
             // never leave rustls for a hand-over that has ended.
-            let handed = daemon.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, crate::session::MoveError> {
+            let handed = plane.migrants.offer(flow, (c, b), |(c, b)| -> Result<_, crate::tls::session::MoveError> {
                 let (reason, code) = path_reason(flow, Fallback::Tls);
                 let (c, b) = c.park().and_then(|c| Ok((c, b.park()?)))?;
                 let moved = match (c.tls, b.tls) {
@@ -453,25 +454,31 @@ pub async fn relay_movable(
 /// Retires an adopted flow: into its listener's totals when the listener is
 /// still configured.
 pub(crate) fn finish(
-    daemon: &Daemon,
-    flow: &crate::flows::Flow,
+    plane: &Plane,
+    flow: &crate::flow::table::Flow,
     rt: Option<&ListenerRt>,
     idx: Option<usize>,
     cause: &CloseCause,
 ) {
     match rt {
-        Some(rt) => retire(flow, idx, cause, rt, daemon),
+        Some(rt) => retire(flow, idx, cause, rt, plane),
         None => {
-            let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |_| {});
-            crate::flowlog::record("close", &s, Some(cause.code()));
+            let s = plane.flows.retire(flow, plane.kernel.as_ref(), |_| {});
+            crate::flow::log::record("close", &s, Some(cause.code()));
         }
     }
 }
 
 /// Logs the flow's close record and moves its counters into the totals.
-pub fn retire(flow: &crate::flows::Flow, backend: Option<usize>, cause: &CloseCause, rt: &ListenerRt, daemon: &Daemon) {
-    let s = daemon.flows.retire(flow, daemon.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
-    crate::flowlog::record("close", &s, Some(cause.code()));
+pub fn retire(
+    flow: &crate::flow::table::Flow,
+    backend: Option<usize>,
+    cause: &CloseCause,
+    rt: &ListenerRt,
+    plane: &Plane,
+) {
+    let s = plane.flows.retire(flow, plane.kernel.as_ref(), |snap| rt.stats.close(snap, backend, cause));
+    crate::flow::log::record("close", &s, Some(cause.code()));
     if let CloseCause::Rejected(why) | CloseCause::Error(why) = cause {
         debug!(flow = s.id, "closed: {why}");
     }

@@ -20,8 +20,8 @@
 //!    sockets, slots and counters go to the new process, which carries it on.
 //!    A kernel flow's bytes never stop: the kernel moves them throughout.
 //!    Inspect and bridge WebSockets move between two whole messages (see
-//!    `ws.rs`), with the bytes read past the last one; TLS sessions between
-//!    two records, with their traffic keys (see `session.rs`).
+//!    `dataplane::ws`), with the bytes read past the last one; TLS sessions between
+//!    two records, with their traffic keys (see `tls::session`).
 //!    An idle HTTP connection moves too (`http::serve` holds hyper's
 //!    shutdown back and takes the socket); a busy one finishes its request
 //!    with `Connection: close`.
@@ -47,9 +47,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tracing::{info, warn};
 
 use crate::{
-    daemon::Daemon,
+    control::daemon::Daemon,
     handoff::{movable, Migrant, MigrantInfo, Offered},
-    sys,
+    util::sys,
 };
 
 /// The admin request that starts a handover.
@@ -64,7 +64,7 @@ pub struct Offer {
     pub pid: u32,
     pub listeners: Vec<Offered>,
     /// With the kernel path: its maps' descriptors follow the listeners'.
-    pub kernel: Option<crate::kernel::Handover>,
+    pub kernel: Option<crate::kernel::sockmap::Handover>,
 }
 
 /// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
@@ -95,16 +95,16 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     let Ok(_one) = GIVING.try_lock() else {
         return refuse(conn, "another handover is in progress").await;
     };
-    if *daemon.handed_over.borrow() {
+    if *daemon.plane.handed_over.borrow() {
         return refuse(conn, "this daemon has already handed its listeners over").await;
     }
-    let (listeners, socks) = daemon.listeners.sockets()?;
-    if socks.len() + crate::kernel::HANDOVER_FDS > sys::MAX_FDS_PER_MESSAGE {
+    let (listeners, socks) = daemon.plane.listeners.sockets()?;
+    if socks.len() + crate::kernel::sockmap::HANDOVER_FDS > sys::MAX_FDS_PER_MESSAGE {
         let why =
             format!("{} listeners are more than one handover carries ({})", socks.len(), sys::MAX_FDS_PER_MESSAGE);
         return refuse(conn, &why).await;
     }
-    let (kernel, kernel_fds) = match &daemon.kernel {
+    let (kernel, kernel_fds) = match &daemon.plane.kernel {
         Some(k) => {
             let (info, fds) = k.handover();
             (Some(info), fds.iter().map(AsRawFd::as_raw_fd).collect())
@@ -119,7 +119,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     body.push(b'\n');
     let fds: Vec<i32> = socks.iter().map(AsRawFd::as_raw_fd).chain(kernel_fds).collect();
     let give_back = || {
-        let Some(k) = &daemon.kernel else { return };
+        let Some(k) = &daemon.plane.kernel else { return };
         // SAFETY: kill(2) with signal 0 only checks that the process exists.
         let gone = successor.is_some_and(|pid| unsafe { libc::kill(pid, 0) } != 0);
         if gone {
@@ -149,9 +149,9 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
         warn!("upgrade: the new process did not confirm within {READY_WITHIN:?}; this one keeps accepting");
         return Ok(());
     }
-    daemon.listeners.stop_all().await;
-    daemon.migrants.open();
-    daemon.handed_over.send_replace(true);
+    daemon.plane.listeners.stop_all().await;
+    daemon.plane.migrants.open();
+    daemon.plane.handed_over.send_replace(true);
     // However the rest goes, the main loop may then wait for the flows left.
     struct Done<'a>(&'a std::sync::atomic::AtomicBool);
     impl Drop for Done<'_> {
@@ -161,17 +161,19 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     }
     let _done = Done(&daemon.handover_done);
     conn.get_mut().write_all(b"ok\n").await?;
-    info!(open_flows = daemon.flows.len(), "upgrade: the new process accepts now; moving the flows");
+    info!(open_flows = daemon.plane.flows.len(), "upgrade: the new process accepts now; moving the flows");
     // Kernel flows, TCP relays and terminated WebSockets over TCP detach at
     // their next quiet moment.
     let deadline = tokio::time::Instant::now() + MOVE_WITHIN;
-    let movable_left =
-        || daemon.flows.count(movable) + daemon.flows.count(|f| f.movable.load(std::sync::atomic::Ordering::Relaxed));
+    let movable_left = || {
+        daemon.plane.flows.count(movable)
+            + daemon.plane.flows.count(|f| f.movable.load(std::sync::atomic::Ordering::Relaxed))
+    };
     while movable_left() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let moving = daemon.migrants.close();
-    let free = daemon.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
+    let moving = daemon.plane.migrants.close();
+    let free = daemon.plane.kernel.as_ref().map(|k| k.seal()).unwrap_or_default();
     let stayed = movable_left();
     let conn = conn.into_inner();
     let total = moving.len();
@@ -194,7 +196,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     }
     // Our copies of the moved sockets close here; the new process holds them.
     drop(moving);
-    info!(moved = total, stayed, open_flows = daemon.flows.len(), "upgrade: flows moved; the rest finish here");
+    info!(moved = total, stayed, open_flows = daemon.plane.flows.len(), "upgrade: flows moved; the rest finish here");
     Ok(())
 }
 
@@ -221,7 +223,7 @@ pub struct Taken {
     pub from_pid: u32,
     listeners: Vec<(Offered, Option<OwnedFd>)>,
     /// The old daemon's kernel maps, to adopt instead of loading new ones.
-    pub kernel: Option<(crate::kernel::Handover, Vec<OwnedFd>)>,
+    pub kernel: Option<(crate::kernel::sockmap::Handover, Vec<OwnedFd>)>,
     conn: UnixStream,
 }
 

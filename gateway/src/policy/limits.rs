@@ -2,7 +2,7 @@
 //! backend is contacted: CIDR deny/allow lists, concurrent-connection caps
 //! (global, per listener, per source address) and new-connection rates
 //! (token buckets, per listener and per source).
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     collections::HashMap,
     net::IpAddr,

@@ -1,5 +1,5 @@
 //! The modes in which the gateway terminates WebSockets (tokio-tungstenite),
-//! after `http.rs` has done the upgrade. These flows stay in user space.
+//! after `edge::http` has done the upgrade. These flows stay in user space.
 //!
 //! - `inspect`: a WebSocket on each side; messages are relayed whole, counted,
 //!   and held to `max_message_size` (close 1009). Pings and pongs are answered
@@ -18,7 +18,7 @@
 //! a buffer of its own, so each WebSocket reads through a [`Gate`], which
 //! hands it one frame at a time and keeps the bytes after that frame itself.
 //! Between two whole messages, tungstenite then holds nothing: the sockets,
-//! the gates' bytes, a wss client's TLS session (`session.rs`) and the
+//! the gates' bytes, a wss client's TLS session (`tls::session`) and the
 //! route's limits are all the flow is, and another process can go on with it.
 use std::time::Duration;
 
@@ -41,12 +41,12 @@ use tracing::{debug, info};
 
 use crate::{
     config::{Route, WsMode},
-    flows::{CloseCause, Flow, Side, Stopped},
+    flow::table::{CloseCause, Flow, Side, Stopped},
 };
 
 use crate::{
-    gate::{Framing, Gate},
-    session::Conn,
+    tls::session::Conn,
+    util::gate::{Framing, Gate},
 };
 
 type Ws = WebSocketStream<Gate<Frames>>;
@@ -90,12 +90,12 @@ pub struct Ends<'a> {
 /// How a terminated WebSocket flow ended here. Detached: stopped between
 /// whole messages for a hot upgrade; the sockets and the bytes read past the
 /// last message, nothing else.
-pub type Ended = crate::flows::Stopped<AtRest>;
+pub type Ended = crate::flow::table::Stopped<AtRest>;
 
 /// A terminated WebSocket flow between messages, as [`Ends`] takes it again.
 pub struct AtRest {
     /// The client's socket and, over wss, its TLS session.
-    pub client: crate::session::Parked,
+    pub client: crate::tls::session::Parked,
     pub client_early: Vec<u8>,
     pub backend: std::net::TcpStream,
     pub backend_early: Vec<u8>,
@@ -228,7 +228,7 @@ impl Frames {
 }
 
 /// The socket (and TLS session) under a gate's stream, with the gate's bytes.
-fn park(ws: Ws) -> Result<(crate::session::Parked, Vec<u8>), CloseCause> {
+fn park(ws: Ws) -> Result<(crate::tls::session::Parked, Vec<u8>), CloseCause> {
     let (io, left) = ws.into_inner().into_parts();
     let lost = |why: String| CloseCause::Error(format!("could not hand the WebSocket over: {why}"));
     let io = match io.into_any().downcast::<Conn>() {
@@ -236,7 +236,9 @@ fn park(ws: Ws) -> Result<(crate::session::Parked, Vec<u8>), CloseCause> {
         Err(io) => io,
     };
     match io.downcast::<TcpStream>() {
-        Ok(s) => Ok((crate::session::Parked { tcp: s.into_std().map_err(|e| lost(e.to_string()))?, tls: None }, left)),
+        Ok(s) => {
+            Ok((crate::tls::session::Parked { tcp: s.into_std().map_err(|e| lost(e.to_string()))?, tls: None }, left))
+        }
         Err(_) => Err(lost("an unknown stream".into())),
     }
 }
@@ -463,13 +465,13 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 close_both!(CloseCause::IdleTimeout, m(), m());
                 continue;
             }
-            () = crate::ws::draining(&mut shutdown), if closing.is_none() => {
+            () = crate::dataplane::ws::draining(&mut shutdown), if closing.is_none() => {
                 let m = || Some(close(CloseCode::Away, "gateway shutting down"));
                 close_both!(CloseCause::Shutdown, m(), m());
                 continue;
             }
             () = sleep_until(closing.unwrap_or_else(far_future)), if closing.is_some() => break,
-            () = crate::splice::asked_to_detach(&mut detach), if !detach_asked => {
+            () = crate::dataplane::splice::asked_to_detach(&mut detach), if !detach_asked => {
                 detach_asked = true;
                 continue;
             }
@@ -663,13 +665,13 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
                 let _ = bounded(ws.send(close(CloseCode::Away, "idle timeout")), soon(), None).await;
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
-            () = crate::ws::draining(&mut shutdown), if closing.is_none() => {
+            () = crate::dataplane::ws::draining(&mut shutdown), if closing.is_none() => {
                 cause.get_or_insert(CloseCause::Shutdown);
                 let _ = bounded(ws.send(close(CloseCode::Away, "gateway shutting down")), soon(), None).await;
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
             () = sleep_until(closing.unwrap_or_else(far_future)), if closing.is_some() => break,
-            () = crate::splice::asked_to_detach(&mut detach), if !detach_asked => detach_asked = true,
+            () = crate::dataplane::splice::asked_to_detach(&mut detach), if !detach_asked => detach_asked = true,
         }
     }
     let parked = ws_open && detach_asked && closing.is_none() && tcp_reading && cause.is_none();
@@ -688,7 +690,7 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
 #[cfg(test)]
 mod tests {
     use super::Frames;
-    use crate::gate::Framing;
+    use crate::util::gate::Framing;
 
     /// A frame's bytes: FIN, opcode, mask bit (key 0), length encoding.
     fn frame(fin: bool, opcode: u8, masked: bool, len: usize) -> Vec<u8> {

@@ -1,5 +1,5 @@
 //! The table of live flows and the snapshots `gateway flows` prints.
-use crate::sync::Locked;
+use crate::util::sync::Locked;
 use std::{
     collections::BTreeMap,
     fmt,
@@ -13,7 +13,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{kernel::KernelPath, sys};
+use crate::{kernel::sockmap::KernelPath, util::sys};
 
 /// Why a flow is relayed in user space rather than spliced in the kernel.
 /// Its code is what `stats`, the metrics, the flow log and `flows --json`
@@ -91,9 +91,9 @@ impl Fallback {
     }
 }
 
-impl From<&crate::kernel::Unavailable> for KernelRefusal {
-    fn from(u: &crate::kernel::Unavailable) -> Self {
-        use crate::kernel::Unavailable as U;
+impl From<&crate::kernel::sockmap::Unavailable> for KernelRefusal {
+    fn from(u: &crate::kernel::sockmap::Unavailable) -> Self {
+        use crate::kernel::sockmap::Unavailable as U;
         match u {
             U::NoObject => KernelRefusal::NoObject,
             U::NotPrivileged => KernelRefusal::NotPrivileged,
