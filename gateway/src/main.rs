@@ -1,21 +1,18 @@
-//! The `gateway` binary: the daemon (`run`) and its CLI.
+//! The `gateway` binary: its CLI. `run` starts the daemon (`control::lifecycle::run`);
+//! the other commands ask a running one over its admin socket and render the answer.
 #![warn(clippy::unwrap_used)]
 
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
 
 use anyhow::{anyhow, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use gateway::{
     cli::echo,
-    config::{self, Config, Offload},
-    control::admin::{self, AdminServer, FlowsReply},
-    control::daemon::Daemon,
-    control::reload,
-    edge::{listener::ListenerRt, plane::Plane},
+    config::{self, Config},
+    control::admin::{self, FlowsReply},
     flow::table::FlowSnapshot,
-    kernel::sockmap::KernelPath,
 };
-use tracing::{error, info, warn};
+use tracing::{error, warn};
 
 /// Exit status for a configuration that does not validate (sysexits EX_CONFIG).
 const EXIT_CONFIG: u8 = 78;
@@ -194,9 +191,11 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            match rt.block_on(run(cfg, &config, takeover)) {
+            match rt.block_on(gateway::control::lifecycle::run(cfg, &config, takeover)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
+                    // The whole chain: what failed, and the error under it.
+                    let e = anyhow::Error::from(e);
                     error!("{e:#}");
                     eprintln!("gateway: {e:#}");
                     ExitCode::FAILURE
@@ -268,287 +267,6 @@ fn init_logging(json: bool) {
         b.json().init();
     } else {
         b.init();
-    }
-}
-
-async fn run(cfg: Config, config_path: &std::path::Path, takeover: bool) -> Result<()> {
-    // Handlers first: a SIGHUP or SIGTERM that arrives once the admin socket
-    // answers must find them in place (the default action would kill us).
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
-    // A hot upgrade takes the running daemon's listening sockets, and its
-    // kernel maps, first.
-    let mut taken = match takeover {
-        true => {
-            let t = gateway::control::upgrade::take(&cfg.admin.socket).map_err(|e| anyhow!("--takeover: {e}"))?;
-            info!(from_pid = t.from_pid, kernel_maps = t.kernel.is_some(), "upgrade: listening sockets received");
-            Some(t)
-        }
-        false => None,
-    };
-    // The kernel path is loaded once for all listeners that may use it (or
-    // adopted from the daemon taken over, whose verdict stays attached).
-    let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
-    let (kernel, unavailable) = match taken.as_mut().and_then(|t| t.kernel.take()) {
-        Some((info, fds)) => {
-            if cfg.kernel.pin_path.is_some() {
-                warn!("upgrade: the adopted kernel maps are not pinned again; kernel.pin_path applies at the next cold start");
-            }
-            match KernelPath::adopt(&info, fds) {
-                Ok(k) => (Some(k), None),
-                Err(e) => return Err(anyhow!("--takeover: cannot adopt the kernel maps: {e}")),
-            }
-        }
-        None if wants_kernel => match KernelPath::load(&cfg.kernel) {
-            Ok(k) => (Some(k), None),
-            Err(e) => (None, Some(e)),
-        },
-        None => (None, None),
-    };
-    if let Some(why) = &unavailable {
-        for l in &cfg.listeners {
-            match l.offload {
-                Offload::Kernel => {
-                    return Err(anyhow!(
-                        "listener {:?} has offload: kernel, but the kernel path is unavailable: {why}",
-                        l.name
-                    ))
-                }
-                Offload::Auto => {
-                    warn!(listener = %l.name, "kernel path unavailable, flows will be relayed in user space: {why}")
-                }
-                Offload::Userspace => {}
-            }
-        }
-    }
-    let handoff_delay = std::env::var("GATEWAY_TEST_HANDOFF_DELAY_MS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
-    let nofile = raise_nofile_limit();
-    let max_connections = connection_cap(cfg.max_connections, nofile, cfg.listeners.len());
-    // Bind everything before serving anything: a bad bind starts nothing.
-    let mut bound = Vec::new();
-    let global = Arc::new(gateway::policy::limits::Global { max: Some(max_connections), ..Default::default() });
-    for l in &cfg.listeners {
-        let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
-            Some(s) => tokio::net::TcpListener::from_std(s)?,
-            None => reload::bind(l.bind).with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?,
-        };
-        let local = sock.local_addr()?;
-        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
-    }
-    let metrics = match cfg.admin.metrics {
-        Some(addr) => Some(
-            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("admin.metrics: cannot bind {addr}"))?,
-        ),
-        None => None,
-    };
-    let (mut admin_guard, admin_listener) =
-        AdminServer::bind(&cfg.admin.socket, cfg.admin.group.as_ref().map(|g| g.1), taken.is_some())
-            .with_context(|| format!("admin.socket: cannot bind {}", cfg.admin.socket.display()))?;
-    let daemon = Arc::new(Daemon {
-        plane: Arc::new(Plane {
-            flows: Default::default(),
-            listeners: Default::default(),
-            kernel,
-            kernel_unavailable: unavailable,
-            handoff_delay,
-            shutdown: tokio::sync::watch::channel(false).0,
-            handed_over: tokio::sync::watch::channel(false).0,
-            migrants: Default::default(),
-        }),
-        config: std::sync::Mutex::new(cfg.clone()),
-        config_path: config_path.to_path_buf(),
-        global: global.clone(),
-        metrics: metrics.as_ref().and_then(|m| m.local_addr().ok()),
-        handover_done: Default::default(),
-    });
-    for (sock, rt) in bound {
-        reload::start(&daemon, sock, rt);
-    }
-    // Set-up is over: programs loaded, sockets bound. Keep CAP_NET_ADMIN
-    // (SO_SNDBUFFORCE for the queue bound) and CAP_NET_BIND_SERVICE (listeners
-    // added by a reload); every other capability goes.
-    const CAP_NET_BIND_SERVICE: u64 = 1 << 10;
-    const CAP_NET_ADMIN: u64 = 1 << 12;
-    match gateway::util::sys::drop_capabilities_except(CAP_NET_ADMIN | CAP_NET_BIND_SERVICE) {
-        Ok(d) if d.bounding => {
-            info!(capabilities = format!("{:#x}", d.kept), "dropped every capability not needed after set-up")
-        }
-        Ok(d) => info!(
-            capabilities = format!("{:#x}", d.kept),
-            "dropped every capability not needed after set-up; the bounding set stays as started \
-             (no CAP_SETPCAP: the service manager's bounding set is the limit)"
-        ),
-        Err(e) => warn!("could not drop capabilities: {e}"),
-    }
-    tokio::spawn(admin::serve(admin_listener, daemon.clone()));
-    let d = daemon.clone();
-    tokio::spawn(gateway::flow::log::periodic(
-        move || d.plane.flows.snapshot(d.plane.kernel.as_ref()),
-        cfg.log.flow_interval,
-    ));
-    if let Some(m) = metrics {
-        info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
-        tokio::spawn(admin::serve_metrics(m, daemon.clone()));
-    }
-    info!(
-        admin = %cfg.admin.socket.display(),
-        kernel_path = daemon.plane.kernel.is_some(),
-        workers = cfg.workers.resolve(),
-        "gateway running"
-    );
-    if let Some(t) = taken {
-        let from = t.from_pid;
-        // Blocking, briefly: a line each way, then the flows, on a local socket.
-        let (moved, free) =
-            tokio::task::spawn_blocking(move || t.confirm()).await?.map_err(|e| anyhow!("--takeover: {e}"))?;
-        if let Some(k) = &daemon.plane.kernel {
-            k.add_free(&free);
-            k.predecessor_sealed();
-            k.take_wakeups();
-            // The flows that stayed behind release their slots as they end:
-            // taken here, so that no upgrade loses capacity.
-            let d = daemon.clone();
-            tokio::spawn(async move {
-                let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
-                while d.plane.kernel.as_ref().is_some_and(|k| k.sweep() > 0) {
-                    every.tick().await;
-                }
-            });
-        }
-        // The old daemon answered on the admin path until now.
-        admin_guard
-            .publish()
-            .with_context(|| format!("admin.socket: cannot move to {}", cfg.admin.socket.display()))?;
-        info!(
-            from_pid = from,
-            moved_flows = moved.len(),
-            "upgrade: the old daemon stopped accepting; this one serves every listener"
-        );
-        for m in moved {
-            tokio::spawn(gateway::edge::proxy::adopt(daemon.plane.clone(), m));
-        }
-    }
-
-    let mut handed_over = daemon.plane.handed_over.subscribe();
-    let signal = loop {
-        tokio::select! {
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => {
-                // The outcome is logged either way; a bad file changes nothing.
-                if let Err(e) = reload::reload(&daemon, config_path, &global).await {
-                    error!("{e}");
-                }
-            }
-            _ = handed_over.wait_for(|h| *h) => {
-                // Hot upgrade: the listeners are the new process's now. Open
-                // flows go on here until they end; a signal drains them as usual.
-                let ended = async {
-                    // Until the moving flows are on their way, and the rest have ended.
-                    let sent = || daemon.handover_done.load(std::sync::atomic::Ordering::Acquire);
-                    while !(sent() && daemon.plane.flows.is_empty()) {
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    }
-                };
-                tokio::select! {
-                    () = ended => {
-                        info!("upgrade: every flow of this process has ended; exiting");
-                        if let Some(k) = &daemon.plane.kernel {
-                            k.leave();
-                            k.unpin();
-                        }
-                        return Ok(());
-                    }
-                    _ = term.recv() => break "SIGTERM",
-                    _ = int.recv() => break "SIGINT",
-                }
-            }
-        }
-    };
-    // Drain: stop accepting (the listening sockets close), let open flows
-    // finish for up to drain_timeout; a second signal ends it at once.
-    daemon.plane.listeners.stop_all().await;
-    // Idle HTTP connections close; inspect-mode WebSockets get close 1001.
-    daemon.plane.shutdown.send_replace(true);
-    let open = daemon.plane.flows.len();
-    info!(signal, open_flows = open, drain_timeout = ?cfg.drain_timeout, "stopped accepting; draining");
-    let drained = async {
-        while !daemon.plane.flows.is_empty() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    };
-    tokio::select! {
-        () = drained => info!("all flows finished; exiting"),
-        () = tokio::time::sleep(cfg.drain_timeout) => {
-            warn!(open_flows = daemon.plane.flows.len(), "drain_timeout reached; closing the remaining flows");
-        }
-        _ = term.recv() => warn!(open_flows = daemon.plane.flows.len(), "second signal: exiting at once"),
-        _ = int.recv() => warn!(open_flows = daemon.plane.flows.len(), "second signal: exiting at once"),
-    }
-    // Pins go first (unless kept): with them gone, the programs and maps go
-    // with the process. Returning drops the runtime: every flow's sockets
-    // close, which also takes them out of the sockmap.
-    if let Some(k) = &daemon.plane.kernel {
-        k.leave();
-        k.unpin();
-    }
-    Ok(())
-}
-
-/// A gateway holds two sockets per flow: lift the soft fd limit to the hard
-/// one. Returns the soft limit in force.
-fn raise_nofile_limit() -> u64 {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: r is valid for reads and writes.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
-            return u64::MAX;
-        }
-        if r.rlim_cur < r.rlim_max {
-            let soft = r.rlim_cur;
-            r.rlim_cur = r.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
-                info!(from = soft, to = r.rlim_max, "raised the open-files limit");
-            } else {
-                r.rlim_cur = soft;
-            }
-        }
-    }
-    r.rlim_cur
-}
-
-/// Descriptors kept aside from flows: the admin socket and its clients, the
-/// metrics endpoint, health checks, BPF maps and programs, the wake thread's
-/// epoll set, the log, a hot upgrade's channel.
-const RESERVED_FDS: u64 = 256;
-
-/// The daemon-wide cap on concurrent connections: `limits.max_connections`,
-/// or else what the open-files limit holds at two descriptors a flow, so
-/// that a flood is turned away at admission (counted, `global-max-connections`)
-/// instead of failing accepts and backend connects.
-fn connection_cap(configured: Option<u64>, nofile: u64, listeners: usize) -> u64 {
-    let fits = (nofile.saturating_sub(RESERVED_FDS + listeners as u64) / 2).max(1);
-    match configured {
-        Some(n) if n > fits && nofile != libc::RLIM_INFINITY => {
-            warn!(
-                "limits.max_connections {n} is more than the open-files limit {nofile} holds (about {fits} flows \
-                 at two descriptors each): past that, clients are turned away as local-resources"
-            );
-            n
-        }
-        Some(n) => n,
-        None => {
-            info!(
-                max_connections = fits,
-                open_files = nofile,
-                "connection cap from the open-files limit (set limits.max_connections to choose)"
-            );
-            fits
-        }
     }
 }
 

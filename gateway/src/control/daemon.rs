@@ -1,7 +1,7 @@
-//! The running daemon's shared state: the plane its flows run on, the config
-//! in force, the global limits, and whether its flows have gone to a
-//! successor.
-use std::{net::SocketAddr, sync::Arc};
+//! The running daemon's shared state: the plane its flows run on, the
+//! config in force, the global limits, and whether its flows have gone to a
+//! successor. `lifecycle::run` builds it.
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use crate::{config::Config, edge::plane::Plane, policy::limits::Global};
 
@@ -10,7 +10,7 @@ pub struct Daemon {
     pub plane: Arc<Plane>,
     /// The config in force (updated by reloads) and where it came from.
     pub config: std::sync::Mutex<Config>,
-    pub config_path: std::path::PathBuf,
+    pub config_path: PathBuf,
     pub global: Arc<Global>,
     /// Bound address of the metrics endpoint.
     pub metrics: Option<SocketAddr>,

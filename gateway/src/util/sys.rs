@@ -200,6 +200,26 @@ pub struct Dropped {
     pub bounding: bool,
 }
 
+/// Lifts the soft open-files limit to the hard one (a gateway holds two
+/// sockets per flow). Returns the soft limit before and after; they are
+/// equal when it already was the hard limit or could not be raised.
+pub fn raise_nofile_limit() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: r is valid for reads and writes.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let before = r.rlim_cur;
+    if r.rlim_cur < r.rlim_max {
+        r.rlim_cur = r.rlim_max;
+        // SAFETY: r is a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+            return Ok((before, before));
+        }
+    }
+    Ok((before, r.rlim_cur))
+}
+
 /// Keeps only the capabilities in `keep` (bit n = capability n): effective,
 /// permitted and inheritable are set to `keep` ∩ permitted, which also empties
 /// the ambient set; the bounding set loses everything else when it may.
