@@ -191,7 +191,7 @@ fn churn_across_every_mode_leaves_nothing_behind() {
     let echo = Backend::echo(&topo);
     let node = Peer::node_server(&topo, "n1");
     let dir = temp_dir("soak");
-    test_certs(&dir, &["soak.test"]);
+    test_certs(&dir, &["soak.test"]).expect("test certificates (openssl)");
     let d = dir.display();
     let tcp = |name: &str, offload: &str| {
         format!(

@@ -18,7 +18,7 @@ fn tls_listener(name: &str, backend: SocketAddr, dir: &Path, extra: &str) -> Str
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn terminated_flows_are_intact_and_certificates_follow_sni() {
     let dir = temp_dir("tls");
-    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let listeners = tls_listener("t", be.addr, &dir, "      alpn: [\"echo/1\"]\n")
@@ -93,7 +93,7 @@ fn check(yaml: &str) -> (i32, String) {
 #[test]
 fn bad_tls_config_names_the_file_and_the_problem() {
     let dir = temp_dir("tlsbad");
-    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]).expect("test certificates (openssl)");
     fs::write(dir.join("junk.pem"), "not a certificate\n").unwrap();
     let d = dir.display();
     let yaml = |cert: &str, key: &str, extra: &str| {
@@ -133,9 +133,9 @@ fn bad_tls_config_names_the_file_and_the_problem() {
 #[test]
 fn expired_or_not_yet_valid_certificates_are_warned_of() {
     let dir = temp_dir("tlsdates");
-    test_certs(&dir, &["a.gw.test"]);
-    dated_cert(&dir, "old.gw.test", "20200101000000Z", "20200201000000Z");
-    dated_cert(&dir, "new.gw.test", "20990101000000Z", "20990201000000Z");
+    test_certs(&dir, &["a.gw.test"]).expect("test certificates (openssl)");
+    dated_cert(&dir, "old.gw.test", "20200101000000Z", "20200201000000Z").expect("test certificates (openssl)");
+    dated_cert(&dir, "new.gw.test", "20990101000000Z", "20990201000000Z").expect("test certificates (openssl)");
     let d = dir.display();
     let yaml = |name: &str| {
         format!(
@@ -165,7 +165,7 @@ fn expired_or_not_yet_valid_certificates_are_warned_of() {
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn sni_routes_terminate_pass_through_in_the_kernel_or_reject() {
     let dir = temp_dir("sni");
-    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let plain = Backend::echo(&topo);
     // b.gw.test's TLS is the backend's own: the gateway never decrypts it.
@@ -250,7 +250,7 @@ fn bad_sni_routes_are_named() {
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn mtls_accepts_a_client_certificate_and_refuses_none() {
     let dir = temp_dir("mtls");
-    test_certs(&dir, &["a.gw.test", "b.gw.test", "client.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test", "client.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let d = dir.display();
@@ -279,7 +279,7 @@ fn mtls_accepts_a_client_certificate_and_refuses_none() {
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn certificates_reload_without_dropping_flows() {
     let dir = temp_dir("tlsreload");
-    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let be = Backend::echo(&topo);
     let d = dir.display();
@@ -330,7 +330,7 @@ fn certificates_reload_without_dropping_flows() {
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn tls_to_backends_is_verified() {
     let dir = temp_dir("orig");
-    test_certs(&dir, &["a.gw.test", "b.gw.test"]);
+    test_certs(&dir, &["a.gw.test", "b.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let tls_backend = Peer::tls_echo_server(&topo, &dir.join("b.gw.test.pem"), &dir.join("b.gw.test.key"));
     let d = dir.display();
@@ -369,7 +369,7 @@ fn tls_to_backends_is_verified() {
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn wss_is_terminated_on_websocket_listeners() {
     let dir = temp_dir("wss");
-    test_certs(&dir, &["ws.gw.test"]);
+    test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
     let d = dir.display();

@@ -287,7 +287,7 @@ fn takeover_keeps_every_flow_and_refuses_no_connection() {
 fn takeover_moves_tls_sessions() {
     let topo = Arc::new(Topology::new());
     let dir = temp_dir("upgrade-tls");
-    test_certs(&dir, &["gw.test", "backend.test"]);
+    test_certs(&dir, &["gw.test", "backend.test"]).expect("test certificates (openssl)");
     let d = dir.display();
     let be = Backend::echo(&topo);
     let tls_be = Peer::tls_echo_server(&topo, &dir.join("backend.test.pem"), &dir.join("backend.test.key"));

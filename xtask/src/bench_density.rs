@@ -21,6 +21,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
+use gateway_test_support::http::{header_value, ws_accept_response};
 
 use crate::{
     bench::{floor_line, median, Procs},
@@ -557,17 +558,12 @@ pub fn serve_many(args: &[String]) -> Result<()> {
                 if let Some(end) = c.buf.windows(4).position(|w| w == b"\r\n\r\n") {
                     let head = String::from_utf8_lossy(&c.buf[..end]).to_string();
                     c.buf.drain(..end + 4);
-                    let key = head
-                        .lines()
-                        .find_map(|l| {
-                            l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-key"))
-                        })
-                        .map(|(_, v)| v.trim().to_string())
-                        .unwrap_or_default();
-                    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-                    let reply = format!(
-                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-                    );
+                    // A request without a key is no upgrade: drop it.
+                    let reply = match header_value(&head, "sec-websocket-key") {
+                        Some(_) => ws_accept_response(&head),
+                        None => String::new(),
+                    };
+                    open &= !reply.is_empty();
                     open &= c.s.write_all(reply.as_bytes()).is_ok();
                     c.upgraded = true;
                 }

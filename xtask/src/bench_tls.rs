@@ -9,13 +9,12 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     path::{Path, PathBuf},
-    process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use rustls::{
     pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer, ServerName},
     ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection, StreamOwned,
@@ -67,37 +66,8 @@ pub struct Kit {
 
 impl Kit {
     pub fn make(work: &Path) -> Result<Self> {
-        let run = |args: &[&str]| -> Result<()> {
-            let out = Command::new("openssl").args(args).current_dir(work).output().context("openssl")?;
-            if !out.status.success() {
-                bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            Ok(())
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-        let with = |head: &[&'static str], tail: &[&'static str]| -> Vec<&'static str> {
-            head.iter().chain(ec.iter()).chain(tail.iter()).copied().collect()
-        };
-        run(&with(&["req", "-x509"], &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA"]))?;
-        run(&with(&["req"], &["-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=bench.gw.test"]))?;
-        std::fs::write(work.join("tls.ext"), format!("subjectAltName=DNS:{NAME}\n"))?;
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "tls.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "tls.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "tls.ext",
-        ])?;
+        gateway_test_support::pki::test_certs(work, &[NAME])?;
+        let (cert, key) = (work.join(format!("{NAME}.pem")), work.join(format!("{NAME}.key")));
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore::empty();
         roots.add(CertificateDer::from_pem_file(work.join("ca.pem"))?)?;
@@ -107,18 +77,12 @@ impl Kit {
             .with_no_client_auth();
         // Every handshake is a full one, as a new client's.
         client.resumption = rustls::client::Resumption::disabled();
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_file_iter(work.join("tls.pem"))?.collect::<Result<_, _>>()?;
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)?.collect::<Result<_, _>>()?;
         let server = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
-            .with_single_cert(chain, PrivateKeyDer::from_pem_file(work.join("tls.key"))?)?;
-        Ok(Kit {
-            cert: work.join("tls.pem"),
-            key: work.join("tls.key"),
-            client: Arc::new(client),
-            server: Arc::new(server),
-        })
+            .with_single_cert(chain, PrivateKeyDer::from_pem_file(&key)?)?;
+        Ok(Kit { cert, key, client: Arc::new(client), server: Arc::new(server) })
     }
 
     fn connect(&self, port: u16) -> Result<StreamOwned<ClientConnection, TcpStream>> {

@@ -12,6 +12,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
+use gateway_test_support::http::{header_value, next_ws_frame, read_http_head, ws_accept_response, ws_frame};
 
 #[derive(Clone, Copy, PartialEq)]
 pub enum WsTarget {
@@ -73,64 +74,7 @@ pub struct WsSample {
 const MASK: [u8; 4] = [0x12, 0x34, 0x56, 0x78];
 
 fn frame(opcode: u8, payload: &[u8], masked: bool) -> Vec<u8> {
-    assert!(payload.len() < 126, "bench frames are small");
-    let mut f = vec![0x80 | opcode, payload.len() as u8 | if masked { 0x80 } else { 0 }];
-    if masked {
-        f.extend_from_slice(&MASK);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    } else {
-        f.extend_from_slice(payload);
-    }
-    f
-}
-
-/// Reads one frame (either direction, up to 64 KiB) into (opcode, payload).
-fn read_frame(s: &mut TcpStream, have: &mut Vec<u8>) -> std::io::Result<(u8, Vec<u8>)> {
-    let mut chunk = [0u8; 4096];
-    loop {
-        if have.len() >= 2 {
-            let masked = have[1] & 0x80 != 0;
-            let (hdr, len) = match have[1] & 0x7f {
-                126 if have.len() >= 4 => (4, u16::from_be_bytes([have[2], have[3]]) as usize),
-                126 | 127 => (usize::MAX, 0),
-                n => (2, n as usize),
-            };
-            let key_len = if masked { 4 } else { 0 };
-            if hdr != usize::MAX && have.len() >= hdr + key_len + len {
-                let op = have[0] & 0x0f;
-                let key: Vec<u8> = have[hdr..hdr + key_len].to_vec();
-                let mut payload = have[hdr + key_len..hdr + key_len + len].to_vec();
-                if masked {
-                    for (i, b) in payload.iter_mut().enumerate() {
-                        *b ^= key[i % 4];
-                    }
-                }
-                have.drain(..hdr + key_len + len);
-                return Ok((op, payload));
-            }
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        have.extend_from_slice(&chunk[..n]);
-    }
-}
-
-fn read_head(s: &mut TcpStream) -> std::io::Result<(String, Vec<u8>)> {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let rest = buf.split_off(end + 4);
-            return Ok((String::from_utf8_lossy(&buf).into_owned(), rest));
-        }
-        let n = s.read(&mut chunk)?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    ws_frame(opcode, payload, masked.then_some(MASK))
 }
 
 /// A WebSocket echo server: answers pings, echoes data frames, returns closes.
@@ -139,21 +83,13 @@ pub fn serve_ws_echo(l: TcpListener) {
         let Ok(mut c) = c else { continue };
         thread::spawn(move || -> std::io::Result<()> {
             c.set_nodelay(true)?;
-            let (head, mut have) = read_head(&mut c)?;
-            let key = head
-                .lines()
-                .find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-key")))
-                .map(|(_, v)| v.trim().to_string())
-                .unwrap_or_default();
-            let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-            c.write_all(
-                format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-                )
-                .as_bytes(),
-            )?;
+            let (head, mut have) = read_http_head(&mut c)?;
+            if header_value(&head, "sec-websocket-key").is_none() {
+                return Ok(());
+            }
+            c.write_all(ws_accept_response(&head).as_bytes())?;
             loop {
-                let (op, payload) = read_frame(&mut c, &mut have)?;
+                let (op, payload) = next_ws_frame(&mut c, &mut have)?;
                 match op {
                     0x8 => {
                         // Answer the close, then let the client close TCP
@@ -186,7 +122,7 @@ pub fn upgrade_at(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>)> {
         b"GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
           Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
     )?;
-    let (head, rest) = read_head(&mut s)?;
+    let (head, rest) = read_http_head(&mut s)?;
     if !head.starts_with("HTTP/1.1 101") {
         bail!("upgrade refused: {}", head.lines().next().unwrap_or_default());
     }
@@ -196,7 +132,7 @@ pub fn upgrade_at(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>)> {
 /// One 64 B binary message echoed on an upgraded connection.
 pub fn round_trip(s: &mut TcpStream, have: &mut Vec<u8>) -> Result<()> {
     s.write_all(&frame(0x2, &[0x5a; 64], true))?;
-    let (op, p) = read_frame(s, have)?;
+    let (op, p) = next_ws_frame(s, have)?;
     if op != 0x2 || p.len() != 64 {
         bail!("bad echo frame (opcode {op}, {} bytes)", p.len());
     }
@@ -214,13 +150,13 @@ pub fn ws_rr_at(addr: SocketAddr, secs: f64) -> Result<(f64, f64)> {
     let mut lat = Vec::new();
     for _ in 0..100 {
         s.write_all(&msg)?;
-        read_frame(&mut s, &mut have)?;
+        next_ws_frame(&mut s, &mut have)?;
     }
     let end = Instant::now() + Duration::from_secs_f64(secs);
     while (Instant::now() < end || lat.len() < 10) && lat.len() < 2_000_000 {
         let t = Instant::now();
         s.write_all(&msg)?;
-        let (op, p) = read_frame(&mut s, &mut have)?;
+        let (op, p) = next_ws_frame(&mut s, &mut have)?;
         if op != 0x2 || p.len() != 64 {
             bail!("bad echo frame (opcode {op}, {} bytes)", p.len());
         }
@@ -242,10 +178,10 @@ pub fn one_upgrade_at(addr: SocketAddr) -> Result<[f64; 3]> {
     let (mut s, mut have) = upgrade_at(addr)?;
     let t1 = Instant::now();
     s.write_all(&frame(0x2, &[0x33; 64], true))?;
-    read_frame(&mut s, &mut have)?;
+    next_ws_frame(&mut s, &mut have)?;
     let t2 = Instant::now();
     s.write_all(&frame(0x8, &1000u16.to_be_bytes(), true))?;
-    let (op, _) = read_frame(&mut s, &mut have)?;
+    let (op, _) = next_ws_frame(&mut s, &mut have)?;
     if op != 0x8 {
         bail!("expected a close frame, got opcode {op}");
     }
