@@ -25,7 +25,7 @@ use std::io::Write;
 use tokio::io::unix::AsyncFd;
 
 /// A spliced socket (non-blocking). It is not registered with the runtime
-/// except while [`run`] reads bytes passed to user space from it.
+/// except while its [`Supervisor`] reads bytes passed to user space from it.
 pub struct Sock(std::net::TcpStream);
 
 impl Sock {
@@ -67,8 +67,8 @@ impl AsRawFd for Readable {
 
 impl Readable {
     fn register(sock: &Sock) -> io::Result<AsyncFd<Readable>> {
-        // SAFETY: the socket outlives this registration, which `run` drops
-        // before it returns.
+        // SAFETY: the socket outlives this registration, which the
+        // `Supervisor` holds and drops with itself, before `run` returns.
         unsafe { AsyncFd::register_with_interest(Readable(sock.as_raw_fd()), tokio::io::Interest::READABLE) }
             .map_err(|e| e.into_parts().1)
     }
@@ -212,112 +212,307 @@ const SAFETY_TICK: Duration = Duration::from_secs(60);
 const BEHIND_PAUSES: u64 = 2;
 const BEHIND_WINDOW: Duration = Duration::from_secs(2);
 
-/// Supervises the flow until it ends or, once `detach` turns true, until a
-/// quiet moment to hand it over. `resume` continues a handed-over flow.
-#[allow(clippy::too_many_arguments)]
-pub async fn run(
-    kernel: &KernelPath,
-    splice: &Splice,
-    client: &Sock,
-    backend: &Sock,
-    flow: &Flow,
+/// The flow's path as its supervisor has decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The verdict redirects; a direction over its bound passes to user
+    /// space by itself, and its passed bytes are forwarded here.
+    Spliced,
+    /// Both directions over their bounds: both slots disabled, every byte
+    /// passed and relayed here until the flow has caught up.
+    Congested,
+    /// `offload: auto` moves the flow to user space: both slots disabled,
+    /// until nothing is held here and every redirected byte is in its peer's
+    /// send queue.
+    Demoting(Demotion),
+}
+
+/// One direction (the bytes received on one socket) as a turn sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Seen {
+    /// The verdict passes this socket's bytes to user space: over its
+    /// bound, or passed bytes not forwarded yet.
+    passing: bool,
+    /// Every byte passed has been forwarded, and nothing is held here.
+    caught_up: bool,
+    /// Bytes redirected from this socket and not yet in the peer's send
+    /// queue (the sockmap's queue in front of the peer).
+    queued: u64,
+    /// This socket's own send queue is under half the bound (read only
+    /// while congested, false otherwise).
+    outq_low: bool,
+    /// Passed bytes read here and not yet written to the peer.
+    holding: bool,
+    eof: bool,
+    fin_forwarded: bool,
+}
+
+impl Seen {
+    /// Held passed bytes go to the peer only once every byte redirected
+    /// before them is in the peer's send queue: the order holds.
+    fn flush_due(&self) -> bool {
+        self.holding && self.queued == 0
+    }
+
+    /// EOF goes to the peer as a FIN once every byte before it is there.
+    fn fin_due(&self) -> bool {
+        self.eof && !self.fin_forwarded && !self.holding && self.queued == 0
+    }
+}
+
+/// Where a demotion stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Demoting {
+    /// Not demoting.
+    No,
+    /// Bytes still held here or queued in front of a peer.
+    Waiting,
+    /// Nothing held, everything redirected delivered: the relay takes over.
+    Ready(Demotion),
+    /// A side closed meanwhile: finish here with both slots disabled.
+    SideClosed,
+}
+
+impl Mode {
+    /// Congestion, entered when a direction passes while the sockmap queue
+    /// in front of its own socket (the other direction's) is full too, and
+    /// left once both have caught up and drained. `offload: auto`'s move is
+    /// judged apart, from the receivers over time.
+    fn after_congestion(self, c: &Seen, b: &Seen) -> Mode {
+        match self {
+            Mode::Spliced if (c.passing && b.queued > CONGESTED) || (b.passing && c.queued > CONGESTED) => {
+                Mode::Congested
+            }
+            Mode::Congested if [c, b].iter().all(|s| s.caught_up && s.queued == 0 && s.outq_low) => Mode::Spliced,
+            m => m,
+        }
+    }
+
+    fn demoting(self, c: &Seen, b: &Seen) -> Demoting {
+        let Mode::Demoting(why) = self else { return Demoting::No };
+        if c.eof || b.eof {
+            Demoting::SideClosed
+        } else if !c.holding && !b.holding && c.queued == 0 && b.queued == 0 {
+            Demoting::Ready(why)
+        } else {
+            Demoting::Waiting
+        }
+    }
+
+    /// A hot upgrade takes the flow at a quiet moment: on the kernel path,
+    /// nothing held, no EOF, neither direction passing.
+    fn detachable(self, c: &Seen, b: &Seen) -> bool {
+        self == Mode::Spliced && [c, b].iter().all(|s| !s.holding && !s.eof && !s.passing)
+    }
+}
+
+/// How long a turn waits for an event. Waiting on the kernel (a drain
+/// before a FIN or before passed bytes) is polled with `backoff`; a flow
+/// with a side at EOF checks for a later RST; one that needs polling (no
+/// wake-ups from the ring, or a socket whose readability is not watched)
+/// polls at `poll_tick`; otherwise everything that can happen to the flow
+/// wakes it and it sleeps until its idle deadline, so that a held, idle
+/// flow costs no CPU (at 2,000 held WebSockets a one-second check was the
+/// daemon's whole CPU: 1.2%).
+fn next_wait(
+    waiting_on_drain: bool,
+    backoff: Duration,
+    eof: bool,
+    polled: bool,
+    poll_tick: Duration,
+    until_idle: Duration,
+) -> Duration {
+    if waiting_on_drain {
+        backoff
+    } else if eof {
+        Duration::from_millis(50).min(poll_tick)
+    } else if polled {
+        poll_tick
+    } else {
+        until_idle.clamp(Duration::from_millis(20), SAFETY_TICK)
+    }
+}
+
+fn passing(s: &gateway_common::SockSlot) -> bool {
+    s.paused != 0 || s.passed > s.user_fwd
+}
+
+/// Supervises one spliced flow until it ends or, once `detach` turns
+/// true, until a quiet moment to hand it over: what it has seen and
+/// decided so far, turn by turn. Each turn decides (`turn`), then arms the
+/// wake-ups it needs (`arm`) and waits for one (`wait`).
+pub struct Supervisor<'a> {
+    kernel: &'a KernelPath,
+    splice: &'a Splice,
+    flow: &'a Flow,
+    c: End<'a>,
+    b: End<'a>,
+    mode: Mode,
     idle: Duration,
-    mut detach: Option<tokio::sync::watch::Receiver<bool>>,
-    resume: Option<&Resume>,
+    /// `offload: auto`: judge whether the flow is better relayed.
     auto: bool,
-) -> Outcome {
-    let detach = &mut detach;
-    let mut c = End::new(kernel, Side::Client, client, splice.client_slot, splice.backend_sent_base);
-    let mut b = End::new(kernel, Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
-    if let Some(r) = resume {
-        (c.user_written, b.user_written, c.sndbuf, b.sndbuf) =
-            (r.client_user_written, r.backend_user_written, r.client_sndbuf, r.backend_sndbuf);
-    }
-    let mut detach_asked = false;
-    let spliced_ns = sys::monotonic_ns();
-    let mut first_eof: Option<Side> = None;
-    // The periodic check, while something is found only by polling.
-    let poll_tick = idle.min(Duration::from_secs(1)).max(Duration::from_millis(20));
-    let mut backoff = Duration::from_millis(1);
-    // Whether the last wait ended on the timer rather than on an event.
-    let mut timer_woke = false;
+    detach_asked: bool,
+    first_eof: Option<Side>,
+    spliced_ns: u64,
+    /// The periodic check, while something is found only by polling.
+    poll_tick: Duration,
+    backoff: Duration,
+    /// Whether the last wait ended on the timer rather than on an event.
+    timer_woke: bool,
+    /// `offload: auto`: the pauses seen (when, how many in all).
+    pauses_seen: Pauses,
+    /// Hang-ups, errors and the verdict's first pass; without it, both
+    /// sockets stay watched for readability, as before it existed.
+    watch: Option<crate::kernel::wake::Watch>,
+    /// Each socket's readability registration, while it has bytes for us.
+    reads: [Option<AsyncFd<Readable>>; 2],
+}
 
-    // Bytes queued before the sockets entered the map wait until the socket
-    // is read; this read makes the kernel run the verdict on them.
-    for (end, peer) in [(&mut c, backend), (&mut b, client)] {
-        if let (Step::Done(cause), _) = read_passed(end, peer) {
-            return Outcome::Closed(cause);
+impl<'a> Supervisor<'a> {
+    /// `resume` continues a handed-over or relayed flow.
+    pub fn new(
+        kernel: &'a KernelPath,
+        splice: &'a Splice,
+        (client, backend): (&'a Sock, &'a Sock),
+        flow: &'a Flow,
+        idle: Duration,
+        resume: Option<&Resume>,
+        auto: bool,
+    ) -> Self {
+        let mut c = End::new(kernel, Side::Client, client, splice.client_slot, splice.backend_sent_base);
+        let mut b = End::new(kernel, Side::Backend, backend, splice.backend_slot, splice.client_sent_base);
+        if let Some(r) = resume {
+            (c.user_written, b.user_written, c.sndbuf, b.sndbuf) =
+                (r.client_user_written, r.backend_user_written, r.client_sndbuf, r.backend_sndbuf);
+        }
+        let pauses_seen = Pauses { window: None, last: kernel.slot(c.slot).pauses + kernel.slot(b.slot).pauses };
+        Supervisor {
+            kernel,
+            splice,
+            flow,
+            c,
+            b,
+            mode: Mode::Spliced,
+            idle,
+            auto,
+            detach_asked: false,
+            first_eof: None,
+            spliced_ns: sys::monotonic_ns(),
+            poll_tick: idle.min(Duration::from_secs(1)).max(Duration::from_millis(20)),
+            backoff: Duration::from_millis(1),
+            timer_woke: false,
+            pauses_seen,
+            watch: None,
+            reads: [None, None],
         }
     }
 
-    // Both directions relayed in user space (see below).
-    let mut congested = false;
-    // offload: auto: the pauses seen (when, how many in all), and the move
-    // to user space once decided.
-    let mut pauses_seen = Pauses { window: None, last: kernel.slot(c.slot).pauses + kernel.slot(b.slot).pauses };
-    let mut demoting: Option<Demotion> = None;
-
-    // Hang-ups, errors and the verdict's first pass; without it, both
-    // sockets stay watched for readability, as before it existed.
-    let watch = match kernel.watch(splice, client.as_raw_fd(), backend.as_raw_fd()) {
-        Ok(w) => Some(w),
-        Err(e) => {
-            tracing::warn!(flow = flow.id, "cannot watch the spliced sockets for hang-ups ({e}); polling them");
-            None
+    pub async fn run(mut self, mut detach: Option<tokio::sync::watch::Receiver<bool>>) -> Outcome {
+        let (client, backend) = (self.c.sock, self.b.sock);
+        // Bytes queued before the sockets entered the map wait until the
+        // socket is read; this read makes the kernel run the verdict on them.
+        for (end, peer) in [(&mut self.c, backend), (&mut self.b, client)] {
+            if let (Step::Done(cause), _) = read_passed(end, peer) {
+                return Outcome::Closed(cause);
+            }
         }
-    };
-    // Each socket's readability registration, while it has bytes for us.
-    let (mut c_read, mut b_read) = (None, None);
+        self.watch = match self.kernel.watch(self.splice, client.as_raw_fd(), backend.as_raw_fd()) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(
+                    flow = self.flow.id,
+                    "cannot watch the spliced sockets for hang-ups ({e}); polling them"
+                );
+                None
+            }
+        };
+        loop {
+            let progress = match self.turn() {
+                Ok(progress) => progress,
+                Err(outcome) => return outcome,
+            };
+            let (wait, unwatched) = self.arm(progress);
+            if let Step::Done(cause) = self.wait(wait, unwatched, &mut detach).await {
+                return Outcome::Closed(cause);
+            }
+        }
+    }
 
-    loop {
+    /// This direction as it is now. `queued` costs a socket option read.
+    fn seen(&self, side: Side, bound: u64) -> Seen {
+        let (end, peer) = match side {
+            Side::Client => (&self.c, self.b.sock),
+            Side::Backend => (&self.b, self.c.sock),
+        };
+        let s = self.kernel.slot(end.slot);
+        Seen {
+            passing: passing(&s),
+            caught_up: end.pending.is_empty() && s.passed == s.user_fwd,
+            queued: backlog_into(self.kernel, end, peer),
+            outq_low: self.mode == Mode::Congested && sys::outq(end.sock).is_ok_and(|q| q < bound / 2),
+            holding: !end.pending.is_empty(),
+            eof: end.eof,
+            fin_forwarded: end.fin_forwarded,
+        }
+    }
+
+    fn set_enabled(&self, on: bool) {
+        self.kernel.set_enabled(self.c.slot, on);
+        self.kernel.set_enabled(self.b.slot, on);
+    }
+
+    fn resume(&self) -> Resume {
+        Resume {
+            client_user_written: self.c.user_written,
+            backend_user_written: self.b.user_written,
+            client_sndbuf: self.c.sndbuf,
+            backend_sndbuf: self.b.sndbuf,
+        }
+    }
+
+    /// One turn's decisions and what they do. Whether anything moved, or
+    /// how the flow ends here.
+    fn turn(&mut self) -> Result<bool, Outcome> {
+        let (kernel, flow) = (self.kernel, self.flow);
+        let (client, backend) = (self.c.sock, self.b.sock);
         let mut progress = false;
-        let (sc, sb) = (kernel.slot(c.slot), kernel.slot(b.slot));
+        let (sc, sb) = (kernel.slot(self.c.slot), kernel.slot(self.b.slot));
+        let bound = sc.high_water;
         // A direction over its bound passes to user space (the verdict does
         // that by itself). Its passed bytes are only charged to the socket,
         // and so close its window, when nothing waits in the sockmap queue in
         // front of that same socket; make room for that queue, and if the
         // other direction keeps it full too, stop redirecting both ways until
         // the flow has caught up.
-        let passing = |s: &gateway_common::SockSlot| s.paused != 0 || s.passed > s.user_fwd;
-        let bound = sc.high_water;
         if passing(&sc) {
-            make_room_for_passing(kernel, &mut c, &b, bound);
+            make_room_for_passing(kernel, &mut self.c, &self.b, bound);
         }
         if passing(&sb) {
-            make_room_for_passing(kernel, &mut b, &c, bound);
+            make_room_for_passing(kernel, &mut self.b, &self.c, bound);
         }
-        if !congested
-            && demoting.is_none()
-            && ((passing(&sc) && backlog_into(kernel, &b, client) > CONGESTED)
-                || (passing(&sb) && backlog_into(kernel, &c, backend) > CONGESTED))
-        {
-            congested = true;
-            kernel.set_enabled(c.slot, false);
-            kernel.set_enabled(b.slot, false);
-            tracing::debug!(flow = flow.id, "both directions over their bounds: relaying in user space until drained");
-        }
-        if congested && demoting.is_none() {
-            let caught_up = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && s.passed == s.user_fwd;
-            let quiet = |sock: &Sock| sys::outq(sock).is_ok_and(|q| q < bound / 2);
-            if caught_up(&c, &sc)
-                && caught_up(&b, &sb)
-                && drained(kernel, &c, backend)
-                && drained(kernel, &b, client)
-                && quiet(client)
-                && quiet(backend)
-            {
-                congested = false;
-                kernel.set_enabled(c.slot, true);
-                kernel.set_enabled(b.slot, true);
-                tracing::debug!(flow = flow.id, "caught up: back on the kernel path");
+        let mut seen = [self.seen(Side::Client, bound), self.seen(Side::Backend, bound)];
+        let mode = self.mode.after_congestion(&seen[0], &seen[1]);
+        if mode != self.mode {
+            self.set_enabled(mode == Mode::Spliced);
+            match mode {
+                Mode::Congested => tracing::debug!(
+                    flow = flow.id,
+                    "both directions over their bounds: relaying in user space until drained"
+                ),
+                _ => tracing::debug!(flow = flow.id, "caught up: back on the kernel path"),
             }
+            self.mode = mode;
         }
-        for (end, peer) in [(&mut c, backend), (&mut b, client)] {
-            if !end.pending.is_empty() && drained(kernel, end, peer) {
+        let mut first_eof = self.first_eof;
+        for ((end, peer), seen) in [(&mut self.c, backend), (&mut self.b, client)].into_iter().zip(&mut seen) {
+            if seen.flush_due() {
                 if let Step::Done(cause) = flush(kernel, end, peer, flow) {
-                    return Outcome::Closed(cause);
+                    return Err(Outcome::Closed(cause));
                 }
-                if !end.pending.is_empty() {
+                // Writing them moved the peer's queue as far as the bytes
+                // written: what is queued in front of it stays the same.
+                seen.holding = !end.pending.is_empty();
+                if seen.holding {
                     grow_for_passed(end, peer, bound);
                 }
                 progress = true;
@@ -325,101 +520,96 @@ pub async fn run(
             if end.eof && first_eof.is_none() {
                 first_eof = Some(end.side);
             }
-            if end.eof && !end.fin_forwarded && end.pending.is_empty() && drained(kernel, end, peer) {
+            if seen.fin_due() {
                 if let Err(e) = sys::shutdown_write(peer) {
-                    return Outcome::Closed(reset(client, backend, end.side, &e));
+                    return Err(Outcome::Closed(reset(client, backend, end.side, &e)));
                 }
                 end.fin_forwarded = true;
+                seen.fin_forwarded = true;
                 progress = true;
                 tracing::debug!(side = %end.side, "FIN forwarded");
             }
         }
-        if auto && demoting.is_none() && !detach_asked && !c.eof && !b.eof {
-            demoting = judge_auto(&mut c, &sc, backend, &mut b, &sb, client, &mut pauses_seen);
-            if let Some(why) = demoting {
-                kernel.set_enabled(c.slot, false);
-                kernel.set_enabled(b.slot, false);
+        self.first_eof = first_eof;
+        if self.auto && !matches!(self.mode, Mode::Demoting(_)) && !self.detach_asked && !self.c.eof && !self.b.eof {
+            if let Some(why) = judge_auto(&mut self.c, &sc, backend, &mut self.b, &sb, client, &mut self.pauses_seen) {
+                self.mode = Mode::Demoting(why);
+                self.set_enabled(false);
                 tracing::debug!(flow = flow.id, reason = why.code(), "offload auto: moving the flow to user space");
             }
         }
-        if let Some(why) = demoting {
+        // What follows is read again after the slots were disabled: a byte
+        // redirected just before must count.
+        if matches!(self.mode, Mode::Demoting(_)) || self.detach_asked {
+            seen = [self.seen(Side::Client, bound), self.seen(Side::Backend, bound)];
+        }
+        match self.mode.demoting(&seen[0], &seen[1]) {
             // Every redirected byte in its peer's send queue, nothing held
             // here: the relay takes over (passed bytes still unread stay in
             // the sockets, in order).
-            if !c.eof && !b.eof && c.pending.is_empty() && b.pending.is_empty() {
-                if drained(kernel, &c, backend) && drained(kernel, &b, client) {
-                    return Outcome::ToUserspace(
-                        Resume {
-                            client_user_written: c.user_written,
-                            backend_user_written: b.user_written,
-                            client_sndbuf: c.sndbuf,
-                            backend_sndbuf: b.sndbuf,
-                        },
-                        why,
-                    );
-                }
-            } else if c.eof || b.eof {
-                // A side closed meanwhile: finish here, in the kernel path's
-                // user-space mode (the slots stay disabled).
-                demoting = None;
-                congested = true;
-            }
+            Demoting::Ready(why) => return Err(Outcome::ToUserspace(self.resume(), why)),
+            // Finish in the kernel path's user-space mode (the slots stay
+            // disabled).
+            Demoting::SideClosed => self.mode = Mode::Congested,
+            Demoting::No | Demoting::Waiting => {}
         }
-        if detach_asked {
-            let quiet = |e: &End<'_>, s: &gateway_common::SockSlot| e.pending.is_empty() && !e.eof && !passing(s);
-            if !congested && quiet(&c, &kernel.slot(c.slot)) && quiet(&b, &kernel.slot(b.slot)) {
-                return Outcome::Detached(Resume {
-                    client_user_written: c.user_written,
-                    backend_user_written: b.user_written,
-                    client_sndbuf: c.sndbuf,
-                    backend_sndbuf: b.sndbuf,
-                });
-            }
+        if self.detach_asked && self.mode.detachable(&seen[0], &seen[1]) {
+            return Err(Outcome::Detached(self.resume()));
         }
-        if c.fin_forwarded && b.fin_forwarded {
-            return Outcome::Closed(CloseCause::Closed { first: first_eof.unwrap_or(Side::Client) });
+        if self.c.fin_forwarded && self.b.fin_forwarded {
+            return Err(Outcome::Closed(CloseCause::Closed { first: self.first_eof.unwrap_or(Side::Client) }));
         }
         // A socket at EOF is always readable, so it is not polled any more;
         // notice a later RST from its state instead, when the timer wakes us.
-        for (end, fin_sent_into_it) in [(&c, b.fin_forwarded), (&b, c.fin_forwarded)] {
-            if end.eof && timer_woke {
+        for (end, fin_sent_into_it) in [(&self.c, self.b.fin_forwarded), (&self.b, self.c.fin_forwarded)] {
+            if end.eof && self.timer_woke {
                 if let Some(e) = broken(end.sock, fin_sent_into_it) {
-                    return Outcome::Closed(reset(client, backend, end.side, &e));
+                    return Err(Outcome::Closed(reset(client, backend, end.side, &e)));
                 }
             }
         }
-        let last = kernel
-            .slot(c.slot)
-            .last_ns
-            .max(kernel.slot(b.slot).last_ns)
-            .max(spliced_ns)
-            .max(flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed));
-        if sys::monotonic_ns().saturating_sub(last) >= idle.as_nanos() as u64 {
-            return Outcome::Closed(CloseCause::IdleTimeout);
+        if sys::monotonic_ns().saturating_sub(self.last_active()) >= self.idle.as_nanos() as u64 {
+            return Err(Outcome::Closed(CloseCause::IdleTimeout));
         }
+        Ok(progress)
+    }
 
-        // Watch a socket's readability only while the verdict passes its
-        // bytes (or has not yet told us, with a WAKE record, that it does) or
-        // some wait here; the rest of the time `watch` wakes us.
-        // Sockets to read at the timer: readability wanted, not watched.
+    /// When a byte last moved, either way, on either path.
+    fn last_active(&self) -> u64 {
+        self.kernel
+            .slot(self.c.slot)
+            .last_ns
+            .max(self.kernel.slot(self.b.slot).last_ns)
+            .max(self.spliced_ns)
+            .max(self.flow.user_last_ns.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Arms the wake-ups the next wait needs: a socket's readability only
+    /// while the verdict passes its bytes (or has not yet told us, with a
+    /// WAKE record, that it does) or some wait here; the rest of the time
+    /// `watch` wakes us. Returns how long to wait, and the sockets to read
+    /// at the timer (readability wanted, not watched).
+    fn arm(&mut self, progress: bool) -> (Duration, [bool; 2]) {
+        let kernel = self.kernel;
         let mut unwatched = [false; 2];
-        let woken_by_ring = watch.is_some() && kernel.wakeups_reading();
-        for (i, (end, read)) in [(&c, &mut c_read), (&b, &mut b_read)].into_iter().enumerate() {
+        let woken_by_ring = self.watch.is_some() && kernel.wakeups_reading();
+        let relaying = self.mode != Mode::Spliced;
+        let [c_read, b_read] = &mut self.reads;
+        for (i, (end, read)) in [(&self.c, c_read), (&self.b, b_read)].into_iter().enumerate() {
             let s = kernel.slot(end.slot);
             let passes = passing(&s) || s.notified != 0;
-            let want =
-                !end.eof && (!woken_by_ring || congested || demoting.is_some() || !end.pending.is_empty() || passes);
+            let want = !end.eof && (!woken_by_ring || relaying || !end.pending.is_empty() || passes);
             if passes
                 && !end.eof
                 && read.is_none()
-                && timer_woke
+                && self.timer_woke
                 && woken_by_ring
-                && !watch.as_ref().is_some_and(|w| w.arrived())
+                && !self.watch.as_ref().is_some_and(|w| w.arrived())
             {
                 // A pass since the last turn, and no WAKE record came for it
                 // (a full ring): found only now, at the periodic check.
                 kernel.late_wakeup();
-                tracing::debug!(flow = flow.id, side = %end.side, "a pass noticed at the periodic check");
+                tracing::debug!(flow = self.flow.id, side = %end.side, "a pass noticed at the periodic check");
             }
             if !want {
                 *read = None;
@@ -427,45 +617,44 @@ pub async fn run(
                 match Readable::register(end.sock) {
                     Ok(r) => *read = Some(r),
                     // The timer (polling, since it waits on a pass) reads it instead.
-                    Err(e) => tracing::debug!(flow = flow.id, side = %end.side, "cannot watch readability: {e}"),
+                    Err(e) => tracing::debug!(flow = self.flow.id, side = %end.side, "cannot watch readability: {e}"),
                 }
             }
             unwatched[i] = want && read.is_none();
         }
-
-        // Waiting on the kernel (a drain before a FIN or before passed bytes)
-        // is polled with a short, growing interval; otherwise sleep until an
-        // event or the idle check.
-        let waiting_on_drain = congested
-            || demoting.is_some()
-            || [&c, &b].iter().any(|e| {
+        let waiting_on_drain = relaying
+            || [&self.c, &self.b].iter().any(|e| {
                 let s = kernel.slot(e.slot);
-                !e.pending.is_empty() || (e.eof && !e.fin_forwarded) || s.paused != 0 || s.passed > s.user_fwd
+                !e.pending.is_empty() || (e.eof && !e.fin_forwarded) || passing(&s)
             });
-        backoff = if progress { Duration::from_millis(1) } else { (backoff * 2).min(Duration::from_millis(16)) };
-        // Otherwise everything that can happen to the flow wakes it (a
-        // hang-up, a pass, a hot upgrade): it sleeps until its idle deadline,
-        // and a held, idle flow costs no CPU (at 2,000 held WebSockets a
-        // one-second check was the daemon's whole CPU: 1.2%).
+        self.backoff =
+            if progress { Duration::from_millis(1) } else { (self.backoff * 2).min(Duration::from_millis(16)) };
         let polled = !woken_by_ring
-            || !watch.as_ref().is_some_and(crate::kernel::wake::Watch::dispatched)
+            || !self.watch.as_ref().is_some_and(crate::kernel::wake::Watch::dispatched)
             || unwatched != [false; 2];
-        let until_idle =
-            Duration::from_nanos(last.saturating_add(idle.as_nanos() as u64).saturating_sub(sys::monotonic_ns()));
-        let wait = if waiting_on_drain {
-            backoff
-        } else if c.eof || b.eof {
-            Duration::from_millis(50).min(poll_tick)
-        } else if polled {
-            poll_tick
-        } else {
-            until_idle.clamp(Duration::from_millis(20), SAFETY_TICK)
-        };
-        timer_woke = false;
-        let step = tokio::select! {
-            r = readable(&c_read), if !c.eof && c.pending.is_empty() => match r {
+        let until_idle = Duration::from_nanos(
+            self.last_active().saturating_add(self.idle.as_nanos() as u64).saturating_sub(sys::monotonic_ns()),
+        );
+        let eof = self.c.eof || self.b.eof;
+        (next_wait(waiting_on_drain, self.backoff, eof, polled, self.poll_tick, until_idle), unwatched)
+    }
+
+    /// Waits for the first of: a socket's passed bytes, a wake-up from the
+    /// ring or a hang-up, the timer, the hot upgrade's call.
+    async fn wait(
+        &mut self,
+        wait: Duration,
+        unwatched: [bool; 2],
+        detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
+    ) -> Step {
+        let (client, backend) = (self.c.sock, self.b.sock);
+        let (c, b) = (&mut self.c, &mut self.b);
+        let [c_read, b_read] = &self.reads;
+        self.timer_woke = false;
+        tokio::select! {
+            r = readable(c_read), if !c.eof && c.pending.is_empty() => match r {
                 Ok(mut guard) => {
-                    let (step, drained) = read_passed(&mut c, backend);
+                    let (step, drained) = read_passed(c, backend);
                     if drained {
                         guard.clear_ready();
                     }
@@ -473,9 +662,9 @@ pub async fn run(
                 }
                 Err(e) => Step::Done(reset(client, backend, Side::Client, &e)),
             },
-            r = readable(&b_read), if !b.eof && b.pending.is_empty() => match r {
+            r = readable(b_read), if !b.eof && b.pending.is_empty() => match r {
                 Ok(mut guard) => {
-                    let (step, drained) = read_passed(&mut b, client);
+                    let (step, drained) = read_passed(b, client);
                     if drained {
                         guard.clear_ready();
                     }
@@ -484,19 +673,16 @@ pub async fn run(
                 Err(e) => Step::Done(reset(client, backend, Side::Backend, &e)),
             },
             // A hang-up, an error or a pass: whatever it was, a read finds it.
-            () = woken(&watch) => read_sides([(&mut c, backend, true), (&mut b, client, true)]),
+            () = woken(&self.watch) => read_sides([(c, backend, true), (b, client, true)]),
             () = tokio::time::sleep(wait) => {
-                timer_woke = true;
+                self.timer_woke = true;
                 // A socket whose readability could not be watched is read here.
-                read_sides([(&mut c, backend, unwatched[0]), (&mut b, client, unwatched[1])])
+                read_sides([(c, backend, unwatched[0]), (b, client, unwatched[1])])
             }
-            () = asked_to_detach(detach), if !detach_asked => {
-                detach_asked = true;
+            () = asked_to_detach(detach), if !self.detach_asked => {
+                self.detach_asked = true;
                 Step::Continue
             }
-        };
-        if let Step::Done(cause) = step {
-            return Outcome::Closed(cause);
         }
     }
 }
@@ -610,12 +796,6 @@ fn flush(kernel: &KernelPath, end: &mut End<'_>, peer: &Sock, flow: &Flow) -> St
     end.pending.clear();
     end.pending_off = 0;
     Step::Continue
-}
-
-/// True once every byte received on `end` before its EOF is in the peer's
-/// send queue, so a FIN queued now goes out after them.
-fn drained(kernel: &KernelPath, end: &End<'_>, peer: &Sock) -> bool {
-    backlog_into(kernel, end, peer) == 0
 }
 
 /// Bytes taken from `end` and not yet in `peer`'s send queue: the sockmap's
@@ -801,5 +981,97 @@ pub(crate) async fn asked_to_detach(detach: &mut Option<tokio::sync::watch::Rece
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A direction with nothing to do.
+    fn calm() -> Seen {
+        Seen { caught_up: true, outq_low: true, ..Default::default() }
+    }
+
+    #[test]
+    fn passing_into_a_full_queue_congests_both_ways_until_both_caught_up() {
+        assert_eq!(Mode::Spliced.after_congestion(&calm(), &calm()), Mode::Spliced);
+        // The client's bytes pass (over their bound) while the backend's
+        // redirects fill the queue in front of the client's own socket.
+        let passes = Seen { passing: true, caught_up: false, ..calm() };
+        let full = Seen { queued: CONGESTED + 1, ..calm() };
+        assert_eq!(Mode::Spliced.after_congestion(&passes, &full), Mode::Congested);
+        assert_eq!(Mode::Spliced.after_congestion(&full, &passes), Mode::Congested, "either way");
+        // Either alone is the verdict's own business.
+        assert_eq!(Mode::Spliced.after_congestion(&passes, &Seen { queued: CONGESTED, ..calm() }), Mode::Spliced);
+        assert_eq!(Mode::Spliced.after_congestion(&calm(), &full), Mode::Spliced);
+        // Back on the kernel path only with both directions caught up,
+        // drained and their send queues low.
+        assert_eq!(Mode::Congested.after_congestion(&calm(), &calm()), Mode::Spliced);
+        for not_yet in
+            [Seen { caught_up: false, ..calm() }, Seen { queued: 1, ..calm() }, Seen { outq_low: false, ..calm() }]
+        {
+            assert_eq!(Mode::Congested.after_congestion(&not_yet, &calm()), Mode::Congested, "{not_yet:?}");
+            assert_eq!(Mode::Congested.after_congestion(&calm(), &not_yet), Mode::Congested, "{not_yet:?}");
+        }
+        // Congestion neither starts nor ends a demotion.
+        let demoting = Mode::Demoting(Demotion::SlowReceiver);
+        assert_eq!(demoting.after_congestion(&passes, &full), demoting);
+        assert_eq!(demoting.after_congestion(&calm(), &calm()), demoting);
+    }
+
+    #[test]
+    fn passed_bytes_and_the_fin_wait_behind_what_was_redirected() {
+        let held = Seen { holding: true, queued: 10, ..Default::default() };
+        assert!(!held.flush_due(), "redirected bytes before them are still queued");
+        assert!(Seen { queued: 0, ..held }.flush_due());
+        assert!(!Seen::default().flush_due(), "nothing held");
+        let eof = Seen { eof: true, ..Default::default() };
+        assert!(eof.fin_due());
+        assert!(!Seen { queued: 1, ..eof }.fin_due(), "redirected bytes before it still queued");
+        assert!(!Seen { holding: true, ..eof }.fin_due(), "passed bytes before it still held");
+        assert!(!Seen { fin_forwarded: true, ..eof }.fin_due(), "forwarded once");
+        assert!(!Seen::default().fin_due(), "no EOF");
+    }
+
+    #[test]
+    fn a_demotion_hands_the_flow_over_only_with_nothing_held_or_queued() {
+        let demoting = Mode::Demoting(Demotion::KernelBehind);
+        let idle = Seen::default();
+        assert_eq!(Mode::Spliced.demoting(&idle, &idle), Demoting::No);
+        assert_eq!(Mode::Congested.demoting(&idle, &idle), Demoting::No);
+        assert_eq!(demoting.demoting(&idle, &idle), Demoting::Ready(Demotion::KernelBehind));
+        assert_eq!(demoting.demoting(&Seen { holding: true, ..idle }, &idle), Demoting::Waiting);
+        assert_eq!(demoting.demoting(&idle, &Seen { queued: 1, ..idle }), Demoting::Waiting);
+        // A side that closed meanwhile: the flow ends here.
+        assert_eq!(demoting.demoting(&Seen { eof: true, ..idle }, &idle), Demoting::SideClosed);
+        assert_eq!(demoting.demoting(&idle, &Seen { eof: true, holding: true, ..idle }), Demoting::SideClosed);
+    }
+
+    #[test]
+    fn a_flow_detaches_only_on_the_kernel_path_and_at_rest() {
+        let rest = Seen { caught_up: true, ..Default::default() };
+        assert!(Mode::Spliced.detachable(&rest, &rest));
+        // Redirected bytes in flight are in the maps the successor shares.
+        assert!(Mode::Spliced.detachable(&Seen { queued: 5, ..rest }, &rest));
+        for busy in [Seen { passing: true, ..rest }, Seen { holding: true, ..rest }, Seen { eof: true, ..rest }] {
+            assert!(!Mode::Spliced.detachable(&busy, &rest), "{busy:?}");
+            assert!(!Mode::Spliced.detachable(&rest, &busy), "{busy:?}");
+        }
+        assert!(!Mode::Congested.detachable(&rest, &rest));
+        assert!(!Mode::Demoting(Demotion::SlowReceiver).detachable(&rest, &rest));
+    }
+
+    #[test]
+    fn the_wait_polls_a_drain_and_sleeps_an_idle_flow_until_its_deadline() {
+        let (backoff, tick) = (Duration::from_millis(4), Duration::from_secs(1));
+        let far = Duration::from_secs(300);
+        assert_eq!(next_wait(true, backoff, true, true, tick, far), backoff);
+        assert_eq!(next_wait(false, backoff, true, true, tick, far), Duration::from_millis(50), "a side at EOF");
+        assert_eq!(next_wait(false, backoff, true, false, Duration::from_millis(20), far), Duration::from_millis(20));
+        assert_eq!(next_wait(false, backoff, false, true, tick, far), tick, "polled");
+        assert_eq!(next_wait(false, backoff, false, false, tick, far), SAFETY_TICK);
+        assert_eq!(next_wait(false, backoff, false, false, tick, Duration::from_secs(5)), Duration::from_secs(5));
+        assert_eq!(next_wait(false, backoff, false, false, tick, Duration::ZERO), Duration::from_millis(20));
     }
 }

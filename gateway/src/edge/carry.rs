@@ -146,7 +146,8 @@ pub(crate) async fn supervise(
     loop {
         let (c, b) = socks.as_ref().expect("the sockets are back at each turn");
         let detach = Some(plane.handed_over.subscribe());
-        let outcome = splice::run(k, s, c, b, flow, idle, detach, resume.as_ref(), auto.is_some()).await;
+        let outcome =
+            splice::Supervisor::new(k, s, (c, b), flow, idle, resume.as_ref(), auto.is_some()).run(detach).await;
         match outcome {
             splice::Outcome::Closed(cause) => return Some(cause),
             splice::Outcome::Detached(r) => {
@@ -173,7 +174,9 @@ pub(crate) async fn supervise(
                 }
                 // Too late: the flows have gone; this one ends here.
                 let (c, b) = socks.as_ref().expect("not handed over");
-                return match Box::pin(splice::run(k, s, c, b, flow, idle, None, Some(&r), false)).await {
+                return match Box::pin(splice::Supervisor::new(k, s, (c, b), flow, idle, Some(&r), false).run(None))
+                    .await
+                {
                     splice::Outcome::Closed(cause) => Some(cause),
                     _ => unreachable!("no detach without a receiver, no move without auto"),
                 };
