@@ -76,7 +76,7 @@ pub fn admin_request(line: &[u8]) -> crate::control::admin::Request {
 /// fields before it touches a socket: every input an error or a value.
 pub fn handover(line: &[u8]) {
     use crate::{handoff::Moved, util::hex::from_hex};
-    if let Ok(m) = serde_json::from_slice::<crate::control::upgrade::Moving>(line) {
+    if let Ok(m) = serde_json::from_slice::<crate::control::upgrade::FlowBatch>(line) {
         for f in &m.flows {
             let _ = f.path();
             let (hex, tls): (Vec<&String>, Vec<&crate::tls::session::ParkedTls>) = match &f.moved {

@@ -1,7 +1,15 @@
-//! A flow on its way to a successor daemon (hot upgrade): what it carries
-//! (`MigrantInfo`, `Moved`, the wire form `control::upgrade` sends) and its
-//! sockets (`Migrant`). Flow runners build these; only `control::upgrade` sends
-//! and receives them.
+//! A flow on its way to a successor daemon (hot upgrade). The nouns:
+//! - `Migrant`: one flow moving, its sockets and its `MigrantInfo` (what
+//!   the flow carries: its counters, `flow::table::Carried`, and by its path
+//!   a `Moved`: the kernel slots and the supervisor's `Resume`, a relay's
+//!   reason, a WebSocket's limits and unread bytes, TLS sessions parked
+//!   between records);
+//! - `Intake`: where flow runners offer a detached flow (`Handed` says what
+//!   became of it);
+//! - `OfferedListener`: a listening socket the successor takes.
+//!
+//! Flow runners build these; only `control::upgrade` sends and receives
+//! them (its own messages, `Offer`, `FlowBatch` and `Taken`, stay there).
 use std::{
     net::{SocketAddr, TcpStream},
     sync::Mutex,
@@ -105,7 +113,7 @@ impl MigrantInfo {
 /// A listening socket offered to the successor (its descriptor travels
 /// beside the message).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Offered {
+pub struct OfferedListener {
     pub name: String,
     /// The configured address (a port 0 stays 0 here).
     pub bind: SocketAddr,

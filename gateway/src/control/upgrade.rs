@@ -48,7 +48,7 @@ use tracing::{info, warn};
 
 use crate::{
     control::daemon::Daemon,
-    handoff::{movable, Migrant, MigrantInfo, Offered},
+    handoff::{movable, Migrant, MigrantInfo, OfferedListener},
     util::sys,
 };
 
@@ -60,16 +60,16 @@ const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// What the old process offers, in the order of the attached sockets.
 #[derive(Debug, Serialize, Deserialize)]
-pub struct Offer {
+pub(crate) struct Offer {
     pub pid: u32,
-    pub listeners: Vec<Offered>,
+    pub listeners: Vec<OfferedListener>,
     /// With the kernel path: its maps' descriptors follow the listeners'.
     pub kernel: Option<crate::kernel::sockmap::Handover>,
 }
 
 /// One message of moving flows (up to `FLOWS_PER_MESSAGE`, two sockets each).
 #[derive(Debug, Serialize, Deserialize)]
-pub(crate) struct Moving {
+pub(crate) struct FlowBatch {
     pub(crate) flows: Vec<MigrantInfo>,
     /// The old daemon's last free slots (in the final message).
     free: Vec<u32>,
@@ -179,7 +179,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
     let total = moving.len();
     let mut batches = moving.chunks(FLOWS_PER_MESSAGE).peekable();
     if batches.peek().is_none() {
-        send(&conn, &Moving { flows: Vec::new(), free: free.clone(), more: false }, &[]).await?;
+        send(&conn, &FlowBatch { flows: Vec::new(), free: free.clone(), more: false }, &[]).await?;
     }
     while let Some(batch) = batches.next() {
         let more = batches.peek().is_some();
@@ -187,7 +187,7 @@ pub async fn give(conn: tokio::net::UnixStream, daemon: &Arc<Daemon>) -> std::io
             .iter()
             .flat_map(|m| std::iter::once(m.client.as_raw_fd()).chain(m.backend.as_ref().map(AsRawFd::as_raw_fd)))
             .collect();
-        let msg = Moving {
+        let msg = FlowBatch {
             flows: batch.iter().map(|m| m.info.clone()).collect(),
             free: if more { Vec::new() } else { free.clone() },
             more,
@@ -219,16 +219,16 @@ async fn send_line(conn: &tokio::net::UnixStream, body: &[u8], fds: &[i32]) -> s
 }
 
 /// New side: the listening sockets received from the running daemon.
-pub struct Taken {
+pub(crate) struct Taken {
     pub from_pid: u32,
-    listeners: Vec<(Offered, Option<OwnedFd>)>,
+    listeners: Vec<(OfferedListener, Option<OwnedFd>)>,
     /// The old daemon's kernel maps, to adopt instead of loading new ones.
     pub kernel: Option<(crate::kernel::sockmap::Handover, Vec<OwnedFd>)>,
     conn: UnixStream,
 }
 
 /// Asks the daemon behind `admin` for its listening sockets.
-pub fn take(admin: &Path) -> Result<Taken, String> {
+pub(crate) fn take(admin: &Path) -> Result<Taken, String> {
     let at = admin.display();
     let mut conn = UnixStream::connect(admin).map_err(|e| format!("no running daemon answers on {at}: {e}"))?;
     conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
@@ -321,7 +321,7 @@ impl Taken {
                     Err(e) => return Err(format!("receiving flows: {e}")),
                 }
             }
-            let msg: Moving = serde_json::from_slice(&buf[..n]).map_err(|e| format!("receiving flows: {e}"))?;
+            let msg: FlowBatch = serde_json::from_slice(&buf[..n]).map_err(|e| format!("receiving flows: {e}"))?;
             let want: usize = msg.flows.iter().map(|f| 1 + usize::from(f.with_backend())).sum();
             if fds.len() != want {
                 return Err(format!(

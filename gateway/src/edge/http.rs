@@ -105,19 +105,19 @@ pub struct ClientIo {
     conn: session::Conn,
     early: Bytes,
     hold: Arc<AtomicBool>,
-    moved: Arc<Moved>,
+    last_byte: Arc<LastByte>,
 }
 
 /// When a client connection last moved a byte, either way: `idle_timeout`
 /// counts from there, so a client that stops reading a response (or stops
 /// sending a body) is closed like an idle one.
-struct Moved {
+struct LastByte {
     base: Instant,
     /// Milliseconds since `base`.
     at: AtomicU64,
 }
 
-impl Moved {
+impl LastByte {
     fn new() -> Self {
         Self { base: Instant::now(), at: AtomicU64::new(0) }
     }
@@ -133,7 +133,7 @@ impl Moved {
 
 impl ClientIo {
     pub fn new(conn: session::Conn, early: Bytes) -> Self {
-        ClientIo { conn, early, hold: Arc::new(AtomicBool::new(false)), moved: Arc::new(Moved::new()) }
+        ClientIo { conn, early, hold: Arc::new(AtomicBool::new(false)), last_byte: Arc::new(LastByte::new()) }
     }
 
     /// The stream, and the bytes handed over but not yet read (after `first`).
@@ -161,7 +161,7 @@ impl tokio::io::AsyncRead for ClientIo {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.conn).poll_read(cx, buf);
         if buf.filled().len() > before {
-            self.moved.now();
+            self.last_byte.now();
         }
         r
     }
@@ -172,7 +172,7 @@ impl tokio::io::AsyncWrite for ClientIo {
         let r = Pin::new(&mut self.conn).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             if n > 0 {
-                self.moved.now();
+                self.last_byte.now();
             }
         }
         r
@@ -287,8 +287,8 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, pl
         })
     };
     let hold = client.hold.clone();
-    let moved = client.moved.clone();
-    moved.now();
+    let last_byte = client.last_byte.clone();
+    last_byte.now();
     // Idle, it moves at a hot upgrade (the old daemon waits for it).
     flow.movable.store(true, Ordering::Relaxed);
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -311,8 +311,8 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, pl
         let still = if draining { rt.cfg.idle_timeout.min(DRAIN_STALL) } else { rt.cfg.idle_timeout };
         tokio::select! {
             r = &mut served => break r,
-            () = tokio::time::sleep_until(moved.last() + still) => {
-                if moved.last() + still <= Instant::now() {
+            () = tokio::time::sleep_until(last_byte.last() + still) => {
+                if last_byte.last() + still <= Instant::now() {
                     stalled = true;
                     break Ok(());
                 }

@@ -276,7 +276,7 @@ impl Listeners {
 
     /// Each listener (name, configured bind, bound address) with a new
     /// descriptor of its listening socket, for a hot upgrade.
-    pub fn sockets(&self) -> std::io::Result<(Vec<crate::handoff::Offered>, Vec<std::os::fd::OwnedFd>)> {
+    pub fn sockets(&self) -> std::io::Result<(Vec<crate::handoff::OfferedListener>, Vec<std::os::fd::OwnedFd>)> {
         let run = self.running.locked();
         let mut offered = Vec::new();
         let mut fds = Vec::new();
@@ -284,7 +284,7 @@ impl Listeners {
             let Some(sock) = &r.sock else { continue };
             fds.push(sock.try_clone()?);
             let local = r.settings.locked().local;
-            offered.push(crate::handoff::Offered { name: name.clone(), bind: r.bind, local });
+            offered.push(crate::handoff::OfferedListener { name: name.clone(), bind: r.bind, local });
         }
         Ok((offered, fds))
     }
