@@ -28,10 +28,12 @@ use crate::{
 pub enum RunError {
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
-    #[error("--takeover: {0}")]
-    Takeover(String),
-    #[error("--takeover: cannot adopt the kernel maps: {0}")]
-    Adopt(String),
+    #[error("--takeover")]
+    Takeover(#[from] upgrade::TakeoverError),
+    #[error("--takeover: the hand-over task failed")]
+    TakeoverTask(#[source] tokio::task::JoinError),
+    #[error("--takeover: cannot adopt the kernel maps")]
+    Adopt(#[from] crate::kernel::sockmap::AdoptError),
     #[error("listener {listener:?} has offload: kernel, but the kernel path is unavailable: {why}")]
     KernelRequired { listener: String, why: Unavailable },
     #[error("listener {listener:?}: cannot bind {addr}")]
@@ -94,7 +96,7 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
     // kernel maps, first.
     let mut taken = match takeover {
         true => {
-            let t = upgrade::take(&cfg.admin.socket).map_err(RunError::Takeover)?;
+            let t = upgrade::take(&cfg.admin.socket)?;
             info!(from_pid = t.from_pid, kernel_maps = t.kernel.is_some(), "upgrade: listening sockets received");
             Some(t)
         }
@@ -169,10 +171,8 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
     if let Some(t) = taken {
         let from = t.from_pid;
         // Blocking, briefly: a line each way, then the flows, on a local socket.
-        let (moved, free) = tokio::task::spawn_blocking(move || t.confirm())
-            .await
-            .map_err(|e| RunError::Takeover(format!("the hand-over task failed: {e}")))?
-            .map_err(RunError::Takeover)?;
+        let (moved, free) =
+            tokio::task::spawn_blocking(move || t.confirm()).await.map_err(RunError::TakeoverTask)??;
         if let Some(k) = &daemon.plane.kernel {
             k.add_free(&free);
             k.predecessor_sealed();
@@ -221,7 +221,7 @@ fn kernel_path(
             if cfg.kernel.pin_path.is_some() {
                 warn!("upgrade: the adopted kernel maps are not pinned again; kernel.pin_path applies at the next cold start");
             }
-            (Some(KernelPath::adopt(&info, fds).map_err(RunError::Adopt)?), None)
+            (Some(KernelPath::adopt(&info, fds)?), None)
         }
         None if wants_kernel => match KernelPath::load(&cfg.kernel) {
             Ok(k) => (Some(k), None),

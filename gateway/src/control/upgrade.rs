@@ -227,34 +227,59 @@ pub(crate) struct Taken {
     conn: UnixStream,
 }
 
+/// Why the new process could not take over (its side of the protocol).
+#[derive(Debug, thiserror::Error)]
+pub enum TakeoverError {
+    #[error("no running daemon answers on {}", path.display())]
+    NoDaemon {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(&'static str, #[source] std::io::Error),
+    #[error("the running daemon refused: {0}")]
+    Refused(String),
+    #[error("not a handover answer; is the running daemon a version without hot upgrade?")]
+    NotAnOffer(#[source] serde_json::Error),
+    #[error("receiving flows: a message that does not parse")]
+    BadFlows(#[source] serde_json::Error),
+    /// The two sides disagree on what was sent.
+    #[error("{0}")]
+    Protocol(String),
+}
+
 /// Asks the daemon behind `admin` for its listening sockets.
-pub(crate) fn take(admin: &Path) -> Result<Taken, String> {
-    let at = admin.display();
-    let mut conn = UnixStream::connect(admin).map_err(|e| format!("no running daemon answers on {at}: {e}"))?;
-    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-    conn.write_all(format!("{REQUEST}\n").as_bytes()).map_err(|e| format!("{at}: {e}"))?;
+pub(crate) fn take(admin: &Path) -> Result<Taken, TakeoverError> {
+    use TakeoverError::Io;
+    let mut conn =
+        UnixStream::connect(admin).map_err(|source| TakeoverError::NoDaemon { path: admin.to_path_buf(), source })?;
+    conn.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| Io("the admin socket", e))?;
+    conn.write_all(format!("{REQUEST}\n").as_bytes()).map_err(|e| Io("asking for the sockets", e))?;
     let mut buf = vec![0u8; 64 << 10];
-    let (mut n, fds) = sys::recv_fds(&conn, &mut buf).map_err(|e| format!("{at}: receiving the sockets: {e}"))?;
+    let (mut n, fds) = sys::recv_fds(&conn, &mut buf).map_err(|e| Io("receiving the sockets", e))?;
     while n > 0 && !buf[..n].contains(&b'\n') && n < buf.len() {
         match conn.read(&mut buf[n..]) {
             Ok(0) => break,
             Ok(m) => n += m,
-            Err(e) => return Err(format!("{at}: {e}")),
+            Err(e) => return Err(Io("receiving the sockets", e)),
         }
     }
     let line = buf[..n].split(|&b| b == b'\n').next().unwrap_or_default();
     if let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) {
         if let Some(e) = v.get("error").and_then(|e| e.as_str()) {
-            return Err(format!("the running daemon refused: {e}"));
+            return Err(TakeoverError::Refused(e.to_string()));
         }
     }
-    let offer: Offer = serde_json::from_slice(line).map_err(|e| {
-        format!("{at}: not a handover answer ({e}); is the running daemon a version without hot upgrade?")
-    })?;
+    let offer: Offer = serde_json::from_slice(line).map_err(TakeoverError::NotAnOffer)?;
     // The kernel maps' descriptors follow the listeners'; how many there
     // are depends on the sender's version, which `KernelPath::adopt` checks.
     if fds.len() < offer.listeners.len() || (offer.kernel.is_none() && fds.len() != offer.listeners.len()) {
-        return Err(format!("{at}: {} listeners announced, {} descriptors received", offer.listeners.len(), fds.len()));
+        return Err(TakeoverError::Protocol(format!(
+            "{} listeners announced, {} descriptors received",
+            offer.listeners.len(),
+            fds.len()
+        )));
     }
     let mut fds = fds.into_iter();
     let listeners = offer.listeners.into_iter().zip(fds.by_ref().map(Some)).collect();
@@ -276,13 +301,14 @@ impl Taken {
     /// are named.
     /// Returns the kernel flows the old daemon then hands over, and its last
     /// free slots.
-    pub fn confirm(mut self) -> Result<(Vec<Migrant>, Vec<u32>), String> {
+    pub fn confirm(mut self) -> Result<(Vec<Migrant>, Vec<u32>), TakeoverError> {
+        use TakeoverError::Io;
         for (o, fd) in &self.listeners {
             if fd.is_some() {
                 warn!(listener = %o.name, local = %o.local, "upgrade: listener not in the new config; its socket closes");
             }
         }
-        self.conn.write_all(b"ready\n").map_err(|e| e.to_string())?;
+        self.conn.write_all(b"ready\n").map_err(|e| Io("announcing ready", e))?;
         // Byte by byte up to the newline: what follows carries descriptors.
         let mut line = Vec::new();
         let mut b = [0u8; 1];
@@ -291,44 +317,48 @@ impl Taken {
                 Ok(1) if b[0] == b'\n' => break,
                 Ok(1) => line.push(b[0]),
                 Ok(_) => break,
-                Err(e) => return Err(e.to_string()),
+                Err(e) => return Err(Io("waiting for the old daemon's ok", e)),
             }
         }
         if line != b"ok" {
-            return Err(format!(
+            return Err(TakeoverError::Protocol(format!(
                 "the old daemon (pid {}) did not acknowledge: {:?}",
                 self.from_pid,
                 String::from_utf8_lossy(&line)
-            ));
+            )));
         }
-        self.conn.set_read_timeout(Some(MOVE_WITHIN + Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        self.conn
+            .set_read_timeout(Some(MOVE_WITHIN + Duration::from_secs(10)))
+            .map_err(|e| Io("the admin socket", e))?;
         let mut moved = Vec::new();
         loop {
             let mut buf = vec![0u8; 1 << 20];
-            let (mut n, fds) = sys::recv_fds(&self.conn, &mut buf).map_err(|e| format!("receiving flows: {e}"))?;
+            let (mut n, fds) = sys::recv_fds(&self.conn, &mut buf).map_err(|e| Io("receiving flows", e))?;
             while n > 0 && buf[n - 1] != b'\n' {
                 // A message's WebSockets may carry bytes read past their
                 // last message (up to 16 KiB a side, in hex).
                 if n == buf.len() {
                     if buf.len() >= MAX_MOVING_MESSAGE {
-                        return Err(format!("receiving flows: a message over {MAX_MOVING_MESSAGE} bytes"));
+                        return Err(TakeoverError::Protocol(format!(
+                            "receiving flows: a message over {MAX_MOVING_MESSAGE} bytes"
+                        )));
                     }
                     buf.resize(buf.len() * 2, 0);
                 }
                 match (&self.conn).read(&mut buf[n..]) {
                     Ok(0) => break,
                     Ok(m) => n += m,
-                    Err(e) => return Err(format!("receiving flows: {e}")),
+                    Err(e) => return Err(Io("receiving flows", e)),
                 }
             }
-            let msg: FlowBatch = serde_json::from_slice(&buf[..n]).map_err(|e| format!("receiving flows: {e}"))?;
+            let msg: FlowBatch = serde_json::from_slice(&buf[..n]).map_err(TakeoverError::BadFlows)?;
             let want: usize = msg.flows.iter().map(|f| 1 + usize::from(f.with_backend())).sum();
             if fds.len() != want {
-                return Err(format!(
+                return Err(TakeoverError::Protocol(format!(
                     "{} flows announced with {} sockets ({want} expected)",
                     msg.flows.len(),
                     fds.len()
-                ));
+                )));
             }
             let mut fds = fds.into_iter();
             for info in msg.flows {

@@ -112,6 +112,23 @@ pub enum Unavailable {
     QueueCap(u64),
 }
 
+/// Why a predecessor's kernel maps could not be taken over (hot upgrade).
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error(
+        "the running daemon's kernel maps have layout {} (slots of {} bytes), this binary's {} ({} bytes): \
+         a binary that changes what the kernel programs share needs a cold restart",
+        theirs.0, theirs.1, ours.0, ours.1
+    )]
+    Layout { theirs: (u32, u32), ours: (u32, u32) },
+    #[error("the running daemon sent {0} kernel map descriptors, not {HANDOVER_FDS}")]
+    Descriptors(usize),
+    #[error("{0}")]
+    Io(&'static str, #[source] io::Error),
+    #[error("{0}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
 /// The mmapped `SLOTS` array.
 struct SlotTable {
     base: NonNull<SockSlot>,
@@ -930,31 +947,29 @@ impl KernelPath {
     /// Takes over a predecessor's maps (its verdict stays attached to
     /// SOCKS): flows it hands over keep their slots, new flows take the
     /// slots it did not use.
-    pub fn adopt(info: &Handover, fds: Vec<std::os::fd::OwnedFd>) -> Result<Self, String> {
+    pub fn adopt(info: &Handover, fds: Vec<std::os::fd::OwnedFd>) -> Result<Self, AdoptError> {
         use std::os::fd::AsFd;
         let ours = (gateway_common::SHARED_LAYOUT, std::mem::size_of::<SockSlot>() as u32);
         if (info.layout, info.slot_size) != ours {
-            return Err(format!(
-                "the running daemon's kernel maps have layout {} (slots of {} bytes), this binary's {} ({} bytes): \
-                 a binary that changes what the kernel programs share needs a cold restart",
-                info.layout, info.slot_size, ours.0, ours.1
-            ));
+            return Err(AdoptError::Layout { theirs: (info.layout, info.slot_size), ours });
         }
-        let Ok::<[std::os::fd::OwnedFd; HANDOVER_FDS], _>(fds) = fds.try_into() else {
-            return Err("the running daemon sent the wrong number of kernel map descriptors".into());
+        let fds: [std::os::fd::OwnedFd; HANDOVER_FDS] =
+            fds.try_into().map_err(|fds: Vec<_>| AdoptError::Descriptors(fds.len()))?;
+        let dup = |fd: &std::os::fd::OwnedFd| {
+            fd.as_fd().try_clone_to_owned().map_err(|e| AdoptError::Io("duplicating a map descriptor", e))
         };
-        let dup = |fd: &std::os::fd::OwnedFd| fd.as_fd().try_clone_to_owned().map_err(|e| e.to_string());
         let handover_fds = [dup(&fds[0])?, dup(&fds[1])?, dup(&fds[2])?, dup(&fds[3])?];
         let [socks, index, slots, wake] = fds;
-        let socks = MapData::from_fd(socks).map_err(|e| format!("SOCKS: {e}"))?;
-        let index = MapData::from_fd(index).map_err(|e| format!("SLOT_INDEX: {e}"))?;
-        let slots_data = MapData::from_fd(slots).map_err(|e| format!("SLOTS: {e}"))?;
-        let socks: SockHash<MapData, u64> = SockHash::try_from(Map::SockHash(socks)).map_err(|e| e.to_string())?;
-        let index: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(index)).map_err(|e| e.to_string())?;
+        let map = |name| move |e| AdoptError::Map(name, e);
+        let socks = MapData::from_fd(socks).map_err(map("SOCKS"))?;
+        let index = MapData::from_fd(index).map_err(map("SLOT_INDEX"))?;
+        let slots_data = MapData::from_fd(slots).map_err(map("SLOTS"))?;
+        let socks: SockHash<MapData, u64> = SockHash::try_from(Map::SockHash(socks)).map_err(map("SOCKS"))?;
+        let index: HashMap<MapData, u64, u32> = HashMap::try_from(Map::HashMap(index)).map_err(map("SLOT_INDEX"))?;
         let sockets = info.max_flows.saturating_mul(2);
-        let slots = SlotTable::map(&slots_data, sockets).map_err(|e| format!("mmap SLOTS: {e}"))?;
-        let wake = MapData::from_fd(wake).map_err(|e| format!("WAKE: {e}"))?;
-        let wakeups = crate::kernel::wake::Wakeups::new(wake).map_err(|e| format!("epoll for WAKE: {e}"))?;
+        let slots = SlotTable::map(&slots_data, sockets).map_err(|e| AdoptError::Io("mmap SLOTS", e))?;
+        let wake = MapData::from_fd(wake).map_err(map("WAKE"))?;
+        let wakeups = crate::kernel::wake::Wakeups::new(wake).map_err(|e| AdoptError::Io("epoll for WAKE", e))?;
         let free: std::collections::VecDeque<u32> = info.free.iter().copied().collect();
         info!(max_flows = info.max_flows, free_slots = free.len(), "kernel path adopted from the previous daemon");
         Ok(Self {
