@@ -438,17 +438,28 @@ impl<'a> Supervisor<'a> {
         }
     }
 
-    /// This direction as it is now. `queued` costs a socket option read.
-    fn seen(&self, side: Side, bound: u64) -> Seen {
+    /// Both directions as they are now.
+    fn seen(&self, bound: u64) -> [Seen; 2] {
+        let (sc, sb) = (self.kernel.slot(self.c.slot), self.kernel.slot(self.b.slot));
+        [self.seen_one(Side::Client, bound, passing(&sb)), self.seen_one(Side::Backend, bound, passing(&sc))]
+    }
+
+    /// One direction. `queued` costs a socket option read, and a turn of a
+    /// flow with nothing to do needs none: it is read only when a decision
+    /// looks at it (held bytes, an EOF to forward, congestion or a
+    /// demotion, the other direction passing), and is 0 otherwise.
+    fn seen_one(&self, side: Side, bound: u64, other_passing: bool) -> Seen {
         let (end, peer) = match side {
             Side::Client => (&self.c, self.b.sock),
             Side::Backend => (&self.b, self.c.sock),
         };
         let s = self.kernel.slot(end.slot);
+        let needed =
+            !end.pending.is_empty() || (end.eof && !end.fin_forwarded) || self.mode != Mode::Spliced || other_passing;
         Seen {
             passing: passing(&s),
             caught_up: end.pending.is_empty() && s.passed == s.user_fwd,
-            queued: backlog_into(self.kernel, end, peer),
+            queued: if needed { backlog_into(self.kernel, end, peer) } else { 0 },
             outq_low: self.mode == Mode::Congested && sys::outq(end.sock).is_ok_and(|q| q < bound / 2),
             holding: !end.pending.is_empty(),
             eof: end.eof,
@@ -490,7 +501,7 @@ impl<'a> Supervisor<'a> {
         if passing(&sb) {
             make_room_for_passing(kernel, &mut self.b, &self.c, bound);
         }
-        let mut seen = [self.seen(Side::Client, bound), self.seen(Side::Backend, bound)];
+        let mut seen = self.seen(bound);
         let mode = self.mode.after_congestion(&seen[0], &seen[1]);
         if mode != self.mode {
             self.set_enabled(mode == Mode::Spliced);
@@ -541,7 +552,7 @@ impl<'a> Supervisor<'a> {
         // What follows is read again after the slots were disabled: a byte
         // redirected just before must count.
         if matches!(self.mode, Mode::Demoting(_)) || self.detach_asked {
-            seen = [self.seen(Side::Client, bound), self.seen(Side::Backend, bound)];
+            seen = self.seen(bound);
         }
         match self.mode.demoting(&seen[0], &seen[1]) {
             // Every redirected byte in its peer's send queue, nothing held
