@@ -18,7 +18,7 @@ done
 log() { printf '[setup] %s\n' "$*"; }
 
 # ---- Debian packages -------------------------------------------------------
-apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd openssl nginx libnginx-mod-stream)
+apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd openssl nginx libnginx-mod-stream etcd-server etcd-client)
 [ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy)
 missing=()
 for p in "${apt_pkgs[@]}"; do
@@ -29,9 +29,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  # The bench starts its own haproxy/nginx instances; the packaged services
-  # are not wanted on a build host.
-  for svc in haproxy nginx; do
+  # The bench and the fleet tests start their own haproxy, nginx and etcd
+  # instances; the packaged services are not wanted on a build host.
+  for svc in haproxy nginx etcd; do
     if command -v systemctl >/dev/null 2>&1; then systemctl disable --now "$svc" >/dev/null 2>&1 || true; fi
     if [ -x "/etc/init.d/$svc" ]; then "/etc/init.d/$svc" stop >/dev/null 2>&1 || true; fi
   done

@@ -100,17 +100,44 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    listeners: Vec<RawListener>,
+    /// Required, unless `fleet` is set: then it comes from etcd.
+    listeners: Option<Vec<RawListener>>,
     #[serde(default)]
     admin: RawAdmin,
     #[serde(default)]
     kernel: RawKernel,
     #[serde(default)]
     log: RawLog,
-    #[serde(default)]
-    limits: RawLimits,
+    limits: Option<RawLimits>,
     drain_timeout: Option<Value>,
     workers: Option<Value>,
+    fleet: Option<RawFleet>,
+}
+
+/// The fleet-wide part of a config: what a fleet's nodes share through
+/// etcd (`<prefix>config`). The rest stays in each node's own file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDocument {
+    listeners: Vec<RawListener>,
+    limits: Option<RawLimits>,
+    drain_timeout: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFleet {
+    etcd: RawEtcd,
+    node: Option<Value>,
+    cache: Option<PathBuf>,
+    status_ttl: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    endpoints: Vec<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -790,6 +817,97 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Threads of the user-space event loop (`workers`).
     pub workers: Workers,
+    /// Where the fleet-wide part comes from, on a node of a fleet.
+    pub fleet: Option<Fleet>,
+}
+
+/// A node of a fleet (`fleet`): listeners, limits and drain_timeout come
+/// from etcd, the rest from the node's own file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fleet {
+    /// `host:port` of each etcd member (its client URL without `http://`).
+    pub endpoints: Vec<String>,
+    /// Key prefix: the document is `<prefix>config`, the nodes'
+    /// status `<prefix>nodes/<node>`.
+    pub prefix: String,
+    pub node: String,
+    /// The last document applied and its revision, to start from when etcd
+    /// cannot be reached.
+    pub cache: PathBuf,
+    /// Lease of this node's status key.
+    pub status_ttl: Duration,
+}
+
+impl Fleet {
+    pub fn config_key(&self) -> String {
+        format!("{}config", self.prefix)
+    }
+
+    pub fn nodes_prefix(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+
+    pub fn node_key(&self) -> String {
+        format!("{}{}", self.nodes_prefix(), self.node)
+    }
+}
+
+pub const DEFAULT_FLEET_PREFIX: &str = "/gateway/";
+pub const DEFAULT_FLEET_CACHE: &str = "/var/lib/gateway/fleet.yaml";
+pub const DEFAULT_STATUS_TTL: Duration = Duration::from_secs(10);
+
+impl RawFleet {
+    fn validate(&self, e: &mut Errors) -> Option<Fleet> {
+        let mut endpoints = Vec::new();
+        if self.etcd.endpoints.is_empty() {
+            e.push("fleet.etcd.endpoints", "must list at least one etcd member (http://host:port)");
+        }
+        for (i, url) in self.etcd.endpoints.iter().enumerate() {
+            let path = format!("fleet.etcd.endpoints[{i}]");
+            match url.strip_prefix("http://").map(|a| a.trim_end_matches('/')) {
+                Some(a)
+                    if a.rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0)) =>
+                {
+                    endpoints.push(a.to_string())
+                }
+                Some(_) => e.push(&path, format_args!("{url:?} needs a host and a port (http://host:port)")),
+                None if url.starts_with("https://") => e.push(
+                    &path,
+                    format_args!(
+                        "{url:?}: TLS to etcd is not supported yet; reach etcd over a private network with http://"
+                    ),
+                ),
+                None => e.push(&path, format_args!("{url:?} is not an http://host:port URL")),
+            }
+        }
+        let prefix = self.etcd.prefix.clone().unwrap_or_else(|| DEFAULT_FLEET_PREFIX.into());
+        if !prefix.starts_with('/') || !prefix.ends_with('/') {
+            e.push("fleet.etcd.prefix", format_args!("{prefix:?} must start and end with '/'"));
+        }
+        let node = match &self.node {
+            Some(v) => e.string("fleet.node", v),
+            None => Some(crate::util::sys::hostname().unwrap_or_default()),
+        };
+        if let Some(n) = &node {
+            if n.is_empty() || !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                e.push(
+                    "fleet.node",
+                    format_args!("{n:?} must be a non-empty name of letters, digits, '-', '_' and '.'"),
+                );
+            }
+        }
+        let cache = self.cache.clone().unwrap_or_else(|| DEFAULT_FLEET_CACHE.into());
+        if !cache.is_absolute() {
+            e.push("fleet.cache", format_args!("{:?} must be an absolute path", cache.display().to_string()));
+        }
+        let status_ttl =
+            self.status_ttl.as_ref().map_or(Some(DEFAULT_STATUS_TTL), |v| e.duration("fleet.status_ttl", v));
+        if let Some(ttl) = status_ttl.filter(|t| *t < Duration::from_secs(2) || *t > Duration::from_secs(3600)) {
+            e.push("fleet.status_ttl", format_args!("{ttl:?} is out of range (2s to 1h)"));
+        }
+        Some(Fleet { endpoints, prefix, node: node?, cache, status_ttl: status_ttl? })
+    }
 }
 
 /// How many threads run the user-space side (accept, connect, hand-off,
@@ -1069,20 +1187,55 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let raw: RawConfig = serde_yaml::from_str(text)
             .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })?;
-        raw.validate().map_err(|errors| ConfigError::Invalid { path: path.to_path_buf(), errors })
+        raw.validate(true).map_err(|errors| ConfigError::Invalid { path: path.to_path_buf(), errors })
+    }
+
+    /// A fleet node's config: its own file (`own`, with `fleet` set) and the
+    /// fleet's document (`document`: listeners, limits, drain_timeout),
+    /// validated as `check` validates one file, with the same key paths.
+    /// Errors name `source` (where the document came from).
+    pub fn with_document(own: &str, own_path: &Path, document: &str, source: &Path) -> Result<Self, ConfigError> {
+        let mut raw: RawConfig = serde_yaml::from_str(own)
+            .map_err(|e| ConfigError::Parse { path: own_path.to_path_buf(), message: e.to_string() })?;
+        let doc: RawDocument = serde_yaml::from_str(document).map_err(|e| ConfigError::Parse {
+            path: source.to_path_buf(),
+            message: format!("{e} (the fleet's document holds listeners, limits and drain_timeout; the rest stays in each node's file)"),
+        })?;
+        if raw.fleet.is_none() {
+            return Err(ConfigError::Invalid {
+                path: own_path.to_path_buf(),
+                errors: vec!["fleet: must be set to use a fleet's document".into()],
+            });
+        }
+        (raw.listeners, raw.limits, raw.drain_timeout) = (Some(doc.listeners), doc.limits, doc.drain_timeout);
+        raw.validate(false).map_err(|errors| ConfigError::Invalid { path: source.to_path_buf(), errors })
     }
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, Vec<String>> {
+    /// `own_file`: a node's own file. With `fleet` set, the fleet-wide part
+    /// (listeners, limits, drain_timeout) comes from etcd, not from there.
+    fn validate(self, own_file: bool) -> Result<Config, Vec<String>> {
         let mut e = Errors::default();
-        if self.listeners.is_empty() {
+        if self.fleet.is_some() && own_file {
+            let here = [
+                ("listeners", self.listeners.is_some()),
+                ("limits", self.limits.is_some()),
+                ("drain_timeout", self.drain_timeout.is_some()),
+            ];
+            for (key, _) in here.iter().filter(|(_, present)| *present) {
+                e.push(key, "comes from etcd when `fleet` is set (the fleet's document, `gateway config push`)");
+            }
+        } else if self.listeners.as_ref().is_none_or(Vec::is_empty) {
             e.push("listeners", "must list at least one listener");
         }
+        let fleet = self.fleet.as_ref().and_then(|f| f.validate(&mut e));
+        let limits = self.limits.clone().unwrap_or_default();
+        let raw_listeners = self.listeners.as_deref().unwrap_or_default();
         let mut names: HashMap<String, usize> = HashMap::new();
         let mut binds: Vec<(SocketAddr, usize)> = Vec::new();
         let mut listeners = Vec::new();
-        for (i, l) in self.listeners.iter().enumerate() {
+        for (i, l) in raw_listeners.iter().enumerate() {
             let p = |key: &str| format!("listeners[{i}].{key}");
             let name = e.string(&p("name"), &l.name).map(|n| n.trim().to_string());
             if let Some(name) = &name {
@@ -1299,7 +1452,7 @@ impl RawConfig {
             }
         });
         let max_connections =
-            self.limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
+            limits.max_connections.as_ref().and_then(|v| e.uint("limits.max_connections", v, 1..=10_000_000));
         let drain_timeout =
             self.drain_timeout.as_ref().map_or(Some(DEFAULT_DRAIN_TIMEOUT), |v| e.duration("drain_timeout", v));
         let workers = match &self.workers {
@@ -1352,6 +1505,7 @@ impl RawConfig {
             max_connections,
             drain_timeout: drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             workers: workers.unwrap_or(Workers::Auto),
+            fleet,
             log: Log {
                 format: log_format.unwrap_or(LogFormat::Plain),
                 flow_interval: flow_interval.unwrap_or(DEFAULT_FLOW_LOG_INTERVAL),
@@ -1432,6 +1586,47 @@ admin:
         for n in needles {
             assert!(e.contains(n), "error {e:?} does not mention {n:?}");
         }
+    }
+
+    const NODE: &str = "fleet:\n  etcd:\n    endpoints: [\"http://10.0.0.1:2379\", \"http://etcd-b:2379/\"]\n  node: gw-a\n  cache: /var/lib/gateway/a.yaml\n";
+
+    #[test]
+    fn a_fleet_node_file_leaves_the_fleet_wide_part_to_etcd() {
+        let c = parse(NODE).unwrap();
+        let f = c.fleet.as_ref().unwrap();
+        assert_eq!(f.endpoints, ["10.0.0.1:2379", "etcd-b:2379"]);
+        assert_eq!((f.config_key().as_str(), f.node_key().as_str()), ("/gateway/config", "/gateway/nodes/gw-a"));
+        assert_eq!(f.status_ttl, DEFAULT_STATUS_TTL);
+        assert!(c.listeners.is_empty());
+        assert_rejected(&format!("{NODE}{GOOD}"), &["listeners: comes from etcd"]);
+        assert_rejected(&format!("{NODE}drain_timeout: 5s\n"), &["drain_timeout: comes from etcd"]);
+        assert_rejected(
+            &NODE.replace("http://10.0.0.1:2379", "https://10.0.0.1:2379"),
+            &["fleet.etcd.endpoints[0]", "TLS"],
+        );
+        assert_rejected(&NODE.replace("http://10.0.0.1:2379", "http://10.0.0.1"), &["fleet.etcd.endpoints[0]", "port"]);
+        assert_rejected(&NODE.replace("gw-a", "gw a"), &["fleet.node"]);
+        assert_rejected(&format!("{NODE}  status_ttl: 1s\n"), &["fleet.status_ttl"]);
+        assert_rejected(&NODE.replace("/var/lib/gateway/a.yaml", "a.yaml"), &["fleet.cache"]);
+    }
+
+    #[test]
+    fn a_fleet_document_is_checked_as_one_file_with_the_same_key_paths() {
+        let doc = GOOD.split("admin:").next().unwrap();
+        let src = Path::new("etcd:/gateway/config@7");
+        let c = Config::with_document(NODE, Path::new("node.yaml"), doc, src).unwrap();
+        assert_eq!(c.listeners.len(), parse(GOOD).unwrap().listeners.len());
+        assert!(c.fleet.is_some());
+        let bad = doc.replace("protocol: tcp", "protocol: udp");
+        let e = Config::with_document(NODE, Path::new("node.yaml"), &bad, src).unwrap_err().to_string();
+        assert!(e.starts_with("etcd:/gateway/config@7: listeners[0].protocol"), "{e}");
+        // Node-local settings stay in the node's file.
+        let e = Config::with_document(NODE, Path::new("node.yaml"), &format!("{doc}admin:\n  socket: /x\n"), src)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `admin`") && e.contains("each node's file"), "{e}");
+        // A file without `fleet` has no document.
+        assert!(Config::with_document(GOOD, Path::new("g.yaml"), doc, src).is_err());
     }
 
     #[test]

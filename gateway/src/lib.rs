@@ -14,6 +14,7 @@ pub mod util;
 pub mod tls;
 pub mod policy;
 pub mod config;
+pub mod fleet;
 pub mod kernel;
 pub mod flow;
 pub mod dataplane;

@@ -14,8 +14,7 @@ use gateway::{
 };
 use tracing::{error, warn};
 
-/// Exit status for a configuration that does not validate (sysexits EX_CONFIG).
-const EXIT_CONFIG: u8 = 78;
+use gateway::cli::fleet::EXIT_CONFIG;
 
 #[derive(Parser)]
 #[command(
@@ -131,6 +130,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The fleet's shared document in etcd: listeners, limits, drain_timeout (nodes with `fleet` in their file).
+    #[command(
+        after_help = "Examples:\n  gateway config push fleet.yaml --config /etc/gateway/gateway.yaml\n  gateway config push fleet.yaml --config /etc/gateway/gateway.yaml --expect-revision 41\n  gateway config get --config /etc/gateway/gateway.yaml > fleet.yaml"
+    )]
+    Config {
+        #[command(subcommand)]
+        cmd: ConfigCmd,
+    },
+    /// The nodes of a fleet, as each publishes itself in etcd.
+    #[command(after_help = "Example:\n  gateway fleet status --config /etc/gateway/gateway.yaml")]
+    Fleet {
+        #[command(subcommand)]
+        cmd: FleetCmd,
+    },
     /// Run a built-in echo backend (for the demo and for trying a config out).
     #[command(after_help = "Example:\n  gateway echo --bind 127.0.0.1:7001 --greeting '220 ready'")]
     Echo {
@@ -139,6 +152,38 @@ enum Cmd {
         /// Send this line first, like a server-speaks-first protocol.
         #[arg(long)]
         greeting: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Validate FILE with this node's file as `check` does, then write it as the fleet's document.
+    Push {
+        /// The fleet's document: listeners, limits, drain_timeout.
+        file: PathBuf,
+        /// A node's own file (its `fleet` section says where etcd is).
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        /// Write only if the document is still at this revision (0: none yet);
+        /// two operators then cannot overwrite each other blindly.
+        #[arg(long, value_name = "N")]
+        expect_revision: Option<i64>,
+    },
+    /// Print the fleet's document, after a comment with its revision.
+    Get {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum FleetCmd {
+    /// Every live node: its revision against the current one, its state and error, its flows.
+    Status {
+        #[arg(short, long, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -166,7 +211,15 @@ fn main() -> ExitCode {
                 for w in c.warnings() {
                     eprintln!("warning: {w}");
                 }
-                println!("{}: ok ({} listener(s))", config.display(), c.listeners.len());
+                match &c.fleet {
+                    Some(f) => println!(
+                        "{}: ok (fleet node {}: listeners, limits and drain_timeout come from etcd, {})",
+                        config.display(),
+                        f.node,
+                        f.config_key()
+                    ),
+                    None => println!("{}: ok ({} listener(s))", config.display(), c.listeners.len()),
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -210,6 +263,11 @@ fn main() -> ExitCode {
         Cmd::Stats { daemon, json } => exit(stats_cmd(daemon, json)),
         Cmd::Reload { daemon } => exit(reload_cmd(daemon)),
         Cmd::Doctor { config, json } => doctor_cmd(config, json),
+        Cmd::Config { cmd: ConfigCmd::Push { file, config, expect_revision } } => {
+            gateway::cli::fleet::push(&file, &config, expect_revision)
+        }
+        Cmd::Config { cmd: ConfigCmd::Get { config } } => gateway::cli::fleet::get(&config),
+        Cmd::Fleet { cmd: FleetCmd::Status { config, json } } => gateway::cli::fleet::status(&config, json),
         Cmd::Echo { bind, greeting } => {
             init_logging(false);
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");

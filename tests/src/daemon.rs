@@ -67,6 +67,25 @@ impl Gateway {
 
     /// Spawns the daemon without waiting for it to be ready.
     pub fn spawn(topo: &Topology, cfg: &GatewayConfig, env: &[(&str, &str)], wrapper: &[&str]) -> Self {
+        Self::spawn_yaml(topo, env, wrapper, |admin, _| {
+            format!("listeners:\n{}\nadmin:\n  socket: {}\n{}", cfg.listeners, admin.display(), cfg.extra)
+        })
+    }
+
+    /// Starts the daemon on a whole config of the test's own: `yaml` gets the
+    /// admin socket's path and the daemon's own directory.
+    pub fn start_yaml(topo: &Topology, yaml: impl FnOnce(&Path, &Path) -> String) -> Self {
+        let mut gw = Self::spawn_yaml(topo, &[], &[], yaml);
+        gw.wait_ready();
+        gw
+    }
+
+    pub fn spawn_yaml(
+        topo: &Topology,
+        env: &[(&str, &str)],
+        wrapper: &[&str],
+        yaml: impl FnOnce(&Path, &Path) -> String,
+    ) -> Self {
         let dir = temp_dir("gw");
         if !wrapper.is_empty() {
             // The wrapped daemon may run as another user: let it create its admin socket.
@@ -75,11 +94,7 @@ impl Gateway {
         }
         let admin = dir.join("admin.sock");
         let config = dir.join("gateway.yaml");
-        fs::write(
-            &config,
-            format!("listeners:\n{}\nadmin:\n  socket: {}\n{}", cfg.listeners, admin.display(), cfg.extra),
-        )
-        .unwrap();
+        fs::write(&config, yaml(&admin, &dir)).unwrap();
         let log = dir.join("gateway.log");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &topo.gw]).args(wrapper).arg(gateway_bin());

@@ -12,6 +12,7 @@
 //! created in), so test code uses ordinary std sockets. The daemon runs as a
 //! real process inside the gateway namespace.
 mod daemon;
+mod fleet;
 mod framing;
 mod hostmem;
 mod lossy;
@@ -20,6 +21,7 @@ mod peers;
 mod tls;
 
 pub use daemon::*;
+pub use fleet::*;
 pub use framing::*;
 pub use gateway_test_support::{http::*, pki::*};
 pub use hostmem::*;

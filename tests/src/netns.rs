@@ -56,13 +56,16 @@ pub struct Topology {
     pub client: String,
     pub gw: String,
     pub backend: String,
+    /// Whether dropping it deletes the namespaces (a view into a
+    /// `FleetNet` does not).
+    pub(crate) owned: bool,
 }
 
 impl Topology {
     pub fn new() -> Self {
         privileged();
         let id = format!("gwt{}x{}", std::process::id(), NS_SEQ.fetch_add(1, Ordering::Relaxed));
-        let t = Self { client: format!("{id}c"), gw: format!("{id}g"), backend: format!("{id}b") };
+        let t = Self { client: format!("{id}c"), gw: format!("{id}g"), backend: format!("{id}b"), owned: true };
         for ns in [&t.client, &t.gw, &t.backend] {
             sh(&["ip", "netns", "add", ns]);
             sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
@@ -139,6 +142,9 @@ impl Default for Topology {
 
 impl Drop for Topology {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         for ns in [&self.client, &self.gw, &self.backend] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }

@@ -74,6 +74,9 @@ pub struct Status {
     #[serde(default)]
     pub pinned_at: Option<String>,
     pub listeners: Vec<ListenerInfo>,
+    /// On a node of a fleet: where it stands with the fleet's document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::node::Standing>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -391,6 +394,7 @@ async fn answer(conn: UnixStream, daemon: &Arc<Daemon>) -> std::io::Result<()> {
                     .iter()
                     .map(|l| ListenerInfo { name: l.name.clone(), local: l.local.clone(), offload: l.offload.clone() })
                     .collect(),
+                fleet: daemon.fleet.as_ref().map(|n| n.standing()),
             })
         }
         Request::Handover => unreachable!("answered above"),

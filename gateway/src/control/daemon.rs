@@ -17,4 +17,6 @@ pub struct Daemon {
     /// The flows have been sent (or the sending failed): once the table is
     /// empty too, the old daemon may exit.
     pub handover_done: std::sync::atomic::AtomicBool,
+    /// On a node of a fleet: the node and where it stands.
+    pub fleet: Option<Arc<crate::fleet::node::Node>>,
 }

@@ -56,6 +56,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
+    #[error("fleet")]
+    Fleet(#[from] crate::control::fleet::StartError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -102,6 +104,15 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
         }
         false => None,
     };
+    // On a node of a fleet, the fleet's document (or the cached one) says
+    // what to serve.
+    let (cfg, fleet) = match cfg.fleet {
+        Some(_) => {
+            let (cfg, node) = crate::control::fleet::start(cfg, config_path).await?;
+            (cfg, Some(node))
+        }
+        None => (cfg, None),
+    };
     let (kernel, unavailable) = kernel_path(&cfg, taken.as_mut())?;
     let global = Arc::new(Global { max: Some(connection_cap(&cfg)), ..Default::default() });
     // Bind everything before serving anything: a bad bind starts nothing.
@@ -147,6 +158,7 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
         global: global.clone(),
         metrics: metrics.as_ref().and_then(|m| m.local_addr().ok()),
         handover_done: Default::default(),
+        fleet: fleet.clone(),
     });
     for (sock, rt) in bound {
         reload::start(&daemon, sock, rt);
@@ -158,6 +170,9 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
         move || d.plane.flows.snapshot(d.plane.kernel.as_ref()),
         cfg.log.flow_interval,
     ));
+    if let Some(node) = fleet {
+        tokio::spawn(crate::control::fleet::run(daemon.clone(), node));
+    }
     if let Some(m) = metrics {
         info!(metrics = %m.local_addr()?, "serving Prometheus metrics at /metrics");
         tokio::spawn(admin::serve_metrics(m, daemon.clone()));
@@ -215,7 +230,9 @@ fn kernel_path(
     cfg: &Config,
     taken: Option<&mut upgrade::Taken>,
 ) -> Result<(Option<KernelPath>, Option<Unavailable>), RunError> {
-    let wants_kernel = cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
+    // A fleet node's listeners come and go with the fleet's document: it
+    // loads the kernel path whatever it serves at start.
+    let wants_kernel = cfg.fleet.is_some() || cfg.listeners.iter().any(|l| l.offload != Offload::Userspace);
     let (kernel, unavailable) = match taken.and_then(|t| t.kernel.take()) {
         Some((info, fds)) => {
             if cfg.kernel.pin_path.is_some() {

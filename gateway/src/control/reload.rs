@@ -70,10 +70,23 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::from_std(s.into())
 }
 
-/// Reloads from `path`. On success, returns a one-line summary.
+/// Reloads from `path` (on a node of a fleet: its own file, with the
+/// fleet's document running). On success, returns a one-line summary.
 pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> Result<String, String> {
+    let cfg = match &daemon.fleet {
+        Some(node) => node.reload_own(),
+        None => Config::load(path),
+    }
+    .map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
+    apply(daemon, cfg, &path.display().to_string(), global).await
+}
+
+/// Applies a validated config (from the file, or a fleet's document named by
+/// `source`) without touching established flows: binds what is new before
+/// changing anything, then swaps each listener's settings. On success, a
+/// one-line summary.
+pub async fn apply(daemon: &Arc<Daemon>, cfg: Config, source: &str, global: &Arc<Global>) -> Result<String, String> {
     let _one_at_a_time = daemon.plane.listeners.reloading.lock().await;
-    let cfg = Config::load(path).map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
     for w in cfg.warnings() {
         warn!("reload: {w}");
     }
@@ -146,7 +159,11 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
     for (l, sock) in fresh {
         let local = sock.local_addr().map_err(|e| e.to_string())?;
         let rt = match running.get(&l.name) {
-            Some((_, prev)) => ListenerRt::carry_over(l, prev, global.clone()).with_local(local),
+            Some((_, prev)) => {
+                // Rebound to a new address: updated, not added.
+                updated += 1;
+                ListenerRt::carry_over(l, prev, global.clone()).with_local(local)
+            }
             None => {
                 added += 1;
                 ListenerRt::new(l, local, global.clone())
@@ -155,8 +172,7 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
         start(daemon, sock, Arc::new(rt));
     }
     *daemon.config.locked() = cfg;
-    let summary =
-        format!("reloaded {}: {updated} listener(s) updated, {added} added, {removed} removed", path.display());
+    let summary = format!("reloaded {source}: {updated} listener(s) updated, {added} added, {removed} removed");
     info!("{summary}");
     Ok(summary)
 }

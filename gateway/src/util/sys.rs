@@ -200,6 +200,19 @@ pub struct Dropped {
     pub bounding: bool,
 }
 
+/// This host's name (uname's nodename).
+pub fn hostname() -> io::Result<String> {
+    // SAFETY: uname fills the struct it is given.
+    let mut u: libc::utsname = unsafe { mem::zeroed() };
+    // SAFETY: u is valid for writes.
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: nodename is NUL-terminated within its array.
+    let name = unsafe { std::ffi::CStr::from_ptr(u.nodename.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
+}
+
 /// Lifts the soft open-files limit to the hard one (a gateway holds two
 /// sockets per flow). Returns the soft limit before and after; they are
 /// equal when it already was the hard limit or could not be raised.
