@@ -320,11 +320,34 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     let backend = Backend::echo(&net.topology(0));
     let caches = temp_dir("fleet-caches");
     let cache: Vec<PathBuf> = (0..2).map(|i| caches.join(format!("gw-{i}.yaml"))).collect();
+    // Daemons that handed over; dropped last (they share their successor's directory).
+    let mut retired = Vec::new();
     let mut nodes: Vec<Gateway> = (0..2).map(|i| start_node(&net, &etcd, i, &cache[i])).collect();
     let rev = push(&net, &nodes[0], &document(backend.addr, "5s"));
     for gw in &nodes {
         wait_applied(gw, rev);
     }
+
+    // A hot upgrade of a fleet node: the successor reads the document and
+    // takes the listeners over, the old daemon leaves, and the node's status
+    // key is the successor's.
+    let mut old = nodes.remove(1);
+    let new = old.take_over(&net.topology(1));
+    wait_applied(&new, rev);
+    let exit = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit");
+    assert!(exit.success(), "{}", old.log_text());
+    echo_through(&net.topology(1), listener_at(&net, &new, 1, "u"), 3);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out, _) = etcd.etcdctl(&["get", "--print-value-only", "/fleet-test/nodes/gw-1"]);
+        if serde_json::from_str::<Value>(out.trim()).is_ok_and(|s| s["pid"] == new.pid()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gw-1's status is not the successor's: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes.insert(1, new);
+    retired.push(old);
 
     // 4. One member down: pushes still apply.
     etcd.stop(0);
@@ -374,5 +397,6 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     echo_through(&net.topology(0), listener_at(&net, &gw, 0, "u"), 40);
     drop(gw);
     drop(nodes);
+    drop(retired);
     let _ = std::fs::remove_dir_all(&caches);
 }

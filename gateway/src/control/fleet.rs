@@ -106,18 +106,34 @@ pub async fn start(own: Config, own_path: &Path) -> Result<(Config, Arc<Node>), 
     Ok((own, node))
 }
 
-/// Keeps the node in step with the fleet until the process ends.
+/// Keeps the node in step with the fleet until the drain starts or a
+/// successor takes over (hot upgrade): from then on the node applies no
+/// document, and its status lease is revoked, so that `fleet status` shows
+/// the successor (which publishes under a lease of its own) or nothing.
 pub async fn run(daemon: Arc<Daemon>, node: Arc<Node>) {
     let mut lease = 0;
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        let Err(e) = session(&daemon, &node, &mut lease, &mut backoff).await;
-        if node.standing().connected {
-            warn!(node = %node.cfg.node, "fleet: lost etcd ({e}); serving what was applied, reconnecting");
+    let (mut shutdown, mut handed_over) = (daemon.plane.shutdown.subscribe(), daemon.plane.handed_over.subscribe());
+    let keep_in_step = async {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Err(e) = session(&daemon, &node, &mut lease, &mut backoff).await;
+            if node.standing().connected {
+                warn!(node = %node.cfg.node, "fleet: lost etcd ({e}); serving what was applied, reconnecting");
+            }
+            node.update(|s| (s.connected, s.state) = (false, State::Disconnected));
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
-        node.update(|s| (s.connected, s.state) = (false, State::Disconnected));
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+    };
+    tokio::select! {
+        () = keep_in_step => {}
+        _ = shutdown.wait_for(|s| *s) => {}
+        _ = handed_over.wait_for(|h| *h) => {}
+    }
+    if lease != 0 {
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), node.etcd.revoke(lease)).await.unwrap_or(Ok(())) {
+            warn!(node = %node.cfg.node, "fleet: could not revoke the status lease ({e}); it expires within status_ttl");
+        }
     }
 }
 
