@@ -381,9 +381,29 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     }
     let (ok, _, err) = etcd.etcdctl(&["compact", &last.to_string(), "--physical"]);
     assert!(ok, "{err}");
+    // Cut off for longer than its status TTL (3 s): its lease is gone too.
+    let (_, keys, _) = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/fleet-test/nodes/"]);
+    let gone = Instant::now() + Duration::from_secs(15);
+    while etcd.etcdctl(&["get", "--prefix", "--keys-only", "/fleet-test/nodes/"]).1.contains("gw-1") {
+        assert!(Instant::now() < gone, "gw-1's status outlived its lease while cut off: {keys}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     net.cut_off_etcd(1, false);
     wait_applied(&nodes[1], last);
     wait_applied(&nodes[0], last);
+    // Back, it publishes again under a new lease, and stays applied.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, out, _) = etcd.etcdctl(&["get", "--print-value-only", "/fleet-test/nodes/gw-1"]);
+        if serde_json::from_str::<Value>(out.trim())
+            .is_ok_and(|s| s["applied_revision"] == last && s["state"] == "applied")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "gw-1 did not publish its status again: {out}\n{}", nodes[1].log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(fleet_of(&nodes[1])["state"], "applied");
 
     // 6. All of etcd down, a node restarted: it serves from its cache.
     for i in 0..3 {

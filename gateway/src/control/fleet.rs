@@ -259,11 +259,16 @@ fn settle(node: &Node, doc: Document) {
 
 /// Puts this node's status under its lease (a new lease if it has none).
 async fn publish(daemon: &Daemon, node: &Node, lease: &mut i64) -> Result<(), EtcdError> {
-    if *lease == 0 {
-        *lease = node.etcd.grant(node.cfg.status_ttl).await?;
+    let body = serde_json::to_vec(&status(daemon, node)).expect("status serialises");
+    if *lease != 0 {
+        match node.etcd.put(&node.cfg.node_key(), &body, *lease).await {
+            // A node cut off for longer than its TTL comes back with its
+            // lease gone: take a new one.
+            Err(EtcdError::Refused { message, .. }) if message.contains("lease not found") => *lease = 0,
+            other => return other.map(drop),
+        }
     }
-    let status = status(daemon, node);
-    let body = serde_json::to_vec(&status).expect("status serialises");
+    *lease = node.etcd.grant(node.cfg.status_ttl).await?;
     node.etcd.put(&node.cfg.node_key(), &body, *lease).await.map(drop)
 }
 
