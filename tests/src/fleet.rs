@@ -103,9 +103,12 @@ impl Drop for FleetNet {
     }
 }
 
-/// A port free on `ip` in namespace `ns` now (the kernel picks it).
-fn free_port(ns: &str, ip: &'static str) -> u16 {
-    Topology::in_ns(ns, move || TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port())
+/// `n` distinct ports free on `ip` in namespace `ns` now (the kernel picks them).
+fn free_ports(ns: &str, ip: &'static str, n: usize) -> Vec<u16> {
+    Topology::in_ns(ns, move || {
+        let held: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind((ip, 0)).unwrap()).collect();
+        held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    })
 }
 
 struct Member {
@@ -132,8 +135,10 @@ impl EtcdCluster {
         );
         let dir = temp_dir("etcd");
         let n = 3;
-        let clients: Vec<u16> = (0..n).map(|_| free_port(&net.etcd, ETCD_IP)).collect();
-        let peers: Vec<u16> = (0..n).map(|_| free_port(&net.etcd, ETCD_IP)).collect();
+        // Six ports the kernel picks, held together so that none repeats;
+        // nothing else runs on the etcd host to take them meanwhile.
+        let ports = free_ports(&net.etcd, ETCD_IP, 2 * n);
+        let (clients, peers) = (ports[..n].to_vec(), ports[n..].to_vec());
         let initial = (0..n).map(|i| format!("m{i}=http://{ETCD_IP}:{}", peers[i])).collect::<Vec<_>>().join(",");
         let mut c = EtcdCluster {
             ns: net.etcd.clone(),
@@ -206,6 +211,15 @@ impl EtcdCluster {
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
     }
 
+    /// Freezes a member (SIGSTOP: its sockets stay open and silent, as a
+    /// hung host's), or lets it go on (SIGCONT).
+    pub fn pause(&self, i: usize, frozen: bool) {
+        let child = self.members[i].child.as_ref().expect("running");
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: plain kill(2) of our own child (`ip netns exec` execs etcd).
+        unsafe { libc::kill(child.id() as i32, sig) };
+    }
+
     pub fn stop(&mut self, i: usize) {
         if let Some(mut c) = self.members[i].child.take() {
             // SAFETY: plain kill(2) of our own child.
@@ -237,6 +251,8 @@ impl Drop for EtcdCluster {
     fn drop(&mut self) {
         for i in 0..self.members.len() {
             if let Some(mut c) = self.members[i].child.take() {
+                // SAFETY: plain kill(2) of our own child; a frozen one must go on to die.
+                unsafe { libc::kill(c.id() as i32, libc::SIGCONT) };
                 let _ = c.kill();
                 let _ = c.wait();
             }

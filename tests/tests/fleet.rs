@@ -111,11 +111,18 @@ fn a_push_reaches_every_node_a_bad_document_is_rejected_and_a_dead_node_leaves()
         let f = gw.wait_flow("a kernel flow", |f| f["listener"] == "k");
         assert_eq!(f["path"], "kernel", "{f}");
     }
-    // Their status keys say so.
-    let (ok, out, err) = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "/fleet-test/nodes/"]);
-    assert!(ok, "{err}");
-    let statuses: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert_eq!(statuses.len(), 3, "{out}");
+    // Their status keys say so (published right after applying).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let statuses: Vec<Value> = loop {
+        let (ok, out, err) = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "/fleet-test/nodes/"]);
+        assert!(ok, "{err}");
+        let s: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+        if s.len() == 3 && s.iter().all(|s| s["revision"] == rev) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the nodes' status keys: {out}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
     for s in &statuses {
         assert_eq!(s["revision"], rev, "{s}");
         assert_eq!(s["state"], "applied", "{s}");
@@ -253,17 +260,31 @@ fn a_hundred_flows_live_through_twenty_pushes() {
     let ws = Peer::python_server(&topo);
     let caches = temp_dir("fleet-caches");
     let gw = start_node(&net, &etcd, 0, &caches.join("gw-0.yaml"));
-    let doc = |drain: u32| {
+    let spare = Backend::echo(&topo);
+    // Each round changes what new flows get: u's backends, a listener x
+    // added or removed, k's connect timeout.
+    let doc = |round: u32| {
+        let u_backends = if round.is_multiple_of(2) {
+            format!("\"{}\"", backend.addr)
+        } else {
+            format!("\"{}\", \"{}\"", spare.addr, backend.addr)
+        };
+        let x = if round % 2 == 1 {
+            format!("  - {{ name: x, bind: \"0.0.0.0:0\", backends: [\"{}\"] }}\n", spare.addr)
+        } else {
+            String::new()
+        };
         format!(
-            "listeners:\n  - {{ name: k, bind: \"0.0.0.0:0\", backends: [\"{b}\"], offload: kernel }}\n  \
-             - {{ name: u, bind: \"0.0.0.0:0\", backends: [\"{b}\"], offload: userspace }}\n  \
+            "listeners:\n  - {{ name: k, bind: \"0.0.0.0:0\", backends: [\"{b}\"], offload: kernel, connect_timeout: {t}s }}\n  \
+             - {{ name: u, bind: \"0.0.0.0:0\", backends: [{u_backends}], offload: userspace }}\n  \
              - {{ name: w, bind: \"0.0.0.0:0\", protocol: websocket, routes: [{{ path_prefix: /, backends: [\"{w}\"] }}] }}\n\
-             drain_timeout: {drain}s\n",
+             {x}drain_timeout: 5s\n",
             b = backend.addr,
+            t = 2 + round,
             w = ws.addr
         )
     };
-    let rev = push(&net, &gw, &doc(5));
+    let rev = push(&net, &gw, &doc(0));
     wait_applied(&gw, rev);
     let (k, u, w) = (listener_at(&net, &gw, 0, "k"), listener_at(&net, &gw, 0, "u"), listener_at(&net, &gw, 0, "w"));
     // 40 kernel, 40 user-space TCP flows and 20 WebSocket passthrough flows.
@@ -285,8 +306,10 @@ fn a_hundred_flows_live_through_twenty_pushes() {
     gw.wait_for("100 flows", Duration::from_secs(10), |g| g.status()["flows"] == 100);
     for round in 0..20u32 {
         // A push that changes the document (each applies)...
-        let rev = push(&net, &gw, &doc(6 + round));
+        let rev = push(&net, &gw, &doc(1 + round));
         wait_applied(&gw, rev);
+        let has_x = gw.status()["listeners"].as_array().unwrap().iter().any(|l| l["name"] == "x");
+        assert_eq!(has_x, round.is_multiple_of(2), "listener x after push {round}");
         // ...and every flow still carries its bytes intact, both ways.
         for (s, seed) in &tcp {
             exchange(s, Pattern(seed * 1000 + u64::from(round)), 2048)
@@ -348,6 +371,16 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     }
     nodes.insert(1, new);
     retired.push(old);
+
+    // The member serving the nodes' watches (the first, where they start)
+    // hangs with its sockets open: the nodes notice from the keep-alive to
+    // that member, go to another, and apply the next push.
+    etcd.pause(0, true);
+    let rev = push(&net, &nodes[0], &document(backend.addr, "4s"));
+    for gw in &nodes {
+        wait_applied(gw, rev);
+    }
+    etcd.pause(0, false);
 
     // 4. One member down: pushes still apply.
     etcd.stop(0);

@@ -43,6 +43,8 @@ pub enum StartError {
     Cache(#[from] document::CacheError),
     #[error("the cached document does not validate with this node's file")]
     CacheInvalid(#[source] crate::config::ConfigError),
+    #[error("the node's own file does not validate")]
+    OwnFile(#[source] crate::config::ConfigError),
 }
 
 /// The node's config to start with, and the node: the document from etcd
@@ -74,7 +76,9 @@ pub async fn start(own: Config, own_path: &Path) -> Result<(Config, Arc<Node>), 
         node.update(|s| s.revision = doc.revision);
         match node.config_with(doc) {
             Ok(cfg) => {
-                document::store_cache(&fleet.cache, doc)?;
+                if let Err(e) = document::store_cache(&fleet.cache, doc) {
+                    warn!(node = %fleet.node, "fleet: {e}");
+                }
                 node.update(|s| {
                     (s.state, s.applied, s.applied_revision) = (State::Applied, Some(doc.clone()), doc.revision)
                 });
@@ -106,6 +110,16 @@ pub async fn start(own: Config, own_path: &Path) -> Result<(Config, Arc<Node>), 
     Ok((own, node))
 }
 
+/// At start, the document (or the cache) cannot be served on this host (a
+/// listener's address is taken, the kernel path it asks for is missing):
+/// the node starts with its own file alone, `rejected` with `why`, and
+/// takes the next document that it can serve.
+pub fn refuse_at_start(node: &Node, why: String) -> Result<Config, StartError> {
+    warn!(node = %node.cfg.node, "fleet: the document is rejected on this node, starting with no listener: {why}");
+    node.update(|s| (s.state, s.error, s.applied, s.applied_revision) = (State::Rejected, Some(why), None, 0));
+    node.own_config().map_err(StartError::OwnFile)
+}
+
 /// Keeps the node in step with the fleet until the drain starts or a
 /// successor takes over (hot upgrade): from then on the node applies no
 /// document, and its status lease is revoked, so that `fleet status` shows
@@ -117,10 +131,12 @@ pub async fn run(daemon: Arc<Daemon>, node: Arc<Node>) {
         let mut backoff = Duration::from_millis(100);
         loop {
             let Err(e) = session(&daemon, &node, &mut lease, &mut backoff).await;
-            if node.standing().connected {
-                warn!(node = %node.cfg.node, "fleet: lost etcd ({e}); serving what was applied, reconnecting");
+            let e = e.to_string();
+            let s = node.standing();
+            if s.connected || s.last_error.as_ref() != Some(&e) {
+                warn!(node = %node.cfg.node, "fleet: etcd: {e}; serving what was applied, reconnecting");
             }
-            node.update(|s| (s.connected, s.state) = (false, State::Disconnected));
+            node.update(|s| (s.connected, s.state, s.last_error) = (false, State::Disconnected, Some(e)));
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -131,8 +147,14 @@ pub async fn run(daemon: Arc<Daemon>, node: Arc<Node>) {
         _ = handed_over.wait_for(|h| *h) => {}
     }
     if lease != 0 {
-        if let Err(e) = tokio::time::timeout(Duration::from_secs(2), node.etcd.revoke(lease)).await.unwrap_or(Ok(())) {
-            warn!(node = %node.cfg.node, "fleet: could not revoke the status lease ({e}); it expires within status_ttl");
+        match tokio::time::timeout(Duration::from_secs(2), node.etcd.revoke(lease)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(node = %node.cfg.node, "fleet: could not revoke the status lease ({e}); it expires within status_ttl")
+            }
+            Err(_) => {
+                warn!(node = %node.cfg.node, "fleet: no answer to revoking the status lease; it expires within status_ttl")
+            }
         }
     }
 }
@@ -152,7 +174,7 @@ async fn session(
     if !node.standing().connected {
         info!(node = %node.cfg.node, "fleet: connected to etcd");
     }
-    node.update(|s| s.connected = true);
+    node.update(|s| (s.connected, s.last_error) = (true, None));
     match kv {
         Some(kv) => {
             consider(
@@ -172,6 +194,8 @@ async fn session(
     *backoff = Duration::from_millis(100);
     let mut watch = node.etcd.watch(&key, store_revision + 1).await?;
     let mut tick = tokio::time::interval(node.cfg.status_ttl / 3);
+    // A late tick (a slow member) is not made up for by a burst.
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     loop {
         tokio::select! {
@@ -191,9 +215,11 @@ async fn session(
                 publish(daemon, node, lease).await?;
             }
             _ = tick.tick() => {
-                // A member cut off from its quorum keeps a watch open and
-                // silent: the keep-alive is what notices.
-                if *lease == 0 || !node.etcd.keep_alive(*lease).await? {
+                // A member that dies, freezes or loses its quorum keeps the
+                // watch open and silent: the keep-alive goes to that member,
+                // and its failure ends the session (the next one reads the
+                // document again, from another member).
+                if *lease != 0 && !node.etcd.keep_alive_at(watch.endpoint(), *lease).await? {
                     *lease = 0;
                 }
                 publish(daemon, node, lease).await?;
@@ -205,8 +231,11 @@ async fn session(
 /// A document seen: applied if new and valid, else the reason it is not.
 async fn consider(daemon: &Arc<Daemon>, node: &Node, doc: Document) {
     let standing = node.standing();
-    node.update(|s| s.revision = s.revision.max(doc.revision));
-    if standing.revision >= doc.revision && standing.state != State::Disconnected {
+    // The revision seen is the one etcd says, not the highest ever seen: a
+    // rebuilt cluster starts its revisions again.
+    node.update(|s| s.revision = doc.revision);
+    if standing.state == State::Rejected && standing.revision == doc.revision {
+        // Rejected already (read again after a reconnect).
         return;
     }
     let name = &node.cfg.node;

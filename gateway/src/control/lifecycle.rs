@@ -106,7 +106,7 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
     };
     // On a node of a fleet, the fleet's document (or the cached one) says
     // what to serve.
-    let (cfg, fleet) = match cfg.fleet {
+    let (mut cfg, fleet) = match cfg.fleet {
         Some(_) => {
             let (cfg, node) = crate::control::fleet::start(cfg, config_path).await?;
             (cfg, Some(node))
@@ -114,21 +114,26 @@ pub async fn run(cfg: Config, config_path: &Path, takeover: bool) -> Result<(), 
         None => (cfg, None),
     };
     let (kernel, unavailable) = kernel_path(&cfg, taken.as_mut())?;
+    // A fleet node whose document this host cannot serve starts with no
+    // listener and says why (a crash here would only restart into the same).
+    if let (Some(node), Some(why)) = (&fleet, &unavailable) {
+        if let Some(l) = cfg.listeners.iter().find(|l| l.offload == Offload::Kernel) {
+            let e = format!("listener {:?} has offload: kernel, but the kernel path is unavailable: {why}", l.name);
+            cfg = crate::control::fleet::refuse_at_start(node, e)?;
+        }
+    }
     let global = Arc::new(Global { max: Some(connection_cap(&cfg)), ..Default::default() });
     // Bind everything before serving anything: a bad bind starts nothing.
-    let mut bound = Vec::new();
-    for l in &cfg.listeners {
-        let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
-            Some(s) => tokio::net::TcpListener::from_std(s)?,
-            None => reload::bind(l.bind).map_err(|source| RunError::Bind {
-                listener: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?,
-        };
-        let local = sock.local_addr()?;
-        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
-    }
+    let bound = match bind_all(&cfg, taken.as_mut(), &global) {
+        Ok(bound) => bound,
+        Err(e) => match &fleet {
+            Some(node) => {
+                cfg = crate::control::fleet::refuse_at_start(node, anyhow_chain(&e))?;
+                Vec::new()
+            }
+            None => return Err(e),
+        },
+    };
     let metrics = match cfg.admin.metrics {
         Some(addr) => {
             Some(tokio::net::TcpListener::bind(addr).await.map_err(|source| RunError::Metrics { addr, source })?)
@@ -249,6 +254,8 @@ fn kernel_path(
     if let Some(why) = &unavailable {
         for l in &cfg.listeners {
             match l.offload {
+                // A fleet node refuses the document instead (see `run`).
+                Offload::Kernel if cfg.fleet.is_some() => {}
                 Offload::Kernel => {
                     return Err(RunError::KernelRequired { listener: l.name.clone(), why: why.clone() });
                 }
@@ -260,6 +267,40 @@ fn kernel_path(
         }
     }
     Ok((kernel, unavailable))
+}
+
+/// Binds every listener of `cfg` (or claims its socket from the daemon taken
+/// over).
+fn bind_all(
+    cfg: &Config,
+    mut taken: Option<&mut upgrade::Taken>,
+    global: &Arc<Global>,
+) -> Result<Vec<(tokio::net::TcpListener, Arc<ListenerRt>)>, RunError> {
+    let mut bound = Vec::new();
+    for l in &cfg.listeners {
+        let sock = match taken.as_mut().and_then(|t| t.claim(&l.name, l.bind)) {
+            Some(s) => tokio::net::TcpListener::from_std(s)?,
+            None => reload::bind(l.bind).map_err(|source| RunError::Bind {
+                listener: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?,
+        };
+        let local = sock.local_addr()?;
+        bound.push((sock, Arc::new(ListenerRt::new(l.clone(), local, global.clone()))));
+    }
+    Ok(bound)
+}
+
+/// An error and its sources, on one line.
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(c) = source {
+        s = format!("{s}: {c}");
+        source = c.source();
+    }
+    s
 }
 
 /// Test hook (`GATEWAY_TEST_HANDOFF_DELAY_MS`, see `Plane::handoff_delay`).

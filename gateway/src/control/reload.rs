@@ -73,12 +73,15 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
 /// Reloads from `path` (on a node of a fleet: its own file, with the
 /// fleet's document running). On success, returns a one-line summary.
 pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> Result<String, String> {
+    // The config is built under the lock: a fleet document applied meanwhile
+    // is then the one merged, never rolled back.
+    let stopped = daemon.plane.listeners.reloading.lock().await;
     let cfg = match &daemon.fleet {
         Some(node) => node.reload_own(),
         None => Config::load(path),
     }
     .map_err(|e| format!("reload rejected, the running config stays: {e}"))?;
-    apply(daemon, cfg, &path.display().to_string(), global).await
+    apply_locked(daemon, cfg, &path.display().to_string(), global, *stopped).await
 }
 
 /// Applies a validated config (from the file, or a fleet's document named by
@@ -86,7 +89,22 @@ pub async fn reload(daemon: &Arc<Daemon>, path: &Path, global: &Arc<Global>) -> 
 /// changing anything, then swaps each listener's settings. On success, a
 /// one-line summary.
 pub async fn apply(daemon: &Arc<Daemon>, cfg: Config, source: &str, global: &Arc<Global>) -> Result<String, String> {
-    let _one_at_a_time = daemon.plane.listeners.reloading.lock().await;
+    let stopped = daemon.plane.listeners.reloading.lock().await;
+    apply_locked(daemon, cfg, source, global, *stopped).await
+}
+
+/// `apply`, with the reload lock held by the caller; `stopped`: accepting
+/// has ended (drain or hot upgrade).
+async fn apply_locked(
+    daemon: &Arc<Daemon>,
+    cfg: Config,
+    source: &str,
+    global: &Arc<Global>,
+    stopped: bool,
+) -> Result<String, String> {
+    if stopped {
+        return Err(format!("{source} not applied: the daemon has stopped accepting (drain or hot upgrade)"));
+    }
     for w in cfg.warnings() {
         warn!("reload: {w}");
     }

@@ -264,8 +264,10 @@ impl Running {
 #[derive(Default)]
 pub struct Listeners {
     pub running: Mutex<BTreeMap<String, Running>>,
-    /// Serialises reloads.
-    pub(crate) reloading: tokio::sync::Mutex<()>,
+    /// Serialises reloads, and a reload with the end of accepting; holds
+    /// whether accepting has ended (drain or hot upgrade), after which no
+    /// reload starts a listener.
+    pub(crate) reloading: tokio::sync::Mutex<bool>,
 }
 
 impl Listeners {
@@ -295,6 +297,9 @@ impl Listeners {
     /// instead of waiting in a backlog nobody reads. The listeners stay
     /// listed, with their counters.
     pub async fn stop_all(&self) {
+        // After any reload under way, and before any other: none starts a
+        // listener once this has stopped them.
+        *self.reloading.lock().await = true;
         let loops: Vec<JoinHandle<()>> = self.running.locked().values_mut().filter_map(Running::stop).collect();
         for l in loops {
             // Aborted: the loop ends at its next await, dropping its socket.

@@ -35,6 +35,9 @@ pub enum EtcdError {
     Compacted(i64),
     #[error("the watch stream ended")]
     WatchEnded,
+    /// Sent, and no answer: whether it was applied is not known.
+    #[error("etcd at {endpoint}: {what}; whether the write was applied is not known")]
+    Unknown { endpoint: String, what: String },
 }
 
 /// One key's value.
@@ -43,6 +46,16 @@ pub struct Kv {
     pub key: String,
     pub value: Vec<u8>,
     pub mod_revision: i64,
+}
+
+/// How one attempt failed.
+enum Failed {
+    /// Surely not applied: try another member.
+    NotSent(String),
+    /// Maybe applied.
+    Sent(String),
+    /// The member answered no.
+    Refused(EtcdError),
 }
 
 /// A change seen by a watch.
@@ -91,15 +104,17 @@ impl Etcd {
     }
 
     /// Sends one request to the member at `endpoint`: its response, with
-    /// the body still to read.
-    async fn request(endpoint: &str, path: &str, body: &Value) -> Result<hyper::Response<Incoming>, String> {
+    /// the body still to read. An error says whether the request may have
+    /// reached the member (`Sent`) or surely did not (`NotSent`).
+    async fn request(endpoint: &str, path: &str, body: &Value) -> Result<hyper::Response<Incoming>, Failed> {
         let tcp = tokio::time::timeout(CALL_TIMEOUT, tokio::net::TcpStream::connect(endpoint))
             .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| format!("connect: {e}"))?;
-        tcp.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (mut send, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.map_err(|e| e.to_string())?;
+            .map_err(|_| Failed::NotSent("connect timed out".into()))?
+            .map_err(|e| Failed::NotSent(format!("connect: {e}")))?;
+        tcp.set_nodelay(true).map_err(|e| Failed::NotSent(e.to_string()))?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| Failed::NotSent(e.to_string()))?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -107,55 +122,66 @@ impl Etcd {
             .header(hyper::header::HOST, endpoint)
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| Failed::NotSent(e.to_string()))?;
         tokio::time::timeout(CALL_TIMEOUT, send.send_request(req))
             .await
-            .map_err(|_| "no answer in time".to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|_| Failed::Sent("no answer in time".into()))?
+            .map_err(|e| Failed::Sent(e.to_string()))
     }
 
-    /// One call with a whole JSON answer, trying each member in turn.
-    async fn call(&self, path: &str, body: Value) -> Result<Value, EtcdError> {
+    /// One call with a whole JSON answer, trying each member in turn. A
+    /// call that is not `idempotent` (a compare-and-swap, a lease grant)
+    /// goes to the next member only when the last one surely did not get it
+    /// or answered that it could not serve it.
+    async fn call(&self, path: &str, body: Value, idempotent: bool) -> Result<Value, EtcdError> {
         let start = self.current.load(Ordering::Relaxed);
         let mut last = String::new();
         for i in 0..self.endpoints.len() {
             let at = (start + i) % self.endpoints.len();
-            let endpoint = &self.endpoints[at];
-            let answer = async {
-                let resp = Self::request(endpoint, path, &body).await?;
-                let status = resp.status();
-                let bytes = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
-                    .await
-                    .map_err(|_| "the answer did not come whole in time".to_string())?
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok::<_, String>((status, bytes))
-            };
-            match answer.await {
-                Ok((status, bytes)) => {
+            match Self::call_at(&self.endpoints[at], path, &body).await {
+                Ok(v) => {
                     self.current.store(at, Ordering::Relaxed);
-                    let v: Value = serde_json::from_slice(&bytes)
-                        .map_err(|e| EtcdError::Garbled { endpoint: endpoint.clone(), what: e.to_string() })?;
-                    if !status.is_success() || v.get("error").is_some() {
-                        let message = v
-                            .get("message")
-                            .or_else(|| v.get("error").and_then(|e| e.get("message")))
-                            .and_then(Value::as_str)
-                            .map_or_else(|| format!("{status}: {v}"), String::from);
-                        // A member cut off from its quorum answers, but
-                        // cannot serve: another one may.
-                        if message.contains("no leader") || message.contains("timed out") || status.is_server_error() {
-                            last = format!("{endpoint}: {message}");
-                            continue;
-                        }
-                        return Err(EtcdError::Refused { endpoint: endpoint.clone(), message });
-                    }
                     return Ok(v);
                 }
-                Err(e) => last = format!("{endpoint}: {e}"),
+                Err(Failed::Refused(e)) => return Err(e),
+                Err(Failed::Sent(e)) if !idempotent => {
+                    return Err(EtcdError::Unknown { endpoint: self.endpoints[at].clone(), what: e })
+                }
+                Err(Failed::NotSent(e) | Failed::Sent(e)) => last = format!("{}: {e}", self.endpoints[at]),
             }
         }
         Err(EtcdError::Unreachable { tried: self.endpoints.join(", "), last })
+    }
+
+    /// One call to one member.
+    async fn call_at(endpoint: &str, path: &str, body: &Value) -> Result<Value, Failed> {
+        let resp = Self::request(endpoint, path, body).await?;
+        let status = resp.status();
+        let bytes = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect())
+            .await
+            .map_err(|_| Failed::Sent("the answer did not come whole in time".into()))?
+            .map_err(|e| Failed::Sent(e.to_string()))?
+            .to_bytes();
+        let Ok(v) = serde_json::from_slice::<Value>(&bytes) else {
+            // Not the v3 JSON gateway (etcd before 3.4 answers 404 here):
+            // another member may be.
+            let text = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+            return Err(Failed::NotSent(format!("{status}: {text:?} (an etcd 3.4+ client URL?)")));
+        };
+        if !status.is_success() || v.get("error").is_some() {
+            let message = v
+                .get("message")
+                .or_else(|| v.get("error").and_then(|e| e.get("message")))
+                .and_then(Value::as_str)
+                .map_or_else(|| format!("{status}: {v}"), String::from);
+            // A member cut off from its quorum answers, but cannot serve:
+            // another one may (and it did not apply the request).
+            if message.contains("no leader") || status.is_server_error() {
+                return Err(Failed::NotSent(message));
+            }
+            return Err(Failed::Refused(EtcdError::Refused { endpoint: endpoint.to_string(), message }));
+        }
+        Ok(v)
     }
 
     fn kvs(v: &Value) -> Vec<Kv> {
@@ -175,14 +201,14 @@ impl Etcd {
 
     /// The key's value (if any), and the store's revision.
     pub async fn get(&self, key: &str) -> Result<(Option<Kv>, i64), EtcdError> {
-        let v = self.call("/v3/kv/range", json!({ "key": b64(key.as_bytes()) })).await?;
+        let v = self.call("/v3/kv/range", json!({ "key": b64(key.as_bytes()) }), true).await?;
         Ok((Self::kvs(&v).into_iter().next(), Self::revision(&v)))
     }
 
     /// Every key under `prefix`, and the store's revision.
     pub async fn list(&self, prefix: &str) -> Result<(Vec<Kv>, i64), EtcdError> {
         let body = json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)) });
-        let v = self.call("/v3/kv/range", body).await?;
+        let v = self.call("/v3/kv/range", body, true).await?;
         Ok((Self::kvs(&v), Self::revision(&v)))
     }
 
@@ -192,7 +218,8 @@ impl Etcd {
         if lease != 0 {
             body["lease"] = json!(lease.to_string());
         }
-        Ok(Self::revision(&self.call("/v3/kv/put", body).await?))
+        // A put of the same value again is harmless.
+        Ok(Self::revision(&self.call("/v3/kv/put", body, true).await?))
     }
 
     /// Puts `value` under `key` only if the key's mod_revision is still
@@ -205,7 +232,7 @@ impl Etcd {
             "success": [{ "request_put": { "key": k, "value": b64(value) } }],
             "failure": [{ "request_range": { "key": k } }],
         });
-        let v = self.call("/v3/kv/txn", body).await?;
+        let v = self.call("/v3/kv/txn", body, false).await?;
         if v.get("succeeded").and_then(Value::as_bool) == Some(true) {
             return Ok(Ok(Self::revision(&v)));
         }
@@ -220,7 +247,7 @@ impl Etcd {
 
     /// A new lease of `ttl`; its id.
     pub async fn grant(&self, ttl: Duration) -> Result<i64, EtcdError> {
-        let v = self.call("/v3/lease/grant", json!({ "TTL": ttl.as_secs().to_string() })).await?;
+        let v = self.call("/v3/lease/grant", json!({ "TTL": ttl.as_secs().to_string() }), false).await?;
         match v.get("ID").map_or(0, int) {
             0 => Err(EtcdError::Garbled { endpoint: self.endpoints.join(", "), what: format!("no lease id in {v}") }),
             id => Ok(id),
@@ -229,14 +256,30 @@ impl Etcd {
 
     /// Renews a lease: false once it has expired (its keys are gone).
     pub async fn keep_alive(&self, lease: i64) -> Result<bool, EtcdError> {
-        let v = self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() })).await?;
-        let result = v.get("result").unwrap_or(&v);
-        Ok(result.get("TTL").map_or(0, int) > 0)
+        let v = self.call("/v3/lease/keepalive", json!({ "ID": lease.to_string() }), true).await?;
+        Ok(Self::alive(&v))
+    }
+
+    /// Renews a lease through one member only (the one serving a watch): an
+    /// error means that member cannot serve, whatever the others do.
+    pub async fn keep_alive_at(&self, endpoint: &str, lease: i64) -> Result<bool, EtcdError> {
+        match Self::call_at(endpoint, "/v3/lease/keepalive", &json!({ "ID": lease.to_string() })).await {
+            Ok(v) => Ok(Self::alive(&v)),
+            Err(Failed::Refused(e)) => Err(e),
+            Err(Failed::NotSent(e) | Failed::Sent(e)) => {
+                Err(EtcdError::Unreachable { tried: endpoint.to_string(), last: e })
+            }
+        }
+    }
+
+    fn alive(v: &Value) -> bool {
+        let result = v.get("result").unwrap_or(v);
+        result.get("TTL").map_or(0, int) > 0
     }
 
     /// Ends a lease now, and with it its keys.
     pub async fn revoke(&self, lease: i64) -> Result<(), EtcdError> {
-        self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() })).await.map(drop)
+        self.call("/v3/lease/revoke", json!({ "ID": lease.to_string() }), true).await.map(drop)
     }
 
     /// Watches `key` from revision `from` on.
@@ -252,8 +295,14 @@ impl Etcd {
                     self.current.store(at, Ordering::Relaxed);
                     return Ok(Watch { body: resp.into_body(), buf: Vec::new(), endpoint: endpoint.clone() });
                 }
-                Ok(resp) => last = format!("{endpoint}: {}", resp.status()),
-                Err(e) => last = format!("{endpoint}: {e}"),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = tokio::time::timeout(CALL_TIMEOUT, resp.into_body().collect()).await;
+                    let text = body.ok().and_then(|b| b.ok()).map(|b| b.to_bytes()).unwrap_or_default();
+                    last = format!("{endpoint}: {status}: {}", String::from_utf8_lossy(&text[..text.len().min(200)]));
+                }
+                Err(Failed::NotSent(e) | Failed::Sent(e)) => last = format!("{endpoint}: {e}"),
+                Err(Failed::Refused(e)) => last = e.to_string(),
             }
         }
         Err(EtcdError::Unreachable { tried: self.endpoints.join(", "), last })
@@ -272,6 +321,11 @@ pub struct Watch {
 }
 
 impl Watch {
+    /// The member serving it.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
     /// The next batch of events (the first message, which only says the
     /// watch was created, gives none). A member that loses its quorum keeps
     /// the stream open and silent: the caller bounds the wait.

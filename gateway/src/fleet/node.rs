@@ -36,6 +36,9 @@ pub struct Standing {
     pub applied_revision: i64,
     pub error: Option<String>,
     pub connected: bool,
+    /// Why etcd was last out of reach.
+    #[serde(default)]
+    pub last_error: Option<String>,
 }
 
 impl Node {
@@ -48,6 +51,7 @@ impl Node {
             applied_revision: 0,
             error: None,
             connected: false,
+            last_error: None,
         };
         Node {
             etcd: Etcd::new(cfg.endpoints.clone()),
@@ -64,6 +68,11 @@ impl Node {
 
     pub fn update(&self, f: impl FnOnce(&mut Standing)) {
         f(&mut self.standing.locked());
+    }
+
+    /// The node's own file alone (no listeners).
+    pub fn own_config(&self) -> Result<Config, ConfigError> {
+        Config::parse(&self.own_text.locked(), &self.own_path)
     }
 
     /// The node's config with `doc`, validated as `check` does.
