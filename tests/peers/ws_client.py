@@ -44,7 +44,9 @@ def opts(a):
     kw = dict(max_size=MAX, proxy=None, ping_interval=None, open_timeout=20, close_timeout=10,
               compression="deflate" if getattr(a, "deflate", False) else None)
     if getattr(a, "protocol", None):
-        kw["subprotocols"] = [a.protocol]
+        kw["subprotocols"] = [p.strip() for p in a.protocol.split(",")]
+    if getattr(a, "header", None):
+        kw["additional_headers"] = [tuple(h.split(":", 1)) for h in a.header]
     if getattr(a, "origin", None):
         kw["origin"] = a.origin
     if a.url.startswith("wss:"):
@@ -184,7 +186,8 @@ def main():
     p.add_argument("url")
     p.add_argument("--sizes", default="0,1,125,126,65535,65536")
     p.add_argument("--fragments", type=int, default=0)
-    p.add_argument("--protocol")
+    p.add_argument("--protocol", help="subprotocols offered, comma-separated")
+    p.add_argument("--header", action="append", help="NAME:VALUE, repeatable")
     p.add_argument("--deflate", action="store_true")
     p.add_argument("--origin")
     p.add_argument("--ca")

@@ -617,7 +617,20 @@ impl ClientConn {
             return reply(StatusCode::NOT_FOUND, format!("no route for host {shown} and path {path}"), upgrade);
         };
         let route = &self.http().routes[ri];
-        *self.flow.route.locked() = Some(format!("{}{}", route.host, route.path_prefix));
+        let route_name = format!("{}{}", route.host, route.path_prefix);
+        *self.flow.route.locked() = Some(route_name.clone());
+        if let Some(jwt) = &route.jwt {
+            if let Err(denied) = authenticate(jwt, &mut req) {
+                self.rt.stats.auth_denied(&route_name, denied.code());
+                // The cause, never the token.
+                tracing::info!(flow = self.flow.id, listener = %self.rt.cfg.name, route = %route_name, client = %self.flow.client, cause = denied.code(), "request refused by auth.jwt");
+                let mut r = reply(StatusCode::UNAUTHORIZED, denied.describe(), upgrade);
+                if let Ok(v) = HeaderValue::from_str(&denied.challenge()) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+                return r;
+            }
+        }
         if !upgrade {
             if route.mode == WsMode::BridgeTcp {
                 let mut r = reply(
@@ -860,6 +873,37 @@ fn reply(status: StatusCode, why: impl Into<String>, close: bool) -> Response<Bo
         r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     r
+}
+
+/// Checks a request against a route's `auth.jwt`: on success, the chosen
+/// claims become request headers (each removed first, so a client cannot
+/// forge them) and a token read from `Sec-WebSocket-Protocol` leaves that
+/// header (the backend never sees it, and cannot pick it as the protocol).
+fn authenticate(jwt: &crate::policy::jwt::Jwt, req: &mut Request<Incoming>) -> Result<(), crate::policy::jwt::Denied> {
+    use crate::policy::jwt::{claim_value, looks_like_jwt, Denied, Source};
+    let (token, source) = jwt.token(req.headers(), req.uri().query()).ok_or(Denied::Missing)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let claims = jwt.verify(&token, now)?;
+    if *source == Source::Subprotocol {
+        let rest: Vec<String> = tokens(req.headers(), header::SEC_WEBSOCKET_PROTOCOL)
+            .filter(|e| !e.is_empty() && !looks_like_jwt(e))
+            .map(String::from)
+            .collect();
+        req.headers_mut().remove(header::SEC_WEBSOCKET_PROTOCOL);
+        if let Ok(v) = HeaderValue::from_str(&rest.join(", ")) {
+            if !rest.is_empty() {
+                req.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+        }
+    }
+    for (claim, name) in &jwt.claims_to_headers {
+        let Ok(name) = header::HeaderName::from_bytes(name.as_bytes()) else { continue };
+        req.headers_mut().remove(&name);
+        if let Some(v) = claims.get(claim).map(claim_value).and_then(|v| HeaderValue::from_str(&v).ok()) {
+            req.headers_mut().insert(name, v);
+        }
+    }
+    Ok(())
 }
 
 /// Comma-separated tokens of every instance of a header.
