@@ -229,6 +229,17 @@ struct RawRoute {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     jwt: Option<RawJwt>,
+    external: Option<RawExternal>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawExternal {
+    url: String,
+    timeout: Option<Value>,
+    headers: Option<Vec<String>>,
+    failure_mode_allow: Option<bool>,
+    upstream_headers: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -267,6 +278,46 @@ struct RawLimits {
 struct Errors(Vec<String>);
 
 impl Errors {
+    /// A route's `auth.external`.
+    fn external(&mut self, path: &str, raw: &RawExternal) -> Option<External> {
+        let rest = raw.url.strip_prefix("http://");
+        let (authority, path_prefix) = match rest.map(|r| r.split_once('/').map_or((r, ""), |(a, p)| (a, p))) {
+            Some((a, p))
+                if a.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok()) =>
+            {
+                (a.to_string(), format!("/{}", p.trim_end_matches('/')).trim_end_matches('/').to_string())
+            }
+            _ => {
+                self.push(&format!("{path}.url"), format_args!("{:?} is not an http://host:port[/path] URL", raw.url));
+                return None;
+            }
+        };
+        let timeout = match &raw.timeout {
+            Some(v) => self.duration(&format!("{path}.timeout"), v)?,
+            None => DEFAULT_EXTERNAL_AUTH_TIMEOUT,
+        };
+        let mut names = |key: &str, list: &Option<Vec<String>>| -> Vec<String> {
+            let mut out = Vec::new();
+            for (i, h) in list.iter().flatten().enumerate() {
+                match hyper::header::HeaderName::from_bytes(h.as_bytes()) {
+                    Ok(n) => out.push(n.as_str().to_string()),
+                    Err(_) => self.push(&format!("{path}.{key}[{i}]"), format_args!("{h:?} is not a header name")),
+                }
+            }
+            out
+        };
+        let headers = names("headers", &raw.headers);
+        let upstream_headers = names("upstream_headers", &raw.upstream_headers);
+        Some(External {
+            authority,
+            path_prefix,
+            timeout,
+            headers,
+            failure_mode_allow: raw.failure_mode_allow.unwrap_or(false),
+            upstream_headers,
+        })
+    }
+
     /// A route's `auth.jwt`: its keys loaded (a bad JWKS file fails `check`).
     fn jwt(&mut self, path: &str, raw: &RawJwt) -> Option<std::sync::Arc<crate::policy::jwt::Jwt>> {
         use crate::policy::jwt;
@@ -604,6 +655,11 @@ impl Errors {
                 }
             }
             let jwt = raw.auth.as_ref().and_then(|a| a.jwt.as_ref()).and_then(|j| self.jwt(&rp("auth.jwt"), j));
+            let external = raw
+                .auth
+                .as_ref()
+                .and_then(|a| a.external.as_ref())
+                .and_then(|x| self.external(&rp("auth.external"), x));
             let indices = pool_indices(&list, all);
             if self.0.len() != before {
                 ok = false;
@@ -618,6 +674,7 @@ impl Errors {
                 max_message_size,
                 ping_interval,
                 jwt,
+                external,
             });
         }
         if !ok {
@@ -1157,7 +1214,28 @@ pub struct Route {
     pub ping_interval: Option<Duration>,
     /// `auth.jwt`: requests must carry a token these keys verify.
     pub jwt: Option<std::sync::Arc<crate::policy::jwt::Jwt>>,
+    /// `auth.external`: an HTTP service decides each request.
+    pub external: Option<External>,
 }
+
+/// `auth.external`: ask an HTTP authorization service about each request
+/// (as Envoy's ext_authz in HTTP mode and nginx's auth_request do).
+#[derive(Debug, Clone)]
+pub struct External {
+    /// `host:port` of the service.
+    pub authority: String,
+    /// Prepended to the request's own path.
+    pub path_prefix: String,
+    pub timeout: Duration,
+    /// Request headers sent along (lower-case).
+    pub headers: Vec<String>,
+    /// With the service out of reach or too slow: allow (true) or 503.
+    pub failure_mode_allow: bool,
+    /// Headers of an allowing answer that go to the backend (lower-case).
+    pub upstream_headers: Vec<String>,
+}
+
+pub const DEFAULT_EXTERNAL_AUTH_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Route {
     /// Does this route's prefix cover `path`? Whole segments only: `/ws`

@@ -1,7 +1,8 @@
-//! JWT authentication at the WebSocket upgrade and on plain HTTP requests
-//! (`auth.jwt`), end to end: tokens minted by Python (`cryptography`, `hmac`;
-//! tests/peers/mint_jwt.py), presented by Python `websockets` and curl, a
-//! Node `ws`/`http` backend behind the route.
+//! Authentication at the WebSocket upgrade and on plain HTTP requests, end
+//! to end: `auth.jwt` with tokens minted by Python (`cryptography`, `hmac`;
+//! tests/peers/mint_jwt.py), and `auth.external` against a small Python
+//! authorization service (tests/peers/authz.py); presented by Python
+//! `websockets` and curl, with a Node `ws`/`http` backend behind the route.
 use std::process::Command;
 
 use gateway_tests::*;
@@ -47,7 +48,7 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
          \x20     - path_prefix: /open\n        backends: [\"{b}\"]\n\
          \x20     - path_prefix: /secure\n        backends: [\"{b}\"]\n        auth:\n          jwt:\n\
          \x20           keys: {}\n            token_from: [header, \"query:token\", \"cookie:session\", subprotocol]\n\
-         \x20           issuer: https://id.test\n            audiences: [chat]\n            leeway: 5s\n\
+         \x20           issuer: https://id.test\n            audiences: [chat]\n            leeway: 60s\n\
          \x20           claims_to_headers: {{ sub: X-User }}\n\
          \x20     - path_prefix: /hs\n        backends: [\"{b}\"]\n        auth:\n          jwt:\n\
          \x20           secret: \"{SECRET}\"\n",
@@ -93,7 +94,7 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
         "sign",
         "RS256",
         rsa.to_str().unwrap(),
-        &claims(Some("ann"), "chat", "https://id.test", -60),
+        &claims(Some("ann"), "chat", "https://id.test", -600),
         "--kid",
         "r1",
     ]);
@@ -101,7 +102,7 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
         "sign",
         "RS256",
         rsa.to_str().unwrap(),
-        &claims(Some("ann"), "chat", "https://id.test", -2),
+        &claims(Some("ann"), "chat", "https://id.test", -20),
         "--kid",
         "r1",
     ]);
@@ -176,4 +177,75 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
         assert!(!log.contains(t.as_str()), "a token in the log");
     }
     let _ = std::fs::remove_dir_all(&keys);
+}
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn an_external_service_decides_and_its_refusals_reach_the_client() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let authz = Peer::start(
+        &topo.backend,
+        BACKEND_IP,
+        "python3",
+        &[repo_path("tests/peers/authz.py").to_str().unwrap(), "--listen", &format!("{BACKEND_IP}:0")],
+    );
+    // A port where nothing listens, for the service out of reach.
+    let dead = topo.backend_listener().local_addr().unwrap();
+    let b = backend.addr;
+    let a = authz.addr;
+    let route = |prefix: &str, url: &str, more: &str| {
+        format!(
+            "\x20     - path_prefix: {prefix}\n        backends: [\"{b}\"]\n        auth:\n          external:\n\
+             \x20           url: {url}\n            timeout: 500ms\n            headers: [Authorization]\n\
+             \x20           upstream_headers: [X-User-Id, X-Seen-Path, X-Seen-Forwarded-For]\n{more}"
+        )
+    };
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n{}{}{}",
+        route("/ext", &format!("http://{a}/check"), ""),
+        route("/closed", &format!("http://{dead}/check"), ""),
+        route("/open-on-failure", &format!("http://{dead}/check"), "            failure_mode_allow: true\n"),
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+
+    // Allowed: the upgrade goes through, and plain requests carry the
+    // service's headers to the backend.
+    let ok = ["--header", "Authorization:Bearer letmein"];
+    let v = ws(&topo, &format!("ws://{at}/ext"), &ok);
+    assert!(v["error"].is_null(), "{v}");
+    let (status, head, body) = curl(
+        &topo,
+        &["-H", "Authorization: Bearer letmein", "-H", "X-User-Id: 7", &format!("http://{at}/ext/headers?q=1")],
+    );
+    assert_eq!(status, 200, "{head}{body}");
+    let seen: Value = serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {body}"));
+    assert_eq!(seen["headers"]["x-user-id"], "42", "the service's header replaces the client's: {seen}");
+    assert_eq!(seen["headers"]["x-seen-path"], "/check/ext/headers?q=1", "{seen}");
+    assert_eq!(seen["headers"]["x-seen-forwarded-for"], CLIENT_IP, "{seen}");
+
+    // Refused: the client gets the service's answer as it gave it.
+    let v = ws(&topo, &format!("ws://{at}/ext"), &["--header", "Authorization:Bearer nope"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("403"), "{v}");
+    let (status, head, body) = curl(&topo, &[&format!("http://{at}/ext/headers")]);
+    assert_eq!(status, 403, "{head}");
+    assert!(head.to_ascii_lowercase().contains("x-reason: nope"), "{head}");
+    assert_eq!(body.trim(), "denied by authz");
+
+    // Too slow, or out of reach: 503, unless the route fails open.
+    let (status, head, _) = curl(&topo, &["-H", "Authorization: Bearer slow", &format!("http://{at}/ext/headers")]);
+    assert_eq!(status, 503, "{head}");
+    let (status, head, _) =
+        curl(&topo, &["-H", "Authorization: Bearer letmein", &format!("http://{at}/closed/headers")]);
+    assert_eq!(status, 503, "{head}");
+    let (status, head, _) = curl(&topo, &[&format!("http://{at}/open-on-failure/headers")]);
+    assert_eq!(status, 200, "{head}");
+
+    let stats = gw.stats();
+    let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    let denied = &l["auth_denied"];
+    assert!(denied["*/ext external-denied"].as_u64() >= Some(2), "{denied}");
+    assert!(denied["*/ext external-unavailable"].as_u64() >= Some(1), "{denied}");
+    assert!(denied["*/closed external-unavailable"].as_u64() >= Some(1), "{denied}");
 }

@@ -631,6 +631,35 @@ impl ClientConn {
                 return r;
             }
         }
+        if let Some(ext) = &route.external {
+            let pq = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+            match super::authz::check(ext, req.method(), &pq, req.headers(), self.flow.client).await {
+                Ok(super::authz::Decision::Allow(add)) => {
+                    for (n, v) in add {
+                        req.headers_mut().insert(n, v);
+                    }
+                }
+                Ok(super::authz::Decision::Deny { status, headers, body }) => {
+                    self.rt.stats.auth_denied(&route_name, "external-denied");
+                    tracing::info!(flow = self.flow.id, listener = %self.rt.cfg.name, route = %route_name, client = %self.flow.client, %status, "request refused by auth.external");
+                    let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
+                    *r.status_mut() = status;
+                    *r.headers_mut() = headers;
+                    if upgrade {
+                        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    return r;
+                }
+                Err(why) if ext.failure_mode_allow => {
+                    warn!(flow = self.flow.id, route = %route_name, "auth.external: {why}; allowed (failure_mode_allow)");
+                }
+                Err(why) => {
+                    self.rt.stats.auth_denied(&route_name, "external-unavailable");
+                    warn!(flow = self.flow.id, route = %route_name, "auth.external: {why}; refused with 503");
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, "the authorization service did not answer", upgrade);
+                }
+            }
+        }
         if !upgrade {
             if route.mode == WsMode::BridgeTcp {
                 let mut r = reply(

@@ -3,6 +3,7 @@
 //! the WebSocket upgrade (`http`), and carrying a connected flow on the
 //! kernel path or the relay (`carry`). Flows reach the daemon only through
 //! `plane::Plane`.
+pub mod authz;
 pub mod carry;
 pub mod http;
 pub mod listener;
