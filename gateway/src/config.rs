@@ -223,6 +223,7 @@ struct RawRoute {
     max_message_size: Option<Value>,
     ping_interval: Option<Value>,
     auth: Option<RawAuth>,
+    max_connections: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -660,6 +661,11 @@ impl Errors {
                 .as_ref()
                 .and_then(|a| a.external.as_ref())
                 .and_then(|x| self.external(&rp("auth.external"), x));
+            let max_connections = raw
+                .max_connections
+                .as_ref()
+                .and_then(|v| self.uint(&rp("max_connections"), v, 1..=10_000_000))
+                .map(|n| n as u32);
             let indices = pool_indices(&list, all);
             if self.0.len() != before {
                 ok = false;
@@ -675,6 +681,7 @@ impl Errors {
                 ping_interval,
                 jwt,
                 external,
+                max_connections,
             });
         }
         if !ok {
@@ -1216,6 +1223,8 @@ pub struct Route {
     pub jwt: Option<std::sync::Arc<crate::policy::jwt::Jwt>>,
     /// `auth.external`: an HTTP service decides each request.
     pub external: Option<External>,
+    /// Upgraded connections the route holds at once; one more gets 503.
+    pub max_connections: Option<u32>,
 }
 
 /// `auth.external`: ask an HTTP authorization service about each request
@@ -1810,6 +1819,8 @@ admin:
             &[&format!("{p}.claims_to_headers.sub")],
         );
         assert_rejected(&ws(&format!("{secret}            algorithm: none\n")), &["algorithm"]);
+        let capped = ws(secret).replace("        auth:\n", "        max_connections: 0\n        auth:\n");
+        assert_rejected(&capped, &["listeners[0].routes[0].max_connections"]);
     }
 
     #[test]

@@ -205,6 +205,9 @@ fn positive_secs(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Run { .. } | Cmd::Echo { .. }) {
+        gateway::util::sys::default_sigpipe();
+    }
     match cli.cmd {
         Cmd::Check { config } => match Config::load(&config) {
             Ok(c) => {

@@ -158,7 +158,7 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
     // Counted per route and cause; logged without the token.
     let stats = gw.stats();
     let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
-    let denied = &l["auth_denied"];
+    let denied = &l["route_refused"];
     for (key, at_least) in [
         ("*/secure jwt-missing", 2),
         ("*/secure jwt-expired", 2),
@@ -244,7 +244,7 @@ fn an_external_service_decides_and_its_refusals_reach_the_client() {
 
     let stats = gw.stats();
     let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
-    let denied = &l["auth_denied"];
+    let denied = &l["route_refused"];
     assert!(denied["*/ext external-denied"].as_u64() >= Some(2), "{denied}");
     assert!(denied["*/ext external-unavailable"].as_u64() >= Some(1), "{denied}");
     assert!(denied["*/closed external-unavailable"].as_u64() >= Some(1), "{denied}");

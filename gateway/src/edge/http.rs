@@ -64,6 +64,8 @@ struct Upgrade {
     backend_idx: usize,
     client: OnUpgrade,
     backend: BackendSide,
+    /// Its place under the route's `max_connections`, for the flow's life.
+    slot: Option<listener::RouteSlot>,
 }
 
 /// hyper's client connection to a backend, driven by the flow's own task.
@@ -87,6 +89,10 @@ struct ClientConn {
     /// The backend connection plain requests reuse, and its backend.
     backend: tokio::sync::Mutex<Option<(usize, SendRequest<Counted>)>>,
     upgrade: Mutex<Option<Upgrade>>,
+    /// The place an upgrade under way took under its route's
+    /// `max_connections`, until the upgrade takes it along (a failed upgrade
+    /// closes the connection, which gives it back).
+    slot: Mutex<Option<listener::RouteSlot>>,
     /// The client came over TLS (`X-Forwarded-Proto: https`).
     tls: bool,
     /// Requests whose response is not yet written whole (its body not yet
@@ -264,6 +270,7 @@ async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, pl
         flow: flow.clone(),
         backend: tokio::sync::Mutex::new(None),
         upgrade: Mutex::new(None),
+        slot: Mutex::new(None),
         tls: rt.cfg.tls.is_some(),
         in_flight: Arc::new(AtomicUsize::new(0)),
         requests: AtomicU64::new(0),
@@ -418,7 +425,9 @@ fn http_of(rt: &ListenerRt) -> &HttpListener {
 }
 
 /// After the 101: take both sockets back from hyper and carry the flow.
-async fn upgraded(up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) {
+async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) {
+    // Counted against the route's max_connections until the flow ends.
+    let _route_slot = up.slot.take();
     let idx = up.backend_idx;
     let route = &http_of(rt).routes[up.route];
     let client = match up.client.await.map(raw::<ClientIo>) {
@@ -621,7 +630,7 @@ impl ClientConn {
         *self.flow.route.locked() = Some(route_name.clone());
         if let Some(jwt) = &route.jwt {
             if let Err(denied) = authenticate(jwt, &mut req) {
-                self.rt.stats.auth_denied(&route_name, denied.code());
+                self.rt.stats.route_refused(&route_name, denied.code());
                 // The cause, never the token.
                 tracing::info!(flow = self.flow.id, listener = %self.rt.cfg.name, route = %route_name, client = %self.flow.client, cause = denied.code(), "request refused by auth.jwt");
                 let mut r = reply(StatusCode::UNAUTHORIZED, denied.describe(), upgrade);
@@ -640,7 +649,7 @@ impl ClientConn {
                     }
                 }
                 Ok(super::authz::Decision::Deny { status, headers, body }) => {
-                    self.rt.stats.auth_denied(&route_name, "external-denied");
+                    self.rt.stats.route_refused(&route_name, "external-denied");
                     tracing::info!(flow = self.flow.id, listener = %self.rt.cfg.name, route = %route_name, client = %self.flow.client, %status, "request refused by auth.external");
                     let mut r = Response::new(Full::new(body).map_err(|never| match never {}).boxed());
                     *r.status_mut() = status;
@@ -654,7 +663,7 @@ impl ClientConn {
                     warn!(flow = self.flow.id, route = %route_name, "auth.external: {why}; allowed (failure_mode_allow)");
                 }
                 Err(why) => {
-                    self.rt.stats.auth_denied(&route_name, "external-unavailable");
+                    self.rt.stats.route_refused(&route_name, "external-unavailable");
                     warn!(flow = self.flow.id, route = %route_name, "auth.external: {why}; refused with 503");
                     return reply(StatusCode::SERVICE_UNAVAILABLE, "the authorization service did not answer", upgrade);
                 }
@@ -681,6 +690,23 @@ impl ClientConn {
                 return reply(StatusCode::FORBIDDEN, format!("{shown} is not allowed on this route"), true);
             }
         }
+        let slot = match route.max_connections {
+            Some(cap) => match listener::RouteSlot::take(&self.rt.route_active, &route_name, cap) {
+                Some(s) => Some(s),
+                None => {
+                    self.rt.stats.route_refused(&route_name, "route-max-connections");
+                    let mut r = reply(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("route {route_name} holds its max_connections ({cap})"),
+                        true,
+                    );
+                    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    return r;
+                }
+            },
+            None => None,
+        };
+        *self.slot.locked() = slot;
         self.upgrade(req, ri, &target).await
     }
 
@@ -710,8 +736,13 @@ impl ClientConn {
         let client = hyper::upgrade::on(&mut req);
         if route.mode == WsMode::BridgeTcp {
             let resp = accept_bridge(req.headers());
-            *self.upgrade.locked() =
-                Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Tcp(stream) });
+            *self.upgrade.locked() = Some(Upgrade {
+                route: ri,
+                backend_idx: idx,
+                client,
+                backend: BackendSide::Tcp(stream),
+                slot: self.slot.locked().take(),
+            });
             return resp;
         }
         let backend_addr = self.rt.cfg.backends[idx];
@@ -771,8 +802,13 @@ impl ClientConn {
             return resp.map(|b| self.counted(b, Side::Backend).boxed());
         }
         let backend = hyper::upgrade::on(&mut resp);
-        *self.upgrade.locked() =
-            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend, conn) });
+        *self.upgrade.locked() = Some(Upgrade {
+            route: ri,
+            backend_idx: idx,
+            client,
+            backend: BackendSide::WebSocket(backend, conn),
+            slot: self.slot.locked().take(),
+        });
         let (parts, _) = resp.into_parts();
         switched(parts.status, parts.headers)
     }
@@ -830,8 +866,13 @@ impl ClientConn {
             };
         }
         let early = Bytes::copy_from_slice(&buf[parsed.len..]);
-        *self.upgrade.locked() =
-            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Exchanged(stream, early) });
+        *self.upgrade.locked() = Some(Upgrade {
+            route: ri,
+            backend_idx: idx,
+            client,
+            backend: BackendSide::Exchanged(stream, early),
+            slot: self.slot.locked().take(),
+        });
         switched(parsed.status, parsed.headers)
     }
 

@@ -36,6 +36,41 @@ pub struct ListenerRt {
     route_rr: Vec<AtomicUsize>,
     all: Vec<usize>,
     active: Vec<AtomicU32>,
+    /// Upgraded connections each route holds now, by route name; shared
+    /// with the settings a reload makes, so a route's cap counts its flows
+    /// across reloads.
+    pub route_active: RouteCounts,
+}
+
+/// Upgraded connections per route name.
+pub type RouteCounts = Arc<Mutex<std::collections::HashMap<String, u32>>>;
+
+/// One upgraded connection counted against its route's `max_connections`;
+/// given back when dropped (the flow's end).
+pub struct RouteSlot {
+    counts: RouteCounts,
+    route: String,
+}
+
+impl RouteSlot {
+    /// A place under `cap` on `route`, if there is one.
+    pub fn take(counts: &RouteCounts, route: &str, cap: u32) -> Option<RouteSlot> {
+        let mut c = counts.locked();
+        let n = c.entry(route.to_string()).or_default();
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(RouteSlot { counts: counts.clone(), route: route.to_string() })
+    }
+}
+
+impl Drop for RouteSlot {
+    fn drop(&mut self) {
+        if let Some(n) = self.counts.locked().get_mut(&self.route) {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// The backends a flow may use and how to choose among them: the whole list
@@ -65,7 +100,8 @@ impl ListenerRt {
         let route_rr = cfg.http().map_or(0, |h| h.routes.len()).max(cfg.sni_routes().map_or(0, <[_]>::len));
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
         let all = (0..cfg.backends.len()).collect();
-        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active }
+        let route_active = RouteCounts::default();
+        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active, route_active }
     }
 
     /// New settings for a listener that keeps running: its totals carry over
@@ -76,7 +112,9 @@ impl ListenerRt {
         } else {
             Arc::new(ListenerStats::new(cfg.backends.len()))
         };
-        Self::with_stats(cfg, prev.local, global, stats)
+        let mut rt = Self::with_stats(cfg, prev.local, global, stats);
+        rt.route_active = prev.route_active.clone();
+        rt
     }
 
     pub fn with_local(mut self, local: SocketAddr) -> Self {

@@ -69,8 +69,9 @@ pub struct ListenerStats {
     closed: Mutex<Closed>,
     /// `offload: auto` moves between the paths, by (to, reason).
     switches: Mutex<BTreeMap<(String, String), u64>>,
-    /// Requests refused by a route's authentication, by (route, cause).
-    auth_denied: Mutex<BTreeMap<(String, String), u64>>,
+    /// Requests a route refused (its authentication, its max_connections),
+    /// by (route, cause).
+    route_refused: Mutex<BTreeMap<(String, String), u64>>,
 }
 
 /// `gateway stats` for one listener.
@@ -95,9 +96,10 @@ pub struct ListenerReport {
     /// `to-userspace: <reason>` / `to-kernel: <reason>`.
     #[serde(default)]
     pub path_switches: BTreeMap<String, u64>,
-    /// Requests refused by a route's authentication, by `<route> <cause>`.
+    /// Requests a route refused (authentication, max_connections), by
+    /// `<route> <cause>`.
     #[serde(default)]
-    pub auth_denied: BTreeMap<String, u64>,
+    pub route_refused: BTreeMap<String, u64>,
     pub bytes: Bytes,
     /// Share of the bytes the kernel moved, 0..1.
     pub kernel_share: f64,
@@ -123,13 +125,13 @@ impl ListenerStats {
             connect_failures: (0..backends).map(|_| AtomicU64::new(0)).collect(),
             closed: Mutex::new(Closed { backends: vec![BackendClosed::default(); backends], ..Default::default() }),
             switches: Mutex::default(),
-            auth_denied: Mutex::default(),
+            route_refused: Mutex::default(),
         }
     }
 
-    /// A request refused by `route`'s authentication, for `cause`.
-    pub fn auth_denied(&self, route: &str, cause: &str) {
-        *self.auth_denied.locked().entry((route.to_string(), cause.to_string())).or_default() += 1;
+    /// A request `route` refused, for `cause`.
+    pub fn route_refused(&self, route: &str, cause: &str) {
+        *self.route_refused.locked().entry((route.to_string(), cause.to_string())).or_default() += 1;
     }
 
     /// A flow moved to `to` (`kernel`, `userspace`) for `reason`.
@@ -221,7 +223,7 @@ impl ListenerStats {
             closed: c.by_cause.clone(),
             userspace_by_reason: userspace,
             kernel_flows,
-            auth_denied: self.auth_denied.locked().iter().map(|((r, c), n)| (format!("{r} {c}"), *n)).collect(),
+            route_refused: self.route_refused.locked().iter().map(|((r, c), n)| (format!("{r} {c}"), *n)).collect(),
             path_switches: self
                 .switches
                 .locked()
@@ -280,13 +282,13 @@ pub fn prometheus(reports: &[ListenerReport], kernel_path: bool) -> String {
             .collect(),
     );
     family(
-        "gateway_auth_denied_total",
+        "gateway_route_refused_total",
         "counter",
-        "Requests refused by a route's authentication (auth.jwt), by route and cause.",
+        "Requests a route refused (auth.jwt, auth.external, max_connections), by route and cause.",
         reports
             .iter()
             .flat_map(|r| {
-                r.auth_denied.iter().map(move |(rc, n)| {
+                r.route_refused.iter().map(move |(rc, n)| {
                     let (route, cause) = rc.rsplit_once(' ').unwrap_or((rc, ""));
                     (format!("{},route=\"{}\",cause=\"{}\"", l(r), esc(route), esc(cause)), *n)
                 })

@@ -200,6 +200,15 @@ pub struct Dropped {
     pub bounding: bool,
 }
 
+/// Restores SIGPIPE's default action, for the CLI's commands: a reader that
+/// goes away (`gateway flows | head`) ends the command quietly, as with any
+/// Unix tool, instead of a panic in `println!`. Not for the daemon, whose
+/// writes to closed sockets must fail, not kill it.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
+
 /// This host's name (uname's nodename).
 pub fn hostname() -> io::Result<String> {
     // SAFETY: uname fills the struct it is given.

@@ -1,0 +1,43 @@
+//! Per-route limits on long-lived connections (`max_connections` on a
+//! WebSocket route), with Python `websockets` and curl against a Node
+//! backend.
+use std::time::Duration;
+
+use gateway_tests::*;
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn a_route_holds_at_most_its_max_connections() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let b = backend.addr;
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
+         \x20     - path_prefix: /capped\n        backends: [\"{b}\"]\n        max_connections: 2\n\
+         \x20     - path_prefix: /free\n        backends: [\"{b}\"]\n"
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+    let capped = format!("ws://{at}/capped");
+    let mut held = Held::py_client(&topo, &["hold", &capped, "--count", "2"]);
+    assert_eq!(held.line(Duration::from_secs(30)), "OPEN 2");
+    // A third is refused before any backend is contacted; other routes and
+    // plain requests on this one are not counted.
+    let v = py_client(&topo, &["echo", &capped, "--sizes", "5"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("503"), "{v}");
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/free"), "--sizes", "5"]);
+    assert!(v["error"].is_null(), "{v}");
+    let (status, head, _) = curl(&topo, &[&format!("http://{at}/capped/headers")]);
+    assert_eq!(status, 200, "{head}");
+    // The two end: their places come back.
+    held.go_on();
+    assert_eq!(held.line(Duration::from_secs(30)), "CLOSED 2");
+    gw.wait_for("the held flows gone", Duration::from_secs(10), |g| {
+        !g.flows().iter().any(|f| f["route"].as_str().is_some_and(|r| r.ends_with("/capped")))
+    });
+    let v = py_client(&topo, &["echo", &capped, "--sizes", "5"]);
+    assert!(v["error"].is_null(), "{v}");
+    let stats = gw.stats();
+    let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    assert_eq!(l["route_refused"]["*/capped route-max-connections"], 1, "{l}");
+}
