@@ -224,6 +224,8 @@ struct RawRoute {
     ping_interval: Option<Value>,
     auth: Option<RawAuth>,
     max_connections: Option<Value>,
+    message_rate: Option<Value>,
+    byte_rate: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -666,6 +668,25 @@ impl Errors {
                 .as_ref()
                 .and_then(|v| self.uint(&rp("max_connections"), v, 1..=10_000_000))
                 .map(|n| n as u32);
+            let message_rate = raw.message_rate.as_ref().and_then(|v| {
+                let s = self.string(&rp("message_rate"), v)?;
+                crate::policy::limits::Rate::parse(&s).map_err(|e| self.push(&rp("message_rate"), e)).ok()
+            });
+            let byte_rate = raw.byte_rate.as_ref().and_then(|v| {
+                let s = self.string(&rp("byte_rate"), v)?;
+                parse_byte_rate(&s).map_err(|e| self.push(&rp("byte_rate"), e)).ok()
+            });
+            if mode != WsMode::Inspect {
+                for (key, set) in [("message_rate", raw.message_rate.is_some()), ("byte_rate", raw.byte_rate.is_some())]
+                {
+                    if set {
+                        self.push(
+                            &rp(key),
+                            "applies to `mode: inspect` routes only (the gateway must see the messages)",
+                        );
+                    }
+                }
+            }
             let indices = pool_indices(&list, all);
             if self.0.len() != before {
                 ok = false;
@@ -682,6 +703,8 @@ impl Errors {
                 jwt,
                 external,
                 max_connections,
+                message_rate,
+                byte_rate,
             });
         }
         if !ok {
@@ -1225,6 +1248,10 @@ pub struct Route {
     pub external: Option<External>,
     /// Upgraded connections the route holds at once; one more gets 503.
     pub max_connections: Option<u32>,
+    /// inspect: messages (and bytes) a client may send, per connection;
+    /// going over closes with 1008.
+    pub message_rate: Option<crate::policy::limits::Rate>,
+    pub byte_rate: Option<crate::policy::limits::Rate>,
 }
 
 /// `auth.external`: ask an HTTP authorization service about each request
@@ -1314,6 +1341,23 @@ pub fn default_max_queued_per_flow() -> u64 {
 pub const DEFAULT_MAX_QUEUED_TOTAL: u64 = 1 << 30;
 
 /// Parses a byte size: `65536`, `512KiB`, `4MiB`, `1GiB` (also `k`, `m`, `g`).
+/// A byte rate such as `1MiB/s` (a size, then `/s`, `/m` or `/h`).
+pub fn parse_byte_rate(s: &str) -> Result<crate::policy::limits::Rate, String> {
+    let bad = || format!("{s:?} is not a byte rate (write e.g. \"1MiB/s\")");
+    let (size, unit) = s.trim().split_once('/').ok_or_else(bad)?;
+    let n = parse_size(size.trim()).map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "s" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(format!("{s:?} must allow at least one byte"));
+    }
+    Ok(crate::policy::limits::Rate { per_sec: n as f64 / secs, burst: n as f64 })
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let bad = || format!("{s:?} is not a size (write e.g. 65536, 512KiB, 4MiB, 1GiB)");
     let t = s.trim();
@@ -1821,6 +1865,9 @@ admin:
         assert_rejected(&ws(&format!("{secret}            algorithm: none\n")), &["algorithm"]);
         let capped = ws(secret).replace("        auth:\n", "        max_connections: 0\n        auth:\n");
         assert_rejected(&capped, &["listeners[0].routes[0].max_connections"]);
+        let rated = ws(secret)
+            .replace("        auth:\n", "        message_rate: 10/s\n        byte_rate: lots\n        auth:\n");
+        assert_rejected(&rated, &["routes[0].message_rate: applies to `mode: inspect`", "routes[0].byte_rate"]);
     }
 
     #[test]

@@ -41,3 +41,41 @@ fn a_route_holds_at_most_its_max_connections() {
     let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
     assert_eq!(l["route_refused"]["*/capped route-max-connections"], 1, "{l}");
 }
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn inspect_routes_hold_clients_to_their_message_and_byte_rates() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let b = backend.addr;
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n\
+         \x20     - path_prefix: /msgs\n        backends: [\"{b}\"]\n        mode: inspect\n        message_rate: 5/s\n\
+         \x20     - path_prefix: /bytes\n        backends: [\"{b}\"]\n        mode: inspect\n        byte_rate: 8KiB/s\n"
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+    // Within the burst (one period's worth; the client sends each size as a
+    // text and a binary message): echoed.
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/msgs"), "--sizes", "1,1"]);
+    assert!(v["error"].is_null(), "{v}");
+    // Twelve at once: the sixth goes over, and the client gets 1008.
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/msgs"), "--sizes", "1,1,1,1,1,1"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("1008"), "{v}");
+    // A second's bytes (two messages of 4 KiB) pass; four do not.
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/bytes"), "--sizes", "4096"]);
+    assert!(v["error"].is_null(), "{v}");
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/bytes"), "--sizes", "4096,4096"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("1008"), "{v}");
+    // Counted as flows the gateway closed for a rule.
+    gw.wait_for("the closes counted", Duration::from_secs(10), |g| {
+        let s = g.stats();
+        let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+        l["closed"]["rejected"].as_u64() >= Some(2)
+    });
+    let log = gw.log_text();
+    assert!(
+        log.contains("went over the route's message_rate") && log.contains("went over the route's byte_rate"),
+        "{log}"
+    );
+}

@@ -58,6 +58,12 @@ pub struct Limits {
     pub bridge: bool,
     pub max_message_size: usize,
     pub ping_interval: Option<Duration>,
+    /// inspect: the client's messages per second, and bytes per second
+    /// (absent in the messages of daemons before them).
+    #[serde(default)]
+    pub message_rate: Option<crate::policy::limits::Rate>,
+    #[serde(default)]
+    pub byte_rate: Option<crate::policy::limits::Rate>,
 }
 
 impl Limits {
@@ -66,6 +72,8 @@ impl Limits {
             bridge: route.mode == WsMode::BridgeTcp,
             max_message_size: route.max_message_size,
             ping_interval: route.ping_interval,
+            message_rate: route.message_rate,
+            byte_rate: route.byte_rate,
         }
     }
 }
@@ -385,6 +393,8 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
     let mut open = [true, true];
     let mut detach_asked = false;
     let mut live = Liveness::new(e.limits.ping_interval);
+    // The route's message_rate and byte_rate, for the client's messages.
+    let (mut msg_bucket, mut byte_bucket) = (None, None);
     let mut idle_at = Instant::now() + e.idle;
     let mut closing: Option<Instant> = None;
     let mut cause: Option<CloseCause> = None;
@@ -485,6 +495,28 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                     continue;
                 }
                 let len = msg.len() as u64;
+                if side == Side::Client {
+                    let now = std::time::Instant::now();
+                    let over = [
+                        (e.limits.message_rate, &mut msg_bucket, 1.0, "message_rate"),
+                        (e.limits.byte_rate, &mut byte_bucket, len as f64, "byte_rate"),
+                    ]
+                    .into_iter()
+                    .find_map(|(rate, bucket, n, what)| {
+                        let rate = rate?;
+                        let b = bucket.get_or_insert_with(|| crate::policy::limits::Bucket::new(rate));
+                        (!b.take_n(rate, n, now)).then_some(what)
+                    });
+                    if let Some(what) = over {
+                        info!(flow = flow.id, "the client went over the route's {what}; closing with 1008");
+                        close_both!(
+                            CloseCause::Rejected(format!("client over the route's {what}")),
+                            Some(close(CloseCode::Policy, "rate limit")),
+                            Some(close(CloseCode::Away, "client went away"))
+                        );
+                        continue;
+                    }
+                }
                 // The message must be taken within idle_timeout, and the drain
                 // does not wait for a peer that stopped reading.
                 if let Err(stall) = bounded(ws[y].send(msg), Instant::now() + e.idle, Some(&mut shutdown)).await {

@@ -57,9 +57,9 @@ impl Cidr {
     }
 }
 
-/// A rate such as `100/s` or `600/m`: that many new connections per period,
-/// with a burst of one period's worth.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// A rate such as `100/s` or `600/m`: that many new connections (or
+/// messages, or bytes) per period, with a burst of one period's worth.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Rate {
     pub per_sec: f64,
     pub burst: f64,
@@ -113,22 +113,29 @@ fn source_key(ip: IpAddr, v6_prefix: u8) -> IpAddr {
     }
 }
 
+/// A token bucket: a burst of `rate.burst`, refilled at `rate.per_sec`.
 #[derive(Debug)]
-struct Bucket {
+pub struct Bucket {
     tokens: f64,
     at: Instant,
 }
 
 impl Bucket {
-    fn new(rate: Rate) -> Self {
+    pub fn new(rate: Rate) -> Self {
         Self { tokens: rate.burst, at: Instant::now() }
     }
 
-    fn take(&mut self, rate: Rate, now: Instant) -> bool {
+    pub fn take(&mut self, rate: Rate, now: Instant) -> bool {
+        self.take_n(rate, 1.0, now)
+    }
+
+    /// Takes `n` tokens. One take larger than the burst passes from a full
+    /// bucket and leaves it in debt, so the rate holds on average.
+    pub fn take_n(&mut self, rate: Rate, n: f64, now: Instant) -> bool {
         self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * rate.per_sec).min(rate.burst);
         self.at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+        if self.tokens >= n.min(rate.burst) {
+            self.tokens -= n;
             true
         } else {
             false
@@ -307,6 +314,24 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_bucket_lets_its_burst_through_then_holds_the_rate() {
+        let rate = Rate { per_sec: 10.0, burst: 10.0 };
+        let t0 = Instant::now();
+        let mut b = Bucket::new(rate);
+        assert!((0..10).all(|_| b.take(rate, t0)));
+        assert!(!b.take(rate, t0));
+        assert!(b.take(rate, t0 + std::time::Duration::from_millis(100)), "one token a tenth of a second later");
+        // Bytes: one take larger than the burst passes from a full bucket
+        // and leaves it in debt until the rate has paid for it.
+        let bytes = Rate { per_sec: 1000.0, burst: 1000.0 };
+        let mut b = Bucket::new(bytes);
+        assert!(b.take_n(bytes, 3000.0, t0));
+        assert!(!b.take_n(bytes, 1.0, t0 + std::time::Duration::from_secs(1)));
+        assert!(b.take_n(bytes, 1.0, t0 + std::time::Duration::from_millis(2010)));
+    }
+
     use super::*;
 
     #[test]
