@@ -226,6 +226,7 @@ struct RawRoute {
     max_connections: Option<Value>,
     message_rate: Option<Value>,
     byte_rate: Option<Value>,
+    idle_timeout: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -668,6 +669,10 @@ impl Errors {
                 .as_ref()
                 .and_then(|v| self.uint(&rp("max_connections"), v, 1..=10_000_000))
                 .map(|n| n as u32);
+            let idle_timeout = raw.idle_timeout.as_ref().and_then(|v| self.duration(&rp("idle_timeout"), v));
+            if idle_timeout.is_some_and(|d| d.is_zero()) {
+                self.push(&rp("idle_timeout"), "must be more than 0");
+            }
             let message_rate = raw.message_rate.as_ref().and_then(|v| {
                 let s = self.string(&rp("message_rate"), v)?;
                 crate::policy::limits::Rate::parse(&s).map_err(|e| self.push(&rp("message_rate"), e)).ok()
@@ -705,6 +710,7 @@ impl Errors {
                 max_connections,
                 message_rate,
                 byte_rate,
+                idle_timeout,
             });
         }
         if !ok {
@@ -1252,6 +1258,9 @@ pub struct Route {
     /// going over closes with 1008.
     pub message_rate: Option<crate::policy::limits::Rate>,
     pub byte_rate: Option<crate::policy::limits::Rate>,
+    /// An upgraded flow of this route that moves no byte for this long is
+    /// closed (the listener's `idle_timeout` otherwise).
+    pub idle_timeout: Option<Duration>,
 }
 
 /// `auth.external`: ask an HTTP authorization service about each request

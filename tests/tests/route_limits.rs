@@ -79,3 +79,34 @@ fn inspect_routes_hold_clients_to_their_message_and_byte_rates() {
         "{log}"
     );
 }
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn a_route_closes_its_idle_connections_sooner_than_the_listener() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let b = backend.addr;
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    idle_timeout: 1h\n    routes:\n\
+         \x20     - path_prefix: /short\n        backends: [\"{b}\"]\n        idle_timeout: 1s\n\
+         \x20     - path_prefix: /short-inspect\n        backends: [\"{b}\"]\n        mode: inspect\n        idle_timeout: 1s\n\
+         \x20     - path_prefix: /long\n        backends: [\"{b}\"]\n"
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+    let mut held: Vec<Held> = ["/short", "/short-inspect", "/long"]
+        .iter()
+        .map(|p| Held::py_client(&topo, &["hold", &format!("ws://{at}{p}"), "--count", "1"]))
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(30)), "OPEN 1");
+    }
+    // The two short routes' flows close for idleness; the other stays.
+    gw.wait_for("the short routes' flows closed", Duration::from_secs(15), |g| {
+        let f = g.flows();
+        f.len() == 1 && f[0]["route"].as_str().is_some_and(|r| r.ends_with("/long"))
+    });
+    let s = gw.stats();
+    let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    assert_eq!(l["closed"]["idle-timeout"], 2, "{l}");
+}

@@ -62,6 +62,7 @@ pub async fn forward(
     flow: &crate::flow::table::Flow,
     rt: &ListenerRt,
     plane: &Plane,
+    idle: Duration,
 ) -> CloseCause {
     let peer = flow.client;
     let kernel = match (rt.cfg.offload, &plane.kernel) {
@@ -98,8 +99,7 @@ pub async fn forward(
                 }
             };
             let auto = (rt.cfg.offload == Offload::Auto).then_some(&*rt.stats);
-            let Some(cause) = supervise(plane, k, &s, (client, backend), flow, rt.cfg.idle_timeout, None, auto).await
-            else {
+            let Some(cause) = supervise(plane, k, &s, (client, backend), flow, idle, None, auto).await else {
                 return CloseCause::HandedOver;
             };
             // Final counters before the slots are reused.
@@ -112,7 +112,7 @@ pub async fn forward(
             crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, plane.kernel.as_ref()));
             debug!(flow = flow.id, %reason, "relayed in user space");
             let (client, backend) = (Conn::Plain(client), Conn::Plain(backend));
-            let Some(cause) = Box::pin(relay_movable(plane, client, backend, flow, rt.cfg.idle_timeout)).await else {
+            let Some(cause) = Box::pin(relay_movable(plane, client, backend, flow, idle)).await else {
                 return CloseCause::HandedOver;
             };
             retire(flow, Some(idx), &cause, rt, plane);

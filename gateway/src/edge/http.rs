@@ -428,6 +428,7 @@ fn http_of(rt: &ListenerRt) -> &HttpListener {
 async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) {
     // Counted against the route's max_connections until the flow ends.
     let _route_slot = up.slot.take();
+    let idle = http_of(rt).routes[up.route].idle_timeout.unwrap_or(rt.cfg.idle_timeout);
     let idx = up.backend_idx;
     let route = &http_of(rt).routes[up.route];
     let client = match up.client.await.map(raw::<ClientIo>) {
@@ -473,7 +474,7 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
                             if !plane.handoff_delay.is_zero() {
                                 tokio::time::sleep(plane.handoff_delay).await;
                             }
-                            carry::forward(client, backend, idx, flow, rt, plane).await;
+                            carry::forward(client, backend, idx, flow, rt, plane, idle).await;
                             return;
                         }
                         // wss: the client's bytes are ciphertext, relayed here.
@@ -483,7 +484,6 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
                                 code: Fallback::Tls,
                             });
                             crate::flow::log::record_with("handoff", || crate::flow::table::snapshot_one(flow, None));
-                            let idle = rt.cfg.idle_timeout;
                             match Box::pin(carry::relay_movable(plane, tls, session::Conn::Plain(backend), flow, idle))
                                 .await
                             {
@@ -510,7 +510,7 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
                 backend_early,
                 flow,
                 limits: crate::dataplane::ws::Limits::of(route),
-                idle: rt.cfg.idle_timeout,
+                idle,
                 shutdown: plane.shutdown.subscribe(),
             };
             match Box::pin(carry::ws_movable(plane, ends)).await {

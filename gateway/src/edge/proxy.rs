@@ -128,7 +128,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Pl
             if !plane.handoff_delay.is_zero() {
                 tokio::time::sleep(plane.handoff_delay).await;
             }
-            forward(client, backend, idx, flow, rt, plane).await
+            forward(client, backend, idx, flow, rt, plane, rt.cfg.idle_timeout).await
         }
         (client, backend) => {
             flow.set_path(FlowPath::Userspace {
