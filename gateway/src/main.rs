@@ -493,6 +493,10 @@ fn stats_cmd(daemon: AdminTarget, json: bool) -> Result<()> {
         );
         let rejected: Vec<String> = l.rejected.iter().map(|(c, n)| format!("{c} {n}")).collect();
         println!("  rejected: {}", if rejected.is_empty() { "none".into() } else { rejected.join(", ") });
+        if !l.route_refused.is_empty() {
+            let refused: Vec<String> = l.route_refused.iter().map(|(rc, n)| format!("{rc} {n}")).collect();
+            println!("  refused by routes: {}", refused.join(", "));
+        }
         println!("  closed: {}", if closed.is_empty() { "none".into() } else { closed.join(", ") });
         println!(
             "  flows: {} kernel; userspace: {}",
