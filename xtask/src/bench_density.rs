@@ -42,6 +42,17 @@ const TARGETS: [Target; 6] =
     [Target::Direct, Target::Kernel, Target::Userspace, Target::Auto, Target::Nginx, Target::Envoy];
 
 impl Target {
+    fn short(self) -> &'static str {
+        match self {
+            Target::Direct => "direct",
+            Target::Kernel => "kernel",
+            Target::Userspace => "userspace",
+            Target::Auto => "auto",
+            Target::Nginx => "nginx",
+            Target::Envoy => "envoy",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Target::Direct => "direct",
@@ -86,7 +97,19 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     {
         bail!("--conns is 1..9000, --interval > 0, --secs 10..600, --reps 1..5");
     }
+    // `--only kernel,auto`: those targets only (`--gateway PATH` then tries
+    // another build of the daemon against them, for an A/B).
+    let only: Option<Vec<Target>> = value("--only")
+        .map(|v| {
+            v.split(',')
+                .map(|n| {
+                    TARGETS.iter().copied().find(|t| t.short() == n).with_context(|| format!("--only: no target {n:?}"))
+                })
+                .collect()
+        })
+        .transpose()?;
     let (bin, work, _ns) = crate::bench::prepare(root, "density")?;
+    let bin = value("--gateway").map_or(bin, std::path::PathBuf::from);
     raise_nofile();
 
     let me = std::env::current_exe()?;
@@ -99,6 +122,9 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut results: Vec<Vec<Held>> = vec![Vec::new(); TARGETS.len()];
     for rep in 0..reps {
         for (i, &t) in TARGETS.iter().enumerate() {
+            if only.as_ref().is_some_and(|o| !o.contains(&t)) {
+                continue;
+            }
             let mut procs = Procs::default();
             let (addr, pid) = start(t, &bin, echo, &work, &mut procs)?;
             let h = hold_round(t, &me, addr, pid, conns, interval, hold_secs, &bin, &work)
@@ -299,6 +325,9 @@ fn render(results: &[Vec<Held>], conns: u64, interval: f64, reps: usize) -> Stri
     );
     let m = |i: usize, f: fn(&Held) -> f64| median(&results[i].iter().map(f).collect::<Vec<_>>());
     for (i, t) in TARGETS.iter().enumerate() {
+        if results[i].is_empty() {
+            continue;
+        }
         let kernel = results[i].last().and_then(|h| h.kernel_flows).map_or("-".to_string(), |k| k.to_string());
         out += &format!(
             "| {} | {kernel} | {:.0} | {:.1} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} | {:.0} |\n",
@@ -317,7 +346,9 @@ fn render(results: &[Vec<Held>], conns: u64, interval: f64, reps: usize) -> Stri
     let rss = |t: Target| m(idx(t), |h| h.rss_kib_per_conn);
     let cpu = |t: Target| m(idx(t), |h| h.cpu_pct);
     out += "\nFloors (issue 13: a spliced flow costs far less than a relayed one):\n";
-    for t in [Target::Kernel, Target::Auto] {
+    let ran = |t: Target| !results[idx(t)].is_empty();
+    for t in [Target::Kernel, Target::Auto].into_iter().filter(|&t| ran(t) && ran(Target::Nginx) && ran(Target::Envoy))
+    {
         out += &floor_line(
             &format!("{} RSS per connection <= 1/4 of nginx's", t.name()),
             rss(t) <= rss(Target::Nginx) / 4.0,

@@ -35,11 +35,12 @@ tasks:
                          (--attach-variants: also the verdict attached as BPF_SK_SKB_VERDICT
                          and behind a stream parser, 64 B RR; --rates-only: connection and
                          upgrade rates and unpinned latencies only)
-  bench-density [--conns N] [--interval S] [--secs S] [--reps N]
+  bench-density [--conns N] [--interval S] [--secs S] [--reps N] [--only T,..] [--gateway BIN]
                          hold N (6000) passthrough WebSockets through the gateway (kernel, user
                          space, auto), nginx and Envoy, one 64 B message each every S (5) s:
                          proxy RSS, host TCP memory and slab per connection, proxy CPU, echo
-                         p50/p99, upgrade rate while held
+                         p50/p99, upgrade rate while held (--only: of these targets, named
+                         direct|kernel|userspace|auto|nginx|envoy; --gateway: this daemon, unbuilt)
 ";
 
 fn main() -> ExitCode {
@@ -64,6 +65,7 @@ fn main() -> ExitCode {
         Some("ws-rr") => bench_ws::round_trips(&args[1..]),
         // The bench's three-host placement runs these on the client and
         // backend hosts: `tcp-echo IP:PORT`, `rr IP:PORT SECS`, `crr IP:PORT SECS`.
+        Some("bench-density") if args.iter().any(|a| a == "--gateway") => bench_density::run(&root(), &args[1..]),
         Some("bench-density") => build_release_daemon().and_then(|()| bench_density::run(&root(), &args[1..])),
         // The density bench's backend and client, one epoll loop each.
         Some("ws-echo-many") => bench_density::serve_many(&args[1..]),

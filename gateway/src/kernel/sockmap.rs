@@ -252,6 +252,28 @@ impl FlowControl {
     }
 }
 
+/// The share as written into the slots: below `per_flow`, rounded down to
+/// one of eight steps per power of two (at most 12.5% under the exact
+/// share). With thousands of flows the exact share changes at every splice
+/// and release, and each change rewrites every live slot; stepped, it
+/// changes once per few percent of flows come or gone.
+fn stepped(share: u64, per_flow: u64) -> u64 {
+    if share >= per_flow || share < 16 {
+        return share.min(per_flow);
+    }
+    let unit = 1u64 << (63 - share.leading_zeros() - 3);
+    share / unit * unit
+}
+
+/// The bound the live slots move to, if it moves from `current` to
+/// `target`: down at once (the cap must hold for the flows there are), up
+/// only once it has grown by a quarter, so that a number of flows going to
+/// and fro across a step does not rewrite every slot each time.
+fn next_high_water(current: u64, target: u64) -> Option<u64> {
+    let moves = current == 0 || target < current || target >= current + current / 4;
+    (moves && target != current).then_some(target)
+}
+
 /// Of a direction's share, the sockmap's queue in front of the receiver
 /// may hold half (the verdict's `high_water`); the other half is the
 /// sender-side socket's receive buffer, where bytes passed to user space
@@ -493,7 +515,7 @@ impl KernelPath {
         }
         let high_water = match self.flow_control {
             Some(fc) => {
-                let share = fc.share(maps.active.len() / 2 + 1);
+                let share = stepped(fc.share(maps.active.len() / 2 + 1), fc.per_flow);
                 if share < MIN_HIGH_WATER.min(fc.per_flow) {
                     return Err(Unavailable::QueueCap(fc.total));
                 }
@@ -562,6 +584,8 @@ impl KernelPath {
         }
         maps.active.extend([(cs, client.as_raw_fd()), (bs, backend.as_raw_fd())]);
         self.rebalance(&mut maps);
+        // Below its own share when the others' bound was not raised yet.
+        self.write_high_water(&maps, [cs, bs]);
         drop(maps);
         // Both sockets are in the map: let the verdict redirect.
         for s in [cs, bs] {
@@ -696,16 +720,14 @@ impl KernelPath {
     /// the bound, it is rewritten in every live slot.
     fn rebalance(&self, maps: &mut Maps) {
         let Some(fc) = self.flow_control else { return };
-        let share = fc.share(maps.active.len() / 2);
-        let hw = high_water(share);
-        if hw == maps.high_water {
+        let share = stepped(fc.share(maps.active.len() / 2), fc.per_flow);
+        let Some(hw) = next_high_water(maps.high_water, high_water(share)) else {
             return;
-        }
+        };
         maps.high_water = hw;
-        for &i in maps.active.keys() {
-            // SAFETY: `high_water` is a user-space-owned field of a live slot.
-            unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).high_water, hw) };
-        }
+        let live: Vec<u32> = maps.active.keys().copied().collect();
+        self.write_high_water(maps, live);
+        let share = hw * 2;
         // Resize the live sockets' buffers too, when the share moved by more
         // than a quarter (each resize is two syscalls per socket).
         let last = maps.buffers_for;
@@ -713,6 +735,17 @@ impl KernelPath {
             maps.buffers_for = share;
             let fds: Vec<i32> = maps.active.values().copied().collect();
             size_buffers(&fds, share);
+        }
+    }
+
+    /// Writes the current bound into these live slots (under the maps lock).
+    fn write_high_water(&self, maps: &Maps, slots: impl IntoIterator<Item = u32>) {
+        if self.flow_control.is_none() {
+            return;
+        }
+        for i in slots {
+            // SAFETY: `high_water` is a user-space-owned field of a live slot.
+            unsafe { ptr::write_volatile(&raw mut (*self.slots.slot(i)).high_water, maps.high_water) };
         }
     }
 
@@ -1030,5 +1063,65 @@ impl KernelPath {
         maps.foreign.remove(&s.backend_slot);
         maps.active.extend([(s.client_slot, client_fd), (s.backend_slot, backend_fd)]);
         self.rebalance(&mut maps);
+        // The predecessor's bound may not be this daemon's.
+        self.write_high_water(&maps, [s.client_slot, s.backend_slot]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_share_steps_down_by_at_most_an_eighth() {
+        let fc = FlowControl { per_flow: 8 * MIB, total: 1 << 30 };
+        // Under the cap's binding point the share is per_flow itself, even
+        // when that is not a step.
+        assert_eq!(stepped(fc.share(10), fc.per_flow), 8 * MIB);
+        assert_eq!(stepped(5_000_000, 5_000_000), 5_000_000);
+        let mut changes = 0;
+        let mut last = 0;
+        for flows in 1..=8192 {
+            let exact = fc.share(flows);
+            let s = stepped(exact, fc.per_flow);
+            assert!(s <= exact && s * 8 >= exact * 7, "{flows} flows: {s} for {exact}");
+            changes += usize::from(s != last);
+            last = s;
+        }
+        // From 64 flows (where the cap starts to bind) to 8,192 the exact
+        // share takes about 8,000 values; stepped, a few dozen.
+        assert!(changes < 64, "{changes} changes");
+        // The minimum share is a step: a flow refused stepped would have been
+        // refused exact.
+        assert_eq!(stepped(MIN_HIGH_WATER, 8 * MIB), MIN_HIGH_WATER);
+        assert!(stepped(MIN_HIGH_WATER + 1, 8 * MIB) >= MIN_HIGH_WATER);
+    }
+
+    #[test]
+    fn the_bound_goes_down_at_once_and_up_by_a_quarter() {
+        assert_eq!(next_high_water(0, 100), Some(100));
+        assert_eq!(next_high_water(100, 100), None);
+        assert_eq!(next_high_water(100, 90), Some(90));
+        // One step back up (flows going to and fro): no rewrite.
+        assert_eq!(next_high_water(90, 100), None);
+        assert_eq!(next_high_water(100, 124), None);
+        assert_eq!(next_high_water(100, 125), Some(125));
+    }
+
+    #[test]
+    fn the_cap_holds_with_the_stepped_share() {
+        let fc = FlowControl { per_flow: 8 * MIB, total: 1 << 30 };
+        // Flows arriving one by one, then leaving, then arriving again: the
+        // bound in the slots never lets them hold more than the cap.
+        let mut hw = 0;
+        let path = (1..=8192).chain((1..8192).rev()).chain(1..=4096);
+        for flows in path {
+            if let Some(next) = next_high_water(hw, high_water(stepped(fc.share(flows), fc.per_flow))) {
+                hw = next;
+            }
+            assert!(2 * hw * 2 * flows as u64 <= fc.total, "{flows} flows at {hw}");
+        }
     }
 }
