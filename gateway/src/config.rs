@@ -43,6 +43,18 @@ pub enum Balance {
     SourceHash,
 }
 
+/// What a reload (or a fleet push) does to the established flows of a
+/// route or TCP listener that it changed or removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnChange {
+    /// They go on with the settings they started with.
+    #[default]
+    Keep,
+    /// They are closed (FIN; close 1001 in inspect mode), counted as
+    /// `route-changed`.
+    Close,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Offload {
     /// Kernel path when the programs are loaded, userspace relay otherwise.
@@ -166,6 +178,8 @@ struct RawListener {
     connect_timeout: Option<Value>,
     connect_attempts: Option<Value>,
     idle_timeout: Option<Value>,
+    max_duration: Option<Value>,
+    on_change: Option<Value>,
     allow: Option<Value>,
     deny: Option<Value>,
     max_connections: Option<Value>,
@@ -227,6 +241,8 @@ struct RawRoute {
     message_rate: Option<Value>,
     byte_rate: Option<Value>,
     idle_timeout: Option<Value>,
+    max_duration: Option<Value>,
+    on_change: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -673,6 +689,8 @@ impl Errors {
             if idle_timeout.is_some_and(|d| d.is_zero()) {
                 self.push(&rp("idle_timeout"), "must be more than 0");
             }
+            let max_duration = raw.max_duration.as_ref().and_then(|v| self.duration(&rp("max_duration"), v));
+            let on_change = raw.on_change.as_ref().and_then(|v| self.on_change(&rp("on_change"), v));
             let message_rate = raw.message_rate.as_ref().and_then(|v| {
                 let s = self.string(&rp("message_rate"), v)?;
                 crate::policy::limits::Rate::parse(&s).map_err(|e| self.push(&rp("message_rate"), e)).ok()
@@ -711,6 +729,8 @@ impl Errors {
                 message_rate,
                 byte_rate,
                 idle_timeout,
+                max_duration,
+                on_change,
             });
         }
         if !ok {
@@ -882,6 +902,10 @@ impl Errors {
             routes.push(SniRoute { sni, backends: indices, balance, mode });
         }
         (self.0.len() == before).then_some(routes)
+    }
+
+    fn on_change(&mut self, path: &str, v: &Value) -> Option<OnChange> {
+        self.choice(path, v, &[("keep", OnChange::Keep), ("close", OnChange::Close)])
     }
 
     fn choice<T: Copy>(&mut self, path: &str, v: &Value, options: &[(&str, T)]) -> Option<T> {
@@ -1128,6 +1152,12 @@ pub struct Listener {
     pub connect_timeout: Duration,
     pub connect_attempts: u32,
     pub idle_timeout: Duration,
+    /// A flow (an upgraded one on websocket listeners, unless its route sets
+    /// its own) is closed this long after it started, whatever it carries.
+    pub max_duration: Option<Duration>,
+    /// What a reload does to flows whose listener (TCP) or route
+    /// (websocket, unless the route sets its own) it changed or removed.
+    pub on_change: OnChange,
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::policy::limits::Rules,
     pub health: crate::policy::health::HealthConfig,
@@ -1154,6 +1184,14 @@ pub enum ListenerKind {
 }
 
 impl Listener {
+    /// What a flow of a TCP listener depends on, for `on_change`: every
+    /// setting but `on_change` itself.
+    pub fn fingerprint(&self) -> String {
+        let mut bare = self.clone();
+        bare.on_change = OnChange::Keep;
+        format!("{bare:?}")
+    }
+
     /// The HTTP side of a websocket listener.
     pub fn http(&self) -> Option<&HttpListener> {
         match &self.kind {
@@ -1261,6 +1299,11 @@ pub struct Route {
     /// An upgraded flow of this route that moves no byte for this long is
     /// closed (the listener's `idle_timeout` otherwise).
     pub idle_timeout: Option<Duration>,
+    /// An upgraded flow of this route is closed this long after its 101,
+    /// whatever it carries (the listener's `max_duration` otherwise).
+    pub max_duration: Option<Duration>,
+    /// The listener's `on_change` otherwise.
+    pub on_change: Option<OnChange>,
 }
 
 /// `auth.external`: ask an HTTP authorization service about each request
@@ -1283,6 +1326,23 @@ pub struct External {
 pub const DEFAULT_EXTERNAL_AUTH_TIMEOUT: Duration = Duration::from_millis(500);
 
 impl Route {
+    /// How flows and stats name the route: `host` then `path_prefix`.
+    pub fn name(&self) -> String {
+        format!("{}{}", self.host, self.path_prefix)
+    }
+
+    /// What a flow of the route depends on, for `on_change`: every setting
+    /// but `on_change` itself, with the backends as addresses (their
+    /// indices into the listener's list move when other routes change).
+    pub fn fingerprint(&self, listener: &Listener) -> String {
+        let backends: Vec<SocketAddr> =
+            self.backends.iter().filter_map(|&i| listener.backends.get(i).copied()).collect();
+        let mut bare = self.clone();
+        bare.backends.clear();
+        bare.on_change = None;
+        format!("{bare:?} {backends:?}")
+    }
+
     /// Does this route's prefix cover `path`? Whole segments only: `/ws`
     /// covers `/ws`, `/ws/`, `/ws/a`, not `/wsx`.
     pub fn covers(&self, path: &str) -> bool {
@@ -1532,6 +1592,8 @@ impl RawConfig {
                 .map_or(Some(DEFAULT_CONNECT_TIMEOUT), |v| e.duration(&p("connect_timeout"), v));
             let idle_timeout =
                 l.idle_timeout.as_ref().map_or(Some(DEFAULT_IDLE_TIMEOUT), |v| e.duration(&p("idle_timeout"), v));
+            let max_duration = l.max_duration.as_ref().and_then(|v| e.duration(&p("max_duration"), v));
+            let on_change = l.on_change.as_ref().map_or(Some(OnChange::Keep), |v| e.on_change(&p("on_change"), v));
             let count = |e: &mut Errors, key: &str, v: &Option<Value>| {
                 v.as_ref().and_then(|v| e.uint(&p(key), v, 1..=10_000_000)).map(|n| n as u32)
             };
@@ -1608,7 +1670,8 @@ impl RawConfig {
                 Some(ct),
                 Some(it),
                 Some(ca),
-            ) = (name, bind, protocol, balance, offload, connect_timeout, idle_timeout, connect_attempts)
+                Some(on_change),
+            ) = (name, bind, protocol, balance, offload, connect_timeout, idle_timeout, connect_attempts, on_change)
             {
                 listeners.push(Listener {
                     name,
@@ -1619,6 +1682,8 @@ impl RawConfig {
                     connect_timeout: ct,
                     connect_attempts: ca,
                     idle_timeout: it,
+                    max_duration,
+                    on_change,
                     limits,
                     health,
                     tls,
@@ -1877,6 +1942,29 @@ admin:
         let rated = ws(secret)
             .replace("        auth:\n", "        message_rate: 10/s\n        byte_rate: lots\n        auth:\n");
         assert_rejected(&rated, &["routes[0].message_rate: applies to `mode: inspect`", "routes[0].byte_rate"]);
+    }
+
+    #[test]
+    fn max_duration_and_on_change_are_checked_by_key_path() {
+        let ws = |listener: &str, route: &str| {
+            format!(
+                "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n{listener}    routes:\n      \
+                 - path_prefix: /a\n        backends: [\"127.0.0.1:9\"]\n{route}"
+            )
+        };
+        let c = parse(&ws("    on_change: close\n    max_duration: 1h\n", "        max_duration: 24h\n")).unwrap();
+        let l = &c.listeners[0];
+        assert_eq!((l.on_change, l.max_duration), (OnChange::Close, Some(Duration::from_secs(3600))));
+        let r = &l.http().unwrap().routes[0];
+        assert_eq!((r.on_change, r.max_duration), (None, Some(Duration::from_secs(86400))));
+        assert_eq!(parse(&ws("", "")).unwrap().listeners[0].on_change, OnChange::Keep);
+        assert_rejected(
+            &ws("", "        max_duration: 0s\n"),
+            &["listeners[0].routes[0].max_duration: \"0s\" must be greater than 0"],
+        );
+        assert_rejected(&ws("", "        on_change: drop\n"), &["listeners[0].routes[0].on_change", "keep"]);
+        assert_rejected(&ws("    max_duration: forever\n", ""), &["listeners[0].max_duration"]);
+        assert_rejected(&ws("    on_change: yes\n", ""), &["listeners[0].on_change"]);
     }
 
     #[test]

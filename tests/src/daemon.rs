@@ -164,6 +164,25 @@ impl Gateway {
         None
     }
 
+    /// Rewrites the config file with these listeners (the admin socket as
+    /// before), for a reload.
+    pub fn rewrite(&self, listeners: &str) {
+        fs::write(
+            self.dir.join("gateway.yaml"),
+            format!("listeners:\n{listeners}\nadmin:\n  socket: {}\n", self.admin.display()),
+        )
+        .unwrap();
+    }
+
+    /// `gateway reload`: whether it succeeded, and what it printed.
+    pub fn reload(&self) -> (bool, String) {
+        let out = Command::new(gateway_bin()).args(["reload", "--socket"]).arg(&self.admin).output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    }
+
     pub fn log_text(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()
     }

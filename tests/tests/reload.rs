@@ -2,10 +2,8 @@
 //! reloads, a bad file changes nothing, new flows get the new settings, and a
 //! removed listener stops accepting while its flows go on.
 use std::{
-    fs,
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
-    process::Command,
     time::Duration,
 };
 
@@ -15,19 +13,6 @@ fn listener(name: &str, backend: SocketAddr, offload: &str, idle: &str) -> Strin
     format!(
         "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{backend}\"]\n    offload: {offload}\n    idle_timeout: {idle}\n"
     )
-}
-
-fn write_config(gw: &Gateway, listeners: &str) {
-    fs::write(
-        gw.dir.join("gateway.yaml"),
-        format!("listeners:\n{listeners}\nadmin:\n  socket: {}\n", gw.admin.display()),
-    )
-    .unwrap();
-}
-
-fn reload(gw: &Gateway) -> (bool, String) {
-    let out = Command::new(gateway_bin()).args(["reload", "--socket"]).arg(&gw.admin).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
 /// One message through each flow, checked.
@@ -59,21 +44,21 @@ fn hundred_flows_survive_twenty_reloads() {
         let (ok, msg) = match round {
             // A bad file: rejected, nothing changes.
             7 => {
-                write_config(&gw, &format!("{base}    unknown_key: 1\n"));
-                let r = reload(&gw);
+                gw.rewrite(&format!("{base}    unknown_key: 1\n"));
+                let r = gw.reload();
                 assert!(!r.0, "a bad file was accepted: {}", r.1);
                 assert!(r.1.contains("reload rejected") && r.1.contains("unknown_key"), "{}", r.1);
                 (true, r.1)
             }
             // Listener u removed: it stops accepting, its flows go on.
             10 => {
-                write_config(&gw, &listener("k", be.addr, "kernel", "1h"));
-                reload(&gw)
+                gw.rewrite(&listener("k", be.addr, "kernel", "1h"));
+                gw.reload()
             }
             // Settings change on k: new flows use them (userspace now).
             15 => {
-                write_config(&gw, &listener("k", be.addr, "userspace", "30m"));
-                reload(&gw)
+                gw.rewrite(&listener("k", be.addr, "userspace", "30m"));
+                gw.reload()
             }
             _ => {
                 let idle = if round % 2 == 0 { "1h" } else { "2h" };
@@ -84,8 +69,8 @@ fn hundred_flows_survive_twenty_reloads() {
                 } else {
                     listener("k", be.addr, "userspace", idle)
                 };
-                write_config(&gw, &l);
-                reload(&gw)
+                gw.rewrite(&l);
+                gw.reload()
             }
         };
         assert!(ok, "reload {round} failed: {msg}");
@@ -121,7 +106,7 @@ fn sighup_reloads_the_file() {
         &topo,
         &GatewayConfig { listeners: listener("a", be.addr, "kernel", "1h"), extra: String::new() },
     );
-    write_config(&gw, &format!("{}{}", listener("a", be.addr, "kernel", "1h"), listener("b", be.addr, "auto", "1h")));
+    gw.rewrite(&format!("{}{}", listener("a", be.addr, "kernel", "1h"), listener("b", be.addr, "auto", "1h")));
     // SAFETY: kill(2) on our own child.
     assert_eq!(unsafe { libc::kill(gw.pid() as i32, libc::SIGHUP) }, 0);
     gw.wait_for("listener b", Duration::from_secs(10), |g| {

@@ -1,7 +1,8 @@
-//! Per-route limits on long-lived connections (`max_connections` on a
-//! WebSocket route), with Python `websockets` and curl against a Node
-//! backend.
-use std::time::Duration;
+//! Per-route limits on long-lived connections (`max_connections`,
+//! `message_rate`/`byte_rate`, `idle_timeout`, `max_duration`, and what a
+//! reload does to their flows with `on_change`), with Python `websockets`
+//! and curl against a Node backend.
+use std::{io::Write, net::TcpStream, time::Duration};
 
 use gateway_tests::*;
 
@@ -109,4 +110,141 @@ fn a_route_closes_its_idle_connections_sooner_than_the_listener() {
     let s = gw.stats();
     let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
     assert_eq!(l["closed"]["idle-timeout"], 2, "{l}");
+}
+
+/// The listener `w` of the tests below: these routes, each `path: extra`
+/// settings, in front of `b`.
+fn ws_routes(b: std::net::SocketAddr, routes: &[(&str, &str)]) -> String {
+    let mut out = format!("  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    routes:\n");
+    for (path, extra) in routes {
+        out += &format!("      - path_prefix: {path}\n        backends: [\"{b}\"]\n");
+        for line in extra.split(';').filter(|l| !l.trim().is_empty()) {
+            out += &format!("        {}\n", line.trim());
+        }
+    }
+    out
+}
+
+fn tcp_listener(name: &str, b: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "  - name: {name}\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{b}\"]\n    offload: kernel\n{extra}"
+    )
+}
+
+/// A TCP flow through `at`, one echo checked.
+fn tcp_flow(topo: &Topology, at: std::net::SocketAddr) -> TcpStream {
+    let mut s = topo.connect(at).unwrap();
+    s.write_all(b"ping\n").unwrap();
+    let mut back = [0u8; 5];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    std::io::Read::read_exact(&mut s, &mut back).unwrap();
+    assert_eq!(&back, b"ping\n");
+    s
+}
+
+fn listener_stats(gw: &Gateway, name: &str) -> serde_json::Value {
+    let s = gw.stats();
+    s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone()
+}
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn flows_end_at_their_max_duration() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let echo = Backend::echo(&topo);
+    let routes = [("/pass", "max_duration: 1s"), ("/insp", "mode: inspect; max_duration: 1s"), ("/long", "")];
+    let listeners =
+        format!("{}{}", ws_routes(backend.addr, &routes), tcp_listener("t", echo.addr, "    max_duration: 1s\n"));
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+    let mut held: Vec<Held> = ["/pass", "/insp", "/long"]
+        .iter()
+        .map(|p| Held::py_client(&topo, &["wait-close", &format!("ws://{at}{p}")]))
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(30)), "OPEN 1");
+    }
+    let mut tcp = tcp_flow(&topo, gw.listener("t"));
+    // Inspect mode says goodbye with 1001; passthrough (in the kernel here)
+    // and TCP end with a FIN.
+    let r: serde_json::Value = serde_json::from_str(&held[1].line(Duration::from_secs(30))).unwrap();
+    assert_eq!(
+        (r["close_code"].as_u64(), r["close_reason"].as_str()),
+        (Some(1001), Some("max duration reached")),
+        "{r}"
+    );
+    let r: serde_json::Value = serde_json::from_str(&held[0].line(Duration::from_secs(30))).unwrap();
+    assert!(r["close_code"].is_null(), "passthrough carries no close frame of the gateway's: {r}");
+    assert!(read_until_closed(&mut tcp, Duration::from_secs(30)).is_ok(), "the TCP flow was not ended");
+    gw.wait_for("only the unlimited route's flow left", Duration::from_secs(15), |g| {
+        let f = g.flows();
+        f.len() == 1 && f[0]["route"].as_str().is_some_and(|r| r.ends_with("/long"))
+    });
+    assert_eq!(listener_stats(&gw, "w")["closed"]["max-duration"], 2);
+    assert_eq!(listener_stats(&gw, "t")["closed"]["max-duration"], 1);
+}
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn a_reload_closes_the_flows_of_changed_routes_that_say_so() {
+    let topo = Topology::new();
+    let (b1, b2) = (Peer::node_server(&topo, "b1"), Peer::node_server(&topo, "b2"));
+    let (e1, e2) = (Backend::echo(&topo), Backend::echo(&topo));
+    // /moved and /kept-policy get a new backend; /same does not change.
+    let before = [("/moved", "mode: inspect; on_change: close"), ("/same", "on_change: close"), ("/kept-policy", "")];
+    let tcp = |close_to: std::net::SocketAddr, keep_to: std::net::SocketAddr| {
+        format!("{}{}", tcp_listener("tc", close_to, "    on_change: close\n"), tcp_listener("tk", keep_to, ""))
+    };
+    let listeners = format!("{}{}", ws_routes(b1.addr, &before), tcp(e1.addr, e1.addr));
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = gw.listener("w");
+    let mut held: Vec<Held> = ["/moved", "/same", "/kept-policy"]
+        .iter()
+        .map(|p| Held::py_client(&topo, &["wait-close", &format!("ws://{at}{p}")]))
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(30)), "OPEN 1");
+    }
+    let (mut tc, mut tk) = (tcp_flow(&topo, gw.listener("tc")), tcp_flow(&topo, gw.listener("tk")));
+    gw.wait_for("five flows carried", Duration::from_secs(10), |g| g.flows().len() == 5);
+
+    // Each route and listener as before, but with the other backend where
+    // it says so; /same keeps its settings but sits behind routes that moved.
+    let mut after = ws_routes(b2.addr, &[before[0]]);
+    after += &ws_routes(b1.addr, &[before[1]]).lines().skip(4).map(|l| format!("{l}\n")).collect::<String>();
+    after += &ws_routes(b2.addr, &[before[2]]).lines().skip(4).map(|l| format!("{l}\n")).collect::<String>();
+    after += &tcp(e2.addr, e2.addr);
+    gw.rewrite(&after);
+    let (ok, out) = gw.reload();
+    assert!(ok && out.contains("2 flow(s) of changed routes closing"), "{out}");
+
+    let r: serde_json::Value = serde_json::from_str(&held[0].line(Duration::from_secs(30))).unwrap();
+    assert_eq!((r["close_code"].as_u64(), r["close_reason"].as_str()), (Some(1001), Some("route changed")), "{r}");
+    assert!(read_until_closed(&mut tc, Duration::from_secs(30)).is_ok(), "tc's flow was kept");
+    gw.wait_for("the two flows gone", Duration::from_secs(15), |g| g.flows().len() == 3);
+    // Both listeners' counters started over with their new backend lists;
+    // the flow log says how each flow ended.
+    let log = gw.log_text();
+    let ended = |l: &str| {
+        log.lines()
+            .filter(|x| {
+                x.contains("flow close")
+                    && x.contains(&format!("listener={l} "))
+                    && x.contains("cause=\"route-changed\"")
+            })
+            .count()
+    };
+    assert_eq!((ended("w"), ended("tc"), ended("tk")), (1, 1, 0), "{log}");
+    // The others go on, on their old backends: one more echo each.
+    let mut tk2 = tk.try_clone().unwrap();
+    tk2.write_all(b"more\n").unwrap();
+    let mut back = [0u8; 5];
+    std::io::Read::read_exact(&mut tk, &mut back).unwrap();
+    assert_eq!(&back, b"more\n");
+    let routes: Vec<String> = gw.flows().iter().filter_map(|f| f["route"].as_str().map(String::from)).collect();
+    assert!(
+        routes.iter().any(|r| r.ends_with("/same")) && routes.iter().any(|r| r.ends_with("/kept-policy")),
+        "{routes:?}"
+    );
 }

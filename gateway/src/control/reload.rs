@@ -189,8 +189,65 @@ async fn apply_locked(
         };
         start(daemon, sock, Arc::new(rt));
     }
+    let closing = close_changed(&daemon.plane, &old, &cfg);
     *daemon.config.locked() = cfg;
-    let summary = format!("reloaded {source}: {updated} listener(s) updated, {added} added, {removed} removed");
+    let mut summary = format!("reloaded {source}: {updated} listener(s) updated, {added} added, {removed} removed");
+    if closing > 0 {
+        summary += &format!("; {closing} flow(s) of changed routes closing (on_change: close)");
+    }
     info!("{summary}");
     Ok(summary)
+}
+
+/// `on_change: close`: ends the established flows whose TCP listener or
+/// websocket route the new config changed or removed (the policy is the new
+/// config's where the route stays, the old one's where it went). Returns how
+/// many. HTTP connections that have not upgraded are not touched: their next
+/// request goes by the new config anyway.
+fn close_changed(plane: &crate::edge::plane::Plane, old: &Config, new: &Config) -> usize {
+    use crate::config::OnChange;
+    // (listener, route name; None for a TCP listener's every flow).
+    let mut changed: Vec<(&str, Option<String>)> = Vec::new();
+    for o in &old.listeners {
+        let n = new.listeners.iter().find(|l| l.name == o.name);
+        match o.http() {
+            None => {
+                let policy = n.map_or(o.on_change, |n| n.on_change);
+                if policy == OnChange::Close && n.is_none_or(|n| n.fingerprint() != o.fingerprint()) {
+                    changed.push((&o.name, None));
+                }
+            }
+            Some(h) => {
+                for r in &h.routes {
+                    let name = r.name();
+                    let now = n.and_then(|n| Some((n, n.http()?.routes.iter().find(|x| x.name() == name)?)));
+                    let policy = match now {
+                        Some((nl, nr)) => nr.on_change.unwrap_or(nl.on_change),
+                        None => r.on_change.unwrap_or(o.on_change),
+                    };
+                    let moved = now.is_none_or(|(nl, nr)| nr.fingerprint(nl) != r.fingerprint(o));
+                    if policy == OnChange::Close && moved {
+                        changed.push((&o.name, Some(name)));
+                    }
+                }
+            }
+        }
+    }
+    if changed.is_empty() {
+        return 0;
+    }
+    let flows = plane.flows.matching(|f| {
+        !matches!(*f.path.locked(), crate::flow::table::FlowPath::Connecting)
+            && changed.iter().any(|(l, r)| {
+                *l == f.listener && r.as_ref().is_none_or(|r| f.route.locked().as_deref() == Some(r.as_str()))
+            })
+    });
+    let now = crate::util::sys::monotonic_ns();
+    for f in &flows {
+        f.ending.set(now, &crate::flow::table::CloseCause::RouteChanged);
+    }
+    for (l, r) in &changed {
+        info!(listener = %l, route = r.as_deref().unwrap_or("(all)"), "reload: changed with on_change: close; its flows are closed");
+    }
+    flows.len()
 }

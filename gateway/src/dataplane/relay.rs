@@ -231,6 +231,7 @@ async fn drive(
                     return Some(CloseCause::IdleTimeout);
                 }
             }
+            cause = flow.ending.reached() => return Some(cause),
             () = crate::dataplane::splice::asked_to_detach(detach), if !detach_asked => detach_asked = true,
             () = tokio::time::sleep(Duration::from_millis(5)), if detach_asked => {}
         }

@@ -694,6 +694,7 @@ impl<'a> Supervisor<'a> {
                 self.detach_asked = true;
                 Step::Continue
             }
+            cause = self.flow.ending.reached() => Step::Done(cause),
         }
     }
 }

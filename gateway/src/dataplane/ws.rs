@@ -475,6 +475,12 @@ async fn inspect(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ende
                 close_both!(CloseCause::IdleTimeout, m(), m());
                 continue;
             }
+            cause = flow.ending.reached(), if closing.is_none() => {
+                let why = if cause == CloseCause::MaxDuration { "max duration reached" } else { "route changed" };
+                let m = || Some(close(CloseCode::Away, why));
+                close_both!(cause, m(), m());
+                continue;
+            }
             () = crate::dataplane::ws::draining(&mut shutdown), if closing.is_none() => {
                 let m = || Some(close(CloseCode::Away, "gateway shutting down"));
                 close_both!(CloseCause::Shutdown, m(), m());
@@ -695,6 +701,12 @@ async fn bridge(e: Ends<'_>, mut detach: Option<watch::Receiver<bool>>) -> Ended
             () = sleep_until(idle_at), if closing.is_none() => {
                 cause.get_or_insert(CloseCause::IdleTimeout);
                 let _ = bounded(ws.send(close(CloseCode::Away, "idle timeout")), soon(), None).await;
+                closing = Some(Instant::now() + CLOSE_WAIT);
+            }
+            end = flow.ending.reached(), if closing.is_none() => {
+                let why = if end == CloseCause::MaxDuration { "max duration reached" } else { "route changed" };
+                cause.get_or_insert(end);
+                let _ = bounded(ws.send(close(CloseCode::Away, why)), soon(), None).await;
                 closing = Some(Instant::now() + CLOSE_WAIT);
             }
             () = crate::dataplane::ws::draining(&mut shutdown), if closing.is_none() => {

@@ -431,6 +431,9 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
     let idle = http_of(rt).routes[up.route].idle_timeout.unwrap_or(rt.cfg.idle_timeout);
     let idx = up.backend_idx;
     let route = &http_of(rt).routes[up.route];
+    if let Some(d) = route.max_duration.or(rt.cfg.max_duration) {
+        flow.ending.set(crate::util::sys::monotonic_ns() + d.as_nanos() as u64, &CloseCause::MaxDuration);
+    }
     let client = match up.client.await.map(raw::<ClientIo>) {
         Ok(Some((io, read))) => io.into_parts(read),
         Ok(None) => unreachable!("the server's connection is TokioIo<ClientIo>"),
@@ -626,7 +629,7 @@ impl ClientConn {
             return reply(StatusCode::NOT_FOUND, format!("no route for host {shown} and path {path}"), upgrade);
         };
         let route = &self.http().routes[ri];
-        let route_name = format!("{}{}", route.host, route.path_prefix);
+        let route_name = route.name();
         *self.flow.route.locked() = Some(route_name.clone());
         if let Some(jwt) = &route.jwt {
             if let Err(denied) = authenticate(jwt, &mut req) {

@@ -101,6 +101,9 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Pl
     };
     let _active = rt.activate(idx);
     *flow.backend.locked() = Some(rt.cfg.backends[idx]);
+    if let Some(d) = rt.cfg.max_duration {
+        flow.ending.set(flow.started_ns + d.as_nanos() as u64, &CloseCause::MaxDuration);
+    }
     // TLS to the backend: verified as configured; a failure counts against
     // the backend like a failed connect.
     let backend = match rt.cfg.backend_tls() {

@@ -5,7 +5,7 @@ use std::{
     fmt,
     net::SocketAddr,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed},
         Arc, Mutex,
     },
     time::SystemTime,
@@ -141,6 +141,11 @@ pub enum CloseCause {
         by: Side,
     },
     IdleTimeout,
+    /// Its route's `max_duration` was reached.
+    MaxDuration,
+    /// A reload or fleet push changed or removed its route (or TCP listener),
+    /// which has `on_change: close`.
+    RouteChanged,
     /// Ended by the daemon's drain (inspect-mode WebSockets get close 1001).
     Shutdown,
     /// Handed to a new daemon (hot upgrade), which goes on with it.
@@ -174,6 +179,8 @@ impl CloseCause {
             CloseCause::Reset { by: Side::Client } => "client-reset",
             CloseCause::Reset { by: Side::Backend } => "backend-reset",
             CloseCause::IdleTimeout => "idle-timeout",
+            CloseCause::MaxDuration => "max-duration",
+            CloseCause::RouteChanged => "route-changed",
             CloseCause::Shutdown => "shutdown",
             CloseCause::HandedOver => "handed-over",
             CloseCause::NoBackend => "no-backend",
@@ -189,6 +196,8 @@ impl fmt::Display for CloseCause {
             CloseCause::Closed { first } => write!(f, "{first}-closed"),
             CloseCause::Reset { by } => write!(f, "{by}-reset"),
             CloseCause::IdleTimeout => f.write_str("idle-timeout"),
+            CloseCause::MaxDuration => f.write_str("max-duration"),
+            CloseCause::RouteChanged => f.write_str("route-changed"),
             CloseCause::Shutdown => f.write_str("shutdown"),
             CloseCause::HandedOver => f.write_str("handed-over"),
             CloseCause::NoBackend => f.write_str("no-backend"),
@@ -225,6 +234,71 @@ pub struct Flow {
     /// relay, and the last move (`to-userspace: slow-receiver`, ...).
     pub path_switches: AtomicU64,
     pub last_switch: Mutex<Option<String>>,
+    /// When the flow must end whatever it carries.
+    pub ending: Ending,
+}
+
+/// When a flow must end whatever it carries: its route's `max_duration`,
+/// or a reload that changed its route (`on_change: close`). Each loop that
+/// carries a flow (the kernel flow's supervisor, the relay, inspect mode)
+/// waits on [`Ending::reached`] beside its sockets.
+#[derive(Debug, Default)]
+pub struct Ending {
+    /// Monotonic ns; 0: never.
+    at_ns: AtomicU64,
+    /// 0: max duration, 1: route changed.
+    why: AtomicU8,
+    changed: tokio::sync::Notify,
+}
+
+impl Ending {
+    /// Ends the flow at `at_ns` (monotonic), unless it ends earlier already.
+    pub fn set(&self, at_ns: u64, why: &CloseCause) {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        let at_ns = at_ns.max(1);
+        let current = self.at_ns.load(Acquire);
+        if current != 0 && current <= at_ns {
+            return;
+        }
+        self.why.store(u8::from(matches!(why, CloseCause::RouteChanged)), Release);
+        self.at_ns.store(at_ns, Release);
+        self.changed.notify_waiters();
+    }
+
+    /// Monotonic ns it ends at, if it must.
+    pub fn at_ns(&self) -> Option<u64> {
+        Some(self.at_ns.load(std::sync::atomic::Ordering::Acquire)).filter(|&t| t != 0)
+    }
+
+    fn cause(&self) -> CloseCause {
+        match self.why.load(std::sync::atomic::Ordering::Acquire) {
+            1 => CloseCause::RouteChanged,
+            _ => CloseCause::MaxDuration,
+        }
+    }
+
+    /// Resolves once the flow must end, with the cause; pending forever if
+    /// it never must. Set or moved meanwhile, it wakes.
+    pub async fn reached(&self) -> CloseCause {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            // Registered before the deadline is read: a `set` in between wakes it.
+            notified.as_mut().enable();
+            let Some(at) = self.at_ns() else {
+                notified.await;
+                continue;
+            };
+            let now = sys::monotonic_ns();
+            if now >= at {
+                return self.cause();
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep(std::time::Duration::from_nanos(at - now)) => {}
+            }
+        }
+    }
 }
 
 impl Flow {
@@ -342,6 +416,11 @@ pub struct Carried {
     pub msgs_b2c: u64,
     #[serde(default)]
     pub http_requests: u64,
+    /// What is left of its `max_duration` (or of a reload's close).
+    #[serde(default)]
+    pub ends_in_ms: Option<u64>,
+    #[serde(default)]
+    pub route_changed: bool,
 }
 
 impl Flow {
@@ -357,6 +436,8 @@ impl Flow {
             msgs_c2b: self.msgs_c2b.load(Relaxed),
             msgs_b2c: self.msgs_b2c.load(Relaxed),
             http_requests: self.http_requests.load(Relaxed),
+            ends_in_ms: self.ending.at_ns().map(|t| t.saturating_sub(sys::monotonic_ns()) / 1_000_000),
+            route_changed: matches!(self.ending.cause(), CloseCause::RouteChanged),
         }
     }
 }
@@ -401,6 +482,7 @@ impl FlowTable {
             movable: AtomicBool::new(false),
             path_switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
+            ending: Ending::default(),
         });
         self.flows.locked().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -430,10 +512,22 @@ impl FlowTable {
             movable: AtomicBool::new(false),
             path_switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
+            ending: Ending::default(),
         });
+        if let Some(ms) = m.ends_in_ms {
+            f.ending.set(
+                now + ms * 1_000_000,
+                &if m.route_changed { CloseCause::RouteChanged } else { CloseCause::MaxDuration },
+            );
+        }
         // In the table until `retire`.
         self.flows.locked().insert(id, f.clone());
         f
+    }
+
+    /// The live flows `pick` chooses.
+    pub fn matching(&self, pick: impl Fn(&Flow) -> bool) -> Vec<Arc<Flow>> {
+        self.flows.locked().values().filter(|f| pick(f)).cloned().collect()
     }
 
     pub fn len(&self) -> usize {
