@@ -447,6 +447,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     let mut report = render(&samples, &opts, &String::from_utf8_lossy(&kernel_status.stdout));
     report += &bench_ws::render(&ws_samples);
     report += &bench_tls::render(&tls_samples, opts.bulk_secs);
+    report += &crate::bench_auth::section(root, &bin, &work, opts.reps, opts.crr_secs)?;
     if attach_variants {
         let (d, dp) = (median(&samples[0].rr_p50), median(&samples[0].pinned_rr_p50));
         report += "\n## Kernel path variants (64 B RR p50, interleaved with the targets above)\n\n| variant | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";

@@ -115,12 +115,20 @@ pub fn upgrade(port: u16) -> Result<(TcpStream, Vec<u8>)> {
 }
 
 pub fn upgrade_at(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>)> {
+    upgrade_with(addr, "")
+}
+
+/// An upgrade with `extra` header lines (each ending in CRLF).
+pub fn upgrade_with(addr: SocketAddr, extra: &str) -> Result<(TcpStream, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
-          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+        .as_bytes(),
     )?;
     let (head, rest) = read_http_head(&mut s)?;
     if !head.starts_with("HTTP/1.1 101") {
@@ -174,8 +182,12 @@ pub fn one_upgrade(port: u16) -> Result<[f64; 3]> {
 }
 
 pub fn one_upgrade_at(addr: SocketAddr) -> Result<[f64; 3]> {
+    one_upgrade_with(addr, "")
+}
+
+pub fn one_upgrade_with(addr: SocketAddr, extra: &str) -> Result<[f64; 3]> {
     let t0 = Instant::now();
-    let (mut s, mut have) = upgrade_at(addr)?;
+    let (mut s, mut have) = upgrade_with(addr, extra)?;
     let t1 = Instant::now();
     s.write_all(&frame(0x2, &[0x33; 64], true))?;
     next_ws_frame(&mut s, &mut have)?;

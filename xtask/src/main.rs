@@ -8,6 +8,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 mod bench;
+mod bench_auth;
 mod bench_density;
 mod bench_place;
 mod bench_tls;
@@ -35,6 +36,10 @@ tasks:
                          (--attach-variants: also the verdict attached as BPF_SK_SKB_VERDICT
                          and behind a stream parser, 64 B RR; --rates-only: connection and
                          upgrade rates and unpinned latencies only)
+  bench-auth [--secs S] [--reps N]
+                         upgrades/s through one daemon on the same passthrough route without auth and with
+                         JWT verification (HS256, RS256, ES256), as ratios in the same run (also a section of
+                         `bench`)
   bench-density [--conns N] [--interval S] [--secs S] [--reps N] [--only T,..] [--gateway BIN]
                          hold N (6000) passthrough WebSockets through the gateway (kernel, user
                          space, auto), nginx and Envoy, one 64 B message each every S (5) s:
@@ -65,6 +70,7 @@ fn main() -> ExitCode {
         Some("ws-rr") => bench_ws::round_trips(&args[1..]),
         // The bench's three-host placement runs these on the client and
         // backend hosts: `tcp-echo IP:PORT`, `rr IP:PORT SECS`, `crr IP:PORT SECS`.
+        Some("bench-auth") => build_release_daemon().and_then(|()| bench_auth::run(&root(), &args[1..])),
         Some("bench-density") if args.iter().any(|a| a == "--gateway") => bench_density::run(&root(), &args[1..]),
         Some("bench-density") => build_release_daemon().and_then(|()| bench_density::run(&root(), &args[1..])),
         // The density bench's backend and client, one epoll loop each.
