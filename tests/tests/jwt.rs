@@ -85,6 +85,16 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
     let v = ws(&topo, &url("/secure"), &["--protocol", &protocols]);
     assert!(v["error"].is_null(), "RS256 as a subprotocol: {v}");
     assert_ne!(v["protocol"].as_str(), Some(rs.as_str()), "{v}");
+    // Node's `ws` as the client too: the header, the subprotocol, and a
+    // refusal it sees as a 401 with the challenge.
+    let node_bearer = format!("Authorization: Bearer {es}");
+    let v = node_client(&topo, &[&url("/secure"), "--sizes", "5,70000", "--header", &node_bearer]);
+    assert!(v["error"].is_null(), "Node, ES256 in the header: {v}");
+    let v = node_client(&topo, &[&url("/secure"), "--sizes", "5", "--protocol", &format!("chat,{rs}")]);
+    assert!(v["error"].is_null(), "Node, RS256 as a subprotocol: {v}");
+    let v = node_client(&topo, &[&url("/secure"), "--sizes", "5"]);
+    assert_eq!(v["error"], "HTTP 401", "{v}");
+    assert!(v["www_authenticate"].as_str().unwrap_or_default().starts_with("Bearer realm=\"gateway\""), "{v}");
     let hs_bearer = format!("Authorization:Bearer {hs}");
     let v = ws(&topo, &url("/hs"), &["--header", &hs_bearer]);
     assert!(v["error"].is_null(), "HS256 with the inline secret: {v}");
@@ -228,6 +238,12 @@ fn an_external_service_decides_and_its_refusals_reach_the_client() {
     // Refused: the client gets the service's answer as it gave it.
     let v = ws(&topo, &format!("ws://{at}/ext"), &["--header", "Authorization:Bearer nope"]);
     assert!(v["error"].as_str().unwrap_or_default().contains("403"), "{v}");
+    // The same with Node's `ws`.
+    let v =
+        node_client(&topo, &[&format!("ws://{at}/ext"), "--sizes", "5", "--header", "Authorization: Bearer letmein"]);
+    assert!(v["error"].is_null(), "{v}");
+    let v = node_client(&topo, &[&format!("ws://{at}/ext"), "--sizes", "5", "--header", "Authorization: Bearer nope"]);
+    assert_eq!(v["error"], "HTTP 403", "{v}");
     let (status, head, body) = curl(&topo, &[&format!("http://{at}/ext/headers")]);
     assert_eq!(status, 403, "{head}");
     assert!(head.to_ascii_lowercase().contains("x-reason: nope"), "{head}");
@@ -245,7 +261,7 @@ fn an_external_service_decides_and_its_refusals_reach_the_client() {
     let stats = gw.stats();
     let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
     let denied = &l["route_refused"];
-    assert!(denied["*/ext external-denied"].as_u64() >= Some(2), "{denied}");
+    assert!(denied["*/ext external-denied"].as_u64() >= Some(3), "{denied}");
     assert!(denied["*/ext external-unavailable"].as_u64() >= Some(1), "{denied}");
     assert!(denied["*/closed external-unavailable"].as_u64() >= Some(1), "{denied}");
 }

@@ -2,8 +2,10 @@
 // messages of the given sizes through URL, checks each reply, then closes
 // with a code and reason. Prints one JSON line with what was negotiated.
 //
-//   node client.js URL [--sizes 0,1,65536] [--protocol P] [--deflate]
-//                      [--origin O] [--close 4001:reason]
+//   node client.js URL [--sizes 0,1,65536] [--protocol P[,P2]] [--deflate]
+//                      [--origin O] [--close 4001:reason] [--header 'Name: value']...
+//
+// A refused upgrade prints {"error": "HTTP <status>", "www_authenticate": ...}.
 'use strict';
 const crypto = require('crypto');
 const WebSocket = require('ws');
@@ -16,11 +18,19 @@ const opt = (name, dflt) => {
 };
 const sizes = opt('--sizes', '0,1,125,126,65535,65536').split(',').map(Number);
 const protocol = opt('--protocol', null);
+const headers = {};
+args.forEach((a, i) => {
+  if (a !== '--header') return;
+  const h = args[i + 1];
+  const at = h.indexOf(':');
+  headers[h.slice(0, at).trim()] = h.slice(at + 1).trim();
+});
 const [closeCode, closeReason] = opt('--close', '4001:node done').split(':');
 const options = { perMessageDeflate: args.includes('--deflate'), maxPayload: 64 * 1024 * 1024 };
 if (opt('--origin', null)) options.origin = opt('--origin', null);
+if (Object.keys(headers).length) options.headers = headers;
 
-const ws = new WebSocket(url, protocol ? [protocol] : [], options);
+const ws = new WebSocket(url, protocol ? protocol.split(',') : [], options);
 const out = { echoed: 0, bytes: 0 };
 const fail = (why) => {
   console.log(JSON.stringify({ error: why }));
@@ -39,7 +49,10 @@ const next = () => {
   if (!current) return ws.close(Number(closeCode), closeReason);
   ws.send(current.data, { binary: current.binary });
 };
-ws.on('unexpected-response', (req, res) => fail(`HTTP ${res.statusCode}`));
+ws.on('unexpected-response', (req, res) => {
+  console.log(JSON.stringify({ error: `HTTP ${res.statusCode}`, www_authenticate: res.headers['www-authenticate'] || null }));
+  process.exit(1);
+});
 ws.on('error', (e) => fail(String(e)));
 ws.on('open', () => {
   out.protocol = ws.protocol;
