@@ -248,3 +248,42 @@ fn a_reload_closes_the_flows_of_changed_routes_that_say_so() {
         "{routes:?}"
     );
 }
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn a_hot_upgrade_keeps_the_routes_limits_on_the_flows_it_moves() {
+    let topo = Topology::new();
+    let backend = Peer::node_server(&topo, "b1");
+    let routes = [("/capped", "max_connections: 1"), ("/short", "idle_timeout: 3s"), ("/long", "")];
+    let listeners = ws_routes(backend.addr, &routes)
+        .replace("    protocol: websocket\n", "    protocol: websocket\n    idle_timeout: 1h\n");
+    let old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let at = old.listener("w");
+    let mut held: Vec<Held> = ["/capped", "/long"]
+        .iter()
+        .map(|p| Held::py_client(&topo, &["hold", &format!("ws://{at}{p}"), "--count", "1"]))
+        .collect();
+    for h in &mut held {
+        assert_eq!(h.line(Duration::from_secs(30)), "OPEN 1");
+    }
+    let new = old.take_over(&topo);
+    new.wait_for("both flows moved", Duration::from_secs(15), |g| g.flows().len() == 2);
+    // The moved flow holds the route's one place in the new daemon too.
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/capped"), "--sizes", "5"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("503"), "{v}");
+    // A flow moved on /short goes on with the route's idle_timeout, not the
+    // listener's hour.
+    let mut short = Held::py_client(&topo, &["wait-close", &format!("ws://{at}/short")]);
+    assert_eq!(short.line(Duration::from_secs(30)), "OPEN 1");
+    let newer = new.take_over(&topo);
+    let _ = short.line(Duration::from_secs(30));
+    newer.wait_for("the /short flow closed for idleness", Duration::from_secs(30), |g| {
+        listener_stats(g, "w")["closed"]["idle-timeout"] == 1
+    });
+    let v = py_client(&topo, &["echo", &format!("ws://{at}/capped"), "--sizes", "5"]);
+    assert!(v["error"].as_str().unwrap_or_default().contains("503"), "{v}");
+    for h in &mut held {
+        h.go_on();
+        assert_eq!(h.line(Duration::from_secs(30)), "CLOSED 1");
+    }
+}

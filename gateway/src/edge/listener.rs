@@ -63,6 +63,13 @@ impl RouteSlot {
         *n += 1;
         Some(RouteSlot { counts: counts.clone(), route: route.to_string() })
     }
+
+    /// A flow that exists already (handed over by a hot upgrade): counted
+    /// even over the cap, so that new ones wait until enough have ended.
+    pub fn count(counts: &RouteCounts, route: &str) -> RouteSlot {
+        *counts.locked().entry(route.to_string()).or_default() += 1;
+        RouteSlot { counts: counts.clone(), route: route.to_string() }
+    }
 }
 
 impl Drop for RouteSlot {

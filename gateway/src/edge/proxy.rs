@@ -188,6 +188,14 @@ pub async fn adopt(plane: Arc<Plane>, m: crate::handoff::Migrant) {
         (_, Some(b)) => b,
         (_, None) => return finish(&plane, &flow, None, None, &CloseCause::Error("no backend socket came".into())),
     };
+    // An upgraded WebSocket of a route here: that route's idle_timeout, and
+    // a place under its max_connections.
+    let route = rt
+        .as_ref()
+        .zip(m.info.flow.route.as_deref())
+        .and_then(|(r, name)| r.cfg.http()?.routes.iter().find(|x| x.name() == name).map(|x| (&r.route_active, x)));
+    let idle = route.and_then(|(_, x)| x.idle_timeout).unwrap_or(idle);
+    let _route_slot = route.map(|(counts, x)| crate::edge::listener::RouteSlot::count(counts, &x.name()));
     let info = m.info;
     let cause = match (&info.moved, k) {
         (crate::handoff::Moved::Kernel { splice: s, resume }, Some(k)) => {
