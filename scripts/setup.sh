@@ -18,8 +18,8 @@ done
 log() { printf '[setup] %s\n' "$*"; }
 
 # ---- Debian packages -------------------------------------------------------
-apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd openssl nginx libnginx-mod-stream etcd-server etcd-client)
-[ "$want_bench" = 1 ] && apt_pkgs+=(iperf3 haproxy)
+apt_pkgs=(iproute2 util-linux socat curl procps libcap2-bin systemd openssl nginx libnginx-mod-stream etcd-server etcd-client haproxy)
+[ "$want_bench" = 1 ] && apt_pkgs+=(iperf3)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

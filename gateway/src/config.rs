@@ -43,6 +43,34 @@ pub enum Balance {
     SourceHash,
 }
 
+/// `proxy_protocol.accept`: which PROXY protocol headers a listener takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyAccept {
+    V1,
+    V2,
+    Any,
+}
+
+/// `send_proxy`: the PROXY protocol header written to backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyVersion {
+    V1,
+    V2,
+}
+
+/// `proxy_protocol`: every connection starts with a PROXY header from a
+/// balancer at one of `from`, whose source address then stands for the
+/// client everywhere (admission, balancing, X-Forwarded-For, flows, logs).
+#[derive(Debug, Clone)]
+pub struct ProxyProtocol {
+    pub accept: ProxyAccept,
+    pub from: Vec<crate::policy::limits::Cidr>,
+    /// The whole header must arrive within this.
+    pub timeout: Duration,
+}
+
+pub const DEFAULT_PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What a reload (or a fleet push) does to the established flows of a
 /// route or TCP listener that it changed or removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -180,6 +208,8 @@ struct RawListener {
     idle_timeout: Option<Value>,
     max_duration: Option<Value>,
     on_change: Option<Value>,
+    proxy_protocol: Option<RawProxyProtocol>,
+    send_proxy: Option<Value>,
     allow: Option<Value>,
     deny: Option<Value>,
     max_connections: Option<Value>,
@@ -243,6 +273,15 @@ struct RawRoute {
     idle_timeout: Option<Value>,
     max_duration: Option<Value>,
     on_change: Option<Value>,
+    send_proxy: Option<Value>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    accept: Option<Value>,
+    from: Option<Value>,
+    timeout: Option<Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -691,6 +730,7 @@ impl Errors {
             }
             let max_duration = raw.max_duration.as_ref().and_then(|v| self.duration(&rp("max_duration"), v));
             let on_change = raw.on_change.as_ref().and_then(|v| self.on_change(&rp("on_change"), v));
+            let send_proxy = raw.send_proxy.as_ref().and_then(|v| self.send_proxy(&rp("send_proxy"), v));
             let message_rate = raw.message_rate.as_ref().and_then(|v| {
                 let s = self.string(&rp("message_rate"), v)?;
                 crate::policy::limits::Rate::parse(&s).map_err(|e| self.push(&rp("message_rate"), e)).ok()
@@ -731,6 +771,7 @@ impl Errors {
                 idle_timeout,
                 max_duration,
                 on_change,
+                send_proxy,
             });
         }
         if !ok {
@@ -902,6 +943,10 @@ impl Errors {
             routes.push(SniRoute { sni, backends: indices, balance, mode });
         }
         (self.0.len() == before).then_some(routes)
+    }
+
+    fn send_proxy(&mut self, path: &str, v: &Value) -> Option<ProxyVersion> {
+        self.choice(path, v, &[("v1", ProxyVersion::V1), ("v2", ProxyVersion::V2)])
     }
 
     fn on_change(&mut self, path: &str, v: &Value) -> Option<OnChange> {
@@ -1158,6 +1203,11 @@ pub struct Listener {
     /// What a reload does to flows whose listener (TCP) or route
     /// (websocket, unless the route sets its own) it changed or removed.
     pub on_change: OnChange,
+    /// Connections start with a PROXY header from these balancers.
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Backend connections start with a PROXY header (websocket routes may
+    /// set their own).
+    pub send_proxy: Option<ProxyVersion>,
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::policy::limits::Rules,
     pub health: crate::policy::health::HealthConfig,
@@ -1304,6 +1354,8 @@ pub struct Route {
     pub max_duration: Option<Duration>,
     /// The listener's `on_change` otherwise.
     pub on_change: Option<OnChange>,
+    /// The listener's `send_proxy` otherwise.
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// `auth.external`: ask an HTTP authorization service about each request
@@ -1594,6 +1646,31 @@ impl RawConfig {
                 l.idle_timeout.as_ref().map_or(Some(DEFAULT_IDLE_TIMEOUT), |v| e.duration(&p("idle_timeout"), v));
             let max_duration = l.max_duration.as_ref().and_then(|v| e.duration(&p("max_duration"), v));
             let on_change = l.on_change.as_ref().map_or(Some(OnChange::Keep), |v| e.on_change(&p("on_change"), v));
+            let send_proxy = l.send_proxy.as_ref().and_then(|v| e.send_proxy(&p("send_proxy"), v));
+            let proxy_protocol = l.proxy_protocol.as_ref().and_then(|pp| {
+                let accept = pp.accept.as_ref().map_or(Some(ProxyAccept::Any), |v| {
+                    e.choice(
+                        &p("proxy_protocol.accept"),
+                        v,
+                        &[("v1", ProxyAccept::V1), ("v2", ProxyAccept::V2), ("any", ProxyAccept::Any)],
+                    )
+                });
+                let from = match &pp.from {
+                    Some(v) => e.cidrs(&p("proxy_protocol.from"), v),
+                    None => Vec::new(),
+                };
+                if from.is_empty() {
+                    e.push(
+                        &p("proxy_protocol.from"),
+                        "is required: the balancers' addresses or CIDR prefixes (a header from anyone else could claim any source)",
+                    );
+                }
+                let timeout = pp
+                    .timeout
+                    .as_ref()
+                    .map_or(Some(DEFAULT_PROXY_HEADER_TIMEOUT), |v| e.duration(&p("proxy_protocol.timeout"), v));
+                Some(ProxyProtocol { accept: accept?, from, timeout: timeout? })
+            });
             let count = |e: &mut Errors, key: &str, v: &Option<Value>| {
                 v.as_ref().and_then(|v| e.uint(&p(key), v, 1..=10_000_000)).map(|n| n as u32)
             };
@@ -1684,6 +1761,8 @@ impl RawConfig {
                     idle_timeout: it,
                     max_duration,
                     on_change,
+                    proxy_protocol,
+                    send_proxy,
                     limits,
                     health,
                     tls,
@@ -1965,6 +2044,33 @@ admin:
         assert_rejected(&ws("", "        on_change: drop\n"), &["listeners[0].routes[0].on_change", "keep"]);
         assert_rejected(&ws("    max_duration: forever\n", ""), &["listeners[0].max_duration"]);
         assert_rejected(&ws("    on_change: yes\n", ""), &["listeners[0].on_change"]);
+    }
+
+    #[test]
+    fn proxy_protocol_and_send_proxy_are_checked_by_key_path() {
+        let tcp = |extra: &str| {
+            format!("listeners:\n  - name: t\n    bind: \"127.0.0.1:0\"\n    backends: [\"127.0.0.1:9\"]\n{extra}")
+        };
+        let c =
+            parse(&tcp("    proxy_protocol: { accept: v2, from: [\"10.0.0.0/24\"] }\n    send_proxy: v1\n")).unwrap();
+        let l = &c.listeners[0];
+        let pp = l.proxy_protocol.as_ref().unwrap();
+        assert_eq!((pp.accept, pp.from.len(), pp.timeout), (ProxyAccept::V2, 1, DEFAULT_PROXY_HEADER_TIMEOUT));
+        assert_eq!(l.send_proxy, Some(ProxyVersion::V1));
+        let p = "listeners[0].proxy_protocol";
+        assert_rejected(&tcp("    proxy_protocol: { accept: v2 }\n"), &[&format!("{p}.from: is required")]);
+        assert_rejected(&tcp("    proxy_protocol: { accept: v3, from: [\"10.0.0.1\"] }\n"), &[&format!("{p}.accept")]);
+        assert_rejected(&tcp("    proxy_protocol: { from: [\"10.0.0.300\"] }\n"), &[&format!("{p}.from")]);
+        assert_rejected(
+            &tcp("    proxy_protocol: { from: [\"10.0.0.1\"], timeout: 0s }\n"),
+            &[&format!("{p}.timeout")],
+        );
+        assert_rejected(&tcp("    proxy_protocol: { from: [\"10.0.0.1\"], to: x }\n"), &["unknown field `to`"]);
+        assert_rejected(&tcp("    send_proxy: v3\n"), &["listeners[0].send_proxy"]);
+        let ws = "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    routes:\n      \
+                  - path_prefix: /a\n        backends: [\"127.0.0.1:9\"]\n        send_proxy: v2\n";
+        assert_eq!(parse(ws).unwrap().listeners[0].http().unwrap().routes[0].send_proxy, Some(ProxyVersion::V2));
+        assert_rejected(&ws.replace("send_proxy: v2", "send_proxy: yes"), &["listeners[0].routes[0].send_proxy"]);
     }
 
     #[test]

@@ -298,3 +298,61 @@ impl Drop for Nginx {
         let _ = fs::remove_dir_all(&self.dir);
     }
 }
+
+/// HAProxy (Debian's) in a namespace, on a config of the test's own, in the
+/// foreground; stopped on drop.
+pub struct Haproxy {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Haproxy {
+    /// Picks a free port on each of `binds` (addresses in `ns`), writes the
+    /// config `conf` makes of them, starts haproxy and waits until every
+    /// bound address accepts. Returns it with the addresses.
+    pub fn start(ns: &str, binds: &[&str], conf: impl FnOnce(&[SocketAddr]) -> String) -> (Self, Vec<SocketAddr>) {
+        let addrs: Vec<SocketAddr> = binds
+            .iter()
+            .map(|ip| {
+                let ip: std::net::IpAddr = ip.parse().unwrap();
+                Topology::in_ns(ns, move || TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap())
+            })
+            .collect();
+        let dir = temp_dir("haproxy");
+        let file = dir.join("haproxy.cfg");
+        fs::write(&file, conf(&addrs)).unwrap();
+        let child = Topology::cmd_in(ns, "haproxy")
+            .args(["-db", "-f"])
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("stderr.log")).unwrap())
+            .spawn()
+            .expect("haproxy (scripts/setup.sh installs it)");
+        let mut h = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for a in addrs.clone() {
+            let ns = ns.to_string();
+            while Topology::in_ns(&ns, move || TcpStream::connect_timeout(&a, Duration::from_secs(1))).is_err() {
+                if let Ok(Some(st)) = h.child.try_wait() {
+                    panic!("haproxy exited ({st}): {}", h.log());
+                }
+                assert!(Instant::now() < deadline, "haproxy not listening on {a} after 10 s: {}", h.log());
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        (h, addrs)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

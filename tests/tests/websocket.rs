@@ -706,3 +706,39 @@ fn a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain() {
     assert!(st.is_some(), "the drain waited on peers that stopped reading:\n{}", gw.log_text());
     assert!(gw.log_text().contains("all flows finished"), "{}", gw.log_text());
 }
+
+/// A client that sends a MiB of frames right behind its upgrade request,
+/// without waiting for the 101: hyper reads the head and part of what
+/// follows, and the rest must reach the backend once, in order, when the
+/// sockets go into the sockmap (the kernel hands the verdict whole skbs,
+/// so one read only in part would be sent again from its start).
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn frames_sent_behind_the_upgrade_request_arrive_once() {
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let gw = start(&topo, ws_listener("k", "kernel", &route("path_prefix: /ws", &[node.addr], &[])));
+    for round in 0..3u8 {
+        let mut s = topo.connect(gw.listener("k")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let payloads: Vec<Vec<u8>> = (0..64u32)
+            .map(|i| (0..16 * 1024u32).map(|j| (i * 31 + j * 7 + u32::from(round)) as u8).collect())
+            .collect();
+        let mut burst = ws_upgrade_request("/ws", "gw.test").into_bytes();
+        for p in &payloads {
+            burst.extend(ws_frame(0x2, p, Some([1, 2, 3, 4])));
+        }
+        let mut w = s.try_clone().unwrap();
+        let writer = std::thread::spawn(move || w.write_all(&burst));
+        let (head, mut have) = read_http_head(&mut s).unwrap();
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        for (i, p) in payloads.iter().enumerate() {
+            let (op, got) = next_ws_frame(&mut s, &mut have).unwrap();
+            assert!(op == 0x2 && got == *p, "round {round}: echo {i} of 64 is not message {i} ({} bytes)", got.len());
+        }
+        writer.join().unwrap().unwrap();
+        s.write_all(&ws_frame(0x8, &1000u16.to_be_bytes(), Some([1, 2, 3, 4]))).unwrap();
+        let (op, _) = next_ws_frame(&mut s, &mut have).unwrap();
+        assert_eq!(op, 0x8);
+    }
+}

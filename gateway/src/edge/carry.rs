@@ -52,6 +52,41 @@ pub(crate) fn turn_away(flow: &crate::flow::table::Flow, why: &str, cause: &str,
     retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, plane);
 }
 
+/// Reads on a settle are this big, and stop after this many full ones.
+const SETTLE_CHUNK: usize = 16 * 1024;
+const SETTLE_ROUNDS: usize = 1024;
+
+/// Makes a socket the daemon has read from fit for the sockmap. The kernel
+/// hands the verdict whole skbs from the receive queue, so an skb the daemon
+/// read only part of (a PROXY header, an HTTP head with the first bytes of
+/// what follows it) would be carried again from its start. Reads what
+/// `from` has queued until a read comes back short (the queue then holds no
+/// skb begun) and writes it to `to`, counted as the daemon's bytes.
+/// `Ok(false)`: the sender kept every read full for `SETTLE_ROUNDS` reads;
+/// the caller relays the flow instead.
+pub(crate) async fn settle(
+    from: &mut TcpStream,
+    to: &mut TcpStream,
+    flow: &crate::flow::table::Flow,
+    side: crate::flow::table::Side,
+) -> std::io::Result<bool> {
+    use tokio::io::AsyncWriteExt;
+    let mut buf = vec![0u8; SETTLE_CHUNK];
+    for _ in 0..SETTLE_ROUNDS {
+        let n = match from.try_read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n]).await?;
+        flow.add_user(side, n as u64);
+        if n < buf.len() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its
 /// end: on the kernel path when the listener and the host allow it, in the
 /// userspace relay otherwise. Retires the flow.

@@ -231,10 +231,11 @@ impl hyper::body::Body for InFlight {
     }
 }
 
-pub async fn handle(client: TcpStream, peer: SocketAddr, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
+pub async fn handle(client: TcpStream, peer: SocketAddr, dst: SocketAddr, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
     let Some(_admitted) = rt.admit(&client, peer) else { return };
     let guard = plane.flows.open(&rt.cfg.name, peer);
     let flow = guard.flow.clone();
+    *flow.dst.locked() = Some(dst);
     crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(&flow, None));
     let _ = client.set_nodelay(true);
     let client = match &rt.cfg.tls {
@@ -473,12 +474,37 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
                     // the life of the flow.
                     drop((client_early, backend_early));
                     match client {
-                        session::Conn::Plain(client) => {
+                        session::Conn::Plain(mut client) => {
                             if !plane.handoff_delay.is_zero() {
                                 tokio::time::sleep(plane.handoff_delay).await;
                             }
-                            carry::forward(client, backend, idx, flow, rt, plane, idle).await;
-                            return;
+                            // Both heads were read off the sockets (and a
+                            // PROXY header): no skb may be left half read
+                            // when they go into the sockmap.
+                            let settled = async {
+                                Ok::<_, std::io::Error>(
+                                    carry::settle(&mut client, &mut backend, flow, Side::Client).await?
+                                        && carry::settle(&mut backend, &mut client, flow, Side::Backend).await?,
+                                )
+                            };
+                            match settled.await {
+                                Ok(true) => {
+                                    carry::forward(client, backend, idx, flow, rt, plane, idle).await;
+                                    return;
+                                }
+                                Ok(false) => {
+                                    flow.set_path(FlowPath::Userspace {
+                                        reason: "a side kept sending while the heads were taken off".into(),
+                                        code: Fallback::Unsettled,
+                                    });
+                                    let (c, b) = (session::Conn::Plain(client), session::Conn::Plain(backend));
+                                    match Box::pin(carry::relay_movable(plane, c, b, flow, idle)).await {
+                                        Some(cause) => cause,
+                                        None => return,
+                                    }
+                                }
+                                Err(e) => CloseCause::Error(format!("the bytes after the heads: {e}")),
+                            }
                         }
                         // wss: the client's bytes are ciphertext, relayed here.
                         tls => {
@@ -716,7 +742,8 @@ impl ClientConn {
     /// Connects one of route `ri`'s backends within `deadline`.
     async fn connect(&self, ri: usize, deadline: Instant) -> Result<(TcpStream, usize), Response<Body>> {
         let pool = self.rt.route_pool(ri);
-        match tokio::time::timeout_at(deadline, listener::connect(&self.rt, self.flow.client, pool)).await {
+        let send_proxy = self.http().routes[ri].send_proxy.or(self.rt.cfg.send_proxy);
+        match tokio::time::timeout_at(deadline, listener::connect(&self.rt, &self.flow, pool, send_proxy)).await {
             Ok(Ok((s, idx))) => {
                 *self.flow.backend.locked() = Some(self.rt.cfg.backends[idx]);
                 Ok((s, idx))

@@ -213,7 +213,19 @@ impl Drop for Active<'_> {
 }
 
 /// Connects one of `pool`'s backends, trying them in turn; the stream has TCP_NODELAY set.
-pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Result<(TcpStream, usize), String> {
+pub async fn connect(
+    rt: &ListenerRt,
+    flow: &crate::flow::table::Flow,
+    pool: Pool<'_>,
+    send_proxy: Option<crate::config::ProxyVersion>,
+) -> Result<(TcpStream, usize), String> {
+    let client = flow.client;
+    // `send_proxy`: the header goes first on each backend connection, before
+    // any byte of the client's (and before TLS to the backend).
+    let header = send_proxy.map(|v| {
+        let dst = flow.dst.locked().unwrap_or(rt.local);
+        crate::edge::proxy_header::encode(v, client, dst)
+    });
     let mut tried = Vec::new();
     let candidates = rt.candidates(client, pool);
     if candidates.is_empty() {
@@ -226,7 +238,14 @@ pub async fn connect(rt: &ListenerRt, client: SocketAddr, pool: Pool<'_>) -> Res
     }
     for idx in candidates.into_iter().cycle().take(rt.cfg.connect_attempts as usize) {
         let addr = rt.cfg.backends[idx];
-        match tokio::time::timeout(rt.cfg.connect_timeout, connect_one(addr)).await {
+        let attempt = async {
+            let mut s = connect_one(addr).await?;
+            if let Some(h) = &header {
+                tokio::io::AsyncWriteExt::write_all(&mut s, h).await?;
+            }
+            Ok::<_, std::io::Error>(s)
+        };
+        match tokio::time::timeout(rt.cfg.connect_timeout, attempt).await {
             Ok(Ok(s)) => {
                 rt.health.succeeded(idx, &rt.cfg.name, addr);
                 return Ok((s, idx));

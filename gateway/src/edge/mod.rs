@@ -9,3 +9,4 @@ pub mod http;
 pub mod listener;
 pub mod plane;
 pub mod proxy;
+pub mod proxy_header;

@@ -27,11 +27,15 @@ pub async fn serve(listener: TcpListener, slot: crate::edge::listener::Settings,
                 // The settings in force when the client arrived stay with its flow.
                 let rt = slot.locked().clone();
                 let plane = plane.clone();
-                if rt.cfg.http().is_some() {
-                    tokio::spawn(crate::edge::http::handle(client, peer, rt, plane));
-                } else {
-                    tokio::spawn(async move { handle(client, peer, &rt, &plane).await });
-                }
+                tokio::spawn(async move {
+                    let mut client = client;
+                    let Some((peer, dst)) = proxied(&mut client, peer, &rt).await else { return };
+                    if rt.cfg.http().is_some() {
+                        crate::edge::http::handle(client, peer, dst, rt, plane).await;
+                    } else {
+                        handle(client, peer, dst, &rt, &plane).await;
+                    }
+                });
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,
@@ -43,10 +47,36 @@ pub async fn serve(listener: TcpListener, slot: crate::edge::listener::Settings,
     }
 }
 
-async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Plane) {
+/// Who the client is, and the address it reached: with `proxy_protocol`, as
+/// the balancer's header says (the header taken out of the socket, nothing
+/// after it); otherwise the socket's own. `None`: turned away (a source not
+/// in `from`, or no good header in time), counted, the socket reset.
+async fn proxied(client: &mut TcpStream, peer: SocketAddr, rt: &ListenerRt) -> Option<(SocketAddr, SocketAddr)> {
+    let local = client.local_addr().unwrap_or(rt.local);
+    let Some(pp) = &rt.cfg.proxy_protocol else { return Some((peer, local)) };
+    let refused = |client: &TcpStream, cause: &'static str, why: &dyn std::fmt::Display| {
+        rt.stats.accepted();
+        rt.stats.rejected(cause);
+        debug!(listener = %rt.cfg.name, balancer = %peer, "connection refused: {why}");
+        let _ = socket2::SockRef::from(client).set_linger(Some(std::time::Duration::ZERO));
+        None
+    };
+    if !pp.from.iter().any(|c| c.contains(peer.ip())) {
+        return refused(client, "proxy-source", &"a source not in proxy_protocol.from");
+    }
+    match tokio::time::timeout(pp.timeout, crate::edge::proxy_header::read(client, pp.accept)).await {
+        Ok(Ok(crate::edge::proxy_header::Header::Proxied { src, dst })) => Some((src, dst)),
+        Ok(Ok(crate::edge::proxy_header::Header::Local)) => Some((peer, local)),
+        Ok(Err(e)) => refused(client, "proxy-header", &e),
+        Err(_) => refused(client, "proxy-header", &format_args!("no whole PROXY header within {:?}", pp.timeout)),
+    }
+}
+
+async fn handle(client: TcpStream, peer: SocketAddr, dst: SocketAddr, rt: &ListenerRt, plane: &Plane) {
     let Some(_admitted) = rt.admit(&client, peer) else { return };
     let guard = plane.flows.open(&rt.cfg.name, peer);
     let flow = &guard.flow;
+    *flow.dst.locked() = Some(dst);
     crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(flow, None));
     let _ = client.set_nodelay(true);
     // SNI routes: the ClientHello is peeked (left in the socket) to choose
@@ -91,7 +121,7 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Pl
             }
         }
     };
-    let (backend, idx) = match connect(rt, peer, pool).await {
+    let (backend, idx) = match connect(rt, flow, pool, rt.cfg.send_proxy).await {
         Ok(b) => b,
         Err(tried) => {
             warn!(flow = flow.id, listener = %rt.cfg.name, client = %peer, "no backend answered; closing the client ({tried})");
@@ -127,6 +157,32 @@ async fn handle(client: TcpStream, peer: SocketAddr, rt: &ListenerRt, plane: &Pl
         }
     };
     let cause = match (client, backend) {
+        // The PROXY header was read from the client's socket: what came with
+        // it goes first (see `settle`), unless the client keeps it busy.
+        (Conn::Plain(mut client), Conn::Plain(mut backend)) if rt.cfg.proxy_protocol.is_some() => {
+            match crate::edge::carry::settle(&mut client, &mut backend, flow, crate::flow::table::Side::Client).await {
+                Ok(true) => forward(client, backend, idx, flow, rt, plane, rt.cfg.idle_timeout).await,
+                Ok(false) => {
+                    flow.set_path(FlowPath::Userspace {
+                        reason: "the client kept sending while its PROXY header was taken off".into(),
+                        code: Fallback::Unsettled,
+                    });
+                    let Some(cause) =
+                        relay_movable(plane, Conn::Plain(client), Conn::Plain(backend), flow, rt.cfg.idle_timeout)
+                            .await
+                    else {
+                        return;
+                    };
+                    retire(flow, Some(idx), &cause, rt, plane);
+                    cause
+                }
+                Err(e) => {
+                    let cause = CloseCause::Error(format!("the bytes after the PROXY header: {e}"));
+                    retire(flow, Some(idx), &cause, rt, plane);
+                    cause
+                }
+            }
+        }
         (Conn::Plain(client), Conn::Plain(backend)) => {
             if !plane.handoff_delay.is_zero() {
                 tokio::time::sleep(plane.handoff_delay).await;

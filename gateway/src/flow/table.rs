@@ -34,6 +34,9 @@ pub enum Fallback {
     /// Moved there by `offload: auto`.
     SlowReceiver,
     KernelBehind,
+    /// The daemon read from a socket (a PROXY header, an HTTP head) and the
+    /// sender kept it too busy to leave no skb half read (see `carry::settle`).
+    Unsettled,
     /// Carried over from a daemon whose code this one does not know.
     Moved,
 }
@@ -70,6 +73,7 @@ const FALLBACKS: &[(Fallback, &str)] = &[
     (Fallback::Http, "http"),
     (Fallback::SlowReceiver, "slow-receiver"),
     (Fallback::KernelBehind, "kernel-behind"),
+    (Fallback::Unsettled, "unsettled"),
     (Fallback::Moved, "moved"),
 ];
 
@@ -236,6 +240,9 @@ pub struct Flow {
     pub last_switch: Mutex<Option<String>>,
     /// When the flow must end whatever it carries.
     pub ending: Ending,
+    /// The address the client reached (the listener's, or what a PROXY
+    /// header said), for `send_proxy`.
+    pub dst: Mutex<Option<SocketAddr>>,
 }
 
 /// When a flow must end whatever it carries: its route's `max_duration`,
@@ -421,6 +428,8 @@ pub struct Carried {
     pub ends_in_ms: Option<u64>,
     #[serde(default)]
     pub route_changed: bool,
+    #[serde(default)]
+    pub dst: Option<SocketAddr>,
 }
 
 impl Flow {
@@ -438,6 +447,7 @@ impl Flow {
             http_requests: self.http_requests.load(Relaxed),
             ends_in_ms: self.ending.at_ns().map(|t| t.saturating_sub(sys::monotonic_ns()) / 1_000_000),
             route_changed: matches!(self.ending.cause(), CloseCause::RouteChanged),
+            dst: *self.dst.locked(),
         }
     }
 }
@@ -483,6 +493,7 @@ impl FlowTable {
             path_switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
             ending: Ending::default(),
+            dst: Mutex::new(None),
         });
         self.flows.locked().insert(id, flow.clone());
         FlowGuard { table: self, flow }
@@ -513,6 +524,7 @@ impl FlowTable {
             path_switches: AtomicU64::new(0),
             last_switch: Mutex::new(None),
             ending: Ending::default(),
+            dst: Mutex::new(m.dst),
         });
         if let Some(ms) = m.ends_in_ms {
             f.ending.set(

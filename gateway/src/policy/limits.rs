@@ -144,7 +144,7 @@ impl Bucket {
 }
 
 /// Why a client was turned away.
-pub const CAUSES: [&str; 9] = [
+pub const CAUSES: [&str; 11] = [
     "denied",
     "global-max-connections",
     "max-connections",
@@ -159,6 +159,11 @@ pub const CAUSES: [&str; 9] = [
     // The backend connect failed for want of descriptors or memory here
     // (EMFILE, ENFILE, ENOBUFS, ENOMEM): not counted against the backend.
     "local-resources",
+    // `proxy_protocol`: a connection from a source not in `from`, and a
+    // PROXY header that was missing, malformed, of the wrong version or
+    // too slow.
+    "proxy-source",
+    "proxy-header",
 ];
 
 /// Per-source rate buckets kept at most: past it the least recently seen
