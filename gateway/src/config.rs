@@ -41,6 +41,39 @@ pub enum Balance {
     RoundRobin,
     LeastConn,
     SourceHash,
+    /// Maglev consistent hashing on the listener's `hash_key`.
+    Maglev,
+}
+
+/// `hash_key`: what `balance: maglev` hashes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum HashKey {
+    /// The client's address (without the port).
+    #[default]
+    Source,
+    /// A request header (lower-case name), cookie or query parameter;
+    /// requests without it hash the client's address.
+    Header(String),
+    Cookie(String),
+    Query(String),
+}
+
+impl HashKey {
+    pub fn parse(s: &str) -> Result<HashKey, String> {
+        let bad = || format!("{s:?} is not a hash key (source, \"header:NAME\", \"cookie:NAME\" or \"query:NAME\")");
+        match s.split_once(':') {
+            None if s == "source" => Ok(HashKey::Source),
+            Some((kind, name)) if !name.is_empty() => match kind {
+                "header" => hyper::header::HeaderName::from_bytes(name.as_bytes())
+                    .map(|h| HashKey::Header(h.as_str().to_string()))
+                    .map_err(|_| format!("{name:?} is not a header name")),
+                "cookie" => Ok(HashKey::Cookie(name.to_string())),
+                "query" => Ok(HashKey::Query(name.to_string())),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
 }
 
 /// `proxy_protocol.accept`: which PROXY protocol headers a listener takes.
@@ -210,6 +243,8 @@ struct RawListener {
     on_change: Option<Value>,
     proxy_protocol: Option<RawProxyProtocol>,
     send_proxy: Option<Value>,
+    hash_key: Option<Value>,
+    maglev_table_size: Option<Value>,
     allow: Option<Value>,
     deny: Option<Value>,
     max_connections: Option<Value>,
@@ -541,6 +576,7 @@ impl Errors {
                 ("round_robin", Balance::RoundRobin),
                 ("least_conn", Balance::LeastConn),
                 ("source_hash", Balance::SourceHash),
+                ("maglev", Balance::Maglev),
             ],
         )
     }
@@ -1208,6 +1244,10 @@ pub struct Listener {
     /// Backend connections start with a PROXY header (websocket routes may
     /// set their own).
     pub send_proxy: Option<ProxyVersion>,
+    /// `balance: maglev` (the listener's or a route's): what it hashes, and
+    /// the lookup table's size (a prime).
+    pub hash_key: HashKey,
+    pub maglev_table_size: usize,
     /// Admission rules, checked before a backend is contacted.
     pub limits: crate::policy::limits::Rules,
     pub health: crate::policy::health::HealthConfig,
@@ -1647,6 +1687,37 @@ impl RawConfig {
             let max_duration = l.max_duration.as_ref().and_then(|v| e.duration(&p("max_duration"), v));
             let on_change = l.on_change.as_ref().map_or(Some(OnChange::Keep), |v| e.on_change(&p("on_change"), v));
             let send_proxy = l.send_proxy.as_ref().and_then(|v| e.send_proxy(&p("send_proxy"), v));
+            let hash_key = match &l.hash_key {
+                None => Some(HashKey::Source),
+                Some(v) => e.string(&p("hash_key"), v).and_then(|s| {
+                    let k = HashKey::parse(&s).map_err(|m| e.push(&p("hash_key"), m)).ok()?;
+                    if k != HashKey::Source && protocol != Some(Protocol::Websocket) {
+                        e.push(
+                            &p("hash_key"),
+                            "only `source` on a tcp listener (it has no request to read a key from)",
+                        );
+                        return None;
+                    }
+                    Some(k)
+                }),
+            };
+            let maglev_table_size = match &l.maglev_table_size {
+                None => Some(crate::policy::maglev::DEFAULT_TABLE_SIZE),
+                Some(v) => {
+                    e.uint(&p("maglev_table_size"), v, 3..=crate::policy::maglev::MAX_TABLE_SIZE as u64).and_then(|n| {
+                        let n = n as usize;
+                        if crate::policy::maglev::is_prime(n) {
+                            Some(n)
+                        } else {
+                            e.push(
+                                &p("maglev_table_size"),
+                                format_args!("{n} is not a prime (Maglev needs one; e.g. 65537, 131071, 1000003)"),
+                            );
+                            None
+                        }
+                    })
+                }
+            };
             let proxy_protocol = l.proxy_protocol.as_ref().and_then(|pp| {
                 let accept = pp.accept.as_ref().map_or(Some(ProxyAccept::Any), |v| {
                     e.choice(
@@ -1748,8 +1819,21 @@ impl RawConfig {
                 Some(it),
                 Some(ca),
                 Some(on_change),
-            ) = (name, bind, protocol, balance, offload, connect_timeout, idle_timeout, connect_attempts, on_change)
-            {
+                Some(hash_key),
+                Some(maglev_table_size),
+            ) = (
+                name,
+                bind,
+                protocol,
+                balance,
+                offload,
+                connect_timeout,
+                idle_timeout,
+                connect_attempts,
+                on_change,
+                hash_key,
+                maglev_table_size,
+            ) {
                 listeners.push(Listener {
                     name,
                     bind,
@@ -1763,6 +1847,8 @@ impl RawConfig {
                     on_change,
                     proxy_protocol,
                     send_proxy,
+                    hash_key,
+                    maglev_table_size,
                     limits,
                     health,
                     tls,
@@ -2071,6 +2157,39 @@ admin:
                   - path_prefix: /a\n        backends: [\"127.0.0.1:9\"]\n        send_proxy: v2\n";
         assert_eq!(parse(ws).unwrap().listeners[0].http().unwrap().routes[0].send_proxy, Some(ProxyVersion::V2));
         assert_rejected(&ws.replace("send_proxy: v2", "send_proxy: yes"), &["listeners[0].routes[0].send_proxy"]);
+    }
+
+    #[test]
+    fn maglev_settings_are_checked_by_key_path() {
+        let l = |proto: &str, extra: &str| {
+            format!(
+                "listeners:\n  - name: l\n    bind: \"127.0.0.1:0\"\n{proto}    backends: [\"127.0.0.1:9\"]\n    balance: maglev\n{extra}"
+            )
+        };
+        let c = parse(&l("", "")).unwrap();
+        let x = &c.listeners[0];
+        assert_eq!(
+            (x.balance, &x.hash_key, x.maglev_table_size),
+            (Balance::Maglev, &HashKey::Source, crate::policy::maglev::DEFAULT_TABLE_SIZE)
+        );
+        assert_eq!(parse(&l("", "    maglev_table_size: 131071\n")).unwrap().listeners[0].maglev_table_size, 131_071);
+        assert_rejected(
+            &l("", "    maglev_table_size: 65536\n"),
+            &["listeners[0].maglev_table_size: 65536 is not a prime"],
+        );
+        assert_rejected(&l("", "    maglev_table_size: 1\n"), &["listeners[0].maglev_table_size"]);
+        assert_rejected(
+            &l("", "    hash_key: \"header:X-User\"\n"),
+            &["listeners[0].hash_key: only `source` on a tcp listener"],
+        );
+        assert_rejected(&l("", "    hash_key: \"ip\"\n"), &["listeners[0].hash_key", "is not a hash key"]);
+        let ws = "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    hash_key: \"cookie:sid\"\n    routes:\n      \
+                  - path_prefix: /a\n        backends: [\"127.0.0.1:9\"]\n        balance: maglev\n";
+        let c = parse(ws).unwrap();
+        assert_eq!(c.listeners[0].hash_key, HashKey::Cookie("sid".into()));
+        assert_eq!(c.listeners[0].http().unwrap().routes[0].balance, Balance::Maglev);
+        assert_rejected(&ws.replace("cookie:sid", "header:"), &["listeners[0].hash_key"]);
+        assert_rejected(&ws.replace("cookie:sid", "header:a b"), &["listeners[0].hash_key", "not a header name"]);
     }
 
     #[test]

@@ -739,9 +739,31 @@ impl ClientConn {
         self.upgrade(req, ri, &target).await
     }
 
-    /// Connects one of route `ri`'s backends within `deadline`.
-    async fn connect(&self, ri: usize, deadline: Instant) -> Result<(TcpStream, usize), Response<Body>> {
-        let pool = self.rt.route_pool(ri);
+    /// What `balance: maglev` hashes for this request on route `ri` (the
+    /// listener's `hash_key`); `None`: the client's address.
+    fn maglev_key(&self, ri: usize, req: &Request<Incoming>) -> Option<u64> {
+        use crate::config::{Balance, HashKey};
+        if self.http().routes[ri].balance != Balance::Maglev {
+            return None;
+        }
+        let value = match &self.rt.cfg.hash_key {
+            HashKey::Source => None,
+            HashKey::Header(h) => req.headers().get(h.as_str()).map(HeaderValue::as_bytes),
+            HashKey::Cookie(c) => crate::policy::jwt::cookie(req.headers(), c).map(str::as_bytes),
+            HashKey::Query(q) => crate::policy::jwt::query_param(req.uri().query(), q).map(str::as_bytes),
+        }?;
+        Some(crate::policy::maglev::hash(value))
+    }
+
+    /// Connects one of route `ri`'s backends within `deadline` (`key`: see
+    /// `maglev_key`).
+    async fn connect(
+        &self,
+        ri: usize,
+        deadline: Instant,
+        key: Option<u64>,
+    ) -> Result<(TcpStream, usize), Response<Body>> {
+        let pool = self.rt.route_pool(ri).with_key(key);
         let send_proxy = self.http().routes[ri].send_proxy.or(self.rt.cfg.send_proxy);
         match tokio::time::timeout_at(deadline, listener::connect(&self.rt, &self.flow, pool, send_proxy)).await {
             Ok(Ok((s, idx))) => {
@@ -759,7 +781,7 @@ impl ClientConn {
     async fn upgrade(&self, mut req: Request<Incoming>, ri: usize, target: &Target) -> Response<Body> {
         let deadline = Instant::now() + self.http().handshake_timeout;
         let route = &self.http().routes[ri];
-        let (stream, idx) = match self.connect(ri, deadline).await {
+        let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
@@ -927,7 +949,7 @@ impl ClientConn {
             Some(r) => r,
             None => {
                 let deadline = Instant::now() + self.rt.cfg.connect_timeout * self.rt.cfg.connect_attempts;
-                let (stream, idx) = match self.connect(ri, deadline).await {
+                let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };

@@ -1,6 +1,7 @@
 //! A listener at run time: its settings and counters, admission, backend
 //! choice and connecting; and the set of running listeners (`Listeners`),
 //! each read by new flows through its settings cell (`Settings`).
+use crate::policy::maglev::Table;
 use crate::util::sync::Locked;
 use std::{collections::BTreeMap, sync::Mutex};
 use std::{
@@ -40,7 +41,14 @@ pub struct ListenerRt {
     /// with the settings a reload makes, so a route's cap counts its flows
     /// across reloads.
     pub route_active: RouteCounts,
+    /// Maglev tables (`balance: maglev`) by the backends they were built
+    /// over (a pool's members that are up), the last few.
+    maglev: Mutex<Vec<(Vec<usize>, Arc<Table>)>>,
 }
+
+/// Maglev tables kept per listener: a pool or two, each healthy and with
+/// a backend ejected.
+const MAGLEV_TABLES: usize = 8;
 
 /// Upgraded connections per route name.
 pub type RouteCounts = Arc<Mutex<std::collections::HashMap<String, u32>>>;
@@ -87,6 +95,15 @@ pub struct Pool<'a> {
     pub members: &'a [usize],
     pub balance: Balance,
     rr: &'a AtomicUsize,
+    /// `balance: maglev`: the hash of the request's key (the client's
+    /// address when `None`).
+    pub key: Option<u64>,
+}
+
+impl Pool<'_> {
+    pub fn with_key(self, key: Option<u64>) -> Self {
+        Pool { key, ..self }
+    }
 }
 
 impl ListenerRt {
@@ -108,7 +125,19 @@ impl ListenerRt {
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
         let all = (0..cfg.backends.len()).collect();
         let route_active = RouteCounts::default();
-        Self { cfg, local, stats, health, admission, rr: AtomicUsize::new(0), route_rr, all, active, route_active }
+        Self {
+            cfg,
+            local,
+            stats,
+            health,
+            admission,
+            rr: AtomicUsize::new(0),
+            route_rr,
+            all,
+            active,
+            route_active,
+            maglev: Mutex::new(Vec::new()),
+        }
     }
 
     /// New settings for a listener that keeps running: its totals carry over
@@ -142,19 +171,19 @@ impl ListenerRt {
 
     /// Every backend, chosen by the listener's `balance`.
     pub fn pool(&self) -> Pool<'_> {
-        Pool { members: &self.all, balance: self.cfg.balance, rr: &self.rr }
+        Pool { members: &self.all, balance: self.cfg.balance, rr: &self.rr, key: None }
     }
 
     /// The backends of HTTP route `i`.
     pub fn route_pool(&self, i: usize) -> Pool<'_> {
         let r = &self.cfg.http().expect("an HTTP listener").routes[i];
-        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
+        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i], key: None }
     }
 
     /// The backends of SNI route `i` (tcp listeners with `routes`).
     pub fn sni_pool(&self, i: usize) -> Pool<'_> {
         let r = &self.cfg.sni_routes().expect("a listener with SNI routes")[i];
-        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i] }
+        Pool { members: &r.backends, balance: r.balance, rr: &self.route_rr[i], key: None }
     }
 
     /// Backends (indices into `cfg.backends`) in the order to try them for this client.
@@ -163,6 +192,16 @@ impl ListenerRt {
         let n = m.len();
         if n == 0 {
             return Vec::new();
+        }
+        if pool.balance == Balance::Maglev {
+            // The table over the backends that are up: an ejected one is out
+            // of it (its keys spread over the rest, the others' stay), and
+            // back in it, the same table as before, once it is up again.
+            let up: Vec<usize> = m.iter().copied().filter(|&i| self.health.is_up(i)).collect();
+            let key = pool.key.unwrap_or_else(|| crate::policy::maglev::hash(client.ip().to_string().as_bytes()));
+            let Some(first) = self.maglev_table(&up).pick(key) else { return Vec::new() };
+            // The others after it, for the connect attempts that follow a failure.
+            return (0..up.len()).map(|i| up[(first + i) % up.len()]).collect();
         }
         let start = match pool.balance {
             Balance::RoundRobin => pool.rr.fetch_add(1, Relaxed) % n,
@@ -176,9 +215,26 @@ impl ListenerRt {
                 let offset = pool.rr.fetch_add(1, Relaxed);
                 (0..n).map(|i| (i + offset) % n).min_by_key(|&i| self.active[m[i]].load(Relaxed)).unwrap_or(0)
             }
+            Balance::Maglev => unreachable!("chosen above"),
         };
         // Ejected backends get no new flows.
         (0..n).map(|i| m[(start + i) % n]).filter(|&i| self.health.is_up(i)).collect()
+    }
+
+    /// The Maglev table over these backends (indices into `cfg.backends`,
+    /// named by address), built once.
+    fn maglev_table(&self, over: &[usize]) -> Arc<Table> {
+        let mut tables = self.maglev.locked();
+        if let Some((_, t)) = tables.iter().find(|(b, _)| b == over) {
+            return t.clone();
+        }
+        let names: Vec<String> = over.iter().map(|&i| self.cfg.backends[i].to_string()).collect();
+        let t = Arc::new(Table::new(&names, self.cfg.maglev_table_size));
+        if tables.len() == MAGLEV_TABLES {
+            tables.remove(0);
+        }
+        tables.push((over.to_vec(), t.clone()));
+        t
     }
 
     /// Counts a flow on backend `idx` until the guard drops.

@@ -99,6 +99,24 @@ impl std::fmt::Debug for Jwt {
     }
 }
 
+/// The value of query parameter `name` (as written, not decoded).
+pub fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then_some(v)
+    })
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a hyper::HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get_all(hyper::header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(
+        |c| {
+            let (k, v) = c.trim().split_once('=')?;
+            (k == name).then_some(v)
+        },
+    )
+}
+
 /// Why a request was refused: the cause counted, and what the client is told
 /// (never the token).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -254,19 +272,8 @@ impl Jwt {
                     .filter_map(|v| v.to_str().ok())
                     .find_map(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                     .map(|t| t.trim().to_string()),
-                Source::Query(name) => query?.split('&').find_map(|kv| {
-                    let (k, v) = kv.split_once('=')?;
-                    (k == name).then(|| v.to_string())
-                }),
-                Source::Cookie(name) => headers
-                    .get_all(hyper::header::COOKIE)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .flat_map(|v| v.split(';'))
-                    .find_map(|c| {
-                        let (k, v) = c.trim().split_once('=')?;
-                        (k == name).then(|| v.to_string())
-                    }),
+                Source::Query(name) => query_param(query, name).map(str::to_string),
+                Source::Cookie(name) => cookie(headers, name).map(str::to_string),
                 Source::Subprotocol => subprotocol_token(headers),
             };
             t.filter(|t| !t.is_empty()).map(|t| (t, src))

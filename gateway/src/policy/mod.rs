@@ -4,3 +4,4 @@
 pub mod health;
 pub mod jwt;
 pub mod limits;
+pub mod maglev;
