@@ -30,7 +30,7 @@ pub fn hash(bytes: &[u8]) -> u64 {
 }
 
 pub fn is_prime(n: usize) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// The lookup table over some backends.
