@@ -79,7 +79,7 @@ thread_local! {
 /// contract), so nothing is held while waiting.
 async fn lent_read<R: AsyncRead + Unpin>(from: &mut R) -> std::io::Result<Vec<u8>> {
     std::future::poll_fn(|cx| {
-        let mut buf = POOL.with_borrow_mut(Vec::pop).unwrap_or_else(|| Vec::with_capacity(BUF_SIZE));
+        let mut buf = lend();
         let mut rb = tokio::io::ReadBuf::uninit(buf.spare_capacity_mut());
         match std::pin::Pin::new(&mut *from).poll_read(cx, &mut rb) {
             std::task::Poll::Ready(Ok(())) => {
@@ -98,7 +98,13 @@ async fn lent_read<R: AsyncRead + Unpin>(from: &mut R) -> std::io::Result<Vec<u8
     .await
 }
 
-fn give_back(mut buf: Vec<u8>) {
+/// A copy buffer from the pool (or a new one), empty, for a caller that
+/// reads into it itself; hand it back with [`give_back`].
+pub(crate) fn lend() -> Vec<u8> {
+    POOL.with_borrow_mut(Vec::pop).unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+}
+
+pub(crate) fn give_back(mut buf: Vec<u8>) {
     buf.clear();
     POOL.with_borrow_mut(|p| {
         if p.len() < POOLED && buf.capacity() == BUF_SIZE {

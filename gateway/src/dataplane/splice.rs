@@ -582,6 +582,9 @@ impl<'a> Supervisor<'a> {
         if sys::monotonic_ns().saturating_sub(self.last_active()) >= self.idle.as_nanos() as u64 {
             return Err(Outcome::Closed(CloseCause::IdleTimeout));
         }
+        if let Some(cause) = self.flow.ending.due() {
+            return Err(Outcome::Closed(cause));
+        }
         Ok(progress)
     }
 
@@ -646,6 +649,8 @@ impl<'a> Supervisor<'a> {
         let until_idle = Duration::from_nanos(
             self.last_active().saturating_add(self.idle.as_nanos() as u64).saturating_sub(sys::monotonic_ns()),
         );
+        // `max_duration` (or a reload's close) wakes it as idleness does.
+        let until_idle = self.flow.ending.remaining().map_or(until_idle, |left| until_idle.min(left));
         let eof = self.c.eof || self.b.eof;
         (next_wait(waiting_on_drain, self.backoff, eof, polled, self.poll_tick, until_idle), unwatched)
     }
@@ -694,7 +699,8 @@ impl<'a> Supervisor<'a> {
                 self.detach_asked = true;
                 Step::Continue
             }
-            cause = self.flow.ending.reached() => Step::Done(cause),
+            // A deadline set or moved: the next turn's check sees it.
+            () = self.flow.ending.changed() => Step::Continue,
         }
     }
 }

@@ -52,9 +52,8 @@ pub(crate) fn turn_away(flow: &crate::flow::table::Flow, why: &str, cause: &str,
     retire(flow, None, &CloseCause::Rejected(why.to_string()), rt, plane);
 }
 
-/// Reads on a settle are this big, and stop after this many full ones.
-const SETTLE_CHUNK: usize = 16 * 1024;
-const SETTLE_ROUNDS: usize = 1024;
+/// A settle stops after this many full reads (of the relay's buffer size).
+const SETTLE_ROUNDS: usize = 64;
 
 /// Makes a socket the daemon has read from fit for the sockmap. The kernel
 /// hands the verdict whole skbs from the receive queue, so an skb the daemon
@@ -71,20 +70,28 @@ pub(crate) async fn settle(
     side: crate::flow::table::Side,
 ) -> std::io::Result<bool> {
     use tokio::io::AsyncWriteExt;
-    let mut buf = vec![0u8; SETTLE_CHUNK];
-    for _ in 0..SETTLE_ROUNDS {
-        let n = match from.try_read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n]).await?;
-        flow.add_user(side, n as u64);
-        if n < buf.len() {
-            return Ok(true);
+    // The relay's pooled buffer: no allocation per flow (most settles read
+    // nothing).
+    let mut buf = crate::dataplane::relay::lend();
+    let settled = async {
+        for _ in 0..SETTLE_ROUNDS {
+            buf.clear();
+            match from.try_read_buf(&mut buf) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(true),
+                Err(e) => return Err(e),
+            }
+            to.write_all(&buf).await?;
+            flow.add_user(side, buf.len() as u64);
+            if buf.len() < buf.capacity() {
+                return Ok(true);
+            }
         }
+        Ok(false)
     }
-    Ok(false)
+    .await;
+    crate::dataplane::relay::give_back(buf);
+    settled
 }
 
 /// Carries a connected client/backend pair (TCP_NODELAY already set) to its

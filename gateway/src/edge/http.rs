@@ -487,7 +487,8 @@ async fn upgraded(mut up: Upgrade, flow: &Flow, rt: &ListenerRt, plane: &Plane) 
                                         && carry::settle(&mut backend, &mut client, flow, Side::Backend).await?,
                                 )
                             };
-                            match settled.await {
+                            // Boxed: it runs once, and the task carries the flow for days.
+                            match Box::pin(settled).await {
                                 Ok(true) => {
                                     carry::forward(client, backend, idx, flow, rt, plane, idle).await;
                                     return;

@@ -27,15 +27,30 @@ pub async fn serve(listener: TcpListener, slot: crate::edge::listener::Settings,
                 // The settings in force when the client arrived stay with its flow.
                 let rt = slot.locked().clone();
                 let plane = plane.clone();
-                tokio::spawn(async move {
-                    let mut client = client;
-                    let Some((peer, dst)) = proxied(&mut client, peer, &rt).await else { return };
-                    if rt.cfg.http().is_some() {
-                        crate::edge::http::handle(client, peer, dst, rt, plane).await;
-                    } else {
-                        handle(client, peer, dst, &rt, &plane).await;
+                // One task per client. Without `proxy_protocol` a websocket
+                // client's task is `http::handle` itself: that task carries
+                // an upgraded flow for days, and a wrapper would be dead
+                // weight in it (about 120 bytes a flow).
+                match (rt.cfg.http().is_some(), rt.cfg.proxy_protocol.is_some()) {
+                    (true, false) => {
+                        let dst = client.local_addr().unwrap_or(rt.local);
+                        tokio::spawn(crate::edge::http::handle(client, peer, dst, rt, plane));
                     }
-                });
+                    (true, true) => {
+                        tokio::spawn(async move {
+                            let mut client = client;
+                            let Some((peer, dst)) = proxied(&mut client, peer, &rt).await else { return };
+                            crate::edge::http::handle(client, peer, dst, rt, plane).await;
+                        });
+                    }
+                    (false, _) => {
+                        tokio::spawn(async move {
+                            let mut client = client;
+                            let Some((peer, dst)) = proxied(&mut client, peer, &rt).await else { return };
+                            handle(client, peer, dst, &rt, &plane).await;
+                        });
+                    }
+                }
             }
             Err(e) => {
                 // EMFILE/ENFILE/ENOBUFS: keep the listener, back off briefly,

@@ -269,7 +269,9 @@ impl Ending {
         }
         self.why.store(u8::from(matches!(why, CloseCause::RouteChanged)), Release);
         self.at_ns.store(at_ns, Release);
-        self.changed.notify_waiters();
+        // One loop carries a flow at a time: a permit if it is not waiting
+        // right now, so it sees this at its next wait.
+        self.changed.notify_one();
     }
 
     /// Monotonic ns it ends at, if it must.
@@ -284,25 +286,41 @@ impl Ending {
         }
     }
 
+    /// The cause, once the flow must end.
+    pub fn due(&self) -> Option<CloseCause> {
+        self.at_ns().filter(|&at| sys::monotonic_ns() >= at).map(|_| self.cause())
+    }
+
+    /// How long until the flow must end, if it must.
+    pub fn remaining(&self) -> Option<std::time::Duration> {
+        self.at_ns().map(|at| std::time::Duration::from_nanos(at.saturating_sub(sys::monotonic_ns())))
+    }
+
+    /// Resolves when the deadline is set or moved (a loop with a timer of
+    /// its own waits on this, and checks [`Ending::due`] at each turn).
+    pub fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
     /// Resolves once the flow must end, with the cause; pending forever if
     /// it never must. Set or moved meanwhile, it wakes.
     pub async fn reached(&self) -> CloseCause {
         loop {
-            let notified = self.changed.notified();
-            tokio::pin!(notified);
-            // Registered before the deadline is read: a `set` in between wakes it.
-            notified.as_mut().enable();
-            let Some(at) = self.at_ns() else {
-                notified.await;
-                continue;
-            };
-            let now = sys::monotonic_ns();
-            if now >= at {
-                return self.cause();
+            if let Some(cause) = self.due() {
+                return cause;
             }
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep(std::time::Duration::from_nanos(at - now)) => {}
+            match self.remaining() {
+                // Boxed: this future sits in a carried flow's task for its
+                // whole life, and a timer entry is most of its size; only
+                // flows with a deadline allocate one.
+                Some(left) => {
+                    let sleep = Box::pin(tokio::time::sleep(left));
+                    tokio::select! {
+                        () = self.changed.notified() => {}
+                        () = sleep => {}
+                    }
+                }
+                None => self.changed.notified().await,
             }
         }
     }
