@@ -71,6 +71,43 @@ fn every_node_sends_a_key_to_the_same_backend() {
         }
     }
 
+    // Keys that live on different backends, asked on one keep-alive
+    // connection: each request still goes to its key's backend.
+    let (a, b) = (0..users.len())
+        .flat_map(|i| (0..users.len()).map(move |j| (i, j)))
+        .find(|&(i, j)| home[i] != home[j])
+        .expect("two keys on different backends");
+    let url = format!("http://{}/headers", one.listener("w"));
+    let (ha, hb) = (format!("X-User: {}", users[a]), format!("X-User: {}", users[b]));
+    let args = [
+        "-s",
+        "-S",
+        "--max-time",
+        "30",
+        "-w",
+        "\n",
+        "-H",
+        &ha,
+        &url,
+        "--next",
+        "-s",
+        "-S",
+        "--max-time",
+        "30",
+        "-w",
+        "\n",
+        "-H",
+        &hb,
+        &url,
+    ];
+    let (_, out, err) = run_peer(&topo.client, "curl", &args, std::time::Duration::from_secs(60));
+    let names: Vec<String> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+        .filter_map(|v| v["name"].as_str().map(String::from))
+        .collect();
+    assert_eq!(names, [home[a].clone(), home[b].clone()], "{out}{err}");
+
     // b2 goes (a reload without it): its keys move, almost no other does.
     let without: Vec<SocketAddr> = addrs.iter().copied().filter(|a| *a != addrs[1]).collect();
     one.rewrite(&listener(&without));

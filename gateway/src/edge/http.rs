@@ -939,9 +939,18 @@ impl ClientConn {
             });
         }
         let route = &self.http().routes[ri];
+        let key = self.maglev_key(ri, &req);
+        // `balance: maglev`: the cached connection serves this request only
+        // if it goes to the backend the request's key picks.
+        let wanted = (route.balance == crate::config::Balance::Maglev)
+            .then(|| self.rt.first_choice(self.flow.client, self.rt.route_pool(ri).with_key(key)));
         let mut cached = self.backend.lock().await;
         let reuse = match cached.take() {
-            Some((idx, mut s)) if route.backends.contains(&idx) && self.rt.health.is_up(idx) => {
+            Some((idx, mut s))
+                if route.backends.contains(&idx)
+                    && self.rt.health.is_up(idx)
+                    && wanted.is_none_or(|w| w == Some(idx)) =>
+            {
                 s.ready().await.ok().map(|()| (idx, s))
             }
             _ => None,
@@ -950,7 +959,7 @@ impl ClientConn {
             Some(r) => r,
             None => {
                 let deadline = Instant::now() + self.rt.cfg.connect_timeout * self.rt.cfg.connect_attempts;
-                let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
+                let (stream, idx) = match self.connect(ri, deadline, key).await {
                     Ok(b) => b,
                     Err(resp) => return resp,
                 };

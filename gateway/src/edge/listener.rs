@@ -221,6 +221,11 @@ impl ListenerRt {
         (0..n).map(|i| m[(start + i) % n]).filter(|&i| self.health.is_up(i)).collect()
     }
 
+    /// The backend a new connection for this client would try first.
+    pub fn first_choice(&self, client: SocketAddr, pool: Pool<'_>) -> Option<usize> {
+        self.candidates(client, pool).first().copied()
+    }
+
     /// The Maglev table over these backends (indices into `cfg.backends`,
     /// named by address), built once.
     fn maglev_table(&self, over: &[usize]) -> Arc<Table> {
