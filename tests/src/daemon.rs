@@ -222,6 +222,13 @@ impl Gateway {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// One listener's part of `gateway stats --json`.
+    pub fn listener_stats(&self, name: &str) -> Value {
+        let v = self.stats();
+        let found = v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).cloned();
+        found.unwrap_or_else(|| panic!("no listener {name} in the stats: {v}"))
+    }
+
     /// Waits for a live flow matching `pred` and returns it.
     pub fn wait_flow(&self, what: &str, mut pred: impl FnMut(&Value) -> bool) -> Value {
         let mut found = None;

@@ -79,27 +79,10 @@ fn every_node_sends_a_key_to_the_same_backend() {
         .expect("two keys on different backends");
     let url = format!("http://{}/headers", one.listener("w"));
     let (ha, hb) = (format!("X-User: {}", users[a]), format!("X-User: {}", users[b]));
-    let args = [
-        "-s",
-        "-S",
-        "--max-time",
-        "30",
-        "-w",
-        "\n",
-        "-H",
-        &ha,
-        &url,
-        "--next",
-        "-s",
-        "-S",
-        "--max-time",
-        "30",
-        "-w",
-        "\n",
-        "-H",
-        &hb,
-        &url,
-    ];
+    // `--next`: the second request, same connection, options of its own.
+    let request = |h: &str| ["-s", "-S", "--max-time", "30", "-w", "\n", "-H", h, &url].map(String::from);
+    let args: Vec<String> = request(&ha).into_iter().chain(["--next".to_string()]).chain(request(&hb)).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (_, out, err) = run_peer(&topo.client, "curl", &args, std::time::Duration::from_secs(60));
     let names: Vec<String> = out
         .lines()

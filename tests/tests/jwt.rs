@@ -166,8 +166,7 @@ fn jwt_guards_the_upgrade_and_plain_requests() {
     assert!(seen["headers"]["x-user"].is_null(), "a forged X-User must not pass: {seen}");
 
     // Counted per route and cause; logged without the token.
-    let stats = gw.stats();
-    let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    let l = gw.listener_stats("w");
     let denied = &l["route_refused"];
     for (key, at_least) in [
         ("*/secure jwt-missing", 2),
@@ -258,8 +257,7 @@ fn an_external_service_decides_and_its_refusals_reach_the_client() {
     let (status, head, _) = curl(&topo, &[&format!("http://{at}/open-on-failure/headers")]);
     assert_eq!(status, 200, "{head}");
 
-    let stats = gw.stats();
-    let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    let l = gw.listener_stats("w");
     let denied = &l["route_refused"];
     assert!(denied["*/ext external-denied"].as_u64() >= Some(3), "{denied}");
     assert!(denied["*/ext external-unavailable"].as_u64() >= Some(1), "{denied}");

@@ -50,9 +50,7 @@ fn ended(s: &mut TcpStream) -> bool {
 }
 
 fn rejected(gw: &Gateway, listener: &str, cause: &str) -> u64 {
-    let s = gw.stats();
-    let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == listener).unwrap().clone();
-    l["rejected"][cause].as_u64().unwrap_or(0)
+    gw.listener_stats(listener)["rejected"][cause].as_u64().unwrap_or(0)
 }
 
 #[test]

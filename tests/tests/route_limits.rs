@@ -38,8 +38,7 @@ fn a_route_holds_at_most_its_max_connections() {
     });
     let v = py_client(&topo, &["echo", &capped, "--sizes", "5"]);
     assert!(v["error"].is_null(), "{v}");
-    let stats = gw.stats();
-    let l = stats["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    let l = gw.listener_stats("w");
     assert_eq!(l["route_refused"]["*/capped route-max-connections"], 1, "{l}");
 }
 
@@ -70,8 +69,7 @@ fn inspect_routes_hold_clients_to_their_message_and_byte_rates() {
     assert!(v["error"].as_str().unwrap_or_default().contains("1008"), "{v}");
     // Counted as flows the gateway closed for a rule.
     gw.wait_for("the closes counted", Duration::from_secs(10), |g| {
-        let s = g.stats();
-        let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+        let l = g.listener_stats("w");
         l["closed"]["rejected"].as_u64() >= Some(2)
     });
     let log = gw.log_text();
@@ -107,8 +105,7 @@ fn a_route_closes_its_idle_connections_sooner_than_the_listener() {
         let f = g.flows();
         f.len() == 1 && f[0]["route"].as_str().is_some_and(|r| r.ends_with("/long"))
     });
-    let s = gw.stats();
-    let l = s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == "w").unwrap().clone();
+    let l = gw.listener_stats("w");
     assert_eq!(l["closed"]["idle-timeout"], 2, "{l}");
 }
 
@@ -140,11 +137,6 @@ fn tcp_flow(topo: &Topology, at: std::net::SocketAddr) -> TcpStream {
     std::io::Read::read_exact(&mut s, &mut back).unwrap();
     assert_eq!(&back, b"ping\n");
     s
-}
-
-fn listener_stats(gw: &Gateway, name: &str) -> serde_json::Value {
-    let s = gw.stats();
-    s["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone()
 }
 
 #[test]
@@ -181,8 +173,8 @@ fn flows_end_at_their_max_duration() {
         let f = g.flows();
         f.len() == 1 && f[0]["route"].as_str().is_some_and(|r| r.ends_with("/long"))
     });
-    assert_eq!(listener_stats(&gw, "w")["closed"]["max-duration"], 2);
-    assert_eq!(listener_stats(&gw, "t")["closed"]["max-duration"], 1);
+    assert_eq!(gw.listener_stats("w")["closed"]["max-duration"], 2);
+    assert_eq!(gw.listener_stats("t")["closed"]["max-duration"], 1);
 }
 
 #[test]
@@ -278,7 +270,7 @@ fn a_hot_upgrade_keeps_the_routes_limits_on_the_flows_it_moves() {
     let newer = new.take_over(&topo);
     let _ = short.line(Duration::from_secs(30));
     newer.wait_for("the /short flow closed for idleness", Duration::from_secs(30), |g| {
-        listener_stats(g, "w")["closed"]["idle-timeout"] == 1
+        g.listener_stats("w")["closed"]["idle-timeout"] == 1
     });
     let v = py_client(&topo, &["echo", &format!("ws://{at}/capped"), "--sizes", "5"]);
     assert!(v["error"].as_str().unwrap_or_default().contains("503"), "{v}");

@@ -46,11 +46,6 @@ fn join(sizes: &[u64]) -> String {
     sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(",")
 }
 
-fn listener_stats(gw: &Gateway, name: &str) -> Value {
-    let v = gw.stats();
-    v["listeners"].as_array().unwrap().iter().find(|l| l["name"] == name).unwrap().clone()
-}
-
 #[test]
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn passthrough_websockets_ride_the_kernel_path() {
@@ -82,7 +77,7 @@ fn passthrough_websockets_ride_the_kernel_path() {
     // The kernel carried the frames: its counters cover every payload byte
     // each way, and the daemon itself copied almost nothing (the heads go
     // through hyper, not through these counters).
-    let s = listener_stats(&gw, "chat");
+    let s = gw.listener_stats("chat");
     let b = |k: &str| s["bytes"][k].as_u64().unwrap();
     assert_eq!(s["kernel_flows"], 1, "{s}");
     for dir in ["client_to_backend", "backend_to_client"] {
@@ -103,7 +98,7 @@ fn passthrough_websockets_ride_the_kernel_path() {
     assert_eq!(r["protocol"], "chat.v3", "{r}");
     assert!(r["extensions"].as_str().unwrap_or_default().contains("permessage-deflate"), "{r}");
     gw.wait_idle();
-    assert_eq!(listener_stats(&gw, "chat")["kernel_flows"], 3);
+    assert_eq!(gw.listener_stats("chat")["kernel_flows"], 3);
 }
 
 #[test]
@@ -131,7 +126,7 @@ fn userspace_offload_and_a_python_backend() {
     held.go_on();
     assert_eq!(held.line(Duration::from_secs(30)), "CLOSED 1");
     gw.wait_idle();
-    let s = listener_stats(&gw, "u");
+    let s = gw.listener_stats("u");
     assert_eq!(s["kernel_flows"], 0, "{s}");
     assert!(s["bytes"]["user_client_to_backend"].as_u64().unwrap() > 16 << 20, "{s}");
 }
@@ -277,7 +272,7 @@ fn upgrade_errors_get_the_right_status() {
     assert!(r.is_ok(), "the stalled handshake was not closed: {r:?}");
     gw.wait_idle();
     // The refused connect counts against the dead backend.
-    let s = listener_stats(&gw, "w");
+    let s = gw.listener_stats("w");
     let dead_report = s["backends"].as_array().unwrap().iter().find(|b| b["address"] == dead.to_string()).unwrap();
     assert!(dead_report["connect_failures"].as_u64().unwrap() >= 1, "{s}");
 }
@@ -418,13 +413,13 @@ fn plain_http_and_websockets_share_the_listener() {
     assert!(std::fs::read(&output).unwrap() == body, "the echoed body differs");
     // Bodies are counted in the flow's (and then the listener's) bytes.
     gw.wait_idle();
-    let s = listener_stats(&gw, "app");
+    let s = gw.listener_stats("app");
     for dir in ["client_to_backend", "backend_to_client"] {
         assert!(s["bytes"][format!("user_{dir}")].as_u64().unwrap() >= 4 << 20, "{dir}: {s}");
     }
 
     // Keep-alive: two requests, one client connection.
-    let accepted = listener_stats(&gw, "app")["accepted"].as_u64().unwrap();
+    let accepted = gw.listener_stats("app")["accepted"].as_u64().unwrap();
     let (ok, out, err) = run_peer(
         &topo.client,
         "curl",
@@ -435,7 +430,7 @@ fn plain_http_and_websockets_share_the_listener() {
     assert!(out.contains("page from n1 at /page/1") && out.contains("page from n1 at /page/2"), "{out}");
     assert!(err.contains("Re-using existing connection"), "curl did not keep the connection: {err}");
     gw.wait_idle();
-    assert_eq!(listener_stats(&gw, "app")["accepted"].as_u64().unwrap(), accepted + 1);
+    assert_eq!(gw.listener_stats("app")["accepted"].as_u64().unwrap(), accepted + 1);
 
     // And WebSocket on the same listener and host.
     let r = node_client(&topo, &[&format!("ws://{}/chat", gw.listener("app"))]);
@@ -526,7 +521,7 @@ fn bridge_tcp_carries_binary_messages_to_a_tcp_server() {
     let (status, _, _) = curl(&topo, &[&format!("http://{}/tcp", gw.listener("b"))]);
     assert_eq!(status, 426);
     gw.wait_idle();
-    let s = listener_stats(&gw, "b");
+    let s = gw.listener_stats("b");
     assert!(s["bytes"]["user_client_to_backend"].as_u64().unwrap() >= 1 + 1000 + 65536 + 1048576, "{s}");
 }
 
@@ -683,7 +678,7 @@ fn a_peer_that_stops_reading_is_closed_by_idle_timeout_and_by_drain() {
         g.status()["flows"] == 0
     });
     for name in ["i", "b", "h"] {
-        let s = listener_stats(&gw, name);
+        let s = gw.listener_stats(name);
         assert_eq!(s["closed"]["idle-timeout"], 1, "listener {name}: {s}");
     }
     drop(held);
