@@ -817,8 +817,8 @@ impl Errors {
     }
 
     /// A listener's `tls` block; loads and checks the certificates.
-    /// A listener's `tls` block; `websocket` listeners speak HTTP/1.1, so
-    /// their ALPN is `http/1.1` unless set, and may offer nothing else.
+    /// `websocket` listeners speak HTTP/1.1, and HTTP/2 when `alpn` offers
+    /// `h2` (RFC 8441 WebSockets); their ALPN is `http/1.1` unless set.
     fn tls(&mut self, i: usize, t: &RawTls, websocket: bool) -> Option<crate::tls::terminate::Tls> {
         let p = |key: &str| format!("listeners[{i}].tls.{key}");
         let items = match &t.certificates {
@@ -884,10 +884,10 @@ impl Errors {
         };
         if websocket {
             for (j, a) in alpn.iter().enumerate() {
-                if a != "http/1.1" {
+                if a != "http/1.1" && a != "h2" {
                     self.push(
                         &format!("{}[{j}]", p("alpn")),
-                        format_args!("{a:?} is not offered: a websocket listener speaks HTTP/1.1 only"),
+                        format_args!("{a:?} is not offered: a websocket listener speaks \"h2\" and \"http/1.1\" only"),
                     );
                 }
             }

@@ -172,6 +172,18 @@ pub fn node_client(topo: &Topology, args: &[&str]) -> Value {
         .unwrap_or_else(|_| panic!("client.js {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
 }
 
+/// The Node `http2` WebSocket client (`tests/peers/node/h2_client.js`,
+/// RFC 8441) in the client namespace.
+pub fn node_h2_client(topo: &Topology, args: &[&str]) -> Value {
+    let script = repo_path("tests/peers/node/h2_client.js");
+    let mut all = vec![script.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, "node", &all, Duration::from_secs(120));
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("h2_client.js {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+}
+
 /// curl in the client namespace: returns (status code, headers, body).
 pub fn curl(topo: &Topology, args: &[&str]) -> (u16, String, String) {
     let mut all = vec!["-s", "-S", "-i", "--max-time", "30"];

@@ -111,10 +111,10 @@ fn bad_tls_config_names_the_file_and_the_problem() {
         (
             format!(
                 "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    routes:\n\
-                 \x20     - backends: [\"127.0.0.1:9\"]\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n      certificates:\n\
+                 \x20     - backends: [\"127.0.0.1:9\"]\n    tls:\n      alpn: [\"h2\", \"h3\", \"http/1.1\"]\n      certificates:\n\
                  \x20       - cert: {d}/a.gw.test.pem\n          key: {d}/a.gw.test.key\nadmin:\n  socket: /run/gateway/admin.sock\n"
             ),
-            vec!["listeners[0].tls.alpn[0]", "\"h2\" is not offered", "HTTP/1.1 only"],
+            vec!["listeners[0].tls.alpn[1]", "\"h3\" is not offered", "\"h2\" and \"http/1.1\" only"],
         ),
     ];
     for (y, needles) in cases {

@@ -164,7 +164,7 @@ pub async fn relay(
 /// backend write): the close cause, or the halves back once detached.
 async fn pump_both<CR, CW, BR, BW>(
     mut h: (CR, CW, BR, BW),
-    fds: (RawFd, RawFd),
+    fds: (Option<RawFd>, Option<RawFd>),
     resting: &[std::sync::Arc<AtomicBool>],
     flow: &Flow,
     idle: Duration,
@@ -192,7 +192,7 @@ where
 async fn drive(
     c2b: impl std::future::Future<Output = Result<(), Side>>,
     b2c: impl std::future::Future<Output = Result<(), Side>>,
-    (cfd, bfd): (RawFd, RawFd),
+    (cfd, bfd): (Option<RawFd>, Option<RawFd>),
     flow: &Flow,
     idle: Duration,
     detach: &mut Option<tokio::sync::watch::Receiver<bool>>,
@@ -211,8 +211,9 @@ async fn drive(
     };
     let abort = |by: Side| {
         // Reset the other side, as the peer reset us: SO_LINGER 0 then close.
-        sys::set_linger_zero(cfd);
-        sys::set_linger_zero(bfd);
+        for fd in [cfd, bfd].into_iter().flatten() {
+            sys::set_linger_zero(fd);
+        }
         CloseCause::Reset { by }
     };
     loop {

@@ -50,13 +50,13 @@ use crate::{
     tls::session,
 };
 
-type Body = BoxBody<Bytes, hyper::Error>;
+pub(super) type Body = BoxBody<Bytes, hyper::Error>;
 
-const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
-const SEC_WEBSOCKET_VERSION: &str = "sec-websocket-version";
-const SEC_WEBSOCKET_ACCEPT: &str = "sec-websocket-accept";
-const SEC_WEBSOCKET_PROTOCOL: &str = "sec-websocket-protocol";
-const SEC_WEBSOCKET_EXTENSIONS: &str = "sec-websocket-extensions";
+pub(super) const SEC_WEBSOCKET_KEY: &str = "sec-websocket-key";
+pub(super) const SEC_WEBSOCKET_VERSION: &str = "sec-websocket-version";
+pub(super) const SEC_WEBSOCKET_ACCEPT: &str = "sec-websocket-accept";
+pub(super) const SEC_WEBSOCKET_PROTOCOL: &str = "sec-websocket-protocol";
+pub(super) const SEC_WEBSOCKET_EXTENSIONS: &str = "sec-websocket-extensions";
 
 /// An upgrade accepted by the service, finished once hyper has sent the 101.
 struct Upgrade {
@@ -83,25 +83,68 @@ enum BackendSide {
 }
 
 /// One client connection of a websocket listener, as its requests see it.
-struct ClientConn {
-    rt: Arc<ListenerRt>,
-    flow: Arc<Flow>,
+pub(super) struct ClientConn {
+    pub(super) rt: Arc<ListenerRt>,
+    pub(super) plane: Arc<Plane>,
+    pub(super) flow: Arc<Flow>,
     /// The backend connection plain requests reuse, and its backend.
     backend: tokio::sync::Mutex<Option<(usize, SendRequest<Counted>)>>,
+    /// HTTP/1.1: the upgrade the connection ends in.
     upgrade: Mutex<Option<Upgrade>>,
-    /// The place an upgrade under way took under its route's
-    /// `max_connections`, until the upgrade takes it along (a failed upgrade
-    /// closes the connection, which gives it back).
-    slot: Mutex<Option<listener::RouteSlot>>,
     /// The client came over TLS (`X-Forwarded-Proto: https`).
     tls: bool,
     /// Requests whose response is not yet written whole (its body not yet
     /// dropped by hyper), and requests taken in all: an idle connection can
     /// move at a hot upgrade.
-    in_flight: Arc<AtomicUsize>,
-    requests: AtomicU64,
+    pub(super) in_flight: Arc<AtomicUsize>,
+    pub(super) requests: AtomicU64,
+    /// HTTP/2: the WebSocket streams open on the connection.
+    pub(super) tunnels: Arc<AtomicUsize>,
     /// `ClientIo::hold` of this connection.
     hold: Arc<AtomicBool>,
+}
+
+impl ClientConn {
+    pub(super) fn new(client: &ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, plane: &Arc<Plane>) -> Arc<Self> {
+        Arc::new(ClientConn {
+            rt: rt.clone(),
+            plane: plane.clone(),
+            flow: flow.clone(),
+            backend: tokio::sync::Mutex::new(None),
+            upgrade: Mutex::new(None),
+            tls: rt.cfg.tls.is_some(),
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            requests: AtomicU64::new(0),
+            tunnels: Arc::new(AtomicUsize::new(0)),
+            hold: client.hold.clone(),
+        })
+    }
+
+    /// The service hyper calls for each request of the connection.
+    pub(super) fn service(
+        self: &Arc<Self>,
+    ) -> impl hyper::service::Service<
+        Request<Incoming>,
+        Response = Response<InFlight>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<InFlight>, Infallible>> + Send + 'static,
+    > + Clone {
+        let conn = self.clone();
+        hyper::service::service_fn(move |req| {
+            let conn = conn.clone();
+            conn.in_flight.fetch_add(1, Ordering::Relaxed);
+            conn.requests.fetch_add(1, Ordering::Relaxed);
+            // A request while the connection is let go at a hot upgrade: its
+            // response says close, and the close must happen.
+            conn.hold.store(false, Ordering::Relaxed);
+            // Dropped with the request if it never gets that far.
+            let guard = InFlightGuard(conn.in_flight.clone());
+            async move {
+                let resp = conn.serve(req).await;
+                Ok::<_, Infallible>(resp.map(|inner| InFlight { inner, _guard: guard }))
+            }
+        })
+    }
 }
 
 /// The client stream as hyper serves it: what a previous daemon handed over
@@ -111,13 +154,13 @@ pub struct ClientIo {
     conn: session::Conn,
     early: Bytes,
     hold: Arc<AtomicBool>,
-    last_byte: Arc<LastByte>,
+    pub(super) last_byte: Arc<LastByte>,
 }
 
 /// When a client connection last moved a byte, either way: `idle_timeout`
 /// counts from there, so a client that stops reading a response (or stops
 /// sending a body) is closed like an idle one.
-struct LastByte {
+pub(super) struct LastByte {
     base: Instant,
     /// Milliseconds since `base`.
     at: AtomicU64,
@@ -128,11 +171,11 @@ impl LastByte {
         Self { base: Instant::now(), at: AtomicU64::new(0) }
     }
 
-    fn now(&self) {
+    pub(super) fn now(&self) {
         self.at.store(self.base.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    fn last(&self) -> Instant {
+    pub(super) fn last(&self) -> Instant {
         self.base + Duration::from_millis(self.at.load(Ordering::Relaxed))
     }
 }
@@ -198,12 +241,12 @@ impl tokio::io::AsyncWrite for ClientIo {
 
 /// A response body that counts its request as in flight until hyper drops
 /// it (written whole, or the connection gone).
-struct InFlight {
+pub(super) struct InFlight {
     inner: Body,
     _guard: InFlightGuard,
 }
 
-struct InFlightGuard(Arc<AtomicUsize>);
+pub(super) struct InFlightGuard(pub(super) Arc<AtomicUsize>);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -248,7 +291,12 @@ pub async fn handle(client: TcpStream, peer: SocketAddr, dst: SocketAddr, rt: Ar
             }
         }
     };
-    serve(ClientIo::new(client, Bytes::new()), flow, rt.clone(), plane.clone()).await;
+    let client = ClientIo::new(client, Bytes::new());
+    if client.conn.alpn() == Some(b"h2") {
+        super::h2::serve(client, flow, rt.clone(), plane.clone()).await;
+        return;
+    }
+    serve(client, flow, rt.clone(), plane.clone()).await;
 }
 
 /// Serves a client connection until it closes, is upgraded, or (idle at a
@@ -266,34 +314,8 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, plane
 /// The HTTP part of [`serve`]: the upgrade to carry on with, if it came to one.
 async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, plane: &Arc<Plane>) -> Option<Upgrade> {
     let http = rt.cfg.http().expect("a websocket listener has routes");
-    let conn = Arc::new(ClientConn {
-        rt: rt.clone(),
-        flow: flow.clone(),
-        backend: tokio::sync::Mutex::new(None),
-        upgrade: Mutex::new(None),
-        slot: Mutex::new(None),
-        tls: rt.cfg.tls.is_some(),
-        in_flight: Arc::new(AtomicUsize::new(0)),
-        requests: AtomicU64::new(0),
-        hold: client.hold.clone(),
-    });
-    let svc = {
-        let conn = conn.clone();
-        hyper::service::service_fn(move |req| {
-            let conn = conn.clone();
-            conn.in_flight.fetch_add(1, Ordering::Relaxed);
-            conn.requests.fetch_add(1, Ordering::Relaxed);
-            // A request while the connection is let go at a hot upgrade: its
-            // response says close, and the close must happen.
-            conn.hold.store(false, Ordering::Relaxed);
-            // Dropped with the request if it never gets that far.
-            let guard = InFlightGuard(conn.in_flight.clone());
-            async move {
-                let resp = conn.serve(req).await;
-                Ok::<_, Infallible>(resp.map(|inner| InFlight { inner, _guard: guard }))
-            }
-        })
-    };
+    let conn = ClientConn::new(&client, flow, rt, plane);
+    let svc = conn.service();
     let hold = client.hold.clone();
     let last_byte = client.last_byte.clone();
     last_byte.now();
@@ -421,7 +443,7 @@ async fn hand_over_idle(mut client: session::Conn, early: Bytes, flow: &Flow, pl
 
 /// The HTTP settings of a listener this module serves: only websocket
 /// listeners come here, and validation gives each of them its settings.
-fn http_of(rt: &ListenerRt) -> &HttpListener {
+pub(super) fn http_of(rt: &ListenerRt) -> &HttpListener {
     rt.cfg.http().expect("a websocket listener has HTTP settings")
 }
 
@@ -561,7 +583,7 @@ fn raw<I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>
 }
 
 /// A body whose data bytes are added to the flow's counters as they pass.
-struct Counted {
+pub(super) struct Counted {
     inner: Incoming,
     flow: Arc<Flow>,
     side: Side,
@@ -595,19 +617,20 @@ impl hyper::body::Body for Counted {
 }
 
 impl ClientConn {
-    fn counted(&self, inner: Incoming, side: Side) -> Counted {
+    pub(super) fn counted(&self, inner: Incoming, side: Side) -> Counted {
         Counted { inner, flow: self.flow.clone(), side }
     }
 
     /// The request as it goes to a backend: HTTP/1.1, origin-form, without
     /// hop-by-hop headers, with the forwarding headers, its body counted.
     /// The Host header is the one the request was routed on.
-    fn outgoing(&self, req: Request<Incoming>, target: &Target) -> Request<Counted> {
+    pub(super) fn outgoing(&self, req: Request<Incoming>, target: &Target) -> Request<Counted> {
         let (parts, body) = req.into_parts();
         let mut out = Request::from_parts(parts, self.counted(body, Side::Client));
         *out.version_mut() = Version::HTTP_11;
         *out.uri_mut() = origin_form(out.uri());
         strip_hop_by_hop(out.headers_mut());
+        join_cookies(out.headers_mut());
         if let Some(a) = &target.authority {
             out.headers_mut().insert(header::HOST, a.clone());
         }
@@ -615,12 +638,24 @@ impl ClientConn {
         out
     }
 
-    fn http(&self) -> &HttpListener {
+    pub(super) fn http(&self) -> &HttpListener {
         http_of(&self.rt)
     }
 
     async fn serve(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let upgrade = wants_websocket(req.headers());
+        // An extended CONNECT (RFC 8441): a WebSocket on an HTTP/2 stream.
+        let tunnel = req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let upgrade = tunnel || wants_websocket(req.headers());
+        if req.method() == Method::CONNECT && !tunnel {
+            let mut r = reply(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is taken only as an HTTP/2 WebSocket (:protocol websocket, RFC 8441)",
+                false,
+            );
+            r.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"));
+            return r;
+        }
         let target = match request_target(&req) {
             Ok(t) => t,
             Err(why) => return reply(StatusCode::BAD_REQUEST, why, upgrade),
@@ -629,7 +664,8 @@ impl ClientConn {
             return reply(StatusCode::BAD_REQUEST, "HTTP/1.1 request without a Host header", upgrade);
         }
         if upgrade {
-            if let Err(resp) = check_upgrade(&req) {
+            let checked = if tunnel { super::h2::check_connect(&req) } else { check_upgrade(&req) };
+            if let Err(resp) = checked {
                 return *resp;
             }
         }
@@ -736,13 +772,15 @@ impl ClientConn {
             },
             None => None,
         };
-        *self.slot.locked() = slot;
-        self.upgrade(req, ri, &target).await
+        if tunnel {
+            return self.tunnel(req, ri, &target, slot).await;
+        }
+        self.upgrade(req, ri, &target, slot).await
     }
 
     /// What `balance: maglev` hashes for this request on route `ri` (the
     /// listener's `hash_key`); `None`: the client's address.
-    fn maglev_key(&self, ri: usize, req: &Request<Incoming>) -> Option<u64> {
+    pub(super) fn maglev_key(&self, ri: usize, req: &Request<Incoming>) -> Option<u64> {
         use crate::config::{Balance, HashKey};
         if self.http().routes[ri].balance != Balance::Maglev {
             return None;
@@ -758,7 +796,7 @@ impl ClientConn {
 
     /// Connects one of route `ri`'s backends within `deadline` (`key`: see
     /// `maglev_key`).
-    async fn connect(
+    pub(super) async fn connect(
         &self,
         ri: usize,
         deadline: Instant,
@@ -779,7 +817,13 @@ impl ClientConn {
         }
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>, ri: usize, target: &Target) -> Response<Body> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        ri: usize,
+        target: &Target,
+        slot: Option<listener::RouteSlot>,
+    ) -> Response<Body> {
         let deadline = Instant::now() + self.http().handshake_timeout;
         let route = &self.http().routes[ri];
         let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
@@ -789,13 +833,8 @@ impl ClientConn {
         let client = hyper::upgrade::on(&mut req);
         if route.mode == WsMode::BridgeTcp {
             let resp = accept_bridge(req.headers());
-            *self.upgrade.locked() = Some(Upgrade {
-                route: ri,
-                backend_idx: idx,
-                client,
-                backend: BackendSide::Tcp(stream),
-                slot: self.slot.locked().take(),
-            });
+            *self.upgrade.locked() =
+                Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::Tcp(stream), slot });
             return resp;
         }
         let backend_addr = self.rt.cfg.backends[idx];
@@ -808,7 +847,19 @@ impl ClientConn {
             out.headers_mut().remove(SEC_WEBSOCKET_EXTENSIONS);
         }
         if !has_body(out.headers()) {
-            return self.exchange_upgrade(stream, out, ri, idx, client, deadline).await;
+            return match self.exchange_upgrade(stream, out, idx, deadline).await {
+                Ok((stream, early, head)) => {
+                    *self.upgrade.locked() = Some(Upgrade {
+                        route: ri,
+                        backend_idx: idx,
+                        client,
+                        backend: BackendSide::Exchanged(stream, early),
+                        slot,
+                    });
+                    switched(head.status, head.headers)
+                }
+                Err(resp) => resp,
+            };
         }
         // The client connection is polled here, next to the request, not in
         // a task of its own: one task per flow, no cross-task wake-ups.
@@ -855,28 +906,23 @@ impl ClientConn {
             return resp.map(|b| self.counted(b, Side::Backend).boxed());
         }
         let backend = hyper::upgrade::on(&mut resp);
-        *self.upgrade.locked() = Some(Upgrade {
-            route: ri,
-            backend_idx: idx,
-            client,
-            backend: BackendSide::WebSocket(backend, conn),
-            slot: self.slot.locked().take(),
-        });
+        *self.upgrade.locked() =
+            Some(Upgrade { route: ri, backend_idx: idx, client, backend: BackendSide::WebSocket(backend, conn), slot });
         let (parts, _) = resp.into_parts();
         switched(parts.status, parts.headers)
     }
 
-    /// The upgrade forwarded by `exchange`; a 101 keeps the backend socket
-    /// for the hand-off, anything else is read by hyper's client (bodies).
-    async fn exchange_upgrade(
+    /// An upgrade without a body, forwarded by `exchange`: the backend's 101
+    /// with its socket and the bytes read past the head, for the hand-off;
+    /// or what the client gets instead: the backend's refusal (read by
+    /// hyper's client, for its body), or the gateway's 502 or 504.
+    pub(super) async fn exchange_upgrade(
         &self,
         mut stream: TcpStream,
         out: Request<Counted>,
-        ri: usize,
         idx: usize,
-        client: OnUpgrade,
         deadline: Instant,
-    ) -> Response<Body> {
+    ) -> Result<(TcpStream, Bytes, ResponseHead), Response<Body>> {
         let backend_addr = self.rt.cfg.backends[idx];
         let bad_gateway = |e: String| {
             warn!(flow = self.flow.id, backend = %backend_addr, "upgrade failed: {e}");
@@ -885,13 +931,13 @@ impl ClientConn {
         let head = request_head(&out);
         let (buf, parsed) = match tokio::time::timeout_at(deadline, exchange(&mut stream, &head)).await {
             Ok(Ok(r)) => r,
-            Ok(Err(e)) => return bad_gateway(e),
+            Ok(Err(e)) => return Err(bad_gateway(e)),
             Err(_) => {
-                return reply(
+                return Err(reply(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!("backend {backend_addr} did not answer the upgrade within handshake_timeout"),
                     true,
-                )
+                ))
             }
         };
         if parsed.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -909,24 +955,17 @@ impl ClientConn {
                 tokio::spawn(conn);
                 resp.await.map_err(|e| e.to_string())
             };
-            return match tokio::time::timeout_at(deadline, resp).await {
+            return Err(match tokio::time::timeout_at(deadline, resp).await {
                 Ok(Ok(mut resp)) => {
                     strip_hop_by_hop(resp.headers_mut());
                     resp.map(|b| self.counted(b, Side::Backend).boxed())
                 }
                 Ok(Err(e)) => bad_gateway(e),
                 Err(_) => bad_gateway("its refusal did not arrive within handshake_timeout".into()),
-            };
+            });
         }
         let early = Bytes::copy_from_slice(&buf[parsed.len..]);
-        *self.upgrade.locked() = Some(Upgrade {
-            route: ri,
-            backend_idx: idx,
-            client,
-            backend: BackendSide::Exchanged(stream, early),
-            slot: self.slot.locked().take(),
-        });
-        switched(parsed.status, parsed.headers)
+        Ok((stream, early, parsed))
     }
 
     /// A plain request, reverse-proxied.
@@ -989,13 +1028,13 @@ impl ClientConn {
     }
 }
 
-fn empty() -> Body {
+pub(super) fn empty() -> Body {
     Full::new(Bytes::new()).map_err(|never| match never {}).boxed()
 }
 
 /// The gateway's own answer: a status and a one-line reason. Failed upgrades
 /// close the connection (the client may already be sending frames).
-fn reply(status: StatusCode, why: impl Into<String>, close: bool) -> Response<Body> {
+pub(super) fn reply(status: StatusCode, why: impl Into<String>, close: bool) -> Response<Body> {
     let mut body = why.into();
     body.push('\n');
     let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|never| match never {}).boxed());
@@ -1039,7 +1078,7 @@ fn authenticate(jwt: &crate::policy::jwt::Jwt, req: &mut Request<Incoming>) -> R
 }
 
 /// Comma-separated tokens of every instance of a header.
-fn tokens(h: &HeaderMap, name: impl header::AsHeaderName) -> impl Iterator<Item = &str> {
+pub(super) fn tokens(h: &HeaderMap, name: impl header::AsHeaderName) -> impl Iterator<Item = &str> {
     h.get_all(name).into_iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
@@ -1062,10 +1101,29 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
         let found: Vec<&str> = tokens(h, header::CONNECTION).collect();
         return bad(format!("the Connection header must list \"upgrade\" (found {:?})", found.join(", ")));
     }
+    check_version(h)?;
+    let keys: Vec<&HeaderValue> = h.get_all(SEC_WEBSOCKET_KEY).iter().collect();
+    match keys.as_slice() {
+        [] => bad("missing Sec-WebSocket-Key".into()),
+        [k] if is_websocket_key(k.as_bytes().trim_ascii()) => Ok(()),
+        [k] => {
+            bad(format!("Sec-WebSocket-Key {:?} is not the base64 of 16 bytes", String::from_utf8_lossy(k.as_bytes())))
+        }
+        _ => bad("more than one Sec-WebSocket-Key".into()),
+    }
+}
+
+/// `Sec-WebSocket-Version: 13`, or the answer: 400 when missing, 426 naming
+/// the version spoken otherwise (RFC 6455 §4.4).
+pub(super) fn check_version(h: &HeaderMap) -> Result<(), Box<Response<Body>>> {
     let versions: Vec<&HeaderValue> = h.get_all(SEC_WEBSOCKET_VERSION).iter().collect();
     match versions.as_slice() {
-        [] => return bad("missing Sec-WebSocket-Version (this gateway speaks 13)".into()),
-        [v] if v.as_bytes().trim_ascii() == b"13" => {}
+        [] => Err(Box::new(reply(
+            StatusCode::BAD_REQUEST,
+            "missing Sec-WebSocket-Version (this gateway speaks 13)",
+            true,
+        ))),
+        [v] if v.as_bytes().trim_ascii() == b"13" => Ok(()),
         _ => {
             let shown: Vec<String> =
                 versions.iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect();
@@ -1075,17 +1133,8 @@ fn check_upgrade(req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
                 true,
             );
             r.headers_mut().insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-            return Err(Box::new(r));
+            Err(Box::new(r))
         }
-    }
-    let keys: Vec<&HeaderValue> = h.get_all(SEC_WEBSOCKET_KEY).iter().collect();
-    match keys.as_slice() {
-        [] => bad("missing Sec-WebSocket-Key".into()),
-        [k] if is_websocket_key(k.as_bytes().trim_ascii()) => Ok(()),
-        [k] => {
-            bad(format!("Sec-WebSocket-Key {:?} is not the base64 of 16 bytes", String::from_utf8_lossy(k.as_bytes())))
-        }
-        _ => bad("more than one Sec-WebSocket-Key".into()),
     }
 }
 
@@ -1217,7 +1266,7 @@ fn origin_form(uri: &Uri) -> Uri {
 }
 
 /// RFC 9110 §7.6.1: headers for this hop only, and those `Connection` names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let named: Vec<HeaderName> =
         tokens(h, header::CONNECTION).filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok()).collect();
     for n in named {
@@ -1234,6 +1283,18 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
         HeaderName::from_static("proxy-connection"),
     ] {
         h.remove(n);
+    }
+}
+
+/// One `Cookie` header: HTTP/2 clients may send a field per cookie (RFC 9113
+/// §8.2.3), and an HTTP/1.1 backend takes one, its pairs joined by "; ".
+fn join_cookies(h: &mut HeaderMap) {
+    if h.get_all(header::COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = h.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        h.insert(header::COOKIE, v);
     }
 }
 
@@ -1262,7 +1323,7 @@ fn add_forwarded(h: &mut HeaderMap, client: SocketAddr, host: Option<&str>, tls:
 }
 
 /// The gateway's own 101 for a bridge_tcp route (it is the WebSocket server).
-fn accept_bridge(h: &HeaderMap) -> Response<Body> {
+pub(super) fn accept_bridge(h: &HeaderMap) -> Response<Body> {
     let key = h.get(SEC_WEBSOCKET_KEY).map(|k| k.as_bytes().trim_ascii()).unwrap_or_default();
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key);
     let mut r = Response::new(empty());
@@ -1318,7 +1379,7 @@ fn request_head<B>(req: &Request<B>) -> Vec<u8> {
 
 /// How long a drained connection may go without moving a byte before it is
 /// closed (a request in progress is otherwise let finish).
-const DRAIN_STALL: Duration = Duration::from_secs(5);
+pub(super) const DRAIN_STALL: Duration = Duration::from_secs(5);
 
 /// The largest response head `exchange` reads.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -1532,6 +1593,21 @@ listeners:
         strip_hop_by_hop(&mut h);
         let left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
         assert_eq!(left, ["sec-websocket-protocol", "cookie"]);
+    }
+
+    #[test]
+    fn cookie_fields_become_one_header() {
+        let mut h = HeaderMap::new();
+        for v in ["a=1", "b=2", "c=3"] {
+            h.append(header::COOKIE, HeaderValue::from_static(v));
+        }
+        join_cookies(&mut h);
+        let all: Vec<&HeaderValue> = h.get_all(header::COOKIE).iter().collect();
+        assert_eq!(all, ["a=1; b=2; c=3"]);
+        let mut one = HeaderMap::new();
+        one.insert(header::COOKIE, HeaderValue::from_static("x=1; y=2"));
+        join_cookies(&mut one);
+        assert_eq!(one.get(header::COOKIE).unwrap(), "x=1; y=2");
     }
 
     #[test]

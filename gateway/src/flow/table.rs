@@ -31,6 +31,9 @@ pub enum Fallback {
     WebSocketInspect,
     WebSocketBridge,
     Http,
+    /// A WebSocket over HTTP/2 (RFC 8441): its bytes are DATA frames of a
+    /// stream, sharing the client's connection with other streams.
+    Http2Stream,
     /// Moved there by `offload: auto`.
     SlowReceiver,
     KernelBehind,
@@ -71,6 +74,7 @@ const FALLBACKS: &[(Fallback, &str)] = &[
     (Fallback::WebSocketInspect, "websocket-inspect"),
     (Fallback::WebSocketBridge, "websocket-bridge"),
     (Fallback::Http, "http"),
+    (Fallback::Http2Stream, "http2-stream"),
     (Fallback::SlowReceiver, "slow-receiver"),
     (Fallback::KernelBehind, "kernel-behind"),
     (Fallback::Unsettled, "unsettled"),

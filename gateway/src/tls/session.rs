@@ -25,6 +25,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 
+use hyper_util::rt::TokioIo;
 use ring::aead;
 use rustls::{ConnectionTrafficSecrets, ProtocolVersion};
 use serde::{Deserialize, Serialize};
@@ -247,6 +248,9 @@ pub enum Conn {
     Server(Box<ServerTls>, RawFd),
     Client(Box<ClientTls>, RawFd),
     Resumed(Box<Resumed>),
+    /// A stream of a multiplexed connection (a WebSocket over HTTP/2): no
+    /// socket of its own, and it never moves.
+    Stream(Box<TokioIo<hyper::upgrade::Upgraded>>),
 }
 
 impl Conn {
@@ -262,12 +266,22 @@ impl Conn {
         !matches!(self, Conn::Plain(_))
     }
 
-    /// The TCP socket under it (an error resets through it).
-    pub fn fd(&self) -> RawFd {
+    /// The TCP socket under it (an error resets through it); none under a
+    /// stream, whose connection carries other streams.
+    pub fn fd(&self) -> Option<RawFd> {
         match self {
-            Conn::Plain(s) => s.as_raw_fd(),
-            Conn::Server(_, fd) | Conn::Client(_, fd) => *fd,
-            Conn::Resumed(r) => r.tcp.as_raw_fd(),
+            Conn::Plain(s) => Some(s.as_raw_fd()),
+            Conn::Server(_, fd) | Conn::Client(_, fd) => Some(*fd),
+            Conn::Resumed(r) => Some(r.tcp.as_raw_fd()),
+            Conn::Stream(_) => None,
+        }
+    }
+
+    /// The protocol ALPN agreed on a TLS connection from a client.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Conn::Server(s, _) => s.get_ref().1.alpn_protocol(),
+            _ => None,
         }
     }
 
@@ -277,7 +291,7 @@ impl Conn {
         match self {
             Conn::Server(s, _) => Some(s.get_ref().0.resting_flag()),
             Conn::Client(s, _) => Some(s.get_ref().0.resting_flag()),
-            Conn::Plain(_) | Conn::Resumed(_) => None,
+            Conn::Plain(_) | Conn::Resumed(_) | Conn::Stream(_) => None,
         }
     }
 
@@ -294,6 +308,7 @@ impl Conn {
                 rustls_quiet(gate, conn)
             }
             Conn::Resumed(r) => r.quiet(),
+            Conn::Stream(_) => false,
         }
     }
 
@@ -314,6 +329,7 @@ impl Conn {
                 let early = r.rbuf;
                 (r.tcp.into_std()?, keys, early)
             }
+            Conn::Stream(_) => return Err(MoveError::NotTcp),
         };
         Ok(Parked { tcp, tls: Some(ParkedTls { keys, early: crate::util::hex::to_hex(&early) }) })
     }
@@ -338,6 +354,7 @@ macro_rules! each {
             Conn::Server($s, _) => $e,
             Conn::Client($s, _) => $e,
             Conn::Resumed($s) => $e,
+            Conn::Stream($s) => $e,
         }
     };
 }

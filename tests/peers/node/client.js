@@ -4,10 +4,12 @@
 //
 //   node client.js URL [--sizes 0,1,65536] [--protocol P[,P2]] [--deflate]
 //                      [--origin O] [--close 4001:reason] [--header 'Name: value']...
+//                      [--ca FILE] [--servername NAME]   (wss://)
 //
 // A refused upgrade prints {"error": "HTTP <status>", "www_authenticate": ...}.
 'use strict';
 const crypto = require('crypto');
+const fs = require('fs');
 const WebSocket = require('ws');
 
 const args = process.argv.slice(2);
@@ -29,6 +31,8 @@ const [closeCode, closeReason] = opt('--close', '4001:node done').split(':');
 const options = { perMessageDeflate: args.includes('--deflate'), maxPayload: 64 * 1024 * 1024 };
 if (opt('--origin', null)) options.origin = opt('--origin', null);
 if (Object.keys(headers).length) options.headers = headers;
+if (opt('--ca', null)) options.ca = fs.readFileSync(opt('--ca', null));
+if (opt('--servername', null)) options.servername = opt('--servername', null);
 
 const ws = new WebSocket(url, protocol ? protocol.split(',') : [], options);
 const out = { echoed: 0, bytes: 0 };

@@ -1,0 +1,200 @@
+//! HTTP/2 on a TLS websocket listener that offers `h2` (RFC 8441): Node's
+//! own `http2` client opens WebSockets as extended CONNECT streams, several
+//! on one connection, beside plain requests (curl and Node), while HTTP/1.1
+//! clients (Python `websockets`, Node `ws`) keep working on the same port.
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+};
+
+use gateway_tests::*;
+use serde_json::Value;
+
+/// Reads an HTTP/1.1 request head off a backend connection: its path.
+fn request_path(s: &std::net::TcpStream) -> Option<String> {
+    let mut r = BufReader::new(s);
+    let mut first = String::new();
+    r.read_line(&mut first).ok()?;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+            break;
+        }
+    }
+    first.split_whitespace().nth(1).map(String::from)
+}
+
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn websockets_over_http2_share_the_connection_and_the_port() {
+    let dir = temp_dir("h2ws");
+    test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    // Python `websockets` refuses an upgrade without a Sec-WebSocket-Key:
+    // the gateway must send one of its own.
+    let py = Peer::python_server(&topo);
+    // A backend that answers /bad-accept with a 101 whose accept is wrong,
+    // and anything else with its own refusal.
+    let odd = Backend::spawn(&topo, |mut s| {
+        let reply: &[u8] = match request_path(&s).as_deref() {
+            Some("/odd/bad-accept") => {
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                  Sec-WebSocket-Accept: c2VjcmV0IGtleSB0aGF0IGlzIHdyb25n\r\n\r\n"
+            }
+            _ => b"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: 17\r\n\r\nnot on this room\n",
+        };
+        let _ = s.write_all(reply);
+    });
+    let d = dir.display();
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
+         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
+         \x20     - path_prefix: /ws\n        backends: [\"{n}\"]\n\
+         \x20     - path_prefix: /py\n        backends: [\"{p}\"]\n\
+         \x20     - path_prefix: /inspect\n        backends: [\"{n}\"]\n        mode: inspect\n        max_message_size: 2MiB\n\
+         \x20     - path_prefix: /odd\n        backends: [\"{o}\"]\n\
+         \x20     - path_prefix: /guarded\n        backends: [\"{n}\"]\n        allowed_origins: [\"https://app.gw.test\"]\n\
+         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
+        n = node.addr,
+        p = py.addr,
+        o = odd.addr,
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("w");
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let base = format!("https://{addr}");
+    let h2 = |path: &str, more: &[&str]| {
+        let url = format!("{base}{path}");
+        let mut args = vec![url.as_str(), "--ca", ca, "--servername", "ws.gw.test"];
+        args.extend_from_slice(more);
+        node_h2_client(&topo, &args)
+    };
+    // Every stream echoed each message whole, answered its ping, and closed
+    // with the client's code; `want` streams in all.
+    let all_echoed = |r: &Value, want: usize, sizes: usize| {
+        assert!(r.get("error").is_none(), "{r}");
+        assert_eq!(r["alpn"], "h2", "{r}");
+        assert_eq!(r["connect_protocol"], true, "the gateway did not offer SETTINGS_ENABLE_CONNECT_PROTOCOL: {r}");
+        let streams = r["streams"].as_array().unwrap();
+        assert_eq!(streams.len(), want, "{r}");
+        for s in streams {
+            assert!(s.get("error").is_none(), "{s}");
+            assert_eq!(s["status"], 200, "{s}");
+            assert_eq!(s["echoed"], 2 * sizes, "{s}");
+            assert_eq!(s["pong"], format!("h2-ping-{}", s["stream"]), "{s}");
+            assert_eq!((s["close_code"].as_u64(), s["close_reason"].as_str()), (Some(4001), Some("h2 done")), "{s}");
+        }
+    };
+
+    // Passthrough: three WebSockets at once on one connection, 0 B to 1 MiB
+    // each way, with a plain GET on the same connection first.
+    let sizes = "0,1,125,126,65536,1048576";
+    let r = h2("/ws/room?x=1", &["--streams", "3", "--sizes", sizes, "--get", "/page", "--protocol", "chat,superchat"]);
+    all_echoed(&r, 3, 6);
+    assert_eq!(r["get"]["status"], 200, "{r}");
+    assert_eq!(r["get"]["body"], "page from n1 at /page\n", "{r}");
+    for s in r["streams"].as_array().unwrap() {
+        assert_eq!(s["protocol"], "chat", "the backend's subprotocol reaches the client: {s}");
+    }
+    // Towards a strict backend (Python `websockets`), and in inspect mode.
+    all_echoed(&h2("/py/room", &["--streams", "2", "--sizes", sizes]), 2, 6);
+    all_echoed(&h2("/inspect/room", &["--streams", "2", "--sizes", "0,1,65536,1048576"]), 2, 4);
+
+    // Refusals reach the stream, not the connection: the route's origin
+    // check, no route at all, the backend's own refusal with its body, and a
+    // backend whose accept does not answer the gateway's key.
+    let refused = |r: &Value| r["streams"][0].clone();
+    let s = refused(&h2("/guarded/x", &["--origin", "https://evil.gw.test"]));
+    assert_eq!(s["status"], 403, "{s}");
+    assert!(s["body"].as_str().unwrap().contains("is not allowed"), "{s}");
+    let s = refused(&h2("/guarded/x", &["--origin", "https://app.gw.test", "--sizes", "1"]));
+    assert_eq!((s["status"].as_u64(), s["echoed"].as_u64()), (Some(200), Some(2)), "{s}");
+    let s = refused(&h2("/odd/room", &[]));
+    assert_eq!(s["status"], 403, "{s}");
+    assert_eq!(s["body"], "not on this room\n", "{s}");
+    let s = refused(&h2("/odd/bad-accept", &[]));
+    assert_eq!(s["status"], 502, "{s}");
+    assert!(s["body"].as_str().unwrap().contains("Sec-WebSocket-Accept"), "{s}");
+    let s = refused(&h2("/ws/x", &["--header", "sec-websocket-version: 8"]));
+    assert_eq!(s["status"], 426, "{s}");
+
+    // Plain HTTP/2 requests on the same listener (curl, nghttp2), proxied to
+    // the HTTP/1.1 backend with the forwarding headers.
+    let resolve = format!("ws.gw.test:{}:{}", addr.port(), addr.ip());
+    let named = format!("https://ws.gw.test:{}", addr.port());
+    let (status, head, body) =
+        curl(&topo, &["--http2", "--cacert", ca, "--resolve", &resolve, &format!("{named}/headers?q=1")]);
+    assert!(head.starts_with("HTTP/2 200"), "{head}\n{body}");
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["url"], "/headers?q=1", "{v}");
+    assert_eq!(v["headers"]["host"], format!("ws.gw.test:{}", addr.port()), "{v}");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "https", "{v}");
+    let (status, _, body) = curl(
+        &topo,
+        &["--http2", "--cacert", ca, "--resolve", &resolve, "--data-binary", "h2 body", &format!("{named}/echo")],
+    );
+    assert_eq!((status, body.as_str()), (200, "h2 body"));
+
+    // HTTP/1.1 clients on the same port: Python `websockets` and Node `ws`
+    // upgrade as before, and curl's ALPN says which protocol it got.
+    let url = format!("wss://{addr}/ws/room");
+    let r = py_client(&topo, &["echo", &url, "--ca", ca, "--sni", "ws.gw.test", "--sizes", "1,65536"]);
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!(r["echoed"], 4, "{r}");
+    let r = node_client(&topo, &[&url, "--ca", ca, "--servername", "ws.gw.test", "--sizes", "1,65536"]);
+    assert!(r.get("error").is_none(), "{r}");
+    assert_eq!((r["echoed"].as_u64(), r["close_code"].as_u64()), (Some(4), Some(4001)), "{r}");
+    let (status, head, _) =
+        curl(&topo, &["--http1.1", "--cacert", ca, "--resolve", &resolve, &format!("{named}/page")]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert_eq!(status, 200);
+
+    // Each WebSocket stream was a flow of its own, relayed in user space
+    // (`http2-stream`) or inspected; the kernel path took none.
+    gw.wait_idle();
+    let l = gw.listener_stats("w");
+    assert_eq!(l["kernel_flows"], 0, "{l}");
+    assert_eq!(l["userspace_by_reason"]["http2-stream"].as_u64(), Some(3 + 2 + 1), "{l}");
+    assert_eq!(l["userspace_by_reason"]["websocket-inspect"].as_u64(), Some(2), "{l}");
+    let log = gw.log_text();
+    assert!(log.contains("fallback=\"http2-stream\""), "no stream flow in the flow log");
+    drop(gw);
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// `check` takes `h2` and `http/1.1` in a websocket listener's ALPN, in
+/// either order, and names any other protocol by its place.
+#[test]
+fn check_refuses_alpn_a_websocket_listener_cannot_speak() {
+    let dir = temp_dir("h2alpn");
+    test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
+    let d = dir.display();
+    let yaml = |alpn: &str| {
+        format!(
+            "listeners:\n  - name: w\n    bind: \"127.0.0.1:0\"\n    protocol: websocket\n    routes:\n\
+             \x20     - backends: [\"127.0.0.1:9\"]\n    tls:\n      alpn: {alpn}\n      certificates:\n\
+             \x20       - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\nadmin:\n  socket: /run/gateway/admin.sock\n"
+        )
+    };
+    let check = |y: &str| {
+        let path = dir.join("gw.yaml");
+        fs::write(&path, y).unwrap();
+        let out = std::process::Command::new(gateway_bin())
+            .args(["check", "--config", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    for ok in ["[\"h2\", \"http/1.1\"]", "[\"http/1.1\", \"h2\"]", "[\"h2\"]"] {
+        let (good, err) = check(&yaml(ok));
+        assert!(good, "{ok}: {err}");
+    }
+    let (good, err) = check(&yaml("[\"h2\", \"spdy/3\"]"));
+    assert!(!good);
+    assert!(err.contains("listeners[0].tls.alpn[1]") && err.contains("\"spdy/3\" is not offered"), "{err}");
+    assert!(!err.contains("alpn[0]"), "{err}");
+    fs::remove_dir_all(dir).unwrap();
+}
