@@ -208,15 +208,26 @@ impl Held {
 
     /// `python3 SCRIPT args...` (a path in the repository) in the client namespace.
     pub fn python(topo: &Topology, script: &str, args: &[&str]) -> Self {
+        Self::program(topo, "python3", script, args)
+    }
+
+    /// `node tests/peers/node/h2_client.js args... --hold` in the client namespace.
+    pub fn node_h2_client(topo: &Topology, args: &[&str]) -> Self {
+        let mut all = args.to_vec();
+        all.push("--hold");
+        Self::program(topo, "node", "tests/peers/node/h2_client.js", &all)
+    }
+
+    fn program(topo: &Topology, program: &str, script: &str, args: &[&str]) -> Self {
         let script = repo_path(script);
-        let mut child = Topology::cmd_in(&topo.client, "python3")
-            .arg(script)
+        let mut child = Topology::cmd_in(&topo.client, program)
+            .arg(&script)
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("python3 ws_client.py");
+            .unwrap_or_else(|e| panic!("{program} {}: {e}", script.display()));
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
         thread::spawn(move || {

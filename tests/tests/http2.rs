@@ -198,3 +198,57 @@ fn check_refuses_alpn_a_websocket_listener_cannot_speak() {
     assert!(!err.contains("alpn[0]"), "{err}");
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// A hot upgrade with WebSocket streams open: an HTTP/2 connection does not
+/// move (its streams share one TLS session and one HPACK state), so the old
+/// daemon sends GOAWAY and carries the open streams to their end, while new
+/// connections reach the new daemon. The old daemon then exits by itself.
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn open_streams_finish_in_the_old_daemon_at_a_hot_upgrade() {
+    let dir = temp_dir("h2up");
+    test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let d = dir.display();
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
+         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
+         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
+        n = node.addr,
+    );
+    let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = old.listener("w");
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let url = format!("https://{addr}/ws/held");
+    let args = [url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "2", "--sizes", "1,65536"];
+    let mut held = Held::node_h2_client(&topo, &args);
+    assert_eq!(held.line(std::time::Duration::from_secs(60)), "OPEN 2");
+
+    let new = old.take_over(&topo);
+    // A new connection reaches the new daemon, which carries its stream.
+    let r = node_h2_client(&topo, &[url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--sizes", "1"]);
+    assert_eq!((r["streams"][0]["status"].as_u64(), r["streams"][0]["echoed"].as_u64()), (Some(200), Some(2)), "{r}");
+    new.wait_for("the new connection's stream", std::time::Duration::from_secs(10), |g| {
+        g.listener_stats("w")["userspace_by_reason"]["http2-stream"] == 1
+    });
+    // The held streams were not moved: they go on in the old daemon.
+    assert!(new.flows().iter().all(|f| f["fallback_code"] != "http2-stream"), "{:?}", new.flows());
+    held.go_on();
+    let done: Value = serde_json::from_str(&held.line(std::time::Duration::from_secs(60))).unwrap();
+    assert_eq!(done["goaway"], 0, "the old daemon's GOAWAY (NO_ERROR) did not reach the held connection: {done}");
+    for s in done["streams"].as_array().unwrap() {
+        assert!(s.get("error").is_none(), "{done}");
+        assert_eq!(s["echoed"], 5, "the held stream's last echo went through: {done}");
+        assert_eq!(s["close_code"], 4001, "{done}");
+    }
+    let status =
+        old.wait_exit(std::time::Duration::from_secs(30)).expect("the old daemon did not exit once its streams ended");
+    assert!(status.success(), "old daemon: {status}\n{}", old.log_text());
+    let log = old.log_text();
+    let closed = log.lines().filter(|l| l.contains("flow close") && l.contains("fallback=\"http2-stream\"")).count();
+    assert_eq!(closed, 2, "{log}");
+    drop(new);
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -8,7 +8,11 @@
 //   node h2_client.js https://HOST:PORT/PATH --ca FILE [--servername NAME]
 //        [--streams N] [--sizes 0,1,65536] [--protocol P[,P2]] [--origin O]
 //        [--header 'Name: value']... [--close 4001:reason] [--get PATH]
+//        [--hold]
 //
+// --hold: once every stream has echoed its messages, prints "OPEN <n>" and
+// waits for a line on stdin; then each stream echoes one more message and
+// closes (for hot upgrades and drains, with the streams open).
 // A refused stream reports {"status": <status>, "body": ...} in its place.
 'use strict';
 const crypto = require('crypto');
@@ -27,6 +31,20 @@ const streams = Number(opt('--streams', '1'));
 const protocol = opt('--protocol', null);
 const origin = opt('--origin', null);
 const getPath = opt('--get', null);
+const hold = args.includes('--hold');
+// Resolves once stdin gives a line (--hold).
+let goOn = null;
+const wentOn = new Promise((resolve) => {
+  goOn = resolve;
+});
+let waiting = 0;
+const heldOne = () => {
+  waiting += 1;
+  if (waiting === streams) {
+    console.log(`OPEN ${streams}`);
+    process.stdin.once('data', () => goOn());
+  }
+};
 const [closeCode, closeReason] = opt('--close', '4001:h2 done').split(':');
 const extra = {};
 args.forEach((a, i) => {
@@ -48,6 +66,10 @@ const session = http2.connect(url.origin, {
 });
 session.on('error', fail);
 const out = { alpn: null, connect_protocol: null, streams: [] };
+// The server's GOAWAY (a drain, a hot upgrade): its error code.
+session.on('goaway', (code) => {
+  out.goaway = code;
+});
 
 // Reads a whole response body of a stream.
 const body = (stream) =>
@@ -102,8 +124,17 @@ const websocket = (n) =>
         queue.push({ binary: true, data: crypto.randomBytes(size) });
       }
       let current = null;
+      let held = !hold;
       const next = () => {
         current = queue.shift();
+        if (!current && !held) {
+          held = true;
+          heldOne();
+          return wentOn.then(() => {
+            queue.push({ binary: false, data: `${n}: again` });
+            next();
+          });
+        }
         if (!current) return ws.close(Number(closeCode), closeReason);
         ws.send(current.data, { binary: current.binary });
       };
@@ -140,8 +171,11 @@ session.on('remoteSettings', async (settings) => {
   }
   if (getPath) out.get = await plainGet();
   out.streams = await Promise.all(Array.from({ length: streams }, (_, n) => websocket(n)));
-  session.close(() => {
+  const finish = () => {
     console.log(JSON.stringify(out));
     process.exit(0);
-  });
+  };
+  // A connection the server has ended (GOAWAY, then its close) is closed already.
+  if (session.closed || session.destroyed) finish();
+  else session.close(finish);
 });
