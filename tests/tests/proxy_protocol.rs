@@ -174,3 +174,55 @@ fn haproxy_behind_reads_the_header_the_gateway_sends() {
         assert!(line.contains("path=kernel") && kernel > 0, "{name}: {line}");
     }
 }
+
+/// Active health checks of a backend the gateway sends PROXY headers to
+/// start with a LOCAL header (v2) or `PROXY UNKNOWN` (v1), as HAProxy's
+/// `check-send-proxy` does: HAProxy with `accept-proxy` answers them, and the
+/// backend stays up. Without the header it drops every check.
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn health_checks_of_a_proxy_backend_send_a_local_header() {
+    let topo = Topology::new();
+    let (haproxy, back) = Haproxy::start(&topo.backend, &[BACKEND_IP, BACKEND_IP, BACKEND_IP], |a| {
+        let mut conf =
+            "global\n  log stderr format raw local0 info\ndefaults\n  mode http\n  log global\n  option httplog\n\
+                        \x20 timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n"
+                .to_string();
+        for (i, addr) in a.iter().enumerate() {
+            conf.push_str(&format!(
+                "frontend f{i}\n  bind {addr} accept-proxy\n  http-request return status 200 content-type text/plain string ok\n"
+            ));
+        }
+        conf
+    });
+    let health = "    health:\n      failures: 1\n      interval: 100ms\n      timeout: 1s\n      send: \"GET /health-check HTTP/1.0\\r\\n\\r\\n\"\n      expect: \"200 OK\"\n";
+    let listeners = format!(
+        "  - name: p1\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    send_proxy: v1\n{health}\
+         \x20 - name: p2\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    backends: [\"{}\"]\n    send_proxy: v2\n{health}\
+         \x20 - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n{health}    routes:\n\
+         \x20     - path_prefix: /\n        backends: [\"{}\"]\n        send_proxy: v2\n",
+        back[0], back[1], back[2]
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    // Three checks answered on each frontend, from the gateway's own address.
+    gw.wait_for("three answered checks per backend", Duration::from_secs(20), |_| {
+        let log = haproxy.log();
+        (0..3).all(|i| {
+            log.lines()
+                .filter(|l| {
+                    l.starts_with(GW_BACKEND_SIDE_IP) && l.contains(&format!(" f{i} ")) && l.contains("/health-check")
+                })
+                .count()
+                >= 3
+        })
+    });
+    let log = haproxy.log();
+    assert!(!log.contains("does not look like a PROXY protocol header"), "{log}");
+    for name in ["p1", "p2", "w"] {
+        let l = gw.listener_stats(name);
+        assert_eq!(l["backends"][0]["up"], true, "{name}: {l}");
+        // And the backend still serves clients through the gateway.
+        let (status, _, body) = curl(&topo, &[&format!("http://{}/", gw.listener(name))]);
+        assert_eq!((status, body.as_str()), (200, "ok"), "{name}");
+    }
+}

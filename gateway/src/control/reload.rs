@@ -30,7 +30,23 @@ use crate::{
 
 fn spawn_checks(rt: &Arc<ListenerRt>) -> JoinHandle<()> {
     let rt = rt.clone();
-    tokio::spawn(async move { crate::policy::health::check(&rt.health, &rt.cfg.name, &rt.cfg.backends).await })
+    // A backend the gateway sends PROXY headers to may refuse a connection
+    // without one: its checks start with a LOCAL header (HAProxy's
+    // `check-send-proxy`).
+    let first: Vec<Option<Vec<u8>>> = (0..rt.cfg.backends.len())
+        .map(|i| {
+            let version = match rt.cfg.http() {
+                None => rt.cfg.send_proxy,
+                Some(http) => http
+                    .routes
+                    .iter()
+                    .filter(|r| r.backends.contains(&i))
+                    .find_map(|r| r.send_proxy.or(rt.cfg.send_proxy)),
+            };
+            version.map(crate::edge::proxy_header::encode_local)
+        })
+        .collect();
+    tokio::spawn(async move { crate::policy::health::check(&rt.health, &rt.cfg.name, &rt.cfg.backends, &first).await })
 }
 
 /// Starts serving an already bound listener.

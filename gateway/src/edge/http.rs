@@ -85,7 +85,6 @@ enum BackendSide {
 /// One client connection of a websocket listener, as its requests see it.
 pub(super) struct ClientConn {
     pub(super) rt: Arc<ListenerRt>,
-    pub(super) plane: Arc<Plane>,
     pub(super) flow: Arc<Flow>,
     /// The backend connection plain requests reuse, and its backend.
     backend: tokio::sync::Mutex<Option<(usize, SendRequest<Counted>)>>,
@@ -98,17 +97,24 @@ pub(super) struct ClientConn {
     /// move at a hot upgrade.
     pub(super) in_flight: Arc<AtomicUsize>,
     pub(super) requests: AtomicU64,
-    /// HTTP/2: the WebSocket streams open on the connection.
+    /// HTTP/2: the WebSocket streams open on the connection, and where the
+    /// agreed ones go to be carried.
     pub(super) tunnels: Arc<AtomicUsize>,
+    streams: Option<tokio::sync::mpsc::UnboundedSender<Tunnel>>,
     /// `ClientIo::hold` of this connection.
     hold: Arc<AtomicBool>,
 }
 
 impl ClientConn {
-    pub(super) fn new(client: &ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, plane: &Arc<Plane>) -> Arc<Self> {
+    /// `streams`: HTTP/2 only (see `Tunnel`).
+    pub(super) fn new(
+        client: &ClientIo,
+        flow: &Arc<Flow>,
+        rt: &Arc<ListenerRt>,
+        streams: Option<tokio::sync::mpsc::UnboundedSender<Tunnel>>,
+    ) -> Arc<Self> {
         Arc::new(ClientConn {
             rt: rt.clone(),
-            plane: plane.clone(),
             flow: flow.clone(),
             backend: tokio::sync::Mutex::new(None),
             upgrade: Mutex::new(None),
@@ -116,6 +122,7 @@ impl ClientConn {
             in_flight: Arc::new(AtomicUsize::new(0)),
             requests: AtomicU64::new(0),
             tunnels: Arc::new(AtomicUsize::new(0)),
+            streams,
             hold: client.hold.clone(),
         })
     }
@@ -274,31 +281,6 @@ impl hyper::body::Body for InFlight {
     }
 }
 
-pub async fn handle(client: TcpStream, peer: SocketAddr, dst: SocketAddr, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
-    let Some(_admitted) = rt.admit(&client, peer) else { return };
-    let guard = plane.flows.open(&rt.cfg.name, peer);
-    let flow = guard.flow.clone();
-    *flow.dst.locked() = Some(dst);
-    crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(&flow, None));
-    let _ = client.set_nodelay(true);
-    let client = match &rt.cfg.tls {
-        None => session::Conn::Plain(client),
-        Some(tls) => {
-            let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
-            match carry::accept_tls(client, tls, &flow, &rt, &plane).await {
-                Some(s) => session::Conn::server(s, fd),
-                None => return,
-            }
-        }
-    };
-    let client = ClientIo::new(client, Bytes::new());
-    if client.conn.alpn() == Some(b"h2") {
-        super::h2::serve(client, flow, rt.clone(), plane.clone()).await;
-        return;
-    }
-    serve(client, flow, rt.clone(), plane.clone()).await;
-}
-
 /// Serves a client connection until it closes, is upgraded, or (idle at a
 /// hot upgrade) goes to the new daemon. Retires the flow when it ends here.
 pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, plane: Arc<Plane>) {
@@ -314,7 +296,7 @@ pub async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>, plane
 /// The HTTP part of [`serve`]: the upgrade to carry on with, if it came to one.
 async fn serve_http(client: ClientIo, flow: &Arc<Flow>, rt: &Arc<ListenerRt>, plane: &Arc<Plane>) -> Option<Upgrade> {
     let http = rt.cfg.http().expect("a websocket listener has routes");
-    let conn = ClientConn::new(&client, flow, rt, plane);
+    let conn = ClientConn::new(&client, flow, rt, None);
     let svc = conn.service();
     let hold = client.hold.clone();
     let last_byte = client.last_byte.clone();
@@ -664,7 +646,7 @@ impl ClientConn {
             return reply(StatusCode::BAD_REQUEST, "HTTP/1.1 request without a Host header", upgrade);
         }
         if upgrade {
-            let checked = if tunnel { super::h2::check_connect(&req) } else { check_upgrade(&req) };
+            let checked = if tunnel { check_connect(&req) } else { check_upgrade(&req) };
             if let Err(resp) = checked {
                 return *resp;
             }
@@ -1502,6 +1484,142 @@ impl tokio::io::AsyncWrite for Replayed {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// An extended CONNECT whose `:protocol` is not `websocket`, or whose
+/// `Sec-WebSocket-Version` is not 13: the answer, naming what is wrong.
+pub(super) fn check_connect(req: &Request<Incoming>) -> Result<(), Box<Response<Body>>> {
+    let protocol = req.extensions().get::<hyper::ext::Protocol>().map_or("", |p| p.as_str());
+    if !protocol.eq_ignore_ascii_case("websocket") {
+        return Err(Box::new(reply(
+            StatusCode::BAD_REQUEST,
+            format!("unsupported :protocol {protocol:?}; this gateway takes websocket"),
+            false,
+        )));
+    }
+    check_version(req.headers())
+}
+
+/// A WebSocket stream (RFC 8441) its backend agreed to, for the HTTP/2
+/// connection's loop (`h2::serve`) to carry once the client has its 200.
+pub(super) struct Tunnel {
+    pub(super) client: OnUpgrade,
+    pub(super) backend: TcpStream,
+    /// Bytes the backend sent right behind its 101.
+    pub(super) backend_early: Bytes,
+    pub(super) route: usize,
+    pub(super) backend_idx: usize,
+    /// Its place under the route's `max_connections`, and among the
+    /// connection's open streams (`ClientConn::tunnels`), for its life.
+    pub(super) slot: Option<listener::RouteSlot>,
+    pub(super) open: InFlightGuard,
+}
+
+/// The backend's side of a WebSocket stream, once the backend agreed.
+struct Agreed {
+    stream: TcpStream,
+    /// Bytes the backend sent right behind its 101.
+    early: Bytes,
+    /// The end-to-end headers of its answer, for the client's 200.
+    headers: header::HeaderMap,
+}
+
+impl ClientConn {
+    /// A WebSocket stream (RFC 8441) for route `ri`, its checks passed and
+    /// its place under the route's `max_connections` taken: connects a
+    /// backend, upgrades with it over HTTP/1.1, and answers 200 with the
+    /// backend's WebSocket headers; a task of its own then carries the
+    /// stream as a flow. Anything else is answered as an HTTP/1.1 upgrade
+    /// would be (the backend's refusal, 502, 504).
+    pub(super) async fn tunnel(
+        &self,
+        mut req: Request<Incoming>,
+        ri: usize,
+        target: &Target,
+        slot: Option<listener::RouteSlot>,
+    ) -> Response<Body> {
+        let deadline = Instant::now() + self.http().handshake_timeout;
+        let route = &self.http().routes[ri];
+        let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let client = hyper::upgrade::on(&mut req);
+        let agreed = if route.mode == WsMode::BridgeTcp {
+            // The gateway is the WebSocket server: no handshake with the backend.
+            let (parts, _) = accept_bridge(req.headers()).into_parts();
+            let mut headers = parts.headers;
+            strip_hop_by_hop(&mut headers);
+            headers.remove(SEC_WEBSOCKET_ACCEPT);
+            Agreed { stream, early: Bytes::new(), headers }
+        } else {
+            match self.upgrade_backend(req, target, route.mode, stream, idx, deadline).await {
+                Ok(a) => a,
+                Err(resp) => return resp,
+            }
+        };
+        let Agreed { stream, early, headers } = agreed;
+        self.tunnels.fetch_add(1, Ordering::Relaxed);
+        let tunnel = Tunnel {
+            client,
+            backend: stream,
+            backend_early: early,
+            route: ri,
+            backend_idx: idx,
+            slot,
+            open: InFlightGuard(self.tunnels.clone()),
+        };
+        // To the connection's loop, which carries it once hyper has sent the 200.
+        match &self.streams {
+            Some(tx) if tx.send(tunnel).is_ok() => {}
+            _ => return reply(StatusCode::SERVICE_UNAVAILABLE, "the connection is closing", false),
+        }
+        let mut r = Response::new(empty());
+        *r.headers_mut() = headers;
+        r
+    }
+
+    /// The HTTP/1.1 upgrade towards the backend for a WebSocket stream,
+    /// with a key of the gateway's own and its accept checked.
+    async fn upgrade_backend(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        mode: WsMode,
+        stream: TcpStream,
+        idx: usize,
+        deadline: Instant,
+    ) -> Result<Agreed, Response<Body>> {
+        use tokio_tungstenite::tungstenite::handshake::{client::generate_key, derive_accept_key};
+        let key = generate_key();
+        let mut out = self.outgoing(req, target);
+        *out.method_mut() = Method::GET;
+        let h = out.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(SEC_WEBSOCKET_KEY, HeaderValue::from_str(&key).expect("base64 is a header value"));
+        if mode == WsMode::Inspect {
+            // The gateway parses the frames, and it speaks no extension.
+            h.remove(SEC_WEBSOCKET_EXTENSIONS);
+        }
+        let (stream, early, head) = self.exchange_upgrade(stream, out, idx, deadline).await?;
+        let backend_addr = self.rt.cfg.backends[idx];
+        let want = derive_accept_key(key.as_bytes());
+        let got = head.headers.get(SEC_WEBSOCKET_ACCEPT);
+        if got.is_none_or(|g| g.as_bytes() != want.as_bytes()) {
+            let shown = got.map_or("none".to_string(), |g| format!("{:?}", String::from_utf8_lossy(g.as_bytes())));
+            warn!(flow = self.flow.id, backend = %backend_addr, "upgrade failed: Sec-WebSocket-Accept {shown}, not {want:?}");
+            return Err(reply(
+                StatusCode::BAD_GATEWAY,
+                format!("backend {backend_addr} answered the upgrade with Sec-WebSocket-Accept {shown}, not the one for the gateway's key"),
+                false,
+            ));
+        }
+        let mut headers = head.headers;
+        strip_hop_by_hop(&mut headers);
+        headers.remove(SEC_WEBSOCKET_ACCEPT);
+        Ok(Agreed { stream, early, headers })
     }
 }
 

@@ -28,19 +28,19 @@ pub async fn serve(listener: TcpListener, slot: crate::edge::listener::Settings,
                 let rt = slot.locked().clone();
                 let plane = plane.clone();
                 // One task per client. Without `proxy_protocol` a websocket
-                // client's task is `http::handle` itself: that task carries
+                // client's task is `websocket_client` itself: that task carries
                 // an upgraded flow for days, and a wrapper would be dead
                 // weight in it (about 120 bytes a flow).
                 match (rt.cfg.http().is_some(), rt.cfg.proxy_protocol.is_some()) {
                     (true, false) => {
                         let dst = client.local_addr().unwrap_or(rt.local);
-                        tokio::spawn(crate::edge::http::handle(client, peer, dst, rt, plane));
+                        tokio::spawn(websocket_client(client, peer, dst, rt, plane));
                     }
                     (true, true) => {
                         tokio::spawn(async move {
                             let mut client = client;
                             let Some((peer, dst)) = proxied(&mut client, peer, &rt).await else { return };
-                            crate::edge::http::handle(client, peer, dst, rt, plane).await;
+                            websocket_client(client, peer, dst, rt, plane).await;
                         });
                     }
                     (false, _) => {
@@ -344,4 +344,40 @@ pub async fn adopt(plane: Arc<Plane>, m: crate::handoff::Migrant) {
         (crate::handoff::Moved::Http { .. }, _) => unreachable!("served above"),
     };
     finish(&plane, &flow, rt.as_deref(), idx, &cause);
+}
+
+/// A client of a websocket listener, from admission to close: HTTP/1.1
+/// (`http::serve`), or HTTP/2 when TLS agreed on `h2` (`h2::serve`).
+pub async fn websocket_client(
+    client: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    rt: Arc<ListenerRt>,
+    plane: Arc<Plane>,
+) {
+    let Some(_admitted) = rt.admit(&client, peer) else { return };
+    let guard = plane.flows.open(&rt.cfg.name, peer);
+    let flow = guard.flow.clone();
+    *flow.dst.locked() = Some(dst);
+    crate::flow::log::record_with("open", || crate::flow::table::snapshot_one(&flow, None));
+    let _ = client.set_nodelay(true);
+    let client = match &rt.cfg.tls {
+        None => Conn::Plain(client),
+        Some(tls) => {
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&client);
+            match accept_tls(client, tls, &flow, &rt, &plane).await {
+                Some(s) => Conn::server(s, fd),
+                None => return,
+            }
+        }
+    };
+    let h2 = client.alpn() == Some(b"h2");
+    let client = crate::edge::http::ClientIo::new(client, bytes::Bytes::new());
+    if h2 {
+        // Boxed: the task of an HTTP/1.1 client carries its upgraded flow
+        // for days, and holds only what that needs.
+        Box::pin(crate::edge::h2::serve(client, flow, rt.clone(), plane.clone())).await;
+        return;
+    }
+    crate::edge::http::serve(client, flow, rt.clone(), plane.clone()).await;
 }

@@ -224,6 +224,21 @@ pub fn encode(version: Version, src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     }
 }
 
+/// The header of a connection the gateway makes on its own behalf (an
+/// active health check): v2 LOCAL, v1 UNKNOWN. A backend that requires a
+/// header accepts it and keeps the socket's addresses.
+pub fn encode_local(version: Version) -> Vec<u8> {
+    match version {
+        Version::V1 => b"PROXY UNKNOWN\r\n".to_vec(),
+        Version::V2 => {
+            let mut out = V2_SIG.to_vec();
+            // Version 2, command LOCAL; family unspecified; no addresses.
+            out.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
+            out
+        }
+    }
+}
+
 fn v6(ip: IpAddr) -> Ipv6Addr {
     match ip {
         IpAddr::V4(a) => a.to_ipv6_mapped(),
@@ -241,6 +256,15 @@ mod tests {
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn local_headers_parse_as_local() {
+        assert_eq!(parse_v1(&encode_local(Version::V1)), Ok(Header::Local));
+        let v2 = encode_local(Version::V2);
+        let head: [u8; 16] = v2[..16].try_into().unwrap();
+        assert_eq!(v2.len(), 16);
+        assert_eq!(parse_v2(&head, &v2[16..]), Ok(Header::Local));
     }
 
     #[test]

@@ -102,15 +102,18 @@ impl Health {
     }
 }
 
-/// Active checks for one listener's backends, forever.
-pub async fn check(health: &Health, listener: &str, backends: &[SocketAddr]) {
+/// Active checks for one listener's backends, forever. `first[i]`: bytes
+/// written before anything else on backend `i` (a PROXY header, when the
+/// gateway sends one to it).
+pub async fn check(health: &Health, listener: &str, backends: &[SocketAddr], first: &[Option<Vec<u8>>]) {
     let Some(every) = health.cfg.interval else { return };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         for (i, addr) in backends.iter().enumerate() {
-            match tokio::time::timeout(health.cfg.timeout, probe(*addr, &health.cfg)).await {
+            let first = first.get(i).and_then(Option::as_deref);
+            match tokio::time::timeout(health.cfg.timeout, probe(*addr, first, &health.cfg)).await {
                 Ok(Ok(())) => health.succeeded(i, listener, *addr),
                 Ok(Err(why)) => {
                     debug!(listener, backend = %addr, "health check failed: {why}");
@@ -125,10 +128,14 @@ pub async fn check(health: &Health, listener: &str, backends: &[SocketAddr]) {
     }
 }
 
-/// One active check: connect, then send and expect if configured.
-async fn probe(addr: SocketAddr, cfg: &HealthConfig) -> Result<(), String> {
+/// One active check: connect (and write `first`), then send and expect if
+/// configured.
+async fn probe(addr: SocketAddr, first: Option<&[u8]>, cfg: &HealthConfig) -> Result<(), String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+    if let Some(first) = first {
+        s.write_all(first).await.map_err(|e| format!("PROXY header: {e}"))?;
+    }
     if let Some(send) = &cfg.send {
         s.write_all(send).await.map_err(|e| format!("send: {e}"))?;
     }
