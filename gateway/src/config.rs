@@ -233,6 +233,7 @@ struct RawListener {
     routes: Option<Value>,
     handshake_timeout: Option<Value>,
     max_request_head: Option<Value>,
+    max_concurrent_streams: Option<Value>,
     tls: Option<RawTls>,
     backend_tls: Option<RawBackendTls>,
     offload: Option<Value>,
@@ -603,6 +604,10 @@ impl Errors {
             }),
             None => Some(DEFAULT_MAX_REQUEST_HEAD),
         };
+        let max_concurrent_streams = match &l.max_concurrent_streams {
+            Some(v) => self.uint(&p("max_concurrent_streams"), v, 1..=1024).map(|n| n as u32),
+            None => Some(DEFAULT_MAX_CONCURRENT_STREAMS),
+        };
         let items = match &l.routes {
             None => {
                 self.push(&p("routes"), "is required on a websocket listener: list at least one route");
@@ -813,7 +818,12 @@ impl Errors {
         if !ok {
             return None;
         }
-        Some(HttpListener { routes, handshake_timeout: handshake_timeout?, max_request_head: max_request_head? })
+        Some(HttpListener {
+            routes,
+            handshake_timeout: handshake_timeout?,
+            max_request_head: max_request_head?,
+            max_concurrent_streams: max_concurrent_streams?,
+        })
     }
 
     /// A listener's `tls` block; loads and checks the certificates.
@@ -1332,6 +1342,8 @@ pub struct HttpListener {
     pub handshake_timeout: Duration,
     /// Largest request head accepted; larger ones get 431.
     pub max_request_head: usize,
+    /// HTTP/2: streams a client connection may have open at once.
+    pub max_concurrent_streams: u32,
 }
 
 /// The route for `sni`: an exact name, else the longest wildcard, else a
@@ -1445,6 +1457,9 @@ impl Route {
 
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_MAX_REQUEST_HEAD: usize = 16 << 10;
+/// HTTP/2 streams a client connection may have open at once (nginx's
+/// `http2_max_concurrent_streams` default).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 128;
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 << 20;
 
 #[derive(Debug, Clone)]
@@ -1652,8 +1667,11 @@ impl RawConfig {
                 }
                 http = e.http_listener(i, l, &mut backends);
             } else {
-                for (key, v) in [("handshake_timeout", &l.handshake_timeout), ("max_request_head", &l.max_request_head)]
-                {
+                for (key, v) in [
+                    ("handshake_timeout", &l.handshake_timeout),
+                    ("max_request_head", &l.max_request_head),
+                    ("max_concurrent_streams", &l.max_concurrent_streams),
+                ] {
                     if v.is_some() {
                         e.push(&p(key), "applies to `protocol: websocket` listeners only");
                     }
@@ -2389,6 +2407,14 @@ listeners:
         assert_rejected(
             &r("handshake_timeout: 10s", "max_request_head: 1KiB"),
             &["listeners[0].max_request_head", "out of range"],
+        );
+        assert_rejected(
+            &r("handshake_timeout: 10s", "max_concurrent_streams: 0"),
+            &["listeners[0].max_concurrent_streams", "0"],
+        );
+        assert_rejected(
+            &r("handshake_timeout: 10s", "max_concurrent_streams: many"),
+            &["listeners[0].max_concurrent_streams"],
         );
         // Two routes for the same host and prefix conflict.
         let dup =

@@ -48,7 +48,8 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
     });
     let d = dir.display();
     let listeners = format!(
-        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    max_concurrent_streams: 16\n\
+         \x20   tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
          \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
          \x20     - path_prefix: /ws\n        backends: [\"{n}\"]\n\
          \x20     - path_prefix: /py\n        backends: [\"{p}\"]\n\
@@ -77,6 +78,7 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
         assert!(r.get("error").is_none(), "{r}");
         assert_eq!(r["alpn"], "h2", "{r}");
         assert_eq!(r["connect_protocol"], true, "the gateway did not offer SETTINGS_ENABLE_CONNECT_PROTOCOL: {r}");
+        assert_eq!(r["max_streams"], 16, "SETTINGS_MAX_CONCURRENT_STREAMS is not max_concurrent_streams: {r}");
         let streams = r["streams"].as_array().unwrap();
         assert_eq!(streams.len(), want, "{r}");
         for s in streams {

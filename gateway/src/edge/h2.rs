@@ -31,10 +31,6 @@ use crate::{
     util::sync::Locked,
 };
 
-/// Streams a client may have open at once (nginx's default is 128, Envoy's
-/// unbounded); more are refused by the protocol itself (REFUSED_STREAM).
-const MAX_STREAMS: u32 = 128;
-
 /// Serves an HTTP/2 client connection until it closes, its idle time runs
 /// out with no WebSocket stream open, or the daemon drains it. Retires the
 /// connection's flow; each WebSocket stream retires its own.
@@ -52,7 +48,7 @@ pub(super) async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>
     builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .max_concurrent_streams(MAX_STREAMS)
+        .max_concurrent_streams(http.max_concurrent_streams)
         .max_header_list_size(u32::try_from(http.max_request_head).unwrap_or(u32::MAX));
     let mut served = Box::pin(builder.serve_connection(TokioIo::new(client), conn.service()));
     let mut shutdown = plane.shutdown.subscribe();

@@ -165,6 +165,7 @@ session.on('remoteSettings', async (settings) => {
   if (out.connect_protocol !== null) return;
   out.alpn = session.alpnProtocol;
   out.connect_protocol = Boolean(settings.enableConnectProtocol);
+  out.max_streams = settings.maxConcurrentStreams;
   if (!out.connect_protocol) {
     console.log(JSON.stringify(out));
     process.exit(0);
