@@ -2,12 +2,14 @@
 """A Python `ssl` client (asyncio) for the gateway's TLS tests.
 
     tls_client.py HOST PORT --ca CA.pem [--sni NAME] [--size N] [--alpn P]
-                  [--cert C.pem --key K.pem]
+                  [--cert C.pem --key K.pem] [--wait-close SECONDS]
 
 Connects, verifies the server against CA.pem for NAME, sends N random bytes
 while reading the echo, checks the echo by hash, then closes with
 close_notify. Prints one JSON line: the certificate's names, the TLS
-version, the ALPN protocol, the bytes echoed, or "error".
+version, the ALPN protocol, the bytes echoed, or "error". --wait-close:
+sends nothing, reads until the server closes (at most SECONDS), and says
+whether it did ("server_closed").
 """
 import argparse
 import asyncio
@@ -37,6 +39,19 @@ async def run(a):
         # Connected: say so, and wait for the test to let us go on.
         print("OPEN", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    if a.wait_close is not None:
+        async def until_eof():
+            while await reader.read(65536):
+                pass
+        try:
+            await asyncio.wait_for(until_eof(), a.wait_close)
+            out["server_closed"] = True
+        except asyncio.TimeoutError:
+            out["server_closed"] = False
+        except (ssl.SSLError, ConnectionError):
+            out["server_closed"] = True
+        writer.close()
+        return out
     data = os.urandom(a.size)
 
     async def send():
@@ -74,6 +89,7 @@ def main():
     p.add_argument("--sni")
     p.add_argument("--size", type=int, default=0)
     p.add_argument("--alpn")
+    p.add_argument("--wait-close", type=float)
     p.add_argument("--cert", help="client certificate (mTLS)")
     p.add_argument("--key")
     p.add_argument("--hold", action="store_true", help='print "OPEN" after the handshake, wait for a line on stdin')

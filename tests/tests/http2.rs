@@ -49,6 +49,7 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
     let d = dir.display();
     let listeners = format!(
         "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    max_concurrent_streams: 16\n\
+         \x20   handshake_timeout: 2s\n    idle_timeout: 5m\n\
          \x20   tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
          \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
          \x20     - path_prefix: /ws\n        backends: [\"{n}\"]\n\
@@ -153,6 +154,15 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
         curl(&topo, &["--http1.1", "--cacert", ca, "--resolve", &resolve, &format!("{named}/page")]);
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert_eq!(status, 200);
+
+    // A client that agrees on h2 and sends nothing is closed after
+    // handshake_timeout (2 s here), well before idle_timeout (5 min).
+    let port = addr.port().to_string();
+    let r = tls_client(
+        &topo,
+        &[&addr.ip().to_string(), &port, "--ca", ca, "--sni", "ws.gw.test", "--alpn", "h2", "--wait-close", "60"],
+    );
+    assert_eq!((r["alpn"].as_str(), r["server_closed"].as_bool()), (Some("h2"), Some(true)), "{r}");
 
     // Each WebSocket stream was a flow of its own, relayed in user space
     // (`http2-stream`) or inspected; the kernel path took none.

@@ -60,6 +60,11 @@ pub(super) async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>
         // HTTP/1.1, unless a WebSocket stream is open: each of those keeps
         // its own route's idle_timeout.
         let still = if draining { rt.cfg.idle_timeout.min(super::http::DRAIN_STALL) } else { rt.cfg.idle_timeout };
+        // Until its first request, a connection has handshake_timeout to
+        // send one, as an HTTP/1.1 request head does: a client that opens
+        // TLS and says nothing holds its place only that long.
+        let first = conn.requests.load(Relaxed) == 0;
+        let still = if first { still.min(http.handshake_timeout) } else { still };
         let streams_open = conn.tunnels.load(Relaxed) > 0;
         let at = last_byte.last() + still;
         let at = if streams_open { at.max(Instant::now() + still) } else { at };
@@ -90,6 +95,9 @@ pub(super) async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>
     };
     drop(served);
     let cause = match result {
+        _ if stalled && conn.requests.load(Relaxed) == 0 => {
+            CloseCause::Error(format!("no HTTP/2 request within handshake_timeout ({:?})", http.handshake_timeout))
+        }
         _ if stalled && draining => CloseCause::Shutdown,
         _ if stalled => CloseCause::IdleTimeout,
         Ok(()) => CloseCause::Closed { first: Side::Client },
