@@ -149,39 +149,33 @@ pub fn run_peer(ns: &str, program: &str, args: &[&str], limit: Duration) -> (boo
     )
 }
 
+/// A client peer (`program SCRIPT args...`, the script a path in the
+/// repository) run in the client namespace: its last line, as JSON.
+pub fn json_peer(topo: &Topology, program: &str, script: &str, args: &[&str]) -> Value {
+    let path = repo_path(script);
+    let mut all = vec![path.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (_, out, err) = run_peer(&topo.client, program, &all, Duration::from_secs(120));
+    let line = out.lines().last().unwrap_or_default();
+    serde_json::from_str(line)
+        .unwrap_or_else(|_| panic!("{script} {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+}
+
 /// The Python `websockets` client (`tests/peers/ws_client.py`) in the client
 /// namespace; returns its JSON line (which has `error` on failure).
 pub fn py_client(topo: &Topology, args: &[&str]) -> Value {
-    let script = repo_path("tests/peers/ws_client.py");
-    let mut all = vec![script.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (_, out, err) = run_peer(&topo.client, "python3", &all, Duration::from_secs(120));
-    let line = out.lines().last().unwrap_or_default();
-    serde_json::from_str(line)
-        .unwrap_or_else(|_| panic!("ws_client.py {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+    json_peer(topo, "python3", "tests/peers/ws_client.py", args)
 }
 
 /// The Node `ws` client (`tests/peers/node/client.js`) in the client namespace.
 pub fn node_client(topo: &Topology, args: &[&str]) -> Value {
-    let script = repo_path("tests/peers/node/client.js");
-    let mut all = vec![script.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (_, out, err) = run_peer(&topo.client, "node", &all, Duration::from_secs(120));
-    let line = out.lines().last().unwrap_or_default();
-    serde_json::from_str(line)
-        .unwrap_or_else(|_| panic!("client.js {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+    json_peer(topo, "node", "tests/peers/node/client.js", args)
 }
 
 /// The Node `http2` WebSocket client (`tests/peers/node/h2_client.js`,
 /// RFC 8441) in the client namespace.
 pub fn node_h2_client(topo: &Topology, args: &[&str]) -> Value {
-    let script = repo_path("tests/peers/node/h2_client.js");
-    let mut all = vec![script.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (_, out, err) = run_peer(&topo.client, "node", &all, Duration::from_secs(120));
-    let line = out.lines().last().unwrap_or_default();
-    serde_json::from_str(line)
-        .unwrap_or_else(|_| panic!("h2_client.js {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+    json_peer(topo, "node", "tests/peers/node/h2_client.js", args)
 }
 
 /// curl in the client namespace: returns (status code, headers, body).

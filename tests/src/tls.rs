@@ -89,11 +89,5 @@ pub fn rustls_echo(topo: &Topology, to: SocketAddr, ca: &Path, name: &str, size:
 
 /// The Python `ssl` client (`tests/peers/tls_client.py`) in the client namespace.
 pub fn tls_client(topo: &Topology, args: &[&str]) -> Value {
-    let script = repo_path("tests/peers/tls_client.py");
-    let mut all = vec![script.to_str().unwrap()];
-    all.extend_from_slice(args);
-    let (_, out, err) = run_peer(&topo.client, "python3", &all, Duration::from_secs(120));
-    let line = out.lines().last().unwrap_or_default();
-    serde_json::from_str(line)
-        .unwrap_or_else(|_| panic!("tls_client.py {args:?}: no JSON line\nstdout: {out}\nstderr: {err}"))
+    json_peer(topo, "python3", "tests/peers/tls_client.py", args)
 }

@@ -799,6 +799,19 @@ impl ClientConn {
         }
     }
 
+    /// The start of an upgrade (HTTP/1.1 or HTTP/2): a backend of route
+    /// `ri` connected within `handshake_timeout`, the client's side of the
+    /// upgrade to come, and the deadline the rest of the handshake keeps.
+    async fn backend_for_upgrade(
+        &self,
+        req: &mut Request<Incoming>,
+        ri: usize,
+    ) -> Result<(TcpStream, usize, OnUpgrade, Instant), Response<Body>> {
+        let deadline = Instant::now() + self.http().handshake_timeout;
+        let (stream, idx) = self.connect(ri, deadline, self.maglev_key(ri, req)).await?;
+        Ok((stream, idx, hyper::upgrade::on(req), deadline))
+    }
+
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
@@ -806,13 +819,11 @@ impl ClientConn {
         target: &Target,
         slot: Option<listener::RouteSlot>,
     ) -> Response<Body> {
-        let deadline = Instant::now() + self.http().handshake_timeout;
         let route = &self.http().routes[ri];
-        let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
+        let (stream, idx, client, deadline) = match self.backend_for_upgrade(&mut req, ri).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        let client = hyper::upgrade::on(&mut req);
         if route.mode == WsMode::BridgeTcp {
             let resp = accept_bridge(req.headers());
             *self.upgrade.locked() =
@@ -1539,13 +1550,11 @@ impl ClientConn {
         target: &Target,
         slot: Option<listener::RouteSlot>,
     ) -> Response<Body> {
-        let deadline = Instant::now() + self.http().handshake_timeout;
         let route = &self.http().routes[ri];
-        let (stream, idx) = match self.connect(ri, deadline, self.maglev_key(ri, &req)).await {
+        let (stream, idx, client, deadline) = match self.backend_for_upgrade(&mut req, ri).await {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        let client = hyper::upgrade::on(&mut req);
         let agreed = if route.mode == WsMode::BridgeTcp {
             // The gateway is the WebSocket server: no handshake with the backend.
             let (parts, _) = accept_bridge(req.headers()).into_parts();
