@@ -448,6 +448,7 @@ pub fn run(root: &Path, args: &[String]) -> Result<()> {
     report += &bench_ws::render(&ws_samples);
     report += &bench_tls::render(&tls_samples, opts.bulk_secs);
     report += &crate::bench_auth::section(root, &bin, &work, opts.reps, opts.crr_secs)?;
+    report += &crate::bench_h2::section(root, &bin, &work, opts.reps)?;
     if attach_variants {
         let (d, dp) = (median(&samples[0].rr_p50), median(&samples[0].pinned_rr_p50));
         report += "\n## Kernel path variants (64 B RR p50, interleaved with the targets above)\n\n| variant | rr p50 µs (+direct) | pinned rr p50 µs (+direct) |\n|---|---|---|\n";

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 mod bench;
 mod bench_auth;
 mod bench_density;
+mod bench_h2;
 mod bench_place;
 mod bench_tls;
 mod bench_ws;
@@ -40,6 +41,9 @@ tasks:
                          upgrades/s through one daemon on the same passthrough route without auth and with
                          JWT verification (HS256, RS256, ES256), as ratios in the same run (also a section of
                          `bench`)
+  bench-h2 [--reps N]    WebSockets over HTTP/2 (RFC 8441): the gateway, HAProxy and Envoy with Node's http2
+                         client (bulk over 4 streams, 100 streams at once), and the gateway's HTTP/2 streams
+                         against its HTTP/1.1 wss (also a section of `bench`)
   bench-density [--conns N] [--interval S] [--secs S] [--reps N] [--only T,..] [--gateway BIN]
                          hold N (6000) passthrough WebSockets through the gateway (kernel, user
                          space, auto), nginx and Envoy, one 64 B message each every S (5) s:
@@ -71,6 +75,7 @@ fn main() -> ExitCode {
         // The bench's three-host placement runs these on the client and
         // backend hosts: `tcp-echo IP:PORT`, `rr IP:PORT SECS`, `crr IP:PORT SECS`.
         Some("bench-auth") => build_release_daemon().and_then(|()| bench_auth::run(&root(), &args[1..])),
+        Some("bench-h2") => build_release_daemon().and_then(|()| bench_h2::run(&root(), &args[1..])),
         Some("bench-density") if args.iter().any(|a| a == "--gateway") => bench_density::run(&root(), &args[1..]),
         Some("bench-density") => build_release_daemon().and_then(|()| bench_density::run(&root(), &args[1..])),
         // The density bench's backend and client, one epoll loop each.
