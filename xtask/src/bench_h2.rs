@@ -5,14 +5,7 @@
 //! HTTP/1.1 wss on the same listener. Each run is timed as a whole client
 //! process, and the proxy's CPU (utime + stime from /proc) is read around
 //! it; targets take turns in rotating order, so every ratio is of one run.
-use std::{
-    fmt::Write as _,
-    fs,
-    net::SocketAddr,
-    path::Path,
-    process::Command,
-    time::Instant,
-};
+use std::{fmt::Write as _, fs, net::SocketAddr, path::Path, process::Command, time::Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -112,7 +105,11 @@ pub fn section(root: &Path, bin: &Path, work: &Path, reps: usize) -> Result<Stri
     );
     let config = work.join("h2.yaml");
     fs::write(&config, yaml)?;
-    procs.spawn("gateway-h2", Command::new(bin).args(["run", "--config"]).arg(&config).env("GATEWAY_LOG", "warn"), work)?;
+    procs.spawn(
+        "gateway-h2",
+        Command::new(bin).args(["run", "--config"]).arg(&config).env("GATEWAY_LOG", "warn"),
+        work,
+    )?;
 
     // HAProxy (2.4 on) takes extended CONNECT and upgrades to HTTP/1.1
     // backends with a key of its own, as the gateway does.
