@@ -1,8 +1,9 @@
 //! WebSockets over HTTP/2 (RFC 8441, issue 18): the gateway against HAProxy
 //! and Envoy with the same client, Node's own `http2`
 //! (`tests/peers/node/h2_client.js`, `ws` framing on each stream), in front
-//! of one WebSocket echo server (Node's `ws`, `tests/peers/node/server.js`); and, on the gateway, HTTP/2 streams against
-//! HTTP/1.1 wss on the same listener. Each run is timed as a whole client
+//! of one WebSocket echo server (Node's `ws`, `tests/peers/node/server.js`);
+//! and, on the gateway, HTTP/2 streams against HTTP/1.1 wss on the same
+//! listener. Each run is timed as a whole client
 //! process, and the proxy's CPU (utime + stime from /proc) is read around
 //! it; targets take turns in rotating order, so every ratio is of one run.
 use std::{fmt::Write as _, fs, net::SocketAddr, path::Path, process::Command, time::Instant};
