@@ -264,3 +264,55 @@ fn open_streams_finish_in_the_old_daemon_at_a_hot_upgrade() {
     drop(new);
     fs::remove_dir_all(dir).unwrap();
 }
+
+/// WebSocket streams count under the listener's admission: the connection's
+/// own place covers one, each further stream open at once takes a place of
+/// its own. With `max_connections_per_source: 3`, one client holds three
+/// WebSockets over HTTP/2, as it could hold three connections over
+/// HTTP/1.1; the fourth stream is refused with 503 and counted, and once the
+/// three close, their places are free again.
+#[test]
+#[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
+fn websocket_streams_count_under_the_listener_limits() {
+    let dir = temp_dir("h2lim");
+    test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
+    let topo = Topology::new();
+    let node = Peer::node_server(&topo, "n1");
+    let d = dir.display();
+    let listeners = format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    max_connections_per_source: 3\n\
+         \x20   tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
+         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
+         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
+        n = node.addr,
+    );
+    let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
+    let addr = gw.listener("w");
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let url = format!("https://{addr}/ws/held");
+    let args = [url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "4", "--sizes", "1"];
+    let mut held = Held::node_h2_client(&topo, &args);
+    assert_eq!(held.line(std::time::Duration::from_secs(60)), "OPEN 4");
+    assert_eq!(gw.listener_stats("w")["rejected"]["max-connections-per-source"], 1);
+    held.go_on();
+    let done: Value = serde_json::from_str(&held.line(std::time::Duration::from_secs(60))).unwrap();
+    let streams = done["streams"].as_array().unwrap();
+    let refused: Vec<&Value> = streams.iter().filter(|s| s["status"] != 200).collect();
+    assert_eq!(refused.len(), 1, "{done}");
+    assert_eq!(refused[0]["status"], 503, "{done}");
+    assert!(refused[0]["body"].as_str().unwrap().contains("max-connections-per-source"), "{done}");
+    for s in streams.iter().filter(|s| s["status"] == 200) {
+        assert_eq!((s["echoed"].as_u64(), s["close_code"].as_u64()), (Some(3), Some(4001)), "{done}");
+    }
+    // The places came back: three streams again on a new connection.
+    gw.wait_idle();
+    let r = node_h2_client(
+        &topo,
+        &[url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "3", "--sizes", "1"],
+    );
+    let ok = r["streams"].as_array().unwrap().iter().filter(|s| s["status"] == 200 && s["close_code"] == 4001).count();
+    assert_eq!(ok, 3, "{r}");
+    drop(gw);
+    fs::remove_dir_all(dir).unwrap();
+}

@@ -109,7 +109,16 @@ pub(super) async fn serve(client: ClientIo, flow: Arc<Flow>, rt: Arc<ListenerRt>
 /// A WebSocket stream as a flow of its own, from the client's 200 to its
 /// close (`connection`: the client connection's flow).
 async fn carry_stream(tunnel: Tunnel, rt: Arc<ListenerRt>, plane: Arc<Plane>, connection: Arc<Flow>) {
-    let Tunnel { client, mut backend, backend_early, route: ri, backend_idx: idx, slot: _slot, open: _open } = tunnel;
+    let Tunnel {
+        client,
+        mut backend,
+        backend_early,
+        route: ri,
+        backend_idx: idx,
+        slot: _slot,
+        open: _open,
+        place: _place,
+    } = tunnel;
     let guard = plane.flows.open(&rt.cfg.name, connection.client);
     let flow = guard.flow.clone();
     let route = &rt.cfg.http().expect("a websocket listener has routes").routes[ri];

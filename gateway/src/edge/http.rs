@@ -101,6 +101,8 @@ pub(super) struct ClientConn {
     /// agreed ones go to be carried.
     pub(super) tunnels: Arc<AtomicUsize>,
     streams: Option<tokio::sync::mpsc::UnboundedSender<Tunnel>>,
+    /// Whether a WebSocket stream holds the connection's own admission place.
+    place_taken: Arc<AtomicBool>,
     /// `ClientIo::hold` of this connection.
     hold: Arc<AtomicBool>,
 }
@@ -123,6 +125,7 @@ impl ClientConn {
             requests: AtomicU64::new(0),
             tunnels: Arc::new(AtomicUsize::new(0)),
             streams,
+            place_taken: Arc::new(AtomicBool::new(false)),
             hold: client.hold.clone(),
         })
     }
@@ -1525,6 +1528,28 @@ pub(super) struct Tunnel {
     /// connection's open streams (`ClientConn::tunnels`), for its life.
     pub(super) slot: Option<listener::RouteSlot>,
     pub(super) open: InFlightGuard,
+    /// Its place under the listener's admission.
+    pub(super) place: StreamPlace,
+}
+
+/// A WebSocket stream's place under the listener's caps and rates. The
+/// connection's own place (taken at accept) covers one stream; each further
+/// stream open at once takes a place of its own, so a client holds as many
+/// WebSockets under `max_connections_per_source` over HTTP/2 as it could
+/// over HTTP/1.1 (nginx's `limit_conn` counts HTTP/2 streams too).
+/// Held for its drop, which gives the place back.
+pub(super) enum StreamPlace {
+    /// The connection's place, free again when the stream ends.
+    Connection(#[allow(dead_code)] ConnectionPlace),
+    Own(#[allow(dead_code)] crate::policy::limits::Admitted),
+}
+
+pub(super) struct ConnectionPlace(Arc<AtomicBool>);
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// The backend's side of a WebSocket stream, once the backend agreed.
@@ -1551,6 +1576,10 @@ impl ClientConn {
         slot: Option<listener::RouteSlot>,
     ) -> Response<Body> {
         let route = &self.http().routes[ri];
+        let place = match self.stream_place() {
+            Ok(p) => p,
+            Err(resp) => return *resp,
+        };
         let (stream, idx, client, deadline) = match self.backend_for_upgrade(&mut req, ri).await {
             Ok(b) => b,
             Err(resp) => return resp,
@@ -1578,6 +1607,7 @@ impl ClientConn {
             backend_idx: idx,
             slot,
             open: InFlightGuard(self.tunnels.clone()),
+            place,
         };
         // To the connection's loop, which carries it once hyper has sent the 200.
         match &self.streams {
@@ -1587,6 +1617,27 @@ impl ClientConn {
         let mut r = Response::new(empty());
         *r.headers_mut() = headers;
         r
+    }
+
+    /// A place for one more WebSocket stream (see `StreamPlace`), or the
+    /// answer: 503 (a cap) or 429 (a rate), with `Retry-After`.
+    fn stream_place(&self) -> Result<StreamPlace, Box<Response<Body>>> {
+        if self.place_taken.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            return Ok(StreamPlace::Connection(ConnectionPlace(self.place_taken.clone())));
+        }
+        match self.rt.admit_stream(self.flow.client) {
+            Ok(a) => Ok(StreamPlace::Own(a)),
+            Err(cause) => {
+                let status = match cause {
+                    "rate-limit" | "source-rate-limit" => StatusCode::TOO_MANY_REQUESTS,
+                    "denied" => StatusCode::FORBIDDEN,
+                    _ => StatusCode::SERVICE_UNAVAILABLE,
+                };
+                let mut r = reply(status, format!("over the listener's limits ({cause})"), false);
+                r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                Err(Box::new(r))
+            }
+        }
     }
 
     /// The HTTP/1.1 upgrade towards the backend for a WebSocket stream,

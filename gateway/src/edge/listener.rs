@@ -31,7 +31,7 @@ pub struct ListenerRt {
     pub local: SocketAddr,
     pub stats: Arc<ListenerStats>,
     pub health: Health,
-    admission: Admission,
+    admission: Arc<Admission>,
     rr: AtomicUsize,
     /// Round-robin position of each HTTP route.
     route_rr: Vec<AtomicUsize>,
@@ -119,7 +119,7 @@ impl ListenerRt {
         stats: Arc<ListenerStats>,
     ) -> Self {
         let active = cfg.backends.iter().map(|_| AtomicU32::new(0)).collect();
-        let admission = Admission::new(cfg.limits.clone(), global);
+        let admission = Arc::new(Admission::new(cfg.limits.clone(), global));
         let health = Health::new(cfg.health.clone(), cfg.backends.len());
         let route_rr = cfg.http().map_or(0, |h| h.routes.len()).max(cfg.sni_routes().map_or(0, <[_]>::len));
         let route_rr = (0..route_rr).map(|_| AtomicUsize::new(0)).collect();
@@ -250,7 +250,7 @@ impl ListenerRt {
 
     /// Admission, before anything else (a backend connect above all). A
     /// client turned away is counted by cause and reset at once.
-    pub fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<crate::policy::limits::Admitted<'_>> {
+    pub fn admit(&self, client: &TcpStream, peer: SocketAddr) -> Option<crate::policy::limits::Admitted> {
         self.stats.accepted();
         match self.admission.admit(peer.ip()) {
             Ok(a) => Some(a),
@@ -262,6 +262,18 @@ impl ListenerRt {
                 None
             }
         }
+    }
+}
+
+impl ListenerRt {
+    /// A place under the listener's admission for one more WebSocket stream
+    /// of a client already connected (HTTP/2); a refusal is counted by
+    /// cause, as a connection's is.
+    pub fn admit_stream(&self, client: SocketAddr) -> Result<crate::policy::limits::Admitted, &'static str> {
+        self.admission.admit(client.ip()).inspect_err(|cause| {
+            self.stats.rejected(cause);
+            debug!(listener = %self.cfg.name, %client, cause, "WebSocket stream refused");
+        })
     }
 }
 

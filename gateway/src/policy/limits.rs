@@ -231,14 +231,14 @@ fn take(counter: &AtomicU64, max: Option<u64>) -> bool {
 }
 
 /// Holds a client's place in the counters; released on drop.
-pub struct Admitted<'a> {
-    adm: &'a Admission,
+pub struct Admitted {
+    adm: Arc<Admission>,
     /// The key of its per-source count, when it holds one.
     source: Option<IpAddr>,
     listener: bool,
 }
 
-impl Drop for Admitted<'_> {
+impl Drop for Admitted {
     fn drop(&mut self) {
         if self.listener {
             self.adm.active.fetch_sub(1, Relaxed);
@@ -270,7 +270,7 @@ impl Admission {
     }
 
     /// Admits `ip`, or says why not (one of [`CAUSES`]).
-    pub fn admit(&self, ip: IpAddr) -> Result<Admitted<'_>, &'static str> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, &'static str> {
         let r = &self.rules;
         if r.deny.iter().any(|c| c.contains(ip)) || (!r.allow.is_empty() && !r.allow.iter().any(|c| c.contains(ip))) {
             return Err("denied");
@@ -278,7 +278,7 @@ impl Admission {
         let key = source_key(ip, r.per_source_ipv6_prefix.unwrap_or(64));
         // Places are taken as they are checked; a refusal further on gives
         // back what was taken when `held` drops.
-        let mut held = Admitted { adm: self, source: None, listener: false };
+        let mut held = Admitted { adm: self.clone(), source: None, listener: false };
         if !take(&self.global.active, self.global.max) {
             return Err("global-max-connections");
         }
@@ -375,7 +375,7 @@ mod tests {
             deny: vec![Cidr::parse("10.0.0.9").unwrap()],
             ..Default::default()
         };
-        let a = Admission::new(rules, Arc::new(Global::default()));
+        let a = Arc::new(Admission::new(rules, Arc::new(Global::default())));
         let g1 = a.admit(ip).unwrap();
         let _g2 = a.admit(ip).unwrap();
         assert_eq!(a.admit(ip).err(), Some("max-connections-per-source"));
@@ -385,10 +385,10 @@ mod tests {
         let _g4 = a.admit(other).unwrap();
         assert_eq!(a.admit("10.0.0.9".parse().unwrap()).err(), Some("denied"));
 
-        let rated = Admission::new(
+        let rated = Arc::new(Admission::new(
             Rules { connection_rate: Some(Rate::parse("2/h").unwrap()), ..Default::default() },
             Arc::new(Global::default()),
-        );
+        ));
         let _a = rated.admit(ip).unwrap();
         let _b = rated.admit(ip).unwrap();
         assert_eq!(rated.admit(ip).err(), Some("rate-limit"));
@@ -398,8 +398,8 @@ mod tests {
         assert_eq!(*a.per_source.locked(), HashMap::from([(ip, 1), (other, 2)]));
 
         let global = Arc::new(Global { max: Some(1), active: AtomicU64::new(0) });
-        let l1 = Admission::new(Rules::default(), global.clone());
-        let l2 = Admission::new(Rules::default(), global);
+        let l1 = Arc::new(Admission::new(Rules::default(), global.clone()));
+        let l2 = Arc::new(Admission::new(Rules::default(), global));
         let _held = l1.admit(ip).unwrap();
         assert_eq!(l2.admit(ip).err(), Some("global-max-connections"));
         assert_eq!(l2.active.load(Relaxed), 0);
@@ -408,7 +408,7 @@ mod tests {
     #[test]
     fn ipv6_sources_count_per_prefix() {
         let rules = Rules { max_connections_per_source: Some(2), ..Default::default() };
-        let a = Admission::new(rules.clone(), Arc::new(Global::default()));
+        let a = Arc::new(Admission::new(rules.clone(), Arc::new(Global::default())));
         let _x = a.admit("2001:db8:1:2::1".parse().unwrap()).unwrap();
         let _y = a.admit("2001:db8:1:2:ffff::9".parse().unwrap()).unwrap();
         // Same /64, another address: the same source.
@@ -419,7 +419,8 @@ mod tests {
         let _v4 = a.admit("10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.admit("10.0.0.1".parse().unwrap()).err(), Some("max-connections-per-source"));
         // /128: every address its own.
-        let exact = Admission::new(Rules { per_source_ipv6_prefix: Some(128), ..rules }, Arc::new(Global::default()));
+        let exact =
+            Arc::new(Admission::new(Rules { per_source_ipv6_prefix: Some(128), ..rules }, Arc::new(Global::default())));
         for i in 1..=4u16 {
             let ip = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, i);
             let _h = exact.admit(ip.into()).unwrap();
@@ -429,10 +430,10 @@ mod tests {
     #[test]
     fn source_buckets_stay_bounded() {
         let rate = Rate::parse("1/h").unwrap();
-        let a = Admission::new(
+        let a = Arc::new(Admission::new(
             Rules { connection_rate_per_source: Some(rate), ..Default::default() },
             Arc::new(Global::default()),
-        );
+        ));
         // Four times the bound of distinct sources, each admitted once.
         for i in 0..(4 * MAX_TRACKED_SOURCES) as u32 {
             assert!(a.admit(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()).is_ok());
@@ -456,8 +457,7 @@ mod tests {
             let admit = |adm: Arc<Admission>, b: Arc<std::sync::Barrier>| {
                 move || {
                     b.wait();
-                    let ok = adm.admit("10.0.0.1".parse().unwrap()).map(std::mem::forget).is_ok();
-                    ok
+                    adm.admit("10.0.0.1".parse().unwrap()).map(std::mem::forget).is_ok()
                 }
             };
             let t1 = std::thread::spawn(admit(w1, b1));

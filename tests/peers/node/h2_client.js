@@ -10,9 +10,10 @@
 //        [--header 'Name: value']... [--close 4001:reason] [--get PATH]
 //        [--hold]
 //
-// --hold: once every stream has echoed its messages, prints "OPEN <n>" and
-// waits for a line on stdin; then each stream echoes one more message and
-// closes (for hot upgrades and drains, with the streams open).
+// --hold: once every stream has echoed its messages (or been refused),
+// prints "OPEN <n>" and waits for a line on stdin; then each open stream
+// echoes one more message and closes (for hot upgrades and drains, with the
+// streams open).
 // A refused stream reports {"status": <status>, "body": ...} in its place.
 'use strict';
 const crypto = require('crypto');
@@ -109,6 +110,8 @@ const websocket = (n) =>
       result.status = h[':status'];
       if (result.status !== 200) {
         result.body = await body(req);
+        // A refused stream is settled: --hold waits for the others.
+        if (hold) heldOne();
         return resolve(result);
       }
       result.protocol = h['sec-websocket-protocol'] || '';
