@@ -1522,12 +1522,7 @@ pub fn parse_byte_rate(s: &str) -> Result<crate::policy::limits::Rate, String> {
     let bad = || format!("{s:?} is not a byte rate (write e.g. \"1MiB/s\")");
     let (size, unit) = s.trim().split_once('/').ok_or_else(bad)?;
     let n = parse_size(size.trim()).map_err(|_| bad())?;
-    let secs = match unit.trim() {
-        "s" => 1.0,
-        "m" => 60.0,
-        "h" => 3600.0,
-        _ => return Err(bad()),
-    };
+    let secs = crate::policy::limits::Rate::period_secs(unit).ok_or_else(bad)?;
     if n == 0 {
         return Err(format!("{s:?} must allow at least one byte"));
     }

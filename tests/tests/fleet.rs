@@ -80,6 +80,22 @@ fn document(backend: SocketAddr, drain: &str) -> String {
 }
 
 /// The node's listener `name`, as reached from the client host.
+/// Runs `etcdctl get ARGS` until `done` holds on what it prints, for at most
+/// 15 s; that output.
+fn wait_etcd(etcd: &EtcdCluster, args: &[&str], what: &str, mut done: impl FnMut(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut all = vec!["get"];
+    all.extend_from_slice(args);
+    loop {
+        let (ok, out, err) = etcd.etcdctl(&all);
+        if ok && done(&out) {
+            return out;
+        }
+        assert!(Instant::now() < deadline, "{what}: {out}{err}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn listener_at(net: &FleetNet, gw: &Gateway, i: usize, name: &str) -> SocketAddr {
     SocketAddr::new(net.node_ip(i).parse().unwrap(), gw.listener(name).port())
 }
@@ -112,17 +128,13 @@ fn a_push_reaches_every_node_a_bad_document_is_rejected_and_a_dead_node_leaves()
         assert_eq!(f["path"], "kernel", "{f}");
     }
     // Their status keys say so (published right after applying).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let statuses: Vec<Value> = loop {
-        let (ok, out, err) = etcd.etcdctl(&["get", "--prefix", "--print-value-only", "/fleet-test/nodes/"]);
-        assert!(ok, "{err}");
-        let s: Vec<Value> = out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-        if s.len() == 3 && s.iter().all(|s| s["revision"] == rev) {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the nodes' status keys: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let parse = |out: &str| -> Vec<Value> { out.lines().filter_map(|l| serde_json::from_str(l).ok()).collect() };
+    let out =
+        wait_etcd(&etcd, &["--prefix", "--print-value-only", "/fleet-test/nodes/"], "the nodes' status keys", |out| {
+            let s = parse(out);
+            s.len() == 3 && s.iter().all(|s| s["revision"] == rev)
+        });
+    let statuses = parse(&out);
     for s in &statuses {
         assert_eq!(s["revision"], rev, "{s}");
         assert_eq!(s["state"], "applied", "{s}");
@@ -234,15 +246,9 @@ fn a_push_reaches_every_node_a_bad_document_is_rejected_and_a_dead_node_leaves()
     let mut dead = nodes.pop().unwrap();
     dead.child.kill().unwrap();
     let _ = dead.child.wait();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, keys, _) = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/fleet-test/nodes/"]);
-        if !keys.contains("gw-2") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gw-2's status outlived its lease: {keys}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_etcd(&etcd, &["--prefix", "--keys-only", "/fleet-test/nodes/"], "gw-2's status outlived its lease", |keys| {
+        !keys.contains("gw-2")
+    });
     let o = gateway_cli(&net, 0, &["fleet", "status", "--config", node_file.to_str().unwrap()]);
     let table = text(&o);
     assert!(table.contains("gw-0") && table.contains("gw-1") && !table.contains("gw-2"), "{table}");
@@ -360,15 +366,12 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     let exit = old.wait_exit(Duration::from_secs(30)).expect("the old daemon did not exit");
     assert!(exit.success(), "{}", old.log_text());
     echo_through(&net.topology(1), listener_at(&net, &new, 1, "u"), 3);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, out, _) = etcd.etcdctl(&["get", "--print-value-only", "/fleet-test/nodes/gw-1"]);
-        if serde_json::from_str::<Value>(out.trim()).is_ok_and(|s| s["pid"] == new.pid()) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gw-1's status is not the successor's: {out}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_etcd(
+        &etcd,
+        &["--print-value-only", "/fleet-test/nodes/gw-1"],
+        "gw-1's status is not the successor's",
+        |out| serde_json::from_str::<Value>(out.trim()).is_ok_and(|s| s["pid"] == new.pid()),
+    );
     nodes.insert(1, new);
     retired.push(old);
 
@@ -415,27 +418,25 @@ fn nodes_ride_out_etcd_failures_compaction_and_a_restart_without_etcd() {
     let (ok, _, err) = etcd.etcdctl(&["compact", &last.to_string(), "--physical"]);
     assert!(ok, "{err}");
     // Cut off for longer than its status TTL (3 s): its lease is gone too.
-    let (_, keys, _) = etcd.etcdctl(&["get", "--prefix", "--keys-only", "/fleet-test/nodes/"]);
-    let gone = Instant::now() + Duration::from_secs(15);
-    while etcd.etcdctl(&["get", "--prefix", "--keys-only", "/fleet-test/nodes/"]).1.contains("gw-1") {
-        assert!(Instant::now() < gone, "gw-1's status outlived its lease while cut off: {keys}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_etcd(
+        &etcd,
+        &["--prefix", "--keys-only", "/fleet-test/nodes/"],
+        "gw-1's status outlived its lease while cut off",
+        |keys| !keys.contains("gw-1"),
+    );
     net.cut_off_etcd(1, false);
     wait_applied(&nodes[1], last);
     wait_applied(&nodes[0], last);
     // Back, it publishes again under a new lease, and stays applied.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (_, out, _) = etcd.etcdctl(&["get", "--print-value-only", "/fleet-test/nodes/gw-1"]);
-        if serde_json::from_str::<Value>(out.trim())
-            .is_ok_and(|s| s["applied_revision"] == last && s["state"] == "applied")
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "gw-1 did not publish its status again: {out}\n{}", nodes[1].log_text());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_etcd(
+        &etcd,
+        &["--print-value-only", "/fleet-test/nodes/gw-1"],
+        "gw-1 did not publish its status again",
+        |out| {
+            serde_json::from_str::<Value>(out.trim())
+                .is_ok_and(|s| s["applied_revision"] == last && s["state"] == "applied")
+        },
+    );
     assert_eq!(fleet_of(&nodes[1])["state"], "applied");
 
     // 6. All of etcd down, a node restarted: it serves from its cache.

@@ -1466,17 +1466,15 @@ fn start_envoy(ports: &Ports, work: &Path, kit: &bench_tls::Kit, procs: &mut Pro
     let cfg = format!("static_resources:\n  listeners:\n{listeners}  clusters:\n{clusters}");
     let f = work.join("envoy.yaml");
     fs::write(&f, cfg)?;
-    procs.spawn(
-        "envoy",
-        Command::new(envoy_bin()?).arg("-c").arg(&f).args([
-            "--concurrency",
-            "2",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ]),
-        work,
-    )
+    procs.spawn("envoy", &mut envoy(&f)?, work)
+}
+
+/// Envoy on a config file, as every benchmark runs it: two workers (as the
+/// other peers get), no hot restart, warnings only.
+pub(crate) fn envoy(config: &Path) -> Result<Command> {
+    let mut cmd = Command::new(envoy_bin()?);
+    cmd.arg("-c").arg(config).args(["--concurrency", "2", "--disable-hot-restart", "--log-level", "warn"]);
+    Ok(cmd)
 }
 
 /// What every benchmark starts with: root, the peers installed

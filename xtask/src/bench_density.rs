@@ -209,17 +209,7 @@ fn start(t: Target, bin: &Path, echo: SocketAddr, work: &Path, procs: &mut Procs
                 echo.port()
             );
             fs::write(dir.join("envoy.yaml"), cfg)?;
-            procs.spawn(
-                "envoy",
-                Command::new(crate::bench::envoy_bin()?).arg("-c").arg(dir.join("envoy.yaml")).args([
-                    "--concurrency",
-                    "2",
-                    "--disable-hot-restart",
-                    "--log-level",
-                    "warn",
-                ]),
-                &dir,
-            )?;
+            procs.spawn("envoy", &mut crate::bench::envoy(&dir.join("envoy.yaml"))?, &dir)?;
             "envoy"
         }
         Target::Direct => unreachable!(),

@@ -146,17 +146,7 @@ pub fn section(root: &Path, bin: &Path, work: &Path, reps: usize) -> Result<Stri
     );
     let envoy_cfg = work.join("h2-envoy.yaml");
     fs::write(&envoy_cfg, envoy)?;
-    procs.spawn(
-        "envoy-h2",
-        Command::new(crate::bench::envoy_bin()?).arg("-c").arg(&envoy_cfg).args([
-            "--concurrency",
-            "2",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ]),
-        work,
-    )?;
+    procs.spawn("envoy-h2", &mut crate::bench::envoy(&envoy_cfg)?, work)?;
     for p in [gw_port, hap_port, envoy_port] {
         wait_listening(p)?;
     }

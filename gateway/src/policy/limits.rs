@@ -70,16 +70,21 @@ impl Rate {
         let bad = || format!("{s:?} is not a rate (write e.g. \"100/s\" or \"600/m\")");
         let (n, unit) = s.trim().split_once('/').ok_or_else(bad)?;
         let n: u32 = n.trim().parse().map_err(|_| bad())?;
-        let secs = match unit.trim() {
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
+        let secs = Self::period_secs(unit).ok_or_else(bad)?;
         if n == 0 {
             return Err(format!("{s:?} must allow at least one connection"));
         }
         Ok(Self { per_sec: f64::from(n) / secs, burst: f64::from(n) })
+    }
+
+    /// The seconds in a rate's period: `s`, `m` or `h`.
+    pub fn period_secs(unit: &str) -> Option<f64> {
+        match unit.trim() {
+            "s" => Some(1.0),
+            "m" => Some(60.0),
+            "h" => Some(3600.0),
+            _ => None,
+        }
     }
 }
 
