@@ -24,6 +24,26 @@ fn request_path(s: &std::net::TcpStream) -> Option<String> {
     first.split_whitespace().nth(1).map(String::from)
 }
 
+/// Listener `w`: websocket, TLS offering h2 and http/1.1 with the test
+/// certificate for ws.gw.test in `dir`; `keys` are further listener lines,
+/// `routes` its route lines.
+fn h2_listener(dir: &std::path::Path, keys: &str, routes: &str) -> String {
+    let d = dir.display();
+    format!(
+        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n{keys}    tls:\n      \
+         alpn: [\"h2\", \"http/1.1\"]\n      certificates:\n        - cert: {d}/ws.gw.test.pem\n          \
+         key: {d}/ws.gw.test.key\n    routes:\n{routes}"
+    )
+}
+
+/// A Node client's arguments (h2_client.js, client.js) for `url`, verifying
+/// ws.gw.test against `ca`.
+fn h2_args<'a>(url: &'a str, ca: &'a str, more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![url, "--ca", ca, "--servername", "ws.gw.test"];
+    args.extend_from_slice(more);
+    args
+}
+
 #[test]
 #[cfg_attr(not(gateway_privileged), ignore = "needs root (network namespaces, BPF)")]
 fn websockets_over_http2_share_the_connection_and_the_port() {
@@ -46,13 +66,8 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
         };
         let _ = s.write_all(reply);
     });
-    let d = dir.display();
-    let listeners = format!(
-        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    max_concurrent_streams: 16\n\
-         \x20   handshake_timeout: 2s\n    idle_timeout: 5m\n\
-         \x20   tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
-         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
-         \x20     - path_prefix: /ws\n        backends: [\"{n}\"]\n\
+    let routes = format!(
+        "      - path_prefix: /ws\n        backends: [\"{n}\"]\n\
          \x20     - path_prefix: /py\n        backends: [\"{p}\"]\n\
          \x20     - path_prefix: /inspect\n        backends: [\"{n}\"]\n        mode: inspect\n        max_message_size: 2MiB\n\
          \x20     - path_prefix: /odd\n        backends: [\"{o}\"]\n\
@@ -62,6 +77,8 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
         p = py.addr,
         o = odd.addr,
     );
+    let keys = "    max_concurrent_streams: 16\n    handshake_timeout: 2s\n    idle_timeout: 5m\n";
+    let listeners = h2_listener(&dir, keys, &routes);
     let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let addr = gw.listener("w");
     let ca = dir.join("ca.pem");
@@ -69,9 +86,7 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
     let base = format!("https://{addr}");
     let h2 = |path: &str, more: &[&str]| {
         let url = format!("{base}{path}");
-        let mut args = vec![url.as_str(), "--ca", ca, "--servername", "ws.gw.test"];
-        args.extend_from_slice(more);
-        node_h2_client(&topo, &args)
+        node_h2_client(&topo, &h2_args(&url, ca, more))
     };
     // Every stream echoed each message whole, answered its ping, and closed
     // with the client's code; `want` streams in all.
@@ -147,7 +162,7 @@ fn websockets_over_http2_share_the_connection_and_the_port() {
     let r = py_client(&topo, &["echo", &url, "--ca", ca, "--sni", "ws.gw.test", "--sizes", "1,65536"]);
     assert!(r.get("error").is_none(), "{r}");
     assert_eq!(r["echoed"], 4, "{r}");
-    let r = node_client(&topo, &[&url, "--ca", ca, "--servername", "ws.gw.test", "--sizes", "1,65536"]);
+    let r = node_client(&topo, &h2_args(&url, ca, &["--sizes", "1,65536"]));
     assert!(r.get("error").is_none(), "{r}");
     assert_eq!((r["echoed"].as_u64(), r["close_code"].as_u64()), (Some(4), Some(4001)), "{r}");
     let (status, head, _) =
@@ -222,25 +237,19 @@ fn open_streams_finish_in_the_old_daemon_at_a_hot_upgrade() {
     test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
-    let d = dir.display();
-    let listeners = format!(
-        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
-         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
-         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
-        n = node.addr,
-    );
+    let listeners = h2_listener(&dir, "", &format!("      - path_prefix: /\n        backends: [\"{}\"]\n", node.addr));
     let mut old = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let addr = old.listener("w");
     let ca = dir.join("ca.pem");
     let ca = ca.to_str().unwrap();
     let url = format!("https://{addr}/ws/held");
-    let args = [url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "2", "--sizes", "1,65536"];
+    let args = h2_args(&url, ca, &["--streams", "2", "--sizes", "1,65536"]);
     let mut held = Held::node_h2_client(&topo, &args);
     assert_eq!(held.line(std::time::Duration::from_secs(60)), "OPEN 2");
 
     let new = old.take_over(&topo);
     // A new connection reaches the new daemon, which carries its stream.
-    let r = node_h2_client(&topo, &[url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--sizes", "1"]);
+    let r = node_h2_client(&topo, &h2_args(&url, ca, &["--sizes", "1"]));
     assert_eq!((r["streams"][0]["status"].as_u64(), r["streams"][0]["echoed"].as_u64()), (Some(200), Some(2)), "{r}");
     new.wait_for("the new connection's stream", std::time::Duration::from_secs(10), |g| {
         g.listener_stats("w")["userspace_by_reason"]["http2-stream"] == 1
@@ -278,20 +287,14 @@ fn websocket_streams_count_under_the_listener_limits() {
     test_certs(&dir, &["ws.gw.test"]).expect("test certificates (openssl)");
     let topo = Topology::new();
     let node = Peer::node_server(&topo, "n1");
-    let d = dir.display();
-    let listeners = format!(
-        "  - name: w\n    bind: \"{GW_CLIENT_SIDE_IP}:0\"\n    protocol: websocket\n    max_connections_per_source: 3\n\
-         \x20   tls:\n      alpn: [\"h2\", \"http/1.1\"]\n\
-         \x20     certificates:\n        - cert: {d}/ws.gw.test.pem\n          key: {d}/ws.gw.test.key\n    routes:\n\
-         \x20     - path_prefix: /\n        backends: [\"{n}\"]\n",
-        n = node.addr,
-    );
+    let route = format!("      - path_prefix: /\n        backends: [\"{}\"]\n", node.addr);
+    let listeners = h2_listener(&dir, "    max_connections_per_source: 3\n", &route);
     let gw = Gateway::start(&topo, &GatewayConfig { listeners, extra: String::new() });
     let addr = gw.listener("w");
     let ca = dir.join("ca.pem");
     let ca = ca.to_str().unwrap();
     let url = format!("https://{addr}/ws/held");
-    let args = [url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "4", "--sizes", "1"];
+    let args = h2_args(&url, ca, &["--streams", "4", "--sizes", "1"]);
     let mut held = Held::node_h2_client(&topo, &args);
     assert_eq!(held.line(std::time::Duration::from_secs(60)), "OPEN 4");
     assert_eq!(gw.listener_stats("w")["rejected"]["max-connections-per-source"], 1);
@@ -307,10 +310,7 @@ fn websocket_streams_count_under_the_listener_limits() {
     }
     // The places came back: three streams again on a new connection.
     gw.wait_idle();
-    let r = node_h2_client(
-        &topo,
-        &[url.as_str(), "--ca", ca, "--servername", "ws.gw.test", "--streams", "3", "--sizes", "1"],
-    );
+    let r = node_h2_client(&topo, &h2_args(&url, ca, &["--streams", "3", "--sizes", "1"]));
     let ok = r["streams"].as_array().unwrap().iter().filter(|s| s["status"] == 200 && s["close_code"] == 4001).count();
     assert_eq!(ok, 3, "{r}");
     drop(gw);
